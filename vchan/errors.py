@@ -1,0 +1,42 @@
+"""Exceptions raised by vchan.
+
+As h11 does, vchan separates errors of the caller ("you misused the API")
+from errors of the peer ("the other side broke the protocol"):
+
+* :class:`LocalProtocolError` -- this program did something the protocol
+  forbids (writing after ``write_eof()``, a message larger than the ring).
+* :class:`RemoteProtocolError` -- the peer wrote something no correct peer
+  writes into the shared page (an index outside the ring, a changed ring
+  order, an impossible live byte).  The connection cannot continue.  It is a
+  :class:`ConnectionError`, so asyncio code that handles connection loss
+  handles it too.
+
+Bad arguments raise the builtin :class:`ValueError` / :class:`TypeError`.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LocalProtocolError", "RemoteProtocolError", "VchanError"]
+
+
+class VchanError(Exception):
+    """Base class of every vchan-specific exception."""
+
+
+class LocalProtocolError(VchanError, RuntimeError):
+    """This side used the connection in a way the protocol does not allow."""
+
+
+class RemoteProtocolError(VchanError, ConnectionError):
+    """The peer corrupted the shared ring; the connection is unusable.
+
+    ``code`` is the ring's error code (``vchan.ring.EINDEX``, ``EORDER`` or
+    ``ELIVE``) and names which rule the peer broke.
+    """
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self) -> tuple[type[RemoteProtocolError], tuple[str, int]]:
+        return (type(self), (str(self), self.code))
