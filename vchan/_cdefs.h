@@ -14,7 +14,17 @@ struct vchan_interface {
     uint32_t grants[];
 };
 
-struct vchan_ring { ...; };
+/* Private state: only the fields white-box tests poke at are declared. */
+struct vchan_half {
+    uint32_t own;
+    uint32_t peer;
+    ...;
+};
+
+struct vchan_ring {
+    struct vchan_half rd, wr;
+    ...;
+};
 
 #define VCHAN_PAGE_SIZE ...
 #define VCHAN_NOTIFY_WRITE ...

@@ -169,6 +169,13 @@ class Ring:
     __slots__ = ("__weakref__", "_buffers", "_notify", "_r", "is_server", "read_size",
                  "write_size")
 
+    _r: Any                     # struct vchan_ring *
+    _notify: Any                # int *: "an event is due" accumulator
+    _buffers: tuple[Any, ...]
+    is_server: bool
+    read_size: int
+    write_size: int
+
     def __init__(self) -> None:
         raise TypeError("use Ring.server() or Ring.client()")
 
