@@ -77,3 +77,46 @@ int vchan_ring_write_eof(struct vchan_ring *r, int *notify);
 void vchan_ring_close(struct vchan_ring *r);
 int vchan_ring_error(const struct vchan_ring *r);
 const char *vchan_strerror(int code);
+
+/* ---- kernel/kernel.h: the device layer ---- */
+
+#define VK_PAGE_SIZE ...
+#define VK_MAX_VIEWS ...
+enum vk_kind { VK_GNTSHR = 1, VK_GNTTAB = 2, VK_EVTCHN = 3 };
+
+struct vk_ops;
+struct vk_dev {
+    int kind;
+    int fd;
+    uint32_t domid;
+    ...;
+};
+struct vk_map {
+    void *views[];
+    int nviews;
+    uint32_t count;
+    int writable;
+    int shared;
+    uint64_t index;
+    int token;
+    ...;
+};
+
+const struct vk_ops *vk_backend(const char *name);
+int vk_open(struct vk_dev *d, const struct vk_ops *ops, int kind, uint32_t domid);
+void vk_close(struct vk_dev *d);
+int vk_share(struct vk_dev *d, uint32_t domid, uint32_t count, int writable,
+             uint32_t *refs, int notify_offset, int notify_port, struct vk_map *m);
+int vk_map(struct vk_dev *d, uint32_t count, const uint32_t *domids, const uint32_t *refs,
+           int writable, int notify_offset, int notify_port, struct vk_map *m);
+int vk_map_view(struct vk_map *m, void **addr);
+int vk_unmap(struct vk_map *m);
+int vk_set_max_grants(struct vk_dev *d, uint32_t count);
+int vk_bind_unbound(struct vk_dev *d, uint32_t remote_domid);
+int vk_bind_interdomain(struct vk_dev *d, uint32_t remote_domid, uint32_t remote_port);
+int vk_unbind(struct vk_dev *d, uint32_t port);
+int vk_notify(struct vk_dev *d, uint32_t port);
+int vk_pending(struct vk_dev *d);
+int vk_unmask(struct vk_dev *d, uint32_t port);
+int vk_fd(struct vk_dev *d);
+int vk_sim_set_socket(const char *path);

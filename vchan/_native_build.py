@@ -19,8 +19,15 @@ def _rel(*parts: str) -> str:
     return os.path.relpath(os.path.join(ROOT, *parts), os.getcwd())
 
 
-SOURCES = [_rel("vchan", "ring.c")]
-HEADERS = [_rel("vchan", "ring.h"), _rel("vchan", "_cdefs.h")]
+SOURCES = [_rel("vchan", "ring.c")] + [
+    _rel("kernel", name) for name in ("common.c", "xen.c", "sim.c")
+]
+HEADERS = [
+    _rel("vchan", "ring.h"),
+    _rel("vchan", "_cdefs.h"),
+    _rel("kernel", "kernel.h"),
+    _rel("kernel", "sim_proto.h"),
+]
 
 ffibuilder = FFI()
 with open(os.path.join(HERE, "_cdefs.h"), encoding="utf-8") as f:
@@ -28,10 +35,10 @@ with open(os.path.join(HERE, "_cdefs.h"), encoding="utf-8") as f:
 
 ffibuilder.set_source(
     "vchan._native",
-    '#include "ring.h"\n',
+    '#include "ring.h"\n#include "kernel.h"\n',
     sources=SOURCES,
     depends=HEADERS,
-    include_dirs=[_rel("vchan")],
+    include_dirs=[_rel("vchan"), _rel("kernel")],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )
 

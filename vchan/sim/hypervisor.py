@@ -1,0 +1,670 @@
+"""The emulated hypervisor daemon: grant tables and event channels.
+
+Run as ``python -m vchan.sim.hypervisor --dir DIR`` (``vchan sim start`` and
+:func:`vchan.sim.ensure_running` do that).  The wire protocol is in
+``kernel/sim_proto.h`` and ``docs/sim-protocol.md``; the client side is
+``kernel/sim.c``.
+
+Rules it keeps, those of the gntalloc / gntdev / evtchn design:
+
+* A grant belongs to one granting domain and names one peer domain; only
+  that peer may map it, and a read-only grant maps only read-only (the
+  mapper gets a read-only file descriptor).
+* A share or a mapping lives while any process holds it: the client keeps
+  the write end of a "token" pipe per mapping (fork copies it, exec and
+  death close it) and this daemon watches the read end.  EOF means the last
+  user went away: the unmap notification fires (a byte cleared, an event
+  sent) and a share's grants end.  Pages themselves are memfd pages and stay
+  alive while anyone maps them, so a grant ended under a peer's mapping does
+  not pull the memory away.
+* Each domain may have at most ``grant-limit`` pages granted at once
+  (ENOSPC beyond); the limit is re-read from ``DIR/grant-limit`` when that
+  file changes, which ``vchan sim set grant-limit N`` writes.
+* Event channels: a port pair is two eventfds created when the unbound end
+  is allocated; processes signal each other's eventfd directly.  Closing a
+  handle unbinds its ports; the remote end goes back to "unbound".
+* A domain exists while a process of it holds a connection (domain 0
+  always exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import contextlib
+import errno
+import fcntl
+import itertools
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import DEFAULT_GRANT_LIMIT, VS_VERSION
+
+log = logging.getLogger("vchan.sim")
+
+PAGE = 4096
+MAX_MSG = 65536
+MAX_FDS = 64
+MAX_PORTS = 4096            # per domain
+FIRST_REF = 8               # Xen reserves the first grant entries
+DOMID_FIRST_RESERVED = 0x7FF0
+
+VS_HELLO = 1
+VS_GNT_SHARE = 2
+VS_GNT_MAP = 3
+VS_GNT_RELEASE = 4
+VS_EVT_BIND_UNBOUND = 6
+VS_EVT_BIND_INTERDOMAIN = 7
+VS_EVT_UNBIND = 8
+VS_CONTROL = 9
+
+KIND_CONTROL, KIND_GNTSHR, KIND_GNTTAB, KIND_EVTCHN = 0, 1, 2, 3
+
+_HDR = struct.Struct("<II")
+_REPLY = struct.Struct("<iI")
+_SEG = struct.Struct("<IIIIQ")
+
+
+class Fail(Exception):
+    """A request fails with this errno."""
+
+    def __init__(self, err: int, why: str = "") -> None:
+        super().__init__(why or os.strerror(err))
+        self.errno = err
+
+
+@dataclass(eq=False)
+class MemFile:
+    """A memfd holding the pages of one share; closed with its last user."""
+
+    fd: int
+    npages: int
+    users: int = 0
+    ro_fd: int = -1
+
+    def readonly(self) -> int:
+        if self.ro_fd < 0:
+            # Re-opening through /proc gives a descriptor that can never be
+            # mapped writable, not even with mprotect.
+            self.ro_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        return self.ro_fd
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0:
+            os.close(self.fd)
+            if self.ro_fd >= 0:
+                os.close(self.ro_fd)
+
+
+@dataclass(eq=False)
+class Grant:
+    ref: int
+    owner: Domain
+    peer: int
+    writable: bool
+    mem: MemFile
+    page: int                   # page index in mem
+
+
+@dataclass(eq=False)
+class Mapping:
+    """A share (our pages) or a mapping (a peer's), alive while its token is."""
+
+    id: int
+    domid: int
+    shared: bool
+    token: int                  # read end of the token pipe
+    pages: list[tuple[MemFile, int]]    # (file, page) per page of the mapping
+    grants: list[Grant]
+    writable: bool
+    notify_offset: int = -1
+    notify_tx: int = -1         # a dup of the eventfd to signal, or -1
+
+
+@dataclass(eq=False)
+class Port:
+    port: int
+    domain: Domain
+    remote_domid: int
+    rx: int                     # eventfd the owner waits on
+    tx: int                     # eventfd the owner signals
+    conn: Conn | None
+    remote: Port | None = None  # set while bound interdomain
+
+    @property
+    def state(self) -> str:
+        return "interdomain" if self.remote else "unbound"
+
+
+@dataclass(eq=False)
+class Domain:
+    domid: int
+    conns: set[Conn] = field(default_factory=set)
+    grants: dict[int, Grant] = field(default_factory=dict)
+    ports: dict[int, Port] = field(default_factory=dict)
+    next_ref: int = FIRST_REF
+    free_refs: list[int] = field(default_factory=list)
+
+    @property
+    def alive(self) -> bool:
+        return self.domid == 0 or any(c.kind != KIND_CONTROL for c in self.conns)
+
+    def alloc_ref(self) -> int:
+        if self.free_refs:
+            return self.free_refs.pop(0)
+        ref = self.next_ref
+        self.next_ref += 1
+        return ref
+
+    def alloc_port(self) -> int:
+        for port in range(1, MAX_PORTS):
+            if port not in self.ports:
+                return port
+        raise Fail(errno.ENOSPC, "no free event-channel port")
+
+
+@dataclass(eq=False)
+class Conn:
+    sock: socket.socket
+    domid: int = -1
+    kind: int = -1
+    pid: int = 0
+
+
+class Hypervisor:
+    """The daemon's state and request handlers."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.domains: dict[int, Domain] = {}
+        self.maps: dict[int, Mapping] = {}
+        self.conns: set[Conn] = set()
+        self.ids = itertools.count(1)
+        self.limit_file = directory / "grant-limit"
+        self.limit_mtime: float | None = None
+        self.limit = DEFAULT_GRANT_LIMIT
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stopping: asyncio.Event | None = None
+        self.listener: socket.socket | None = None
+
+    # -- tables -----------------------------------------------------------
+
+    def domain(self, domid: int) -> Domain:
+        dom = self.domains.get(domid)
+        if dom is None:
+            dom = self.domains[domid] = Domain(domid)
+        return dom
+
+    def alive(self, domid: int) -> Domain | None:
+        dom = self.domains.get(domid)
+        if domid == 0:
+            return self.domain(0)
+        return dom if dom is not None and dom.alive else None
+
+    def granted_pages(self, dom: Domain) -> int:
+        return len(dom.grants)
+
+    def grant_limit(self) -> int:
+        try:
+            mtime = self.limit_file.stat().st_mtime
+        except FileNotFoundError:
+            self.limit_mtime = None
+            self.limit = DEFAULT_GRANT_LIMIT
+            return self.limit
+        if mtime != self.limit_mtime:
+            try:
+                self.limit = max(0, int(self.limit_file.read_text().strip()))
+                self.limit_mtime = mtime
+            except ValueError:
+                log.warning("ignoring malformed %s", self.limit_file)
+        return self.limit
+
+    def _gc_domain(self, dom: Domain) -> None:
+        if dom.domid != 0 and not (dom.conns or dom.grants or dom.ports):
+            self.domains.pop(dom.domid, None)
+
+    # -- connections ------------------------------------------------------
+
+    def accept(self) -> None:
+        assert self.listener is not None and self.loop is not None
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            sock.setblocking(False)
+            conn = Conn(sock)
+            self.conns.add(conn)
+            self.loop.add_reader(sock.fileno(), self.on_message, conn)
+
+    def on_message(self, conn: Conn) -> None:
+        try:
+            data, anc, _flags, _ = conn.sock.recvmsg(
+                MAX_MSG, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, anc = b"", []
+        fds: list[int] = []
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(payload[: len(payload) - len(payload) % 4])
+                fds.extend(arr)
+        for fd in fds:          # no request carries descriptors
+            os.close(fd)
+        if not data:
+            self.drop(conn)
+            return
+        reply_fds: list[int] = []
+        close_after: list[int] = []
+        try:
+            if len(data) < _HDR.size:
+                raise Fail(errno.EPROTO, "short request")
+            op, length = _HDR.unpack_from(data)
+            body = data[_HDR.size:]
+            if length != len(body):
+                raise Fail(errno.EPROTO, "bad length")
+            if op != VS_HELLO and conn.kind < 0:
+                raise Fail(errno.EPROTO, "HELLO first")
+            payload = self.dispatch(conn, op, body, reply_fds, close_after)
+            status = 0
+        except Exception as exc:
+            if isinstance(exc, Fail):
+                status = -exc.errno
+                log.debug("domain %d: request failed: %s", conn.domid, exc)
+            elif isinstance(exc, struct.error | ValueError):
+                status = -errno.EINVAL      # a malformed request
+            else:
+                log.exception("request failed")
+                status = -errno.EIO
+            payload = b""
+            for fd in close_after:
+                os.close(fd)
+            reply_fds, close_after = [], []
+        message = _REPLY.pack(status, len(payload)) + payload
+        try:
+            if reply_fds:
+                socket.send_fds(conn.sock, [message], reply_fds)
+            else:
+                conn.sock.send(message)
+        except OSError:
+            self.drop(conn)
+        finally:
+            for fd in close_after:
+                os.close(fd)
+
+    def drop(self, conn: Conn) -> None:
+        """A connection closed: the process let go of its handle (or died)."""
+        if conn not in self.conns:
+            return
+        self.conns.discard(conn)
+        assert self.loop is not None
+        self.loop.remove_reader(conn.sock.fileno())
+        conn.sock.close()
+        if conn.domid < 0:
+            return
+        dom = self.domain(conn.domid)
+        dom.conns.discard(conn)
+        for port in [p for p in dom.ports.values() if p.conn is conn]:
+            self.unbind(port)
+        self._gc_domain(dom)
+
+    # -- dispatch ---------------------------------------------------------
+
+    def dispatch(self, conn: Conn, op: int, body: bytes, fds: list[int],
+                 close_after: list[int]) -> bytes:
+        if op == VS_HELLO:
+            version, domid, kind, pid = struct.unpack_from("<IIII", body)
+            if version != VS_VERSION:
+                raise Fail(errno.EPROTONOSUPPORT, f"protocol version {version}")
+            if domid >= DOMID_FIRST_RESERVED or kind > KIND_EVTCHN:
+                raise Fail(errno.EINVAL)
+            conn.domid, conn.kind, conn.pid = domid, kind, pid
+            if kind != KIND_CONTROL:
+                self.domain(domid).conns.add(conn)
+            return struct.pack("<I", VS_VERSION)
+        if op == VS_CONTROL:
+            return json.dumps(self.control(json.loads(body or b"{}"))).encode()
+        handler = {
+            VS_GNT_SHARE: (KIND_GNTSHR, self.share),
+            VS_GNT_MAP: (KIND_GNTTAB, self.map),
+            VS_GNT_RELEASE: (None, self.release),
+            VS_EVT_BIND_UNBOUND: (KIND_EVTCHN, self.bind_unbound),
+            VS_EVT_BIND_INTERDOMAIN: (KIND_EVTCHN, self.bind_interdomain),
+            VS_EVT_UNBIND: (KIND_EVTCHN, self.unbind_request),
+        }.get(op)
+        if handler is None:
+            raise Fail(errno.ENOSYS, f"unknown op {op}")
+        kind, fn = handler
+        if kind is not None and conn.kind != kind:
+            raise Fail(errno.EINVAL, "operation not valid on this handle")
+        return fn(conn, body, fds, close_after)
+
+    # -- grants -----------------------------------------------------------
+
+    def _capture_port(self, dom: Domain, port: int) -> int:
+        if port < 0:
+            return -1
+        p = dom.ports.get(port)
+        if p is None:
+            raise Fail(errno.EINVAL, f"port {port} is not bound")
+        return os.dup(p.tx)
+
+    def _new_token(self, close_after: list[int]) -> tuple[int, int]:
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        close_after.append(w)
+        return r, w
+
+    def share(self, conn: Conn, body: bytes, fds: list[int], close_after: list[int]) -> bytes:
+        peer, count, writable, notify_offset, notify_port = struct.unpack_from("<IIIii", body)
+        dom = self.domain(conn.domid)
+        if count == 0 or count > (MAX_MSG - 64) // 4:
+            raise Fail(errno.EINVAL)
+        limit = self.grant_limit()
+        if self.granted_pages(dom) + count > limit:
+            raise Fail(errno.ENOSPC, f"grant limit {limit} reached")
+        notify_tx = self._capture_port(dom, notify_port)
+        memfd = os.memfd_create(f"vchan-d{dom.domid}", os.MFD_CLOEXEC)
+        os.ftruncate(memfd, count * PAGE)
+        mem = MemFile(memfd, count, users=1)
+        grants = [Grant(dom.alloc_ref(), dom, peer, bool(writable), mem, i) for i in range(count)]
+        for g in grants:
+            dom.grants[g.ref] = g
+        token, w = self._new_token(close_after)
+        m = Mapping(next(self.ids), dom.domid, True, token, [(mem, i) for i in range(count)],
+                    grants, True, notify_offset, notify_tx)
+        self._track(m)
+        fds.extend([memfd, w])
+        return struct.pack(f"<Q{count}I", m.id, *(g.ref for g in grants))
+
+    def map(self, conn: Conn, body: bytes, fds: list[int], close_after: list[int]) -> bytes:
+        count, writable, notify_offset, notify_port = struct.unpack_from("<IIii", body)
+        if count == 0 or len(body) != 16 + 8 * count:
+            raise Fail(errno.EINVAL)
+        pairs = struct.unpack_from(f"<{2 * count}I", body, 16)
+        dom = self.domain(conn.domid)
+        grants: list[Grant] = []
+        for i in range(count):
+            domid, ref = pairs[2 * i], pairs[2 * i + 1]
+            owner = self.domains.get(domid)
+            g = owner.grants.get(ref) if owner else None
+            if g is None:
+                raise Fail(errno.EINVAL, f"no grant {ref} from domain {domid}")
+            if g.peer != dom.domid:
+                raise Fail(errno.EPERM, f"grant {ref} of domain {domid} is not for us")
+            if writable and not g.writable:
+                raise Fail(errno.EPERM, f"grant {ref} of domain {domid} is read-only")
+            grants.append(g)
+        if notify_offset >= 0 and not writable:
+            raise Fail(errno.EINVAL, "cannot clear a byte of a read-only mapping")
+        # Coalesce runs of pages that are consecutive in one file.
+        segs: list[tuple[int, int, int, int]] = []     # first, npages, fd index, page
+        files: list[int] = []
+        for i, g in enumerate(grants):
+            fd = g.mem.fd if writable else g.mem.readonly()
+            if fd not in files:
+                files.append(fd)
+            idx = 1 + files.index(fd)                   # fds[0] is the token
+            if segs and segs[-1][2] == idx and segs[-1][3] + segs[-1][1] == g.page:
+                first, n, _, page = segs[-1]
+                segs[-1] = (first, n + 1, idx, page)
+            else:
+                segs.append((i, 1, idx, g.page))
+        if 1 + len(files) > MAX_FDS or len(segs) >= MAX_FDS:
+            raise Fail(errno.E2BIG, "mapping spans too many files")
+        notify_tx = self._capture_port(dom, notify_port)
+        token, w = self._new_token(close_after)
+        fds.append(w)
+        fds.extend(files)
+        for g in grants:
+            g.mem.users += 1
+        m = Mapping(next(self.ids), dom.domid, False, token, [(g.mem, g.page) for g in grants],
+                    grants, bool(writable), notify_offset, notify_tx)
+        self._track(m)
+        out = struct.pack("<QII", m.id, len(segs), 0)
+        for first, n, idx, page in segs:
+            out += _SEG.pack(first, n, idx, 0, page * PAGE)
+        return out
+
+    def _track(self, m: Mapping) -> None:
+        assert self.loop is not None
+        self.maps[m.id] = m
+        self.loop.add_reader(m.token, self._token_ready, m.id)
+
+    def _token_ready(self, map_id: int) -> None:
+        m = self.maps.get(map_id)
+        if m is None:
+            return
+        try:
+            data = os.read(m.token, 64)
+        except BlockingIOError:
+            return
+        if not data:            # EOF: every holder is gone
+            self.finish(m)
+
+    def release(self, conn: Conn, body: bytes, fds: list[int], close_after: list[int]) -> bytes:
+        (map_id,) = struct.unpack_from("<Q", body)
+        m = self.maps.get(map_id)
+        if m is None or m.domid != conn.domid:
+            return struct.pack("<I", 0)
+        # The caller closed its token before asking: if it held the last
+        # copy, EOF is already visible and we settle it now.
+        readable, _, _ = select.select([m.token], [], [], 0)
+        if readable and not os.read(m.token, 64):
+            self.finish(m)
+            return struct.pack("<I", 1)
+        return struct.pack("<I", 0)
+
+    def finish(self, m: Mapping) -> None:
+        """The last user of a share or mapping went away."""
+        assert self.loop is not None
+        self.maps.pop(m.id, None)
+        self.loop.remove_reader(m.token)
+        os.close(m.token)
+        if m.notify_offset >= 0:
+            mem, page = m.pages[m.notify_offset // PAGE]
+            # As the kernel does for a dead process: clear the byte...
+            with contextlib.suppress(OSError):
+                os.pwrite(mem.fd, b"\0", page * PAGE + m.notify_offset % PAGE)
+        if m.notify_tx >= 0:
+            # ... and signal the event channel named at set-up.
+            with contextlib.suppress(OSError):
+                os.eventfd_write(m.notify_tx, 1)
+            os.close(m.notify_tx)
+        if m.shared:
+            for g in m.grants:
+                owner = g.owner
+                if owner.grants.get(g.ref) is g:
+                    del owner.grants[g.ref]
+                    owner.free_refs.append(g.ref)
+            for dom in {g.owner for g in m.grants}:
+                self._gc_domain(dom)
+        for mem, _ in m.pages:
+            if not m.shared:
+                mem.release()
+        if m.shared and m.pages:
+            m.pages[0][0].release()
+
+    # -- event channels ---------------------------------------------------
+
+    def bind_unbound(self, conn: Conn, body: bytes, fds: list[int],
+                     close_after: list[int]) -> bytes:
+        (remote,) = struct.unpack_from("<I", body)
+        if remote == 0x7FF0:    # DOMID_SELF
+            remote = conn.domid
+        if self.alive(remote) is None:
+            raise Fail(errno.ESRCH, f"no domain {remote}")
+        dom = self.domain(conn.domid)
+        port = dom.alloc_port()
+        flags = os.EFD_CLOEXEC | os.EFD_NONBLOCK
+        p = Port(port, dom, remote, os.eventfd(0, flags), os.eventfd(0, flags), conn)
+        dom.ports[port] = p
+        fds.extend([p.rx, p.tx])
+        return struct.pack("<I", port)
+
+    def bind_interdomain(self, conn: Conn, body: bytes, fds: list[int],
+                         close_after: list[int]) -> bytes:
+        remote_domid, remote_port = struct.unpack_from("<II", body)
+        rdom = self.alive(remote_domid)
+        if rdom is None:
+            raise Fail(errno.ESRCH, f"no domain {remote_domid}")
+        rp = rdom.ports.get(remote_port)
+        if rp is None or rp.remote is not None or rp.remote_domid != conn.domid:
+            raise Fail(errno.EINVAL, f"port {remote_port} of domain {remote_domid} "
+                                     "is not waiting for us")
+        dom = self.domain(conn.domid)
+        port = dom.alloc_port()
+        # Our end waits on what the remote signals, and signals what it waits on.
+        p = Port(port, dom, remote_domid, os.dup(rp.tx), os.dup(rp.rx), conn, remote=rp)
+        rp.remote = p
+        dom.ports[port] = p
+        fds.extend([p.rx, p.tx])
+        return struct.pack("<I", port)
+
+    def unbind_request(self, conn: Conn, body: bytes, fds: list[int],
+                       close_after: list[int]) -> bytes:
+        (port,) = struct.unpack_from("<I", body)
+        p = self.domain(conn.domid).ports.get(port)
+        if p is None:
+            raise Fail(errno.ENOTCONN, f"port {port} is not bound")
+        self.unbind(p)
+        return b""
+
+    def unbind(self, p: Port) -> None:
+        p.domain.ports.pop(p.port, None)
+        if p.remote is not None:
+            # The other end reverts to unbound, still naming our domain.
+            p.remote.remote = None
+            p.remote.remote_domid = p.domain.domid
+        os.close(p.rx)
+        os.close(p.tx)
+        self._gc_domain(p.domain)
+
+    # -- control ----------------------------------------------------------
+
+    def control(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        what = cmd.get("cmd")
+        if what == "status":
+            return self.status()
+        if what == "set":
+            key, value = cmd.get("key"), cmd.get("value")
+            if key == "grant-limit":
+                if not isinstance(value, int) or value < 0:
+                    raise Fail(errno.EINVAL, "grant-limit must be an int >= 0")
+                tmp = self.limit_file.with_suffix(".tmp")
+                tmp.write_text(f"{value}\n")
+                tmp.replace(self.limit_file)
+                return {"grant-limit": self.grant_limit()}
+            raise Fail(errno.EINVAL, f"unknown setting {key!r}")
+        if what == "stop":
+            assert self.loop is not None and self.stopping is not None
+            self.loop.call_soon(self.stopping.set)     # after this reply is sent
+            return {"pid": os.getpid()}
+        raise Fail(errno.EINVAL, f"unknown command {what!r}")
+
+    def status(self) -> dict[str, Any]:
+        domains = []
+        for domid in sorted(self.domains):
+            dom = self.domains[domid]
+            domains.append({
+                "domid": domid,
+                "alive": dom.alive,
+                "processes": sorted({c.pid for c in dom.conns if c.kind != KIND_CONTROL}),
+                "handles": sum(1 for c in dom.conns if c.kind != KIND_CONTROL),
+                "granted_pages": len(dom.grants),
+                "ports": {str(p.port): {"state": p.state, "remote_domid": p.remote_domid,
+                                        "remote_port": p.remote.port if p.remote else None}
+                          for p in dom.ports.values()},
+                "shares": sum(1 for m in self.maps.values() if m.domid == domid and m.shared),
+                "mappings": sum(1 for m in self.maps.values()
+                                if m.domid == domid and not m.shared),
+            })
+        return {
+            "pid": os.getpid(),
+            "dir": str(self.dir),
+            "grant_limit": self.grant_limit(),
+            "domains": domains,
+            "connections": len(self.conns),
+            "maps": len(self.maps),
+            "open_fds": len(os.listdir("/proc/self/fd")),
+        }
+
+    # -- main -------------------------------------------------------------
+
+    async def serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        path = self.dir / "hypervisor.sock"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        listener.bind(str(path))
+        os.chmod(path, 0o600)
+        listener.listen(512)
+        listener.setblocking(False)
+        self.listener = listener
+        self.loop.add_reader(listener.fileno(), self.accept)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.stopping.set)
+        log.info("emulator %d serving on %s", os.getpid(), path)
+        try:
+            await self.stopping.wait()
+        finally:
+            self.loop.remove_reader(listener.fileno())
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            listener.close()
+            log.info("emulator %d stopped", os.getpid())
+
+
+def _raise_fd_limit() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the emulator in the foreground."""
+    from . import state_dir
+
+    parser = argparse.ArgumentParser(prog="python -m vchan.sim.hypervisor")
+    parser.add_argument("--dir", type=Path, default=None, help="state directory")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--daemonize", action="store_true",
+                        help="detach: fork, start a new session, and return at once")
+    args = parser.parse_args(argv)
+    directory: Path = args.dir or state_dir()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if args.daemonize:
+        if os.fork():
+            os._exit(0)
+        os.setsid()
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    lock = open(directory / "daemon.lock", "w")  # noqa: SIM115 -- held for our lifetime
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"vchan emulator: another daemon already runs in {directory}", file=sys.stderr)
+        return 1
+    _raise_fd_limit()
+    asyncio.run(Hypervisor(directory).serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
