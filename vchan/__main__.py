@@ -23,6 +23,56 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _sim(args: argparse.Namespace) -> int:
+    import json
+
+    from . import sim
+
+    directory = sim.state_dir()
+    if args.sim_command == "start":
+        if args.foreground:
+            from .sim.hypervisor import main as run
+
+            return run(["--dir", str(directory)])
+        running = sim.is_running(directory)
+        sim.ensure_running(directory)
+        print(f"emulator {'already running' if running else 'started'} in {directory}")
+        return 0
+    if args.sim_command == "stop":
+        stopped = sim.stop(directory)
+        print(f"emulator {'stopped' if stopped else 'was not running'} in {directory}")
+        return 0
+    if args.sim_command == "status":
+        info = sim.control({"cmd": "status"}, directory)
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        print(f"emulator pid {info['pid']} in {info['dir']}, grant limit "
+              f"{info['grant_limit']} pages per domain")
+        print(f"{'domain':>6}  {'alive':5}  {'handles':>7}  {'granted':>7}  {'shares':>6}  "
+              f"{'maps':>5}  {'ports':>5}  processes")
+        for d in info["domains"]:
+            print(f"{d['domid']:>6}  {'yes' if d['alive'] else 'no':5}  {d['handles']:>7}  "
+                  f"{d['granted_pages']:>7}  {d['shares']:>6}  {d['mappings']:>5}  "
+                  f"{len(d['ports']):>5}  {' '.join(map(str, d['processes']))}")
+        return 0
+    if args.sim_command == "set":
+        if args.key != "grant-limit":
+            raise UsageError(f"unknown setting {args.key!r} (known: grant-limit)")
+        try:
+            value = int(args.value)
+        except ValueError:
+            raise UsageError(f"grant-limit must be a number, got {args.value!r}") from None
+        answer = sim.control({"cmd": "set", "key": args.key, "value": value}, directory)
+        print(f"grant-limit = {answer['grant-limit']}")
+        return 0
+    raise UsageError("vchan sim: say start, stop, status or set (see vchan sim --help)")
+
+
+class UsageError(Exception):
+    """A mistake of the user's: reported in one line, exit status 2."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vchan`` command."""
     parser = argparse.ArgumentParser(
@@ -42,11 +92,41 @@ def main(argv: list[str] | None = None) -> int:
                       help="log2 of the ring size (default 18 = 256 KiB)")
     demo.set_defaults(func=_demo)
 
+    simp = sub.add_parser(
+        "sim", help="control the emulated hypervisor",
+        description="Control the emulated hypervisor (processes play Xen domains). Its state "
+                    "directory is $VCHAN_SIM_DIR (default $XDG_RUNTIME_DIR/vchan-sim or "
+                    "/tmp/vchan-sim-UID).",
+        epilog="examples:\n  vchan sim start\n  vchan sim status\n"
+               "  vchan sim set grant-limit 4096\n  vchan sim stop",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    simsub = simp.add_subparsers(dest="sim_command", metavar="ACTION")
+    start = simsub.add_parser("start", help="start the emulator (if it is not running)")
+    start.add_argument("--foreground", action="store_true", help="run in this process")
+    simsub.add_parser("stop", help="stop the emulator")
+    status = simsub.add_parser("status", help="domains, grants and event channels")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    setp = simsub.add_parser("set", help="change a setting while running",
+                             epilog="example: vchan sim set grant-limit 4096")
+    setp.add_argument("key", help="grant-limit: pages each domain may have granted at once")
+    setp.add_argument("value")
+    simp.set_defaults(func=_sim)
+
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    result: int = args.func(args)
+    from .sim import SimError
+
+    try:
+        result: int = args.func(args)
+    except UsageError as exc:
+        print(f"vchan: {exc}", file=sys.stderr)
+        return 2
+    except (SimError, OSError) as exc:
+        print(f"vchan: {exc}", file=sys.stderr)
+        return 1
     return result
 
 

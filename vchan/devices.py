@@ -22,7 +22,7 @@ import errno
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 from ._native import ffi, lib
 from .backend import Backend, get_backend
@@ -75,7 +75,7 @@ class _Handle:
         if self._dev is not None and self._dev.fd >= 0:
             lib.vk_close(self._dev)
 
-    def __enter__(self) -> _Handle:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -143,18 +143,22 @@ def ensure_running(directory: Path | None = None, timeout: float = 10.0) -> Path
 
 
 def stop(directory: Path | None = None, timeout: float = 10.0) -> bool:
-    """Stop the daemon; False if none was running."""
+    """Stop the daemon and wait until it is gone; False if none was running."""
     directory = directory or state_dir()
     try:
-        info = control({"cmd": "stop"}, directory)
+        control({"cmd": "stop"}, directory)
     except SimError:
         return False
-    pid = int(info.get("pid", 0))
+    # The daemon holds daemon.lock for its whole life: once we can take it,
+    # the daemon has exited (its pid may linger as a zombie; the lock won't).
     deadline = time.monotonic() + timeout
-    while pid and time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.01)
-    return True
+    with open(directory / "daemon.lock", "a") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                return True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise SimError(f"the emulator in {directory} did not stop") from None
+                time.sleep(0.005)
