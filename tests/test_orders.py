@@ -142,4 +142,4 @@ def test_server_writes_what_the_client_checks() -> None:
     Ring.server(page, 11, 10)
     assert client_orders(page) == (10, 11)
     assert page[20] == 2 and page[21] == 1      # cli_live waiting, srv_live up
-    assert page[22] == 1                        # cli_notify = WRITE
+    assert page[22] == 0x41                     # cli_notify = WRITE | HELLO (extension)

@@ -8,7 +8,7 @@ import pytest
 from ringpair import Pair
 
 from vchan import LocalProtocolError, RemoteProtocolError
-from vchan.ring import EINDEX, ELIVE, EORDER, Ring
+from vchan.ring import EINDEX, ELIVE, EORDER, NOTIFY_CLOSED, Ring
 
 LEFT_PROD, RIGHT_CONS, RIGHT_PROD, LEFT_CONS = 4, 8, 12, 0
 
@@ -231,3 +231,48 @@ def test_read_into_a_memoryview_slice() -> None:
     buf = bytearray(20)
     assert pair.server.read_into(memoryview(buf)[5:9]) == 4
     assert bytes(buf[5:9]) == b"0123"
+
+
+def test_peek_then_consume_reads_without_copying_twice() -> None:
+    pair = Pair(10, 11)
+    assert pair.client.write(b"x" * 1000) == 1000
+    assert pair.server.read(1000) == b"x" * 1000            # move the index near the end
+    assert pair.client.write(b"abcdefghij" * 10) == 100        # wraps the 1 KiB ring
+    pieces = pair.server.peek()
+    assert len(pieces) == 2 and b"".join(pieces) == b"abcdefghij" * 10
+    assert pair.server.consume(30) == 30
+    assert b"".join(pair.server.peek()) == (b"abcdefghij" * 10)[30:]
+    with pytest.raises(ValueError, match="invalid argument"):
+        pair.server.consume(71)                               # more than was peeked
+    assert pair.server.consume(70) == 70
+    assert pair.server.peek() == []
+
+
+def test_consume_without_a_peek_is_refused() -> None:
+    pair = Pair(10, 11)
+    pair.client.write(b"abc")
+    with pytest.raises(ValueError):
+        pair.server.consume(1)                                # nothing validated yet
+
+
+def test_extension_bits_tell_close_from_crash() -> None:
+    pair = Pair(12, 12)
+    assert pair.server.peer_speaks_extensions and pair.client.peer_speaks_extensions
+    pair.client.close()
+    assert pair.server.peer_live() == 0
+    assert pair.server.peer_flags() & NOTIFY_CLOSED          # a graceful close
+    crashed = Pair(12, 12)
+    crashed.page[20] = 0                                      # what unmap-notify does
+    assert crashed.server.peer_live() == 0
+    assert not crashed.server.peer_flags() & NOTIFY_CLOSED   # a crash
+
+
+def test_plain_libxenvchan_peer_does_not_speak_extensions() -> None:
+    page = mmap.mmap(-1, 4096)
+    server = Ring.server(page, 10, 11)
+    # A libxenvchan client connects with plain stores: cli_live = 1 and
+    # srv_notify = WRITE, no extension bits.
+    page[20] = 1
+    page[23] = 1
+    assert server.peer_live() == 1
+    assert not server.peer_speaks_extensions

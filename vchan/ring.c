@@ -38,8 +38,17 @@
  *
  * Live bytes: 0 closed or crashed, 1 connected, 2 client not yet connected.
  * The kernel's unmap notification clears a dead side's byte, which is how a
- * crash is seen.  A half-close (vchan extension) is VCHAN_NOTIFY_EOF ORed
- * into the peer's notify byte after the last index update.
+ * crash is seen.
+ *
+ * Extensions (bits of the notify bytes libxenvchan never reads or clears;
+ * a plain libxenvchan peer neither sets nor notices them):
+ *
+ *   HELLO   set at set-up: "I speak these extensions"
+ *   EOF     half-close: ORed into the peer's byte after the last index
+ *           update; the peer sees EOF once it has read everything
+ *   CLOSED  graceful close: ORed in just before the live byte goes to 0,
+ *           so a vchan peer can tell a close (CLOSED, live 0) from a crash
+ *           (live 0 alone, cleared by the kernel's unmap notification)
  *
  * The peer is not trusted.  Our own indices and the ring geometry live in
  * private memory (struct vchan_ring) and are never read back from the shared
@@ -261,7 +270,8 @@ int vchan_ring_init_server(struct vchan_ring *r, void *page0,
     shr->right_order = (uint16_t)write_order;
     shr->cli_live = VCHAN_LIVE_WAITING;
     shr->srv_live = VCHAN_LIVE_CONNECTED;
-    shr->cli_notify = VCHAN_NOTIFY_WRITE;   /* tell me when you write */
+    /* Tell me when you write; and I speak the vchan extensions. */
+    shr->cli_notify = VCHAN_NOTIFY_WRITE | VCHAN_NOTIFY_HELLO;
     vchan_wmb();    /* set up the page /before/ anyone is told of it */
     return 0;
 }
@@ -289,7 +299,9 @@ int vchan_ring_init_client(struct vchan_ring *r, void *page0,
     r->wr.own = r->wr.peer = load_index(r->wr.prod);
 
     store_byte(&shr->cli_live, VCHAN_LIVE_CONNECTED);
-    store_byte(&shr->srv_notify, VCHAN_NOTIFY_WRITE);   /* tell me on write */
+    /* Tell me on write (a plain store, as libxenvchan's); and I speak the
+     * vchan extensions. */
+    store_byte(&shr->srv_notify, VCHAN_NOTIFY_WRITE | VCHAN_NOTIFY_HELLO);
     vchan_mb();     /* connect /before/ the caller's first event */
     return 0;
 }
@@ -565,6 +577,47 @@ int vchan_ring_read(struct vchan_ring *r, void *buf, size_t len, int *notify)
     return (int)n;
 }
 
+int vchan_ring_peek(struct vchan_ring *r, const uint8_t **a, uint32_t *alen,
+                    const uint8_t **b, uint32_t *blen)
+{
+    int64_t ready;
+    uint32_t at, first;
+    int rc = usable(r);
+
+    *alen = *blen = 0;
+    *a = *b = r->rd.buffer;
+    if (rc)
+        return rc;
+    ready = fast_ready(r, (size_t)r->rd.size + 1);  /* wants it all: arms */
+    if (ready <= 0)
+        return (int)ready;
+    vchan_rmb();    /* read prod /then/ the data it covers */
+    at = r->rd.own & r->rd.mask;
+    first = r->rd.size - at;
+    if (first > (uint32_t)ready)
+        first = (uint32_t)ready;
+    *a = r->rd.buffer + at;
+    *alen = first;
+    *blen = (uint32_t)ready - first;
+    return (int)ready;
+}
+
+int vchan_ring_consume(struct vchan_ring *r, uint32_t n, int *notify)
+{
+    int rc = usable(r);
+
+    if (rc)
+        return rc;
+    /* Only what a peek validated: rd.peer is the last prod we accepted. */
+    if (n > r->rd.peer - r->rd.own)
+        return VCHAN_EINVAL;
+    if (n == 0)
+        return 0;
+    r->rd.own += n;
+    publish_cons(r, notify);
+    return (int)n;
+}
+
 int vchan_ring_recv(struct vchan_ring *r, void *buf, size_t len, int *notify)
 {
     int64_t ready;
@@ -608,6 +661,11 @@ int vchan_ring_peer_eof(struct vchan_ring *r)
     return (load_byte(own_notify(r)) & VCHAN_NOTIFY_EOF) ? 1 : 0;
 }
 
+int vchan_ring_peer_flags(struct vchan_ring *r)
+{
+    return load_byte(own_notify(r)) & VCHAN_NOTIFY_EXTENSIONS;
+}
+
 int vchan_ring_write_eof(struct vchan_ring *r, int *notify)
 {
     if (r->error)
@@ -623,7 +681,8 @@ int vchan_ring_write_eof(struct vchan_ring *r, int *notify)
 
 void vchan_ring_close(struct vchan_ring *r)
 {
-    vchan_mb();     /* every index update /before/ live = 0 */
+    vchan_mb();     /* every index update /before/ the close marks */
+    __atomic_or_fetch(peer_notify(r), VCHAN_NOTIFY_CLOSED, __ATOMIC_SEQ_CST);
     store_byte(own_live(r), VCHAN_LIVE_CLOSED);
     r->eof_sent = 1;
 }

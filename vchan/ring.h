@@ -56,6 +56,14 @@ struct vchan_interface {
  * 0x2 of its own byte and never reads other bits, so a plain libxenvchan
  * peer ignores it. */
 #define VCHAN_NOTIFY_EOF        0x80
+/* vchan extension: set in the peer's notify byte by vchan_ring_close()
+ * before the live byte goes to 0, so that a vchan peer can tell a graceful
+ * close from a crash (where the kernel clears the live byte alone). */
+#define VCHAN_NOTIFY_CLOSED     0x20
+/* vchan extension: set at connection set-up by a side that speaks these
+ * extensions.  Absent from a plain libxenvchan peer. */
+#define VCHAN_NOTIFY_HELLO      0x40
+#define VCHAN_NOTIFY_EXTENSIONS (VCHAN_NOTIFY_EOF | VCHAN_NOTIFY_CLOSED | VCHAN_NOTIFY_HELLO)
 
 #define VCHAN_LIVE_CLOSED       0
 #define VCHAN_LIVE_CONNECTED    1
@@ -167,6 +175,15 @@ int vchan_ring_writev(struct vchan_ring *r, const void *const *bufs,
 /* All or nothing: len bytes, or 0 if they do not fit now. */
 int vchan_ring_send(struct vchan_ring *r, const void *data, size_t len,
                     int *notify);
+/* Zero-copy read, in two steps.  peek: the ready bytes as up to two
+ * contiguous pieces of the ring (the second is non-empty when the data
+ * wraps); returns the total and, like a read that empties the ring, arms a
+ * "tell me on write" request.  The peer may scribble on those bytes at any
+ * time: copy them before trusting them.  consume: release n of the bytes
+ * peek reported (n no larger than that total). */
+int vchan_ring_peek(struct vchan_ring *r, const uint8_t **a, uint32_t *alen,
+                    const uint8_t **b, uint32_t *blen);
+int vchan_ring_consume(struct vchan_ring *r, uint32_t n, int *notify);
 /* Stream read: copy up to len bytes into buf, return how many. */
 int vchan_ring_read(struct vchan_ring *r, void *buf, size_t len,
                     int *notify);
@@ -178,11 +195,15 @@ int vchan_ring_recv(struct vchan_ring *r, void *buf, size_t len,
 int vchan_ring_peer_live(struct vchan_ring *r);
 /* Whether the peer half-closed (VCHAN_NOTIFY_EOF seen): 1 or 0. */
 int vchan_ring_peer_eof(struct vchan_ring *r);
+/* The extension bits the peer has set in our notify byte
+ * (VCHAN_NOTIFY_EOF | VCHAN_NOTIFY_CLOSED | VCHAN_NOTIFY_HELLO). */
+int vchan_ring_peer_flags(struct vchan_ring *r);
 /* Half-close our write side: the peer sees EOF after the data already
  * written.  Sets *notify. */
 int vchan_ring_write_eof(struct vchan_ring *r, int *notify);
-/* Mark our side closed (live byte 0).  The caller then unmaps and sends
- * one event, as libxenvchan_close does. */
+/* Mark our side closed: VCHAN_NOTIFY_CLOSED for a vchan peer, then live
+ * byte 0.  The caller then unmaps and sends one event, as libxenvchan_close
+ * does. */
 void vchan_ring_close(struct vchan_ring *r);
 
 /* The sticky remote error, or 0. */

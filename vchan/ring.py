@@ -52,6 +52,8 @@ LIVE_WAITING: int = lib.VCHAN_LIVE_WAITING
 NOTIFY_WRITE: int = lib.VCHAN_NOTIFY_WRITE
 NOTIFY_READ: int = lib.VCHAN_NOTIFY_READ
 NOTIFY_EOF: int = lib.VCHAN_NOTIFY_EOF
+NOTIFY_CLOSED: int = lib.VCHAN_NOTIFY_CLOSED
+NOTIFY_HELLO: int = lib.VCHAN_NOTIFY_HELLO
 OFFSET_CLI_LIVE: int = lib.VCHAN_OFFSET_CLI_LIVE
 OFFSET_SRV_LIVE: int = lib.VCHAN_OFFSET_SRV_LIVE
 
@@ -263,6 +265,29 @@ class Ring:
     def peer_eof(self) -> bool:
         """Whether the peer half-closed its write side (vchan extension)."""
         return bool(lib.vchan_ring_peer_eof(self._r))
+
+    def peer_flags(self) -> int:
+        """Extension bits the peer set: NOTIFY_EOF | NOTIFY_CLOSED | NOTIFY_HELLO."""
+        return int(lib.vchan_ring_peer_flags(self._r))
+
+    @property
+    def peer_speaks_extensions(self) -> bool:
+        """False for a plain libxenvchan peer (no half-close, no crash telling)."""
+        return bool(lib.vchan_ring_peer_flags(self._r) & NOTIFY_HELLO)
+
+    def peek(self) -> list[bytes]:
+        """Copies of the ready bytes (one or two pieces), not yet consumed."""
+        a, alen = ffi.new("const uint8_t **"), ffi.new("uint32_t *")
+        b, blen = ffi.new("const uint8_t **"), ffi.new("uint32_t *")
+        _check(lib.vchan_ring_peek(self._r, a, alen, b, blen), "peek")
+        pieces = [ffi.unpack(ffi.cast("char *", a[0]), alen[0])]
+        if blen[0]:
+            pieces.append(ffi.unpack(ffi.cast("char *", b[0]), blen[0]))
+        return [p for p in pieces if p]
+
+    def consume(self, n: int) -> int:
+        """Release ``n`` bytes that :meth:`peek` reported."""
+        return _check(lib.vchan_ring_consume(self._r, n, self._notify), "consume")
 
     # -- I/O ------------------------------------------------------------
 
