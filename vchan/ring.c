@@ -513,9 +513,13 @@ int vchan_ring_writev(struct vchan_ring *r, const void *const *bufs,
     if (rc)
         return rc;
     for (i = 0; i < nbufs; i++) {
-        want += lens[i];
-        if (want > VCHAN_MAX_RING_SIZE)     /* enough to fill any ring */
+        /* Saturate instead of wrapping: a sum that wrapped could look small
+         * (or 0) and skip the wake-up request on a short write. */
+        if (lens[i] > VCHAN_MAX_RING_SIZE - want) {
+            want = (size_t)VCHAN_MAX_RING_SIZE + 1;    /* more than any ring */
             break;
+        }
+        want += lens[i];
     }
     if (want == 0)
         return 0;

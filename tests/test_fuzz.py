@@ -1,0 +1,175 @@
+"""libFuzzer run of the ring against a hostile peer (tests/fuzz/ring_fuzz.c).
+
+The harness is built with ``clang -fsanitize=fuzzer,address,undefined``
+together with ``vchan/ring.c`` and run for a bounded time from a copy of the
+seed corpus (tests/fuzz/corpus/ plus the seeds tests/fuzz/make_corpus.py
+generates).  Any invariant violation, sanitizer report, hang longer than 5 s
+(``-timeout=5``) or leak makes libFuzzer exit non-zero and the test fail;
+the crashing input is left in the test's temporary directory and its path
+printed.
+
+Environment:
+    VCHAN_FUZZ_SECONDS  fuzzing time (default 30; a soak run uses more)
+    VCHAN_FUZZ_REPORT   write the run's statistics (executions, exec/s, ...)
+                        as JSON to this path
+    CC                  compiler to try first (else clang, clang-NN)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from support import need
+
+ROOT = Path(__file__).resolve().parent.parent
+FUZZ_DIR = ROOT / "tests" / "fuzz"
+SOURCE = FUZZ_DIR / "ring_fuzz.c"
+CORPUS = FUZZ_DIR / "corpus"
+RING_C = ROOT / "vchan" / "ring.c"
+
+FUZZ_SECONDS = int(float(os.environ.get("VCHAN_FUZZ_SECONDS", "30")))
+FLAGS = ["-g", "-O1", "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=all"]
+SAN_ENV = {
+    "ASAN_OPTIONS": "abort_on_error=0:detect_leaks=1:allocator_may_return_null=0",
+    "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+}
+
+PROBE = r"""
+#include <stddef.h>
+#include <stdint.h>
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    (void)data;
+    (void)size;
+    return 0;
+}
+"""
+
+
+def _candidates() -> list[str]:
+    names = [os.environ.get("CC", ""), "clang", *(f"clang-{v}" for v in range(20, 13, -1))]
+    seen: list[str] = []
+    for name in names:
+        path = shutil.which(name) if name else None
+        if path and path not in seen:
+            seen.append(path)
+    return seen
+
+
+def _fuzz_compiler(workdir: Path) -> tuple[str | None, str]:
+    """The first compiler that builds and runs a libFuzzer + ASan + UBSan target."""
+    src = workdir / "probe.c"
+    src.write_text(PROBE, encoding="utf-8")
+    log = ""
+    for cc in _candidates():
+        exe = workdir / "probe"
+        proc = subprocess.run([cc, *FLAGS, str(src), "-o", str(exe)], capture_output=True,
+                              text=True, timeout=120, check=False)
+        if proc.returncode != 0:
+            log += f"{cc}: cannot build with -fsanitize=fuzzer: {proc.stderr.strip()[-300:]}\n"
+            continue
+        run = subprocess.run([str(exe), "-runs=1"], capture_output=True, text=True,
+                             timeout=60, check=False, env={**os.environ, **SAN_ENV})
+        if run.returncode != 0:
+            log += f"{cc}: libFuzzer program fails to run: {run.stderr.strip()[-300:]}\n"
+            continue
+        return cc, log
+    return None, log or "no clang (libFuzzer needs clang) found"
+
+
+def _load_corpus_generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("vchan_fuzz_make_corpus",
+                                                  FUZZ_DIR / "make_corpus.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _stats(output: str) -> dict[str, int | float]:
+    """libFuzzer's -print_final_stats=1 lines, with the '#N DONE' line as fallback."""
+    stats: dict[str, int | float] = {}
+    for key, value in re.findall(r"^stat::(\w+):\s+([0-9.]+)\s*$", output, re.MULTILINE):
+        stats[key] = float(value) if "." in value else int(value)
+    if "number_of_executed_units" not in stats:
+        done = re.findall(r"^#(\d+)\s+DONE", output, re.MULTILINE)
+        if done:
+            stats["number_of_executed_units"] = int(done[-1])
+    return stats
+
+
+@pytest.fixture(scope="module")
+def fuzz_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = tmp_path_factory.mktemp("ring_fuzz")
+    cc, log = _fuzz_compiler(workdir)
+    need(cc, f"no compiler with libFuzzer + ASan + UBSan: {log.strip()}")
+    assert cc is not None
+    exe = workdir / "ring_fuzz"
+    cmd = [cc, *FLAGS, "-std=gnu11", "-Wall", "-Wextra", "-Werror",
+           "-I", str(ROOT / "vchan"), str(SOURCE), str(RING_C), "-o", str(exe)]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
+    print(f"\nbuilt {exe.name} with {cc} in {time.monotonic() - started:.1f} s")
+    return exe
+
+
+@pytest.mark.timeout(FUZZ_SECONDS + 240)
+def test_ring_fuzz(fuzz_exe: Path, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    if CORPUS.is_dir():
+        shutil.copytree(CORPUS, corpus)
+    _load_corpus_generator().write_seeds(corpus)
+    seeds = len(list(corpus.iterdir()))
+
+    cmd = [str(fuzz_exe), f"-max_total_time={FUZZ_SECONDS}", "-timeout=5",
+           "-print_final_stats=1", "-rss_limit_mb=2048", "-max_len=4096",
+           f"-artifact_prefix={artifacts}/", str(corpus)]
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              timeout=FUZZ_SECONDS + 180, check=False,
+                              env={**os.environ, **SAN_ENV})
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"libFuzzer still running {FUZZ_SECONDS + 180} s after start: {exc}")
+    elapsed = time.monotonic() - started
+    output = proc.stdout + proc.stderr
+    stats = _stats(output)
+    crashes = sorted(str(p) for p in artifacts.iterdir())
+    execs = stats.get("number_of_executed_units")
+    rate = stats.get("average_exec_per_sec")
+    report = {
+        "ok": proc.returncode == 0,
+        "exit_status": proc.returncode,
+        "seconds": round(elapsed, 3),
+        "max_total_time": FUZZ_SECONDS,
+        "executions": execs,
+        "exec_per_sec": rate,
+        "new_units": stats.get("new_units_added"),
+        "peak_rss_mb": stats.get("peak_rss_mb"),
+        "seed_inputs": seeds,
+        "corpus_inputs": len(list(corpus.iterdir())),
+        "artifacts": crashes,
+    }
+    report_path = os.environ.get("VCHAN_FUZZ_REPORT")
+    if report_path:
+        Path(report_path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"\n$ {' '.join(cmd)}\nring_fuzz: {execs} executions in {elapsed:.1f} s "
+          f"({rate} exec/s), {report['new_units']} new units, corpus "
+          f"{seeds} -> {report['corpus_inputs']} inputs, exit status {proc.returncode}")
+
+    assert proc.returncode == 0, (
+        f"libFuzzer exit status {proc.returncode}; crash inputs: {crashes or 'none'}\n"
+        f"(replay: VCHAN_FUZZ_TRACE=1 {fuzz_exe} <input>)\n{output[-8000:]}")
+    assert execs, f"no execution count in libFuzzer's output:\n{output[-3000:]}"
