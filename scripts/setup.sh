@@ -17,7 +17,7 @@ mode=${1:-full}
 
 # What building vchan needs, and what the test suite adds.
 runtime_pkgs=(gcc libc6-dev)
-test_pkgs=(clang libclang-rt-14-dev libxen-dev linux-libc-dev)
+test_pkgs=(clang libclang-rt-14-dev libxen-dev linux-libc-dev xenstore-utils)
 
 missing=()
 want=("${runtime_pkgs[@]}")

@@ -57,14 +57,17 @@ def _sim(args: argparse.Namespace) -> int:
                   f"{len(d['ports']):>5}  {' '.join(map(str, d['processes']))}")
         return 0
     if args.sim_command == "set":
-        if args.key != "grant-limit":
-            raise UsageError(f"unknown setting {args.key!r} (known: grant-limit)")
+        from .sim.xenstored import QUOTA_NAMES
+
+        known = ["grant-limit", *(f"xenstore-quota-{name}" for name in QUOTA_NAMES)]
+        if args.key not in known:
+            raise UsageError(f"unknown setting {args.key!r} (known: {', '.join(known)})")
         try:
             value = int(args.value)
         except ValueError:
-            raise UsageError(f"grant-limit must be a number, got {args.value!r}") from None
+            raise UsageError(f"{args.key} must be a number, got {args.value!r}") from None
         answer = sim.control({"cmd": "set", "key": args.key, "value": value}, directory)
-        print(f"grant-limit = {answer['grant-limit']}")
+        print(f"{args.key} = {answer[args.key]}")
         return 0
     raise UsageError("vchan sim: say start, stop, status or set (see vchan sim --help)")
 
@@ -108,8 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     status = simsub.add_parser("status", help="domains, grants and event channels")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     setp = simsub.add_parser("set", help="change a setting while running",
-                             epilog="example: vchan sim set grant-limit 4096")
-    setp.add_argument("key", help="grant-limit: pages each domain may have granted at once")
+                             epilog="examples:\n  vchan sim set grant-limit 4096\n"
+                                    "  vchan sim set xenstore-quota-transactions 20",
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    setp.add_argument("key", help="grant-limit: pages each domain may have granted at once; "
+                                  "xenstore-quota-NAME (NAME: nodes, watches, transactions, "
+                                  "transaction-nodes, node-permissions, node-size, path-max): "
+                                  "a XenStore quota of unprivileged domains, 0 for none")
     setp.add_argument("value")
     simp.set_defaults(func=_sim)
 

@@ -23,8 +23,10 @@ Rules it keeps, those of the gntalloc / gntdev / evtchn design:
 * Event channels: a port pair is two eventfds created when the unbound end
   is allocated; processes signal each other's eventfd directly.  Closing a
   handle unbinds its ports; the remote end goes back to "unbound".
-* A domain exists while a process of it holds a connection (domain 0
-  always exists).
+* A domain exists while a process of it holds a connection -- to this
+  daemon or to its XenStore socket (domain 0 always exists).
+* XenStore: the emulated xenstored (:mod:`vchan.sim.xenstored`) runs in this
+  daemon's loop, one socket per domain under ``DIR/xenstore/``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from . import DEFAULT_GRANT_LIMIT, VS_VERSION
+from .xenstored import XenStored, XsError
 
 log = logging.getLogger("vchan.sim")
 
@@ -155,10 +158,12 @@ class Domain:
     ports: dict[int, Port] = field(default_factory=dict)
     next_ref: int = FIRST_REF
     free_refs: list[int] = field(default_factory=list)
+    xs_present: bool = False    # a XenStore connection of the domain is open
 
     @property
     def alive(self) -> bool:
-        return self.domid == 0 or any(c.kind != KIND_CONTROL for c in self.conns)
+        return self.domid == 0 or self.xs_present or \
+            any(c.kind != KIND_CONTROL for c in self.conns)
 
     def alloc_ref(self) -> int:
         if self.free_refs:
@@ -197,6 +202,7 @@ class Hypervisor:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping: asyncio.Event | None = None
         self.listener: socket.socket | None = None
+        self.xenstored: XenStored | None = None
 
     # -- tables -----------------------------------------------------------
 
@@ -231,8 +237,31 @@ class Hypervisor:
         return self.limit
 
     def _gc_domain(self, dom: Domain) -> None:
-        if dom.domid != 0 and not (dom.conns or dom.grants or dom.ports):
+        if dom.domid != 0 and not (dom.conns or dom.grants or dom.ports or dom.xs_present):
             self.domains.pop(dom.domid, None)
+
+    # -- XenStore coupling (vchan/sim/xenstored.py) -----------------------
+
+    def _alive_changed(self, dom: Domain, was_alive: bool) -> None:
+        """Tell xenstored when a domain appears or goes (@introduceDomain etc.)."""
+        if self.xenstored is None or dom.alive == was_alive:
+            return
+        try:
+            if dom.alive:
+                self.xenstored.introduce(dom.domid)
+            else:
+                self.xenstored.release(dom.domid)
+        except Exception:       # XenStore trouble must not fail a device request
+            log.exception("xenstore: domain %d %s", dom.domid,
+                          "introduction failed" if dom.alive else "release failed")
+
+    def xenstore_presence(self, domid: int, present: bool) -> None:
+        """xenstored: the domain's first XenStore connection opened / last closed."""
+        dom = self.domain(domid)
+        was_alive = dom.alive
+        dom.xs_present = present
+        self._alive_changed(dom, was_alive)
+        self._gc_domain(dom)
 
     # -- connections ------------------------------------------------------
 
@@ -316,9 +345,11 @@ class Hypervisor:
         if conn.domid < 0:
             return
         dom = self.domain(conn.domid)
+        was_alive = dom.alive
         dom.conns.discard(conn)
         for port in [p for p in dom.ports.values() if p.conn is conn]:
             self.unbind(port)
+        self._alive_changed(dom, was_alive)
         self._gc_domain(dom)
 
     # -- dispatch ---------------------------------------------------------
@@ -333,7 +364,10 @@ class Hypervisor:
                 raise Fail(errno.EINVAL)
             conn.domid, conn.kind, conn.pid = domid, kind, pid
             if kind != KIND_CONTROL:
-                self.domain(domid).conns.add(conn)
+                dom = self.domain(domid)
+                was_alive = dom.alive
+                dom.conns.add(conn)
+                self._alive_changed(dom, was_alive)
             return struct.pack("<I", VS_VERSION)
         if op == VS_CONTROL:
             return json.dumps(self.control(json.loads(body or b"{}"))).encode()
@@ -567,7 +601,18 @@ class Hypervisor:
                 tmp.write_text(f"{value}\n")
                 tmp.replace(self.limit_file)
                 return {"grant-limit": self.grant_limit()}
+            if isinstance(key, str) and key.startswith("xenstore-quota-") and self.xenstored:
+                try:
+                    return {key: self.xenstored.set_quota(key[len("xenstore-quota-"):], value)}
+                except XsError as exc:
+                    raise Fail(errno.EINVAL, str(exc)) from None
             raise Fail(errno.EINVAL, f"unknown setting {key!r}")
+        if what == "xenstore-socket":
+            domid = cmd.get("domid")
+            if not isinstance(domid, int) or isinstance(domid, bool) or \
+                    not 0 <= domid < DOMID_FIRST_RESERVED or self.xenstored is None:
+                raise Fail(errno.EINVAL, "xenstore-socket needs a domid in 0..32751")
+            return {"domid": domid, "path": str(self.xenstored.socket_for(domid))}
         if what == "stop":
             assert self.loop is not None and self.stopping is not None
             self.loop.call_soon(self.stopping.set)     # after this reply is sent
@@ -599,6 +644,7 @@ class Hypervisor:
             "connections": len(self.conns),
             "maps": len(self.maps),
             "open_fds": len(os.listdir("/proc/self/fd")),
+            "xenstore": self.xenstored.status() if self.xenstored else None,
         }
 
     # -- main -------------------------------------------------------------
@@ -618,10 +664,13 @@ class Hypervisor:
         self.loop.add_reader(listener.fileno(), self.accept)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stopping.set)
+        self.xenstored = XenStored(self.dir, self.xenstore_presence)
+        await self.xenstored.start()
         log.info("emulator %d serving on %s", os.getpid(), path)
         try:
             await self.stopping.wait()
         finally:
+            await self.xenstored.stop()
             self.loop.remove_reader(listener.fileno())
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
