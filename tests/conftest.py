@@ -1,10 +1,19 @@
-"""Suite-wide configuration: the --soak flag and the emulator fixture."""
+"""Suite-wide configuration.
+
+* ``--soak`` enables the long soak and fuzz tests.
+* Every async test runs twice, on asyncio's default loop and on uvloop, both
+  in debug mode; a test fails if anything reaches the loop's exception
+  handler (mark it ``expect_loop_errors`` when that is the point).
+* ``sim_dir``: a private emulated hypervisor for the session.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +23,55 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--soak", action="store_true", default=False,
         help="also run long soak and fuzz tests (VCHAN_SOAK_SECONDS bounds each one)",
     )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "expect_loop_errors: the test expects calls to the loop's exception handler")
+
+
+# -- both event loops, debug on, no silent errors ----------------------------
+
+_loop_errors: list[dict[str, Any]] = []
+
+
+def _checked(loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
+    loop.set_debug(True)
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        _loop_errors.append(context)
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    return loop
+
+
+def _uvloop() -> asyncio.AbstractEventLoop:
+    import uvloop
+
+    return _checked(uvloop.new_event_loop())
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item,
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    return {"asyncio": lambda: _checked(asyncio.new_event_loop()), "uvloop": _uvloop}
+
+
+@pytest.fixture(autouse=True)
+def _fail_on_loop_errors(request: pytest.FixtureRequest) -> Iterator[None]:
+    _loop_errors.clear()
+    yield
+    if _loop_errors and request.node.get_closest_marker("expect_loop_errors") is None:
+        messages = "; ".join(str(c.get("message") or c.get("exception")) for c in _loop_errors)
+        _loop_errors.clear()
+        pytest.fail(f"the event loop's exception handler was called: {messages}")
+
+
+@pytest.fixture
+def loop_errors() -> list[dict[str, Any]]:
+    """What reached the exception handler so far (for expect_loop_errors tests)."""
+    return _loop_errors
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

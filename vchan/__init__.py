@@ -2,13 +2,34 @@
 
 vchan speaks the libxenvchan wire format byte for byte, over pages shared
 with the Linux ``gntalloc`` / ``gntdev`` devices and event channels, or over
-an emulated hypervisor where there is no Xen.
+an emulated hypervisor where there is no Xen.  Existing asyncio code moves
+from TCP to vchan by changing one call::
+
+    reader, writer = await vchan.open_connection(domid, port)
+    server = await vchan.start_server(handle_client, port, peers=domid)
 """
 
 from __future__ import annotations
 
-from .errors import LocalProtocolError, RemoteProtocolError, VchanError
+from .errors import LocalProtocolError, NoSuchDomainError, RemoteProtocolError, VchanError
+from .streams import open_connection, start_server
+from .transport import Server, VchanTransport, create_connection, create_server
+from .vchan import Vchan, own_domid
 
-__all__ = ["LocalProtocolError", "RemoteProtocolError", "VchanError", "__version__"]
+__all__ = [
+    "LocalProtocolError",
+    "NoSuchDomainError",
+    "RemoteProtocolError",
+    "Server",
+    "Vchan",
+    "VchanError",
+    "VchanTransport",
+    "__version__",
+    "create_connection",
+    "create_server",
+    "open_connection",
+    "own_domid",
+    "start_server",
+]
 
 __version__ = "0.1.0"

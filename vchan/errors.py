@@ -16,7 +16,7 @@ Bad arguments raise the builtin :class:`ValueError` / :class:`TypeError`.
 
 from __future__ import annotations
 
-__all__ = ["LocalProtocolError", "RemoteProtocolError", "VchanError"]
+__all__ = ["LocalProtocolError", "NoSuchDomainError", "RemoteProtocolError", "VchanError"]
 
 
 class VchanError(Exception):
@@ -40,3 +40,7 @@ class RemoteProtocolError(VchanError, ConnectionError):
 
     def __reduce__(self) -> tuple[type[RemoteProtocolError], tuple[str, int]]:
         return (type(self), (str(self), self.code))
+
+
+class NoSuchDomainError(VchanError, ConnectionRefusedError):
+    """The peer domain does not exist (or went away)."""

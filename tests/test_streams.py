@@ -1,0 +1,340 @@
+"""vchan streams across real processes in separate emulated domains.
+
+Server and client are separate Python processes (``tests/vchan_peer.py``)
+in emulated domains 1 and 2, on the same event loop kind as the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import soak_seconds
+
+import vchan
+from vchan import sim
+
+PEER = Path(__file__).with_name("vchan_peer.py")
+
+
+def _loop_kind() -> str:
+    return "uvloop" if "uvloop" in type(asyncio.get_running_loop()).__module__ else "asyncio"
+
+
+class Peer:
+    """A vchan_peer.py process in one emulated domain."""
+
+    def __init__(self, domid: int, *args: str) -> None:
+        env = dict(os.environ, VCHAN_DOMID=str(domid), VCHAN_TEST_LOOP=_loop_kind())
+        self.proc = subprocess.Popen([sys.executable, str(PEER), *args], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+
+    async def line(self, timeout: float = 60) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        loop = asyncio.get_running_loop()
+        text = await asyncio.wait_for(loop.run_in_executor(None, self.proc.stdout.readline),
+                                      timeout)
+        if not text:
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise AssertionError(f"peer exited ({self.proc.wait()}): {err}")
+        result: dict[str, Any] = json.loads(text)
+        return result
+
+    def kill(self) -> float:
+        t = time.monotonic()
+        self.proc.send_signal(signal.SIGKILL)
+        return t
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(20)
+            except (subprocess.TimeoutExpired, BrokenPipeError):
+                self.proc.kill()
+                self.proc.wait()
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+
+
+@pytest.fixture
+def peers(sim_dir: Path) -> Iterator[list[Peer]]:
+    started: list[Peer] = []
+    yield started
+    for p in reversed(started):     # clients first: servers wait for their connections
+        p.close()
+
+
+def _spawn(peers: list[Peer], domid: int, *args: str) -> Peer:
+    p = Peer(domid, *args)
+    peers.append(p)
+    return p
+
+
+def _check_duplex(server: dict[str, Any], client: dict[str, Any], nbytes: int) -> None:
+    assert server["sent"] == client["received"] == nbytes
+    assert client["sent"] == server["received"] == nbytes
+    assert server["sent_sha256"] == client["received_sha256"]
+    assert client["sent_sha256"] == server["received_sha256"]
+
+
+# -- bulk ---------------------------------------------------------------------------
+
+
+async def test_one_gibibyte_each_way_at_once(peers: list[Peer]) -> None:
+    nbytes = 1 << 30
+    await _bulk(peers, nbytes, "bulk")
+
+
+@pytest.mark.soak
+async def test_soak_ten_gibibytes_each_way(peers: list[Peer]) -> None:
+    # Bounded by VCHAN_SOAK_SECONDS: ~0.5 GB/s each way under the emulator.
+    nbytes = min(10 << 30, int(soak_seconds() * 0.25e9))
+    await _bulk(peers, nbytes, "soak", timeout=soak_seconds() * 2 + 120)
+
+
+async def _bulk(peers: list[Peer], nbytes: int, port: str, timeout: float = 300) -> None:
+    server = _spawn(peers, 1, "serve", port, "--peers", "2", "--nbytes", str(nbytes),
+                    "--connections", "1")
+    assert (await server.line())["ready"] == 1
+    client = _spawn(peers, 2, "connect", "1", port, "--nbytes", str(nbytes))
+    assert (await client.line())["connected"]
+    s, c = await asyncio.gather(server.line(timeout), client.line(timeout))
+    _check_duplex(s["result"], c["result"], nbytes)
+
+
+async def test_raw_mode_server(peers: list[Peer]) -> None:
+    server = _spawn(peers, 1, "serve", "rawport", "--peers", "2", "--raw", "--nbytes",
+                    "3000000", "--connections", "2")
+    assert "ready" in await server.line()
+    for seed in (1, 2):       # a raw server serves clients one after another
+        client = _spawn(peers, 2, "connect", "1", "rawport", "--nbytes", "3000000", "--seed",
+                        str(seed))
+        assert (await client.line())["connected"]
+        s, c = await asyncio.gather(server.line(), client.line())
+        _check_duplex(s["result"], c["result"], 3000000)
+
+
+# -- many clients ---------------------------------------------------------------------
+
+
+async def test_two_hundred_concurrent_connections(peers: list[Peer], sim_dir: Path) -> None:
+    # 64 KiB rings each way: 33 granted pages per connection on the server's
+    # side; 200 connections need 6,600 of them, so this runs with the
+    # emulator's grant limit raised to 8,192 pages per domain (the default
+    # 1,024 allows 31).
+    sim.control({"cmd": "set", "key": "grant-limit", "value": 8192}, sim_dir)
+    try:
+        server = _spawn(peers, 1, "serve", "many", "--peers", "2", "--mode", "echo")
+        assert "ready" in await server.line()
+        client = _spawn(peers, 2, "connect", "1", "many", "--mode", "hold", "--count", "200")
+        result = (await client.line(120))["result"]
+        assert result["connected"] == 200
+        status = sim.control({"cmd": "status"}, sim_dir)
+        dom1 = next(d for d in status["domains"] if d["domid"] == 1)
+        assert dom1["granted_pages"] == 200 * 33
+    finally:
+        sim.control({"cmd": "set", "key": "grant-limit", "value": sim.DEFAULT_GRANT_LIMIT},
+                    sim_dir)
+
+
+async def test_clients_connecting_at_the_same_instant(peers: list[Peer]) -> None:
+    n = 12
+    server = _spawn(peers, 1, "serve", "rush", "--peers", "2,3", "--nbytes", "200000",
+                    "--connections", str(n))
+    assert "ready" in await server.line()
+    clients = [_spawn(peers, 2 + i % 2, "connect", "1", "rush", "--nbytes", "200000",
+                      "--seed", str(100 + i)) for i in range(n)]
+    for c in clients:
+        assert (await c.line())["connected"]
+    results = [(await c.line())["result"] for c in clients]
+    served = [(await server.line())["result"] for _ in range(n)]
+    # Every client's bytes reached the server intact, each on its own ring.
+    assert sorted(r["sent_sha256"] for r in results) == \
+        sorted(s["received_sha256"] for s in served)
+    assert sorted(r["received_sha256"] for r in results) == \
+        sorted(s["sent_sha256"] for s in served)
+
+
+async def test_client_started_before_its_server(peers: list[Peer]) -> None:
+    # Domain 1 is up (as a VM would be) but its server has not started yet.
+    from domains import DomainProcess
+
+    with DomainProcess(1) as vm:
+        vm("_presence = GrantMapper()")
+        await _client_before_server(peers)
+
+
+async def _client_before_server(peers: list[Peer]) -> None:
+    client = _spawn(peers, 2, "connect", "1", "late", "--nbytes", "100000")
+    await asyncio.sleep(1.0)
+    assert client.proc.poll() is None, "the client gave up instead of waiting"
+    server = _spawn(peers, 1, "serve", "late", "--peers", "2", "--nbytes", "100000",
+                    "--connections", "1")
+    assert "ready" in await server.line()
+    assert (await client.line())["connected"]
+    s, c = await asyncio.gather(server.line(), client.line())
+    _check_duplex(s["result"], c["result"], 100000)
+
+
+# -- crashes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("victim", ["server", "client"])
+async def test_sigkill_mid_transfer_resets_the_survivor(peers: list[Peer], victim: str) -> None:
+    nbytes = 1 << 40            # never finishes
+    server = _spawn(peers, 1, "serve", f"kill{victim}", "--peers", "2", "--nbytes",
+                    str(nbytes), "--connections", "1")
+    assert "ready" in await server.line()
+    client = _spawn(peers, 2, "connect", "1", f"kill{victim}", "--nbytes", str(nbytes))
+    assert (await client.line())["connected"]
+    await asyncio.sleep(0.5)                    # data is flowing
+    dead, survivor = (server, client) if victim == "server" else (client, server)
+    t0 = dead.kill()
+    report = await survivor.line(10)
+    elapsed = time.monotonic() - t0
+    assert "ConnectionResetError" in report.get("error", ""), report
+    assert elapsed < 1.0, f"noticed after {elapsed:.2f} s"
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+async def test_unknown_domain(sim_dir: Path) -> None:
+    with pytest.raises(vchan.NoSuchDomainError, match="domain 4242 does not exist"):
+        await vchan.open_connection(4242, 1, timeout=5)
+
+
+async def test_no_server_times_out(sim_dir: Path) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="no vchan server at domain 0 port nobody"):
+        await vchan.open_connection(0, "nobody", timeout=0.3)
+    assert time.monotonic() - t0 < 2
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"port": -1}, ValueError, "port must be >= 0"),
+    ({"port": "no/slashes"}, ValueError, "port name"),
+    ({"port": 1.5}, TypeError, "port must be an int or a str"),
+    ({"domid": -3}, ValueError, "domain id"),
+    ({"domid": "0"}, TypeError, "domid must be an int"),
+    ({"read_min": 2 << 20}, ValueError, "larger than the largest vchan ring"),
+    ({"write_min": -1}, ValueError, "write_min must be >= 0"),
+    ({"timeout": -1}, ValueError, "timeout must be >= 0"),
+])
+async def test_bad_connection_arguments(sim_dir: Path, kwargs: dict[str, Any],
+                                        error: type[Exception], match: str) -> None:
+    args: dict[str, Any] = {"domid": 0, "port": 1, "timeout": 1}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        await vchan.open_connection(args.pop("domid"), args.pop("port"), **args)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"peers": []}, ValueError, "at least one domain"),
+    ({"peers": "everyone"}, TypeError, "peers must be"),
+    ({"peers": [1, 2], "raw": True}, ValueError, "raw=True serves one"),
+    ({"peers": 1, "read_min": 1 << 21}, ValueError, "largest vchan ring"),
+    ({"peers": 1, "accept_timeout": 0}, ValueError, "accept_timeout"),
+    ({"peers": 99999}, ValueError, "domain id"),
+])
+async def test_bad_server_arguments(sim_dir: Path, kwargs: dict[str, Any],
+                                    error: type[Exception], match: str) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        pass
+
+    with pytest.raises(error, match=match):
+        await vchan.start_server(handler, "bad", **kwargs)
+
+
+async def test_write_after_close_and_after_write_eof(sim_dir: Path) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.read()
+        w.close()
+
+    own = vchan.own_domid()
+    async with await vchan.start_server(handler, "misuse", peers=own):
+        _, writer = await vchan.open_connection(own, "misuse", timeout=10)
+        writer.write_eof()
+        with pytest.raises(RuntimeError, match="write_eof"):
+            writer.write(b"late")
+        writer.close()
+        with pytest.raises(vchan.LocalProtocolError, match="after close"):
+            writer.transport.write(b"later")
+        await writer.wait_closed()
+
+
+# -- no leaks ---------------------------------------------------------------------------------
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_no_leaks_after_5000_connect_close_cycles(sim_dir: Path) -> None:
+    own = vchan.own_domid()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(await r.read(1))
+        w.close()
+
+    async def cycle() -> None:
+        reader, writer = await vchan.open_connection(own, "cycles", timeout=10)
+        writer.write(b"x")
+        assert await reader.read(1) == b"x"
+        writer.close()
+        await writer.wait_closed()
+
+    from vchan.xenstore import XenStore
+
+    async with await vchan.start_server(handler, "cycles", peers=own) as server:
+        for _ in range(20):
+            await cycle()
+        base = vchan_base = f"/local/domain/{own}/data"
+        xs = await XenStore.open()
+        try:
+            before_nodes = await _count_nodes(xs, base)
+            before = (_fds(), _status(sim_dir), _rss())
+            for _ in range(5000):
+                await cycle()
+            await asyncio.sleep(0.2)
+            after_nodes = await _count_nodes(xs, vchan_base)
+            after = (_fds(), _status(sim_dir), _rss())
+        finally:
+            await xs.close()
+        assert server.is_serving()
+    assert after[0] == before[0], "file descriptors leaked"
+    assert after[1] == before[1], "emulator tables grew"
+    assert after_nodes == before_nodes, "XenStore nodes leaked"
+    assert after[2] - before[2] < 20 << 20, f"RSS grew by {(after[2] - before[2]) >> 20} MiB"
+
+
+async def _count_nodes(xs: Any, path: str) -> int:
+    try:
+        children = await xs.directory(path)
+    except FileNotFoundError:
+        return 0
+    return 1 + sum([await _count_nodes(xs, f"{path}/{c}") for c in children])
+
+
+def _status(sim_dir: Path) -> tuple[int, int, int]:
+    st = sim.control({"cmd": "status"}, sim_dir)
+    dom = next(d for d in st["domains"] if d["domid"] == vchan.own_domid())
+    return st["maps"], dom["granted_pages"], len(dom["ports"])
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,248 @@
+"""One libxenvchan connection: its pages, its ring and its event channel.
+
+:class:`Endpoint` does what ``libxenvchan_server_init`` and
+``libxenvchan_client_init`` do between XenStore and the ring, exactly as
+they do it, so either side can be a C libxenvchan program:
+
+server
+    bind an unbound event-channel port for the client's domain; share page 0
+    and the ring pages with an unmap notification that clears ``srv_live``
+    (byte 21) and signals the port; lay out page 0 (orders, live bytes, the
+    first notify request, the grant list: left ring's pages first).  The
+    caller publishes :attr:`ring_ref` and :attr:`evtchn_port` in XenStore.
+
+client
+    bind to the server's port; map page 0 read-write with an unmap
+    notification that clears ``cli_live`` (byte 20); check the orders; map
+    the write ring read-write and the read ring read-only; mark itself live,
+    ask to hear of writes and send the first event.
+
+Endpoints never block and never touch XenStore; :class:`vchan.Vchan`, the
+asyncio transport and the listener build on them.  Device handles for
+sharing and mapping are opened once per process and shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Any
+
+from ._native import ffi
+from .devices import EventChannel, GrantMapper, GrantSharer, Pages
+from .ring import (
+    OFFSET_CLI_LIVE,
+    OFFSET_SRV_LIVE,
+    PAGE_SIZE,
+    Ring,
+    client_orders,
+    ring_pages,
+    server_orders,
+)
+
+__all__ = ["DEFAULT_RING_SIZE", "Endpoint", "check_ring_size"]
+
+# 64 KiB each way: 33 pages per connection on the server's side, so a domain
+# can hold 31 connections within gntalloc's default limit of 1024 pages.
+DEFAULT_RING_SIZE = 64 * 1024
+MAX_RING_SIZE = 1 << 20
+
+
+def check_ring_size(value: int, name: str) -> int:
+    """Validate a requested ring size (bytes), naming the option on error."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int (bytes), not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 bytes, got {value}")
+    if value > MAX_RING_SIZE:
+        raise ValueError(f"{name}={value} is larger than the largest vchan ring "
+                         f"({MAX_RING_SIZE} bytes = 1 MiB)")
+    return value
+
+
+class _Devices:
+    """The process's gntalloc and gntdev handles, opened on first use."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self._sharer: GrantSharer | None = None
+        self._mapper: GrantMapper | None = None
+
+    @property
+    def sharer(self) -> GrantSharer:
+        with self.lock:
+            if self._sharer is None or self._sharer.closed:
+                self._sharer = GrantSharer()
+            return self._sharer
+
+    @property
+    def mapper(self) -> GrantMapper:
+        with self.lock:
+            if self._mapper is None or self._mapper.closed:
+                self._mapper = GrantMapper()
+            return self._mapper
+
+
+_devices: _Devices | None = None
+
+
+def devices() -> _Devices:
+    """This process's shared device handles (a forked child gets its own)."""
+    global _devices
+    if _devices is None or _devices.pid != os.getpid():
+        _devices = _Devices()
+    return _devices
+
+
+class Endpoint:
+    """One end of a libxenvchan connection.
+
+    ``evtchn`` is the event-channel handle the endpoint's port is bound on;
+    the endpoint closes it too when it ``owns_evtchn`` (otherwise it only
+    unbinds its port: the asyncio layer shares one handle per loop).
+    """
+
+    ring: Ring
+    pages: list[Pages]
+
+    def __init__(self, *, is_server: bool, peer_domid: int, evtchn: EventChannel, port: int,
+                 owns_evtchn: bool) -> None:
+        self.is_server = is_server
+        self.peer_domid = peer_domid
+        self.evtchn = evtchn
+        self.port = port
+        self.owns_evtchn = owns_evtchn
+        self.pages = []
+        self.ring_ref = 0
+        self.closed = False
+
+    # -- set-up ---------------------------------------------------------------
+
+    @classmethod
+    def serve(cls, peer_domid: int, *, read_min: int = DEFAULT_RING_SIZE,
+              write_min: int = DEFAULT_RING_SIZE,
+              evtchn: EventChannel | None = None) -> Endpoint:
+        """Set up the server side of a ring for ``peer_domid``.
+
+        ``read_min`` / ``write_min`` are the minimum sizes of the rings this
+        server reads and writes (libxenvchan's ``left_min`` / ``right_min``).
+        """
+        check_ring_size(read_min, "read_min")
+        check_ring_size(write_min, "write_min")
+        read_order, write_order = server_orders(read_min, write_min)
+        own = evtchn is None
+        ev = evtchn if evtchn is not None else EventChannel()
+        self: Endpoint | None = None
+        try:
+            port = ev.bind_unbound(peer_domid)
+            self = cls(is_server=True, peer_domid=peer_domid, evtchn=ev, port=port,
+                       owns_evtchn=own)
+            nread, nwrite = ring_pages(read_order), ring_pages(write_order)
+            # One allocation for page 0 and both rings: one grant per page as
+            # libxenvchan has, but one mapping to keep track of.
+            pages = devices().sharer.share(peer_domid, 1 + nread + nwrite,
+                                           notify_offset=OFFSET_SRV_LIVE, notify_port=port)
+            self.pages.append(pages)
+            mem = memoryview(pages.buffer())
+            left = mem[PAGE_SIZE:PAGE_SIZE * (1 + nread)] if nread else None
+            right = mem[PAGE_SIZE * (1 + nread):] if nwrite else None
+            self.ring = Ring.server(mem[:PAGE_SIZE], read_order, write_order, left, right)
+            iface = ffi.cast("struct vchan_interface *", pages.pointer)
+            for i, ref in enumerate(pages.refs[1:]):
+                iface.grants[i] = ref
+            self.ring_ref = pages.refs[0]
+            return self
+        except BaseException:
+            if self is not None:
+                self.close()
+            elif own:
+                ev.close()
+            raise
+
+    @classmethod
+    def connect(cls, server_domid: int, ring_ref: int, remote_port: int, *,
+                evtchn: EventChannel | None = None) -> Endpoint:
+        """Connect to a server's ring (``ring-ref`` and ``event-channel``)."""
+        own = evtchn is None
+        ev = evtchn if evtchn is not None else EventChannel()
+        self: Endpoint | None = None
+        try:
+            port = ev.bind_interdomain(server_domid, remote_port)
+            self = cls(is_server=False, peer_domid=server_domid, evtchn=ev, port=port,
+                       owns_evtchn=own)
+            mapper = devices().mapper
+            page0 = mapper.map(server_domid, [ring_ref], notify_offset=OFFSET_CLI_LIVE,
+                               notify_port=port)
+            self.pages.append(page0)
+            read_order, write_order = client_orders(page0.buffer())
+            nwrite, nread = ring_pages(write_order), ring_pages(read_order)
+            # Copy the grant list out of the shared page before using it.
+            iface = ffi.cast("struct vchan_interface *", page0.pointer)
+            refs = [int(iface.grants[i]) for i in range(nwrite + nread)]
+            wr = rd = None
+            if nwrite:      # the left ring: we write it
+                wr = mapper.map(server_domid, refs[:nwrite], writable=True)
+                self.pages.append(wr)
+            if nread:       # the right ring: we only read it
+                rd = mapper.map(server_domid, refs[nwrite:], writable=False)
+                self.pages.append(rd)
+            self.ring = Ring.client(page0.buffer(), rd.buffer() if rd else None,
+                                    wr.buffer() if wr else None,
+                                    orders=(read_order, write_order))
+            self.ring_ref = ring_ref
+            self.flush_notify()         # wake the server up
+            return self
+        except BaseException:
+            if self is not None:
+                self.close()
+            elif own:
+                ev.close()
+            raise
+
+    # -- events ---------------------------------------------------------------
+
+    def notify(self) -> None:
+        """Signal the peer."""
+        self.evtchn.notify(self.port)
+
+    def flush_notify(self) -> None:
+        """Signal the peer if the ring asked for it."""
+        if self.ring.take_notify():
+            self.evtchn.notify(self.port)
+
+    # -- teardown -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close as libxenvchan_close does: live 0, notify, unmap, unbind."""
+        if self.closed:
+            return
+        self.closed = True
+        ring = getattr(self, "ring", None)
+        try:
+            if ring is not None:
+                ring.close()
+                with contextlib.suppress(OSError):
+                    self.notify()
+        finally:
+            for pages in reversed(self.pages):
+                pages.close()
+            self.pages = []
+            if self.owns_evtchn:
+                self.evtchn.close()
+            elif not self.evtchn.closed:
+                with contextlib.suppress(OSError):
+                    self.evtchn.unbind(self.port)
+
+    def __repr__(self) -> str:
+        role = "server" if self.is_server else "client"
+        state = "closed" if self.closed else f"port {self.port}"
+        return f"<Endpoint {role} peer={self.peer_domid} {state}>"
+
+    def __del__(self) -> Any:
+        if not getattr(self, "closed", True):
+            import warnings
+
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=2)
+            self.close()

@@ -1,0 +1,382 @@
+"""Meeting through XenStore: raw libxenvchan servers and the listener protocol.
+
+THEORY OF OPERATION
+===================
+
+A vchan address is ``(server domid S, port P)``; ``P`` is an int or a short
+name.  A client in domain ``C`` looks at
+
+    base = /local/domain/S/data/vchan/C/P
+
+Raw mode (exactly libxenvchan; one client; any C peer can be either side)
+    The server writes ``base/ring-ref`` and ``base/event-channel`` in one
+    transaction, both with permissions ``[{S: none}, {C: read}]``, and
+    removes ``base`` when the connection closes.  The client reads both keys
+    and connects.
+
+Listener mode (vchan's default for servers; many concurrent clients)
+    Every connection is its own raw libxenvchan ring at its own path, so
+    every ring stays byte-compatible; only the meeting differs.  Each side
+    writes only to its own XenStore tree:
+
+    1. The client picks a fresh random nonce and writes, in its own tree,
+
+           /local/domain/C/data/vchan-req/S/P/<nonce> = "<read_min> <write_min>"
+
+       with ``vchan-req/S/P`` readable by S (``[{C: none}, {S: read}]``;
+       the request inherits that).  The sizes are the rings the client
+       would like (0 for "server's choice").
+    2. The server watches ``/local/domain/C/data/vchan-req/S/P`` of each
+       peer domain.  For a nonce it has not seen, it sets up a ring and
+       publishes it as a raw server at ``base/<nonce>``
+       (``ring-ref``, ``event-channel``), or writes ``base/<nonce>/error``
+       if it cannot (e.g. its grant limit is reached).
+    3. The client, watching ``base``, connects to ``base/<nonce>`` as a
+       plain libxenvchan client, then deletes its request.
+    4. The server sees the client's live byte go to 1, removes
+       ``base/<nonce>`` and hands the connection to its protocol.  A ring
+       nobody connects to within ``accept_timeout`` is torn down.
+
+    Nonces make simultaneous clients independent: no two ever share a ring.
+    A client that finds ``base/ring-ref`` (a raw server) connects to it
+    directly instead, so one client API reaches both kinds of server.
+
+Waiting.  A client whose server is not there yet waits on a XenStore watch
+(never polling XenStore) up to its timeout, and checks once a second that
+the server's domain still exists (binding an event channel to a missing
+domain fails with ESRCH; that is how Xen answers "no such domain").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import random
+import re
+import secrets
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from .devices import EventChannel
+from .endpoint import Endpoint, check_ring_size
+from .errors import NoSuchDomainError, VchanError
+from .xenstore import Perm, XenStore
+
+__all__ = [
+    "Port",
+    "WatchRegistry",
+    "check_domid",
+    "check_port",
+    "client_connect",
+    "domain_exists",
+    "request_dir",
+    "vchan_path",
+]
+
+Port = int | str
+_PORT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_NONCE = re.compile(r"^[0-9a-f]{16,64}$")
+
+# XenStore counts a directory's child names against its node-size quota
+# (2,048 bytes by default): a request directory holds about a hundred
+# 16-character nonces.  Keep each process well below that per address.
+MAX_PENDING_PER_ADDRESS = 32
+_pending: weakref.WeakKeyDictionary[XenStore, dict[tuple[int, str], asyncio.Semaphore]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _pending_slots(xs: XenStore, key: tuple[int, str]) -> asyncio.Semaphore:
+    table = _pending.get(xs)
+    if table is None:
+        table = _pending[xs] = {}
+    slots = table.get(key)
+    if slots is None:
+        slots = table[key] = asyncio.Semaphore(MAX_PENDING_PER_ADDRESS)
+    return slots
+
+
+def check_port(port: Any) -> str:
+    """Validate a vchan port (an int >= 0 or a short name); its path form."""
+    if isinstance(port, bool):
+        raise TypeError("port must be an int or a str, not bool")
+    if isinstance(port, int):
+        if port < 0:
+            raise ValueError(f"port must be >= 0, got {port}")
+        return str(port)
+    if isinstance(port, str):
+        if not _PORT_NAME.match(port):
+            raise ValueError(f"port name {port!r} must be 1-64 characters of A-Z a-z 0-9 _ -")
+        return port
+    raise TypeError(f"port must be an int or a str, not {type(port).__name__}")
+
+
+def check_domid(domid: Any, what: str = "domid") -> int:
+    """Validate a domain id."""
+    if not isinstance(domid, int) or isinstance(domid, bool):
+        raise TypeError(f"{what} must be an int, not {type(domid).__name__}")
+    if not 0 <= domid < 0x7FF0:
+        raise ValueError(f"{what} must be a domain id in 0..32751, got {domid}")
+    return domid
+
+
+def vchan_path(server: int, client: int, port: str) -> str:
+    """Where a server in ``server`` meets clients of domain ``client``."""
+    return f"/local/domain/{server}/data/vchan/{client}/{port}"
+
+
+def request_dir(client: int, server: int, port: str) -> str:
+    """Where a client in ``client`` asks ``server`` for a listener connection."""
+    return f"/local/domain/{client}/data/vchan-req/{server}/{port}"
+
+
+def domain_exists(evtchn: EventChannel, domid: int) -> bool:
+    """Whether domain ``domid`` exists (the hypervisor's own answer)."""
+    try:
+        port = evtchn.bind_unbound(domid)
+    except ProcessLookupError:
+        return False
+    evtchn.unbind(port)
+    return True
+
+
+# XenStore allows each domain only a few transactions at once (10 by
+# default), shared by all its programs: never hold more than a few per
+# connection, and wait a little when the domain's quota is exhausted.
+_TX_PER_CONNECTION = 4
+_tx_slots: weakref.WeakKeyDictionary[XenStore, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
+async def transact(xs: XenStore, fn: Callable[[Any], Awaitable[None]]) -> None:
+    """Run ``fn(tx)`` in a transaction, retried on conflicts and quota.
+
+    Many rings published at once into one directory conflict with each other
+    (each changes the directory's child list); jittered back-off sorts them
+    out.
+    """
+    slots = _tx_slots.get(xs)
+    if slots is None:
+        slots = _tx_slots[xs] = asyncio.Semaphore(_TX_PER_CONNECTION)
+    async with slots:
+        for attempt in range(200):
+            try:
+                await xs.transact(fn, retries=0)
+                return
+            except OSError as exc:
+                retry = exc.errno in (errno.EAGAIN, errno.ENOSPC, errno.EDQUOT)
+                if not retry or attempt == 199:
+                    raise
+            await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * (attempt + 1))))
+
+
+async def publish(xs: XenStore, path: str, ring_ref: int, evtchn_port: int, own: int,
+                  peer: int) -> None:
+    """Write ring-ref and event-channel in one transaction (libxenvchan's way)."""
+    perms = [Perm(own, "n"), Perm(peer, "r")]
+
+    async def write(tx: Any) -> None:
+        await tx.write(f"{path}/ring-ref", str(ring_ref))
+        await tx.set_perms(f"{path}/ring-ref", perms)
+        await tx.write(f"{path}/event-channel", str(evtchn_port))
+        await tx.set_perms(f"{path}/event-channel", perms)
+
+    await transact(xs, write)
+
+
+async def read_ring(xs: XenStore, path: str) -> tuple[int, int] | None:
+    """ring-ref and event-channel at ``path``, or None if not (both) there."""
+    try:
+        ref = int(await xs.read(f"{path}/ring-ref"))
+        port = int(await xs.read(f"{path}/event-channel"))
+    except (FileNotFoundError, PermissionError, ValueError):
+        return None
+    if ref <= 0 or port <= 0:       # libxenvchan treats 0 as "not there"
+        return None
+    return ref, port
+
+
+class WatchRegistry:
+    """One XenStore watch per path, shared by every waiter of a connection.
+
+    XenStore limits each domain to a few watches (128 by default); two hundred
+    clients connecting to one server at once must not take two hundred.
+    """
+
+    def __init__(self, xs: XenStore) -> None:
+        self.xs = xs
+        self._subs: dict[str, set[asyncio.Event]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._starting: dict[str, asyncio.Future[None]] = {}
+
+    @contextlib.asynccontextmanager
+    async def watching(self, path: str) -> AsyncIterator[asyncio.Event]:
+        """An event set whenever anything at or below ``path`` changes.
+
+        It starts set (the state must be checked once after subscribing).
+        """
+        changed = asyncio.Event()
+        changed.set()
+        subs = self._subs.setdefault(path, set())
+        subs.add(changed)
+        try:
+            starting = self._starting.get(path)
+            if path not in self._tasks:
+                if starting is None:
+                    # The first subscriber registers the watch; the others
+                    # that arrive meanwhile wait for it rather than add more.
+                    starting = self._starting[path] = asyncio.get_running_loop().create_future()
+                    try:
+                        watch = await self.xs.watch(path)
+                    except BaseException as exc:
+                        starting.set_exception(exc)
+                        starting.exception()        # retrieved: the others re-raise it
+                        raise
+                    finally:
+                        del self._starting[path]
+                    self._tasks[path] = asyncio.get_running_loop().create_task(
+                        self._pump(path, watch), name=f"vchan watch {path}")
+                    starting.set_result(None)
+                else:
+                    await asyncio.shield(starting)
+            yield changed
+        finally:
+            subs.discard(changed)
+            if not subs:
+                self._subs.pop(path, None)
+                task = self._tasks.pop(path, None)
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, OSError):
+                        await task
+
+    async def _pump(self, path: str, watch: Any) -> None:
+        try:
+            async for _event in watch:
+                for changed in self._subs.get(path, ()):
+                    changed.set()
+        except OSError:
+            for changed in self._subs.get(path, ()):
+                changed.set()       # waiters look, and see the failure
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                await watch.close()
+
+
+async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChannel, *,
+                         own: int, server: int, port: str, read_min: int, write_min: int,
+                         timeout: float | None,
+                         make_endpoint: Callable[[int, int], Endpoint] | None = None,
+                         ) -> tuple[Endpoint, str]:
+    """Connect to ``(server, port)`` from domain ``own``; returns (endpoint, mode).
+
+    Waits (on a watch) for a raw server at the path, or for a listener to
+    answer a request, up to ``timeout`` seconds.
+    """
+    check_ring_size(read_min, "read_min")
+    check_ring_size(write_min, "write_min")
+    if not domain_exists(evtchn, server):
+        raise NoSuchDomainError(f"vchan server domain {server} does not exist")
+    base = vchan_path(server, own, port)
+    reqdir = request_dir(own, server, port)
+    nonce = secrets.token_hex(8)
+    request = f"{reqdir}/{nonce}"
+    connect = make_endpoint or (lambda ref, p: Endpoint.connect(server, ref, p, evtchn=evtchn))
+
+    async def wait() -> tuple[Endpoint, str]:
+        async with _pending_slots(xs, (server, port)):
+            return await wait_for_server()
+
+    async def wait_for_server() -> tuple[Endpoint, str]:
+        requested = False
+        async with watches.watching(base) as changed:
+            while True:
+                await changed.wait()
+                changed.clear()
+                raw = await read_ring(xs, base)
+                if raw is not None:
+                    return connect(*raw), "raw"
+                if not requested:
+                    await _write_request(xs, reqdir, request, own=own, server=server,
+                                         sizes=f"{read_min} {write_min}")
+                    requested = True
+                answer = await read_ring(xs, f"{base}/{nonce}")
+                if answer is not None:
+                    return connect(*answer), "listener"
+                with contextlib.suppress(FileNotFoundError, PermissionError):
+                    error = (await xs.read(f"{base}/{nonce}/error")).decode(errors="replace")
+                    raise ConnectionRefusedError(
+                        errno.ECONNREFUSED, f"vchan server {server} port {port} refused the "
+                        f"connection: {error}")
+
+    async def liveness() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if not domain_exists(evtchn, server):
+                raise NoSuchDomainError(f"vchan server domain {server} went away "
+                                        "while we waited for it")
+
+    waiter = asyncio.ensure_future(wait())
+    checker = asyncio.ensure_future(liveness())
+    handed_over = False
+    try:
+        done, _ = await asyncio.wait({waiter, checker}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if waiter in done:
+            result = waiter.result()
+            handed_over = True
+            return result
+        if checker in done:
+            checker.result()
+        raise TimeoutError(f"no vchan server at domain {server} port {port} "
+                           f"within {timeout} s")
+    finally:
+        for task in (waiter, checker):
+            task.cancel()
+        await asyncio.gather(waiter, checker, return_exceptions=True)
+        if not handed_over and waiter.done() and not waiter.cancelled() \
+                and waiter.exception() is None:
+            waiter.result()[0].close()      # connected just as we gave up
+        # Connected or not, the request has served its purpose.
+        with contextlib.suppress(OSError):
+            await xs.rm(request)
+
+
+async def _write_request(xs: XenStore, reqdir: str, request: str, *, own: int, server: int,
+                         sizes: str) -> None:
+    # No transaction needed: the directory is made readable by the server
+    # before any request is written into it (requests inherit that), and
+    # concurrent clients making the same directory agree on everything.
+    await xs.mkdir(reqdir)
+    await xs.set_perms(reqdir, [Perm(own, "n"), Perm(server, "r")])
+    for attempt in range(1000):
+        try:
+            await xs.write(request, sizes)
+            return
+        except OSError as exc:
+            # The directory is full of other processes' requests (node-size
+            # quota), or the domain of nodes: wait for some to go.
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or attempt == 999:
+                raise
+        await asyncio.sleep(min(0.1, 0.005 * (attempt + 1)))
+
+
+def parse_request(value: bytes) -> tuple[int, int]:
+    """The ring sizes a client asked for, from the server's point of view.
+
+    Returns (server read_min, server write_min): the client's write ring is
+    the server's read ring.
+    """
+    try:
+        client_read, client_write = (int(v) for v in value.split())
+        check_ring_size(client_read, "read_min")
+        check_ring_size(client_write, "write_min")
+    except (ValueError, TypeError) as exc:
+        raise VchanError(f"malformed vchan connection request {value!r}") from exc
+    return client_write, client_read
+
+
+def is_nonce(name: str) -> bool:
+    return bool(_NONCE.match(name))
+

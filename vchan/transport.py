@@ -1,0 +1,1131 @@
+"""vchan connections as asyncio transports.
+
+:class:`VchanTransport` follows the skeleton of CPython's
+``_SelectorSocketTransport`` so that ``StreamReaderProtocol``,
+``StreamWriter.drain()`` and any protocol written for TCP behave the same:
+``connection_made`` is scheduled first, then the first look at the ring, then
+the waiter; ``BufferedProtocol`` is chosen in :meth:`set_protocol`; there is
+one ``_fatal_error`` and one ``_force_close``; ``connection_lost`` is called
+exactly once.
+
+Events.  One event-channel handle per event loop (:class:`_EventHub`) is
+watched with ``loop.add_reader``; it hands each fired port to its transport.
+A transport never sleeps on a hunch: after every event (and after
+``resume_reading``) it reads until the ring is empty -- the ring arms the
+wake-up request and re-checks before reporting empty -- and flushes what it
+can of its write buffer, so no wake-up is ever lost.
+
+Closing.  ``close()`` delivers everything already written (the buffer is
+flushed into the ring, and data in the ring stays readable by the peer after
+we let go of it); ``abort()`` drops the buffer.  The peer sees a graceful
+close (live byte 0 with the CLOSED mark) as EOF, a crash (live byte cleared
+by the kernel's unmap notification alone) as ``ConnectionResetError``, and a
+corrupt ring as :class:`vchan.RemoteProtocolError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import warnings
+import weakref
+from collections.abc import AsyncIterator, Callable, Collection
+from typing import Any, Literal
+
+from ._native import ffi, lib
+from .devices import EventChannel
+from .endpoint import Endpoint
+from .errors import LocalProtocolError, RemoteProtocolError, VchanError
+from .ring import ECLOSED, NOTIFY_CLOSED, NOTIFY_EOF, NOTIFY_HELLO, strerror
+
+__all__ = ["VchanTransport"]
+
+log = logging.getLogger("vchan")
+
+_LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
+_REMOTE_CODES = {lib.VCHAN_EINDEX, lib.VCHAN_EORDER, lib.VCHAN_ELIVE}
+
+
+def _set_result_unless_cancelled(fut: asyncio.Future[None], result: None) -> None:
+    if not fut.cancelled():
+        fut.set_result(result)
+
+
+def _ring_error(code: int, what: str) -> Exception:
+    if code in _REMOTE_CODES:
+        return RemoteProtocolError(f"vchan peer broke the protocol ({what}): "
+                                   f"{strerror(code)}", code)
+    if code == ECLOSED:
+        return LocalProtocolError(f"{what}: {strerror(code)}")
+    return RuntimeError(f"{what}: {strerror(code)}")
+
+
+class _EventHub:
+    """The event-channel handle of one event loop, shared by its transports."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.evtchn = EventChannel()
+        self.handlers: dict[int, Callable[[], None]] = {}
+        self.holds = 0
+        self.fd = self.evtchn.fileno()
+        loop.add_reader(self.fd, self._dispatch)
+
+    def register(self, port: int, handler: Callable[[], None]) -> None:
+        self.handlers[port] = handler
+
+    def unregister(self, port: int) -> None:
+        self.handlers.pop(port, None)
+        self._close_if_unused()
+
+    def hold(self) -> None:
+        """Keep the hub open while something is being set up on it."""
+        self.holds += 1
+
+    def unhold(self) -> None:
+        self.holds -= 1
+        self._close_if_unused()
+
+    def _close_if_unused(self) -> None:
+        if not self.handlers and self.holds <= 0:
+            self.close()
+
+    def close(self) -> None:
+        if _hubs.get(self.loop) is self:
+            del _hubs[self.loop]
+        if not self.evtchn.closed:
+            if not self.loop.is_closed():
+                self.loop.remove_reader(self.fd)
+            self.evtchn.close()
+
+    def _dispatch(self) -> None:
+        ev = self.evtchn
+        while True:
+            port = ev.pending()
+            if port is None:
+                return
+            # Unmask first: an event from now on fires again, and the
+            # handler looks at the ring after this point.
+            ev.unmask(port)
+            handler = self.handlers.get(port)
+            if handler is not None:
+                handler()
+
+
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _EventHub] = \
+    weakref.WeakKeyDictionary()
+
+
+def event_hub(loop: asyncio.AbstractEventLoop) -> _EventHub:
+    """The loop's event hub, created on first use."""
+    hub = _hubs.get(loop)
+    if hub is None or hub.evtchn.closed:
+        hub = _hubs[loop] = _EventHub(loop)
+    return hub
+
+
+class VchanTransport(asyncio.Transport):
+    """An asyncio transport over one libxenvchan connection."""
+
+    max_size = 256 * 1024       # bytes handed to the protocol per loop iteration
+    _extra: dict[str, Any]      # asyncio.BaseTransport's extra info
+    _protocol: Any
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, endpoint: Endpoint,
+                 protocol: asyncio.BaseProtocol, hub: _EventHub, *,
+                 waiter: asyncio.Future[None] | None = None, extra: dict[str, Any] | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
+        super().__init__(extra)
+        self._loop = loop
+        self._endpoint = endpoint
+        self._hub = hub
+        self._r = endpoint.ring._r
+        self._notify = endpoint.ring._notify
+        self._on_close = on_close
+        self._extra.setdefault("endpoint", endpoint)
+        self._protocol = None
+        self._buffer = bytearray()
+        self._conn_lost = 0
+        self._closing = False
+        self._closed = False
+        self._user_closed = False
+        self._paused = False
+        self._eof = False               # write_eof() asked for
+        self._eof_sent = False
+        self._eof_received = False
+        self._protocol_paused = False
+        self._read_more_scheduled = False
+        self._high_water = self._low_water = 0
+        self._set_write_buffer_limits()
+        self._pa = ffi.new("const uint8_t **")
+        self._pb = ffi.new("const uint8_t **")
+        self._alen = ffi.new("uint32_t *")
+        self._blen = ffi.new("uint32_t *")
+        self.set_protocol(protocol)
+        hub.register(endpoint.port, self._on_event)
+        loop.call_soon(self._protocol.connection_made, self)
+        # The ring may hold data already, and its events may have fired
+        # before we were registered: look once.
+        loop.call_soon(self._on_event)
+        if waiter is not None:
+            loop.call_soon(_set_result_unless_cancelled, waiter, None)
+
+    def __repr__(self) -> str:
+        info = [self.__class__.__name__]
+        if self._closed:
+            info.append("closed")
+        elif self._closing:
+            info.append("closing")
+        peer = self._extra.get("peername")
+        if peer is not None:
+            info.append(f"peer={peer}")
+        if not self._closed:
+            info.append("paused" if self._paused else "reading")
+            info.append(f"write_buffer={len(self._buffer)}")
+        return "<{}>".format(" ".join(info))
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if not getattr(self, "_closed", True):
+            _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
+            self._teardown()
+
+    # -- protocol -------------------------------------------------------------
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        if isinstance(protocol, asyncio.BufferedProtocol):
+            self._read_into = self._read__get_buffer
+        else:
+            self._read_into = self._read__data_received
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol  # type: ignore[no-any-return]
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def is_reading(self) -> bool:
+        return not self._paused and not self._closing
+
+    def pause_reading(self) -> None:
+        if self._closing or self._paused:
+            return
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        if self._closing or not self._paused:
+            return
+        self._paused = False
+        # Nothing will wake us for data already in the ring: look now.
+        self._loop.call_soon(self._on_event)
+
+    # -- flow control (as asyncio's _FlowControlMixin) -------------------------
+
+    def _maybe_pause_protocol(self) -> None:
+        if len(self._buffer) <= self._high_water or self._protocol_paused:
+            return
+        self._protocol_paused = True
+        try:
+            self._protocol.pause_writing()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._loop.call_exception_handler({
+                "message": "protocol.pause_writing() failed",
+                "exception": exc, "transport": self, "protocol": self._protocol,
+            })
+
+    def _maybe_resume_protocol(self) -> None:
+        if self._protocol_paused and len(self._buffer) <= self._low_water:
+            self._protocol_paused = False
+            try:
+                self._protocol.resume_writing()
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._loop.call_exception_handler({
+                    "message": "protocol.resume_writing() failed",
+                    "exception": exc, "transport": self, "protocol": self._protocol,
+                })
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (self._low_water, self._high_water)
+
+    def _set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is None:
+            high = 64 * 1024 if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high_water = high
+        self._low_water = low
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._set_write_buffer_limits(high=high, low=low)
+        self._maybe_pause_protocol()
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes accepted by write() that are not in the ring yet."""
+        return len(self._buffer)
+
+    # -- writing --------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"data argument must be a bytes-like object, "
+                            f"not {type(data).__name__!r}")
+        if self._user_closed:
+            raise LocalProtocolError("write() after close() or abort() on a vchan transport")
+        if self._eof:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if not data:
+            return
+        if self._conn_lost:
+            if self._conn_lost >= _LOG_THRESHOLD_FOR_CONNLOST_WRITES:
+                log.warning("vchan write() after the connection was lost")
+            self._conn_lost += 1
+            return
+        if not self._buffer:
+            # Straight into the ring: no copy into our buffer, no syscall
+            # unless the peer asked to be woken.
+            n = lib.vchan_ring_write(self._r, ffi.from_buffer(data), len(data), self._notify)
+            if n < 0:
+                self._fatal_error(_ring_error(n, "write"), "Fatal write error on vchan")
+                return
+            self._flush_notify()
+            if n == len(data):
+                return
+            data = memoryview(data)[n:]
+        self._buffer.extend(data)
+        self._maybe_pause_protocol()
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def write_eof(self) -> None:
+        if self._closing or self._eof:
+            return
+        if not self.can_write_eof():
+            raise NotImplementedError(
+                "write_eof(): the peer is a plain libxenvchan endpoint, which has no "
+                "half-close (only vchan peers understand the EOF extension)")
+        self._eof = True
+        if not self._buffer:
+            self._send_eof()
+
+    def can_write_eof(self) -> bool:
+        return bool(lib.vchan_ring_peer_flags(self._r) & NOTIFY_HELLO)
+
+    def _send_eof(self) -> None:
+        rc = lib.vchan_ring_write_eof(self._r, self._notify)
+        if rc < 0:
+            self._fatal_error(_ring_error(rc, "write_eof"), "Fatal error on vchan")
+            return
+        self._eof_sent = True
+        self._flush_notify()
+
+    def _flush_notify(self) -> None:
+        if self._notify[0]:
+            self._notify[0] = 0
+            try:
+                self._endpoint.notify()
+            except OSError as exc:
+                self._fatal_error(exc, "Fatal error notifying the vchan peer")
+
+    def _flush_buffer(self) -> bool:
+        """Move what fits of the write buffer into the ring; False on error."""
+        n = lib.vchan_ring_write(self._r, ffi.from_buffer(self._buffer), len(self._buffer),
+                                 self._notify)
+        if n < 0:
+            self._fatal_error(_ring_error(n, "write"), "Fatal write error on vchan")
+            return False
+        if n:
+            del self._buffer[:n]
+        self._maybe_resume_protocol()
+        if not self._buffer:
+            if self._eof and not self._eof_sent:
+                self._send_eof()
+            if self._closing and not self._conn_lost:
+                self._conn_lost += 1
+                self._loop.call_soon(self._call_connection_lost, None)
+        return True
+
+    # -- reading --------------------------------------------------------------
+
+    def _read__data_received(self) -> bool:
+        """Hand ring data to protocol.data_received.
+
+        Returns True if it stopped before the ring was empty (paused, closing
+        or max_size reached), False once the ring is empty and re-armed.
+        """
+        r, pa, pb, alen, blen = self._r, self._pa, self._pb, self._alen, self._blen
+        total = 0
+        while True:
+            if self._paused or self._closing or total >= self.max_size:
+                return True
+            n = lib.vchan_ring_peek(r, pa, alen, pb, blen)
+            if n <= 0:
+                if n < 0:
+                    raise _ring_error(n, "read")
+                return False
+            # Copy out before releasing the space to the peer.
+            data = ffi.unpack(ffi.cast("char *", pa[0]), alen[0])
+            if blen[0]:
+                data += ffi.unpack(ffi.cast("char *", pb[0]), blen[0])
+            lib.vchan_ring_consume(r, n, self._notify)
+            total += n
+            self._protocol.data_received(data)
+
+    def _read__get_buffer(self) -> bool:
+        """Read ring data straight into the protocol's buffer (see above)."""
+        r = self._r
+        total = 0
+        while True:
+            if self._paused or self._closing or total >= self.max_size:
+                return True
+            ready = lib.vchan_ring_data_ready(r)
+            if ready <= 0:
+                if ready < 0:
+                    raise _ring_error(ready, "read")
+                return False    # data_ready armed the request and re-checked
+            buf = self._protocol.get_buffer(ready)
+            view = ffi.from_buffer(buf, require_writable=True)
+            if not len(view):
+                raise RuntimeError("get_buffer() returned an empty buffer")
+            n = lib.vchan_ring_read(r, view, len(view), self._notify)
+            if n < 0:
+                raise _ring_error(n, "read")
+            total += n
+            self._protocol.buffer_updated(n)
+
+    # -- the event handler ----------------------------------------------------
+
+    def _on_event(self) -> None:
+        """The peer signalled us (or we are looking again): catch up."""
+        self._read_more_scheduled = False
+        if self._closed or self._conn_lost:
+            return
+        try:
+            if self._buffer and not self._flush_buffer():
+                return
+            reading = not self._paused and not self._closing and not self._eof_received
+            if reading and self._read_into():
+                # Stopped early.  Still reading: come back after other
+                # callbacks had their turn.  Paused: resume_reading() looks
+                # again.
+                if not self._paused and not self._closing:
+                    self._schedule_read()
+                self._flush_notify()
+                return
+            if not self._conn_lost and (not self._closing or self._buffer):
+                self._check_peer()
+            self._flush_notify()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except RemoteProtocolError as exc:
+            self._fatal_error(exc, "vchan peer broke the protocol")
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol callback or vchan read failed")
+
+    def _schedule_read(self) -> None:
+        if not self._read_more_scheduled:
+            self._read_more_scheduled = True
+            self._loop.call_soon(self._on_event)
+
+    def _check_peer(self) -> None:
+        """The ring is empty (and re-armed): has the peer finished?"""
+        r = self._r
+        live = lib.vchan_ring_peer_live(r)
+        if live < 0:
+            raise _ring_error(live, "peer state")
+        flags = lib.vchan_ring_peer_flags(r)
+        if live == 0 or (flags & NOTIFY_EOF and not self._eof_received):
+            # Data written just before the mark must not be lost: look once
+            # more now that we have seen it.
+            ready = lib.vchan_ring_data_ready(r)
+            if ready < 0:
+                raise _ring_error(ready, "read")
+            if ready and not self._paused and not self._eof_received:
+                self._schedule_read()
+                return
+            if ready:
+                return          # paused: resume_reading() comes back here
+        if live == 0:
+            if flags & NOTIFY_HELLO and not flags & NOTIFY_CLOSED:
+                peer = self._extra.get("peername")
+                self._force_close(ConnectionResetError(
+                    f"vchan peer {peer} went away without closing (crashed or killed)"))
+                return
+            if not self._eof_received:
+                self._deliver_eof(peer_gone=True)
+            if self._buffer:
+                lost = len(self._buffer)
+                self._force_close(BrokenPipeError(
+                    f"vchan peer closed with {lost} bytes of ours not yet in the ring"))
+            elif not self._closing:
+                self._close()
+            return
+        if flags & NOTIFY_EOF and not self._eof_received:
+            self._deliver_eof(peer_gone=False)
+
+    def _deliver_eof(self, *, peer_gone: bool) -> None:
+        self._eof_received = True
+        keep_open = self._protocol.eof_received()
+        if keep_open and not peer_gone:
+            # Half-close: we may still write; the peer keeps reading.
+            return
+        if not peer_gone and not self._closing:
+            self._close()
+
+    # -- closing --------------------------------------------------------------
+
+    def close(self) -> None:
+        self._user_closed = True
+        self._close()
+
+    def _close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._paused = False
+        if not self._buffer:
+            self._conn_lost += 1
+            self._loop.call_soon(self._call_connection_lost, None)
+
+    def abort(self) -> None:
+        self._user_closed = True
+        self._force_close(None)
+
+    def _fatal_error(self, exc: BaseException, message: str = "Fatal error on vchan") -> None:
+        if isinstance(exc, OSError):
+            if self._loop.get_debug():
+                log.debug("%r: %s", self, message, exc_info=True)
+        else:
+            self._loop.call_exception_handler({
+                "message": message, "exception": exc, "transport": self,
+                "protocol": self._protocol,
+            })
+        self._force_close(exc)
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        if self._conn_lost:
+            return
+        self._buffer.clear()
+        self._closing = True
+        self._conn_lost += 1
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        if self._closed:
+            return
+        try:
+            self._protocol.connection_lost(exc)
+        finally:
+            self._teardown()
+
+    def _teardown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._endpoint.close()      # live 0, notify, unmap, unbind
+        finally:
+            self._hub.unregister(self._endpoint.port)
+            if self._on_close is not None:
+                self._on_close()
+            self._protocol = None
+
+
+# ---------------------------------------------------------------------------
+# Connections and servers
+# ---------------------------------------------------------------------------
+
+
+class _LoopState:
+    """What the vchan connections of one event loop share.
+
+    One XenStore connection (with one watch per path, however many waiters)
+    and one event-channel hub.  The XenStore connection is owned by a task,
+    so that ``asyncio.run()`` closes it when the loop ends; it is also closed
+    after a short idle period with no connection being set up and no server.
+    """
+
+    IDLE_CLOSE = 2.0
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.users = 0
+        self.xs: Any = None
+        self.watches: Any = None
+        self.own: int | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._stop = asyncio.Event()
+        self._idle: asyncio.TimerHandle | None = None
+        self._owner: asyncio.Task[None] | None = None
+
+    async def acquire(self) -> _LoopState:
+        self.users += 1
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        try:
+            if self._ready is None:
+                self._ready = self.loop.create_future()
+                self._owner = self.loop.create_task(self._own(), name="vchan xenstore")
+            await asyncio.shield(self._ready)
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0 and self._idle is None and not self.loop.is_closed():
+            self._idle = self.loop.call_later(self.IDLE_CLOSE, self._stop_if_idle)
+
+    def _stop_if_idle(self) -> None:
+        self._idle = None
+        if self.users == 0:
+            self._stop.set()
+
+    async def _own(self) -> None:
+        from .listener import WatchRegistry
+        from .xenstore import XenStore
+
+        assert self._ready is not None
+        try:
+            self.xs = await XenStore.open()
+            self.watches = WatchRegistry(self.xs)
+            self.own = await own_domid_async(self.xs)
+        except BaseException as exc:
+            if self.xs is not None:
+                await self.xs.close()
+            self._ready.set_exception(exc)
+            _states.pop(self.loop, None)
+            return
+        self._ready.set_result(None)
+        try:
+            await self._stop.wait()
+        finally:
+            if _states.get(self.loop) is self:
+                del _states[self.loop]
+            await self.xs.close()
+
+
+_states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = \
+    weakref.WeakKeyDictionary()
+
+
+@contextlib.asynccontextmanager
+async def _loop_state() -> AsyncIterator[_LoopState]:
+    loop = asyncio.get_running_loop()
+    state = _states.get(loop)
+    if state is None or state._stop.is_set():
+        state = _states[loop] = _LoopState(loop)
+    await state.acquire()
+    try:
+        yield state
+    finally:
+        state.release()
+
+
+async def own_domid_async(xs: Any) -> int:
+    """This process's domain id (the emulator's VCHAN_DOMID, or XenStore's domid)."""
+    from .backend import get_backend
+
+    backend = get_backend()
+    if backend.domid is not None:
+        return backend.domid
+    return int(await xs.read("domid"))
+
+
+def _ring_sizes(read_min: int | None, write_min: int | None) -> tuple[int, int]:
+    from .endpoint import DEFAULT_RING_SIZE, check_ring_size
+
+    r = DEFAULT_RING_SIZE if read_min is None else check_ring_size(read_min, "read_min")
+    w = DEFAULT_RING_SIZE if write_min is None else check_ring_size(write_min, "write_min")
+    return r, w
+
+
+async def create_connection(
+    protocol_factory: Callable[[], asyncio.BaseProtocol], domid: int, port: int | str, *,
+    timeout: float | None = None, read_min: int | None = None, write_min: int | None = None,
+) -> tuple[VchanTransport, asyncio.BaseProtocol]:
+    """Connect to vchan port ``port`` of domain ``domid``.
+
+    Waits for the server (on a XenStore watch) up to ``timeout`` seconds
+    (None: as long as the server's domain exists).  Reaches listener servers
+    (many clients per port) and raw libxenvchan servers alike.
+    ``read_min`` / ``write_min`` ask a listener for ring sizes (bytes, up to
+    1 MiB each); a raw server decides its sizes itself.
+
+    Raises :class:`vchan.NoSuchDomainError` if the domain does not exist (or
+    goes away), :class:`TimeoutError` when no server appears in time, and
+    :class:`ConnectionRefusedError` when the server turns the request down.
+    """
+    from .listener import check_domid, check_port, client_connect
+
+    check_domid(domid)
+    port_s = check_port(port)
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
+    read_min, write_min = _ring_sizes(read_min, write_min)
+    loop = asyncio.get_running_loop()
+    hub = event_hub(loop)
+    hub.hold()
+    try:
+        async with _loop_state() as state:
+            assert state.own is not None
+            endpoint, _mode = await client_connect(
+                state.xs, state.watches, hub.evtchn, own=state.own, server=domid, port=port_s,
+                read_min=read_min, write_min=write_min, timeout=timeout)
+            own = state.own
+        protocol = protocol_factory()
+        waiter = loop.create_future()
+        transport = VchanTransport(loop, endpoint, protocol, hub, waiter=waiter, extra={
+            "peername": (domid, port), "sockname": (own, port)})
+        try:
+            await waiter
+        except BaseException:
+            transport.close()
+            raise
+        return transport, protocol
+    finally:
+        hub.unhold()
+
+
+Peers = int | Collection[int] | Literal["any"]
+
+
+class Server(asyncio.AbstractServer):
+    """A vchan server: what ``asyncio.Server`` is for TCP.
+
+    ``close()`` stops accepting; connections already made stay open and
+    ``wait_closed()`` waits for them too (as asyncio does since 3.12).
+    ``addresses`` lists the ``(domid, port)`` it serves.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 protocol_factory: Callable[[], asyncio.BaseProtocol], port: int | str,
+                 port_s: str, peers: Peers, *, raw: bool, read_min: int, write_min: int,
+                 accept_timeout: float) -> None:
+        self._loop = loop
+        self._factory = protocol_factory
+        self._port = port
+        self._port_s = port_s
+        self._peers = peers
+        self._raw = raw
+        self._read_min = read_min
+        self._write_min = write_min
+        self._accept_timeout = accept_timeout
+        self._serving = False
+        self._closed = False
+        self._state: _LoopState | None = None
+        self._hub: _EventHub | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._transports: set[VchanTransport] = set()
+        self._pending: set[Any] = set()         # endpoints not yet connected
+        self._watched: dict[int, asyncio.Task[None]] = {}
+        self._seen: dict[int, set[str]] = {}
+        self._accept_slots: dict[int, asyncio.Semaphore] = {}
+        self._serving_forever: asyncio.Future[None] | None = None
+        self._all_closed = asyncio.Event()
+        self._all_closed.set()
+        self.own: int | None = None
+
+    def __repr__(self) -> str:
+        mode = "raw" if self._raw else "listener"
+        state = "serving" if self._serving else ("closed" if self._closed else "idle")
+        return (f"<vchan.Server {mode} port={self._port!r} peers={self._peers!r} {state} "
+                f"connections={len(self._transports)}>")
+
+    @property
+    def addresses(self) -> list[tuple[int, int | str]]:
+        """The (domid, port) addresses this server serves."""
+        return [] if self.own is None else [(self.own, self._port)]
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    async def start_serving(self) -> None:
+        if self._serving:
+            return
+        if self._closed:
+            raise RuntimeError("the vchan server is closed")
+        state = _states.get(self._loop)
+        if state is None or state._stop.is_set():
+            state = _states[self._loop] = _LoopState(self._loop)
+        await state.acquire()
+        self._state = state
+        self.own = state.own
+        self._hub = event_hub(self._loop)
+        self._hub.hold()
+        self._serving = True
+        try:
+            for peer in await self._initial_peers():
+                self._watch_peer(peer)
+            if self._peers == "any":
+                self._spawn(self._follow_domains())
+        except BaseException:
+            self.close()
+            raise
+
+    async def _initial_peers(self) -> list[int]:
+        from .listener import check_domid
+
+        if self._peers == "any":
+            return await self._list_domains()
+        if isinstance(self._peers, int):
+            return [check_domid(self._peers, "peers")]
+        return sorted({check_domid(p, "peers") for p in self._peers})
+
+    async def _list_domains(self) -> list[int]:
+        assert self._state is not None
+        try:
+            names = await self._state.xs.directory("/local/domain")
+        except PermissionError:
+            raise PermissionError(
+                "peers='any' needs to list /local/domain, which only a privileged domain "
+                "(dom0) may do: name the peer domains instead") from None
+        return sorted(int(n) for n in names if n.isdigit() and int(n) != self.own)
+
+    async def _follow_domains(self) -> None:
+        assert self._state is not None
+        async with self._state.watches.watching("@introduceDomain") as intro, \
+                self._state.watches.watching("@releaseDomain") as release:
+            while self._serving:
+                await _either(intro, release)
+                intro.clear()
+                release.clear()
+                current = set(await self._list_domains())
+                for peer in current - set(self._watched):
+                    self._watch_peer(peer)
+                for peer in set(self._watched) - current:
+                    self._watched.pop(peer).cancel()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and self._serving:
+            self._loop.call_exception_handler({
+                "message": "vchan server task failed", "exception": exc, "server": self})
+
+    def _watch_peer(self, peer: int) -> None:
+        if peer in self._watched:
+            return
+        coro = self._serve_raw(peer) if self._raw else self._serve_listener(peer)
+        self._watched[peer] = self._spawn(coro)
+
+    # -- listener mode --------------------------------------------------------
+
+    async def _serve_listener(self, peer: int) -> None:
+        from .listener import is_nonce, request_dir
+
+        assert self._state is not None and self.own is not None
+        reqdir = request_dir(peer, self.own, self._port_s)
+        seen = self._seen.setdefault(peer, set())
+        async with self._state.watches.watching(reqdir) as changed:
+            while self._serving:
+                await changed.wait()
+                changed.clear()
+                try:
+                    names = await self._state.xs.directory(reqdir)
+                except (FileNotFoundError, PermissionError):
+                    names = []
+                current = {n for n in names if is_nonce(n)}
+                seen &= current             # forget requests their clients removed
+                for nonce in current - seen:
+                    seen.add(nonce)
+                    self._spawn(self._accept_limited(peer, nonce, f"{reqdir}/{nonce}"))
+
+    async def _accept_limited(self, peer: int, nonce: str, request: str) -> None:
+        # Pending rings of one peer live in one XenStore directory, whose
+        # size is limited: publish a bounded number at a time.
+        from .listener import MAX_PENDING_PER_ADDRESS
+
+        slots = self._accept_slots.get(peer)
+        if slots is None:
+            slots = self._accept_slots[peer] = asyncio.Semaphore(MAX_PENDING_PER_ADDRESS)
+        async with slots:
+            await self._accept(peer, nonce, request)
+
+    async def _accept(self, peer: int, nonce: str, request: str) -> None:
+        from .endpoint import Endpoint
+        from .listener import parse_request, vchan_path
+
+        assert self._state is not None and self._hub is not None and self.own is not None
+        xs = self._state.xs
+        try:
+            value = await xs.read(request)
+        except (FileNotFoundError, PermissionError):
+            return                          # withdrawn already
+        path = f"{vchan_path(self.own, peer, self._port_s)}/{nonce}"
+        try:
+            read_min, write_min = parse_request(value)
+            endpoint = Endpoint.serve(peer, read_min=read_min or self._read_min,
+                                      write_min=write_min or self._write_min,
+                                      evtchn=self._hub.evtchn)
+            await self._connect(endpoint, peer, path, publish_at=path)
+        except (OSError, VchanError) as exc:
+            # Tell the client at once rather than let it wait for its timeout.
+            if self._serving:
+                await _refuse(xs, path, str(exc), self.own, peer)
+            if not isinstance(exc, OSError):
+                raise
+
+    async def _connect(self, endpoint: Any, peer: int, path: str, *, publish_at: str,
+                       keep_path: bool = False) -> VchanTransport | None:
+        """Publish a ring, wait for the client, hand it to a new protocol."""
+        from .listener import publish
+
+        assert self._state is not None and self._hub is not None and self.own is not None
+        self._pending.add(endpoint)
+        try:
+            await publish(self._state.xs, publish_at, endpoint.ring_ref, endpoint.port,
+                          self.own, peer)
+            connected = await _wait_client(self._hub, endpoint, self._accept_timeout)
+        except BaseException:
+            self._pending.discard(endpoint)
+            endpoint.close()
+            with contextlib.suppress(OSError):
+                await self._state.xs.rm(path)
+            raise
+        self._pending.discard(endpoint)
+        if not keep_path:
+            with contextlib.suppress(OSError):
+                await self._state.xs.rm(path)
+        if not connected or not self._serving:
+            endpoint.close()
+            if keep_path:
+                with contextlib.suppress(OSError):
+                    await self._state.xs.rm(path)
+            return None
+        return self._make_transport(endpoint, peer, path if keep_path else None)
+
+    def _make_transport(self, endpoint: Any, peer: int, xs_path: str | None) -> VchanTransport:
+        try:
+            protocol = self._factory()
+        except BaseException:
+            endpoint.close()
+            raise
+        holder: list[VchanTransport] = []
+
+        def closed() -> None:
+            self._transports.discard(holder[0])
+            if xs_path is not None:
+                self._cleanup_path(xs_path, peer)
+            if not self._transports and not self._pending:
+                self._all_closed.set()
+
+        transport = VchanTransport(self._loop, endpoint, protocol, self._hub,  # type: ignore[arg-type]
+                                   extra={"peername": (peer, self._port),
+                                          "sockname": (self.own, self._port)},
+                                   on_close=closed)
+        holder.append(transport)
+        self._transports.add(transport)
+        self._all_closed.clear()
+        return transport
+
+    def _cleanup_path(self, path: str, peer: int) -> None:
+        """A raw connection ended: remove its path, serve the next client."""
+        state = self._state
+        if state is None or state._stop.is_set():
+            return
+
+        async def cleanup() -> None:
+            with contextlib.suppress(OSError):
+                await state.xs.rm(path)
+            if self._serving:
+                self._watched.pop(peer, None)
+                self._watch_peer(peer)
+
+        self._spawn(cleanup())
+
+    # -- raw mode -------------------------------------------------------------
+
+    async def _serve_raw(self, peer: int) -> None:
+        from .endpoint import Endpoint
+        from .listener import vchan_path
+
+        assert self._hub is not None and self.own is not None
+        path = vchan_path(self.own, peer, self._port_s)
+        while self._serving:
+            try:
+                endpoint = Endpoint.serve(peer, read_min=self._read_min,
+                                          write_min=self._write_min, evtchn=self._hub.evtchn)
+            except ProcessLookupError:
+                # A raw ring is made for one peer domain, which must exist:
+                # wait for it to come up.
+                await self._wait_for_domain(peer)
+                continue
+            transport = await self._connect(endpoint, peer, path, publish_at=path,
+                                            keep_path=True)
+            if transport is not None:
+                return      # one connection at a time: closing it serves the next
+
+    async def _wait_for_domain(self, peer: int) -> None:
+        from .listener import domain_exists
+
+        assert self._state is not None and self._hub is not None
+        async with self._state.watches.watching("@introduceDomain") as changed:
+            while not domain_exists(self._hub.evtchn, peer):
+                changed.clear()
+                # The watch may not be ours to see (unprivileged domains):
+                # look again every second regardless.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), 1.0)
+
+    # -- closing --------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop accepting connections (open ones are not touched)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._serving = False
+        for task in list(self._tasks):
+            task.cancel()
+        for endpoint in list(self._pending):
+            endpoint.close()
+        self._pending.clear()
+        if self._serving_forever is not None and not self._serving_forever.done():
+            self._serving_forever.cancel()
+        if self._hub is not None:
+            self._hub.unhold()
+            self._hub = None if not self._transports else self._hub
+        if not self._transports:
+            self._all_closed.set()
+
+    def close_clients(self) -> None:
+        """Close every connection this server accepted."""
+        for transport in list(self._transports):
+            transport.close()
+
+    def abort_clients(self) -> None:
+        """Abort every connection this server accepted."""
+        for transport in list(self._transports):
+            transport.abort()
+
+    async def wait_closed(self) -> None:
+        if not self._closed:
+            raise RuntimeError("wait_closed() before close()")
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Path clean-ups need XenStore: release it only after them.
+        await self._all_closed.wait()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._state is not None:
+            self._state.release()
+            self._state = None
+
+    async def serve_forever(self) -> None:
+        if self._serving_forever is not None:
+            raise RuntimeError(f"server {self!r} is already being awaited on serve_forever()")
+        if self._closed:
+            raise RuntimeError(f"server {self!r} is closed")
+        await self.start_serving()
+        self._serving_forever = self._loop.create_future()
+        try:
+            await self._serving_forever
+        except asyncio.CancelledError:
+            try:
+                self.close()
+                await self.wait_closed()
+            finally:
+                raise
+        finally:
+            self._serving_forever = None
+
+
+async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
+async def _refuse(xs: Any, path: str, why: str, own: int, peer: int) -> None:
+    from .xenstore import Perm
+
+    with contextlib.suppress(OSError):
+        await xs.write(f"{path}/error", why)
+        await xs.set_perms(f"{path}/error", [Perm(own, "n"), Perm(peer, "r")])
+
+
+async def _wait_client(hub: _EventHub, endpoint: Any, timeout: float) -> bool:
+    """Wait until the client marks itself live (it sends an event then)."""
+    from .ring import LIVE_WAITING
+
+    changed = asyncio.Event()
+    hub.register(endpoint.port, changed.set)
+    try:
+        async def connected() -> bool:
+            while True:
+                live = endpoint.ring.peer_live()
+                if live != LIVE_WAITING:
+                    return bool(live)
+                await changed.wait()
+                changed.clear()
+
+        try:
+            return await asyncio.wait_for(connected(), timeout)
+        except TimeoutError:
+            return False
+    finally:
+        hub.handlers.pop(endpoint.port, None)
+
+
+async def create_server(
+    protocol_factory: Callable[[], asyncio.BaseProtocol], port: int | str, *,
+    peers: Peers, raw: bool = False, read_min: int | None = None,
+    write_min: int | None = None, accept_timeout: float = 30.0, start_serving: bool = True,
+) -> Server:
+    """Serve vchan port ``port`` to the domains in ``peers``.
+
+    ``peers`` is one domid, a collection of domids, or ``"any"`` (follows
+    domains as they come and go; needs a privileged domain).  In listener
+    mode (the default) any number of clients of each peer may connect at
+    once, each on its own libxenvchan ring; ``raw=True`` serves exactly one
+    plain libxenvchan connection at a time on the path, for C peers
+    (``peers`` must then be one domid).  ``read_min`` / ``write_min`` are
+    this server's ring sizes in bytes (clients may ask for others).
+    """
+    from .listener import check_domid, check_port
+
+    port_s = check_port(port)
+    if peers != "any":
+        if isinstance(peers, int):
+            check_domid(peers, "peers")
+        elif isinstance(peers, Collection) and not isinstance(peers, str | bytes):
+            if not peers:
+                raise ValueError("peers must name at least one domain")
+            for p in peers:
+                check_domid(p, "peers")
+        else:
+            raise TypeError("peers must be a domid, a collection of domids or 'any'")
+    if raw and not isinstance(peers, int):
+        raise ValueError("raw=True serves one libxenvchan client: peers must be one domid")
+    if accept_timeout <= 0:
+        raise ValueError(f"accept_timeout must be > 0, got {accept_timeout}")
+    read_min, write_min = _ring_sizes(read_min, write_min)
+    server = Server(asyncio.get_running_loop(), protocol_factory, port, port_s, peers, raw=raw,
+                    read_min=read_min, write_min=write_min, accept_timeout=accept_timeout)
+    if start_serving:
+        await server.start_serving()
+    return server
