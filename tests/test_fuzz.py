@@ -28,7 +28,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from support import need
+from support import need, soak_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ_DIR = ROOT / "tests" / "fuzz"
@@ -125,6 +125,17 @@ def fuzz_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.timeout(FUZZ_SECONDS + 240)
 def test_ring_fuzz(fuzz_exe: Path, tmp_path: Path) -> None:
+    _fuzz(fuzz_exe, tmp_path, FUZZ_SECONDS)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(int(soak_seconds()) + 240)
+def test_ring_fuzz_soak(fuzz_exe: Path, tmp_path: Path) -> None:
+    """The same, for VCHAN_SOAK_SECONDS (run with --soak)."""
+    _fuzz(fuzz_exe, tmp_path, int(soak_seconds()))
+
+
+def _fuzz(fuzz_exe: Path, tmp_path: Path, seconds: int) -> None:
     corpus = tmp_path / "corpus"
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
@@ -133,16 +144,16 @@ def test_ring_fuzz(fuzz_exe: Path, tmp_path: Path) -> None:
     _load_corpus_generator().write_seeds(corpus)
     seeds = len(list(corpus.iterdir()))
 
-    cmd = [str(fuzz_exe), f"-max_total_time={FUZZ_SECONDS}", "-timeout=5",
+    cmd = [str(fuzz_exe), f"-max_total_time={seconds}", "-timeout=5",
            "-print_final_stats=1", "-rss_limit_mb=2048", "-max_len=4096",
            f"-artifact_prefix={artifacts}/", str(corpus)]
     started = time.monotonic()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True,
-                              timeout=FUZZ_SECONDS + 180, check=False,
+                              timeout=seconds + 180, check=False,
                               env={**os.environ, **SAN_ENV})
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"libFuzzer still running {FUZZ_SECONDS + 180} s after start: {exc}")
+        pytest.fail(f"libFuzzer still running {seconds + 180} s after start: {exc}")
     elapsed = time.monotonic() - started
     output = proc.stdout + proc.stderr
     stats = _stats(output)
@@ -153,7 +164,7 @@ def test_ring_fuzz(fuzz_exe: Path, tmp_path: Path) -> None:
         "ok": proc.returncode == 0,
         "exit_status": proc.returncode,
         "seconds": round(elapsed, 3),
-        "max_total_time": FUZZ_SECONDS,
+        "max_total_time": seconds,
         "executions": execs,
         "exec_per_sec": rate,
         "new_units": stats.get("new_units_added"),

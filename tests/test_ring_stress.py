@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import need
+from support import need, soak_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "tests" / "c" / "ring_stress.c"
@@ -113,14 +113,28 @@ def stress_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(("order", "writer"), CASES, ids=[f"order{o}-{w}" for o, w in CASES])
 def test_ring_stress_tsan(stress_exe: Path, order: int, writer: str) -> None:
     seed = BASE_SEED + CASES.index((order, writer))
+    _stress(stress_exe, order, writer, STRESS_BYTES, seed, RUN_TIMEOUT)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(int(soak_seconds() * 4) + 600)
+def test_ring_stress_tsan_soak(stress_exe: Path) -> None:
+    """Past the u32 index wrap: about 150 MB/s under TSan for VCHAN_SOAK_SECONDS."""
+    seconds = soak_seconds()
+    nbytes = max(5 << 30, min(16 << 30, int(seconds * 150e6)))
+    _stress(stress_exe, 12, "client", str(nbytes), BASE_SEED + 99, seconds * 4 + 300)
+
+
+def _stress(stress_exe: Path, order: int, writer: str, nbytes: str, seed: int,
+            timeout: float) -> None:
     cmd = [str(stress_exe), "--order", str(order), "--writer", writer,
-           "--bytes", STRESS_BYTES, "--seed", str(seed)]
+           "--bytes", nbytes, "--seed", str(seed)]
     started = time.monotonic()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               check=False, env={**os.environ, **TSAN_ENV})
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{' '.join(cmd)} still running after {RUN_TIMEOUT} s\n{exc.stdout!r}")
+        pytest.fail(f"{' '.join(cmd)} still running after {timeout} s\n{exc.stdout!r}")
     elapsed = time.monotonic() - started
     output = proc.stdout + proc.stderr
     print(f"\n$ {' '.join(cmd)}  ({elapsed:.1f} s)\n{output.strip()}")
