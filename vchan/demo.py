@@ -1,130 +1,173 @@
-"""The quick-start demonstration: a libxenvchan ring between two processes.
+"""The quick-start demonstration: vchan streams between two domains.
 
-A parent and a forked child share one anonymous mapping laid out exactly as a
-libxenvchan control page plus its rings; each side wakes the other only when
-the ring protocol asks for it, through an eventfd standing in for a Xen
-event channel.  The child streams pseudo-random data, the parent checks its
-SHA-256 and reports the rate.
+A server process in emulated domain 1 and a client process in emulated
+domain 2 (on real Xen: this domain and the one given) talk through
+``vchan.start_server`` / ``vchan.open_connection``: the client streams data
+with SHA-256 checked at both ends, then measures request/response round
+trips.  The same runs over a Unix socket for comparison.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import mmap
+import json
 import os
-import select
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any
 
-from .ring import PAGE_SIZE, Ring, ring_offset
+__all__ = ["DemoResult", "run_demo"]
 
-__all__ = ["DemoResult", "run_ring_demo"]
+PORT = "vchan-demo"
+BLOCK = 64 * 1024
 
 
 @dataclass
 class DemoResult:
-    """What :func:`run_ring_demo` measured."""
+    """One transport's numbers."""
 
+    transport: str
     nbytes: int
     seconds: float
-    digest_sent: str
-    digest_received: str
-    ring_size: int
-    events: int
+    sha256_sent: str
+    sha256_received: str
+    rtt_p50_us: float
 
     @property
     def ok(self) -> bool:
-        return self.digest_sent == self.digest_received
+        return self.sha256_sent == self.sha256_received
 
     @property
     def rate(self) -> float:
-        """Bytes per second."""
         return self.nbytes / self.seconds if self.seconds else 0.0
 
 
-def _wait(efd: int) -> None:
-    # Block until the peer's next event; eventfd counts coalesce as Xen's do.
-    select.select([efd], [], [])
-    os.eventfd_read(efd)
+# -- the two roles, run in child processes ------------------------------------------
 
 
-def _child_send(ring: Ring, own_efd: int, peer_efd: int, nbytes: int, chunk: int,
-                result_w: int) -> None:
+async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Sink the bulk stream and answer its SHA-256, then echo until EOF."""
+    header = await reader.readexactly(8)
+    nbytes = int.from_bytes(header, "big")
     digest = hashlib.sha256()
-    block = os.urandom(chunk)
+    left = nbytes
+    while left:
+        data = await reader.read(min(left, 1 << 20))
+        if not data:
+            raise EOFError("stream ended early")
+        digest.update(data)
+        left -= len(data)
+    writer.write(digest.hexdigest().encode())
+    await writer.drain()
+    while data := await reader.read(64):
+        writer.write(data)
+    writer.close()
+    await writer.wait_closed()
+
+
+async def _client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                  nbytes: int) -> dict[str, Any]:
+    block = os.urandom(BLOCK)
+    digest = hashlib.sha256()
+    writer.write(nbytes.to_bytes(8, "big"))
+    t0 = time.perf_counter()
     sent = 0
-    view = memoryview(block)
     while sent < nbytes:
-        piece = view[: min(chunk, nbytes - sent)]
-        done = 0
-        while done < len(piece):
-            n = ring.write(piece[done:])
-            if ring.take_notify():
-                os.eventfd_write(peer_efd, 1)
-            if n == 0:
-                _wait(own_efd)
-            done += n
+        piece = block[: min(BLOCK, nbytes - sent)]
+        writer.write(piece)
         digest.update(piece)
         sent += len(piece)
-    ring.close()
-    os.eventfd_write(peer_efd, 1)
-    os.write(result_w, digest.hexdigest().encode())
+        await writer.drain()
+    answer = (await reader.readexactly(64)).decode()
+    seconds = time.perf_counter() - t0
+    rtts = []
+    for _ in range(2000):
+        t = time.perf_counter()
+        writer.write(b"x" * 64)
+        await reader.readexactly(64)
+        rtts.append(time.perf_counter() - t)
+    writer.close()
+    await writer.wait_closed()
+    rtts.sort()
+    return {"nbytes": nbytes, "seconds": seconds, "sent": digest.hexdigest(),
+            "received": answer, "rtt_p50_us": rtts[len(rtts) // 2] * 1e6}
 
 
-def run_ring_demo(nbytes: int = 256 << 20, order: int = 18, chunk: int = 64 << 10) -> DemoResult:
-    """Stream ``nbytes`` from a child process to this one through a ring.
+async def _role(role: str, transport: str, nbytes: int, address: str) -> None:
+    import vchan
 
-    ``order`` is the log2 size of the child-to-parent ring (10..20).
-    """
-    size = 1 << order
-    separate = ring_offset(order) is None
-    mem = mmap.mmap(-1, PAGE_SIZE + (size if separate else 0))
-    page = memoryview(mem)[:PAGE_SIZE]
-    left = memoryview(mem)[PAGE_SIZE:] if separate else None
-    write_order = 11 if order != 11 else 10
-    server = Ring.server(page, order, write_order, left, None)
-    to_parent, to_child = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)
-    result_r, result_w = os.pipe()
+    if role == "server":
+        if transport == "vchan":
+            server = await vchan.start_server(_serve, PORT, peers=int(address))
+        else:
+            server = await asyncio.start_unix_server(_serve, address)
+        print(json.dumps({"ready": True}), flush=True)
+        async with server:
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        return
+    if transport == "vchan":
+        reader, writer = await vchan.open_connection(int(address), PORT, timeout=30)
+    else:
+        reader, writer = await asyncio.open_unix_connection(address)
+    print(json.dumps(await _client(reader, writer, nbytes)), flush=True)
 
-    start = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:        # the client: a separate process, as a domain would be
-        status = 1
-        try:
-            client = Ring.client(page, None, left)
-            if client.take_notify():
-                os.eventfd_write(to_parent, 1)
-            _child_send(client, to_child, to_parent, nbytes, chunk, result_w)
-            status = 0
-        finally:
-            os._exit(status)
 
-    os.close(result_w)
-    digest = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    received = events = 0
-    while True:
-        n = server.read_into(buf)
-        if server.take_notify():
-            os.eventfd_write(to_child, 1)
-        if n:
-            digest.update(view[:n])
-            received += n
-            continue
-        if server.peer_live() == 0:
-            # The peer closed: drain once more, it may have written just before.
-            if server.data_ready() == 0:
-                break
-            continue
-        _wait(to_parent)
-        events += 1
-    seconds = time.perf_counter() - start
-    sent_digest = os.read(result_r, 128).decode()
-    os.close(result_r)
-    _, status = os.waitpid(pid, 0)
-    for fd in (to_parent, to_child):
-        os.close(fd)
-    if status != 0:
-        raise RuntimeError(f"demo child failed with status {status}")
-    return DemoResult(received, seconds, sent_digest, digest.hexdigest(), size, events)
+def _child(role: str, transport: str, nbytes: int, address: str,
+           env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vchan.demo", role, transport, str(nbytes), address],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _run_pair(transport: str, nbytes: int, server_domid: int, client_domid: int,
+              tmp: str) -> DemoResult:
+    env = dict(os.environ)
+    if transport == "vchan":
+        s_env = dict(env, VCHAN_DOMID=str(server_domid))
+        c_env = dict(env, VCHAN_DOMID=str(client_domid))
+        s_addr, c_addr = str(client_domid), str(server_domid)
+    else:
+        s_env = c_env = env
+        s_addr = c_addr = os.path.join(tmp, "demo.sock")
+    server = _child("server", transport, nbytes, s_addr, s_env)
+    try:
+        assert server.stdout is not None and server.stdin is not None
+        if not server.stdout.readline():
+            raise RuntimeError(f"the {transport} demo server failed to start")
+        client = _child("client", transport, nbytes, c_addr, c_env)
+        out, _ = client.communicate(timeout=600)
+        if client.returncode:
+            raise RuntimeError(f"the {transport} demo client failed ({client.returncode})")
+        r = json.loads(out)
+        server.stdin.close()
+        server.wait(30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    return DemoResult(transport, r["nbytes"], r["seconds"], r["sent"], r["received"],
+                      r["rtt_p50_us"])
+
+
+def run_demo(nbytes: int = 512 << 20, *, compare: bool = True) -> list[DemoResult]:
+    """Run the demonstration; one result per transport."""
+    from .backend import default_backend_name
+
+    if default_backend_name() != "sim":
+        raise RuntimeError("the demo plays two domains on the emulator: run it with "
+                           "VCHAN_BACKEND=sim (on real Xen, run a server and a client in "
+                           "two real domains)")
+    with tempfile.TemporaryDirectory(prefix="vchan-demo-") as tmp:
+        results = [_run_pair("vchan", nbytes, 1, 2, tmp)]
+        if compare and hasattr(socket, "AF_UNIX"):
+            results.append(_run_pair("unix", nbytes, 1, 2, tmp))
+    return results
+
+
+if __name__ == "__main__":
+    asyncio.run(_role(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]))
