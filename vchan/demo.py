@@ -102,6 +102,7 @@ async def _role(role: str, transport: str, nbytes: int, address: str) -> None:
     import vchan
 
     if role == "server":
+        server: asyncio.AbstractServer
         if transport == "vchan":
             server = await vchan.start_server(_serve, PORT, peers=int(address))
         else:
