@@ -338,3 +338,55 @@ def _status(sim_dir: Path) -> tuple[int, int, int]:
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def test_grant_limit_exhaustion_names_the_limit(sim_dir: Path) -> None:
+    """A server out of grants refuses the client at once, saying why."""
+    own = vchan.own_domid()
+    hold = []
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        hold.append(w)
+
+    sim.control({"cmd": "set", "key": "grant-limit", "value": 40}, sim_dir)
+    try:
+        async with await vchan.start_server(handler, "scarce", peers=own) as server:
+            _, w1 = await vchan.open_connection(own, "scarce", timeout=10)   # 33 pages
+            with pytest.raises(ConnectionRefusedError,
+                               match="grant limit is reached.*vchan sim set grant-limit"):
+                await vchan.open_connection(own, "scarce", timeout=10)
+            # Small rings fit in page 0: one page per connection.
+            _, w2 = await vchan.open_connection(own, "scarce", timeout=10, read_min=1024,
+                                                write_min=2048)
+            for w in (w1, w2, *hold):
+                w.close()
+            server.close_clients()
+    finally:
+        sim.control({"cmd": "set", "key": "grant-limit", "value": sim.DEFAULT_GRANT_LIMIT},
+                    sim_dir)
+
+
+async def test_peer_domain_vanishing_without_notice_resets(sim_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """``xl destroy`` runs no unmap notification: the hub's liveness probe notices."""
+    from vchan import listener
+
+    own = vchan.own_domid()
+    server_side: list[asyncio.StreamWriter] = []
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        server_side.append(w)
+
+    async with await vchan.start_server(handler, "vanish", peers=own) as server:
+        reader, writer = await vchan.open_connection(own, "vanish", timeout=10)
+        real = listener.domain_exists
+        monkeypatch.setattr(listener, "domain_exists",
+                            lambda ev, d: False if d == own else real(ev, d))
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionResetError, match=f"domain {own} no longer exists"):
+            await asyncio.wait_for(reader.read(), 5)
+        assert time.monotonic() - t0 < 1.0
+        monkeypatch.undo()
+        writer.close()
+        server.close_clients()

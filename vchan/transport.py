@@ -62,7 +62,16 @@ def _ring_error(code: int, what: str) -> Exception:
 
 
 class _EventHub:
-    """The event-channel handle of one event loop, shared by its transports."""
+    """The event-channel handle of one event loop, shared by its transports.
+
+    It also watches that the peer domains of its transports still exist: a
+    domain destroyed outright (``xl destroy``) runs no kernel to perform its
+    unmap notifications, so nothing would ever tell us.  Every
+    ``LIVENESS_INTERVAL`` seconds each distinct peer domain is asked for
+    (binding an event channel to a missing domain fails with ESRCH).
+    """
+
+    LIVENESS_INTERVAL = 0.5
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -70,7 +79,41 @@ class _EventHub:
         self.handlers: dict[int, Callable[[], None]] = {}
         self.holds = 0
         self.fd = self.evtchn.fileno()
+        self.peers: dict[int, set[VchanTransport]] = {}
+        self._liveness: asyncio.TimerHandle | None = None
         loop.add_reader(self.fd, self._dispatch)
+
+    def watch_peer(self, domid: int, transport: VchanTransport) -> None:
+        self.peers.setdefault(domid, set()).add(transport)
+        if self._liveness is None:
+            self._liveness = self.loop.call_later(self.LIVENESS_INTERVAL, self._check_peers)
+
+    def unwatch_peer(self, domid: int, transport: VchanTransport) -> None:
+        watchers = self.peers.get(domid)
+        if watchers is not None:
+            watchers.discard(transport)
+            if not watchers:
+                del self.peers[domid]
+        if not self.peers and self._liveness is not None:
+            self._liveness.cancel()
+            self._liveness = None
+
+    def _check_peers(self) -> None:
+        from .listener import domain_exists
+
+        self._liveness = None
+        if self.evtchn.closed:
+            return
+        for domid in list(self.peers):
+            try:
+                gone = not domain_exists(self.evtchn, domid)
+            except OSError:
+                continue
+            if gone:
+                for transport in list(self.peers.get(domid, ())):
+                    transport._peer_domain_gone(domid)
+        if self.peers:
+            self._liveness = self.loop.call_later(self.LIVENESS_INTERVAL, self._check_peers)
 
     def register(self, port: int, handler: Callable[[], None]) -> None:
         self.handlers[port] = handler
@@ -94,6 +137,9 @@ class _EventHub:
     def close(self) -> None:
         if _hubs.get(self.loop) is self:
             del _hubs[self.loop]
+        if self._liveness is not None:
+            self._liveness.cancel()
+            self._liveness = None
         if not self.evtchn.closed:
             if not self.loop.is_closed():
                 self.loop.remove_reader(self.fd)
@@ -164,6 +210,7 @@ class VchanTransport(asyncio.Transport):
         self._blen = ffi.new("uint32_t *")
         self.set_protocol(protocol)
         hub.register(endpoint.port, self._on_event)
+        hub.watch_peer(endpoint.peer_domid, self)
         loop.call_soon(self._protocol.connection_made, self)
         # The ring may hold data already, and its events may have fired
         # before we were registered: look once.
@@ -470,6 +517,11 @@ class VchanTransport(asyncio.Transport):
         if flags & NOTIFY_EOF and not self._eof_received:
             self._deliver_eof(peer_gone=False)
 
+    def _peer_domain_gone(self, domid: int) -> None:
+        """The hub found the peer's domain gone (destroyed, no notification)."""
+        self._force_close(ConnectionResetError(
+            f"vchan peer domain {domid} no longer exists"))
+
     def _deliver_eof(self, *, peer_gone: bool) -> None:
         self._eof_received = True
         keep_open = self._protocol.eof_received()
@@ -529,6 +581,7 @@ class VchanTransport(asyncio.Transport):
         if self._closed:
             return
         self._closed = True
+        self._hub.unwatch_peer(self._endpoint.peer_domid, self)
         try:
             self._endpoint.close()      # live 0, notify, unmap, unbind
         finally:
