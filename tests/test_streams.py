@@ -353,7 +353,7 @@ async def test_grant_limit_exhaustion_names_the_limit(sim_dir: Path) -> None:
         async with await vchan.start_server(handler, "scarce", peers=own) as server:
             _, w1 = await vchan.open_connection(own, "scarce", timeout=10)   # 33 pages
             with pytest.raises(ConnectionRefusedError,
-                               match="grant limit is reached.*vchan sim set grant-limit"):
+                               match=r"grant limit is reached.*vchan sim set grant-limit"):
                 await vchan.open_connection(own, "scarce", timeout=10)
             # Small rings fit in page 0: one page per connection.
             _, w2 = await vchan.open_connection(own, "scarce", timeout=10, read_min=1024,
