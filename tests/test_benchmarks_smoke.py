@@ -74,3 +74,51 @@ def test_event_latency_quick_run(tmp_path: Path) -> None:
     for key in ("event_channel", "pipe"):
         assert results[key]["n"] == 300
         assert all(_positive(results[key][p]) for p in ("p50_us", "p99_us", "p99.9_us"))
+
+
+STREAMS = Path(__file__).resolve().parent.parent / "benchmarks" / "streams_bench.py"
+
+
+def _numbers(value: object, where: str = "") -> list[tuple[str, object]]:
+    """Every number in a JSON value, with where it is (booleans are not numbers)."""
+    if isinstance(value, dict):
+        return [n for k, v in value.items() for n in _numbers(v, f"{where}.{k}")]
+    if isinstance(value, list):
+        return [n for i, v in enumerate(value) for n in _numbers(v, f"{where}[{i}]")]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return [(where, value)]
+    return []
+
+
+def test_streams_bench_quick_run(tmp_path: Path) -> None:
+    out = tmp_path / "streams.json"
+    # The script's processes use a private emulator of their own.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VCHAN_SIM_DIR", "VCHAN_DOMID")}
+    env["VCHAN_BACKEND"] = "sim"
+    proc = subprocess.run(
+        [sys.executable, str(STREAMS), "--quick", "--bytes", "4M", "--sizes", "65536",
+         "--rounds", "200", "--warmup", "50", "--loops", "asyncio", "--json", str(out)],
+        capture_output=True, text=True, timeout=180, check=False, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| write size | loop | vchan MB/s | unix MB/s | tcp MB/s |" in proc.stdout
+    assert "| message | loop | vchan rt/s | unix rt/s | tcp rt/s |" in proc.stdout
+
+    results = json.loads(out.read_text(encoding="utf-8"))
+    numbers = _numbers(results)
+    assert numbers
+    bad = [(where, n) for where, n in numbers if not _positive(n)]
+    assert not bad, bad
+    bulk = {(r["receiver"], r["transport"]) for r in results["bulk"]}
+    assert bulk == {(rc, t) for rc in ("streams", "protocol", "buffered")
+                    for t in ("vchan", "unix", "tcp")}
+    assert all(r["bytes"] == 4 << 20 for r in results["bulk"])
+    ping = {(r["message_size"], r["transport"]) for r in results["pingpong"]}
+    assert ping == {(s, t) for s in (64, 4096) for t in ("vchan", "unix", "tcp")}
+    for r in results["pingpong"]:
+        assert r["n"] == 200
+        assert all(_positive(r[p]) for p in ("round_trips_per_s", "p50_us", "p99_us", "p99.9_us"))
+    assert len(results["bulk_ratios"]) == 3 and len(results["pingpong_ratios"]) == 2
+    for key in ("cpu", "kernel", "python", "uvloop", "backend"):
+        assert results["machine"][key]

@@ -777,6 +777,7 @@ class Server(asyncio.AbstractServer):
         self._closed = False
         self._state: _LoopState | None = None
         self._hub: _EventHub | None = None
+        self._hub_held = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._transports: set[VchanTransport] = set()
         self._pending: set[Any] = set()         # endpoints not yet connected
@@ -818,6 +819,7 @@ class Server(asyncio.AbstractServer):
         self.own = state.own
         self._hub = event_hub(self._loop)
         self._hub.hold()
+        self._hub_held = True
         self._serving = True
         try:
             for peer in await self._initial_peers():
@@ -1056,9 +1058,9 @@ class Server(asyncio.AbstractServer):
         self._pending.clear()
         if self._serving_forever is not None and not self._serving_forever.done():
             self._serving_forever.cancel()
-        if self._hub is not None:
-            self._hub.unhold()
-            self._hub = None if not self._transports else self._hub
+        if self._hub is not None and self._hub_held:
+            self._hub_held = False
+            self._hub.unhold()      # our transports hold the hub themselves
         if not self._transports:
             self._all_closed.set()
 
