@@ -124,6 +124,14 @@ int vk_unmap(struct vk_map *m)
     return m->dev->ops->unmap(m);
 }
 
+int vk_release(struct vk_map *m)
+{
+    if (!m->dev || !m->dev->ops)
+        return -EBADF;
+    m->nviews = 0;              /* gone already: nothing to munmap */
+    return m->dev->ops->unmap(m);
+}
+
 int vk_set_max_grants(struct vk_dev *d, uint32_t count)
 {
     int rc = usable(d, VK_GNTTAB);
@@ -171,6 +179,17 @@ int vk_unmask(struct vk_dev *d, uint32_t port)
     int rc = usable(d, VK_EVTCHN);
 
     return rc ? rc : d->ops->unmask(d, port);
+}
+
+int vk_take_events(struct vk_dev *d, uint32_t *ports, int max)
+{
+    int rc = usable(d, VK_EVTCHN);
+
+    if (rc)
+        return rc;
+    if (max <= 0)
+        return -EINVAL;
+    return d->ops->take_events(d, ports, max);
 }
 
 int vk_fd(struct vk_dev *d)

@@ -83,6 +83,9 @@ struct vk_ops {
     int (*notify)(struct vk_dev *d, uint32_t port);
     int (*pending)(struct vk_dev *d);       /* a fired port, or -EAGAIN */
     int (*unmask)(struct vk_dev *d, uint32_t port);
+    /* Up to max fired ports into ports[], each unmasked again at once (the
+     * caller looks at the rings after this); the count, 0 if none. */
+    int (*take_events)(struct vk_dev *d, uint32_t *ports, int max);
     int (*fd)(struct vk_dev *d);            /* pollable: readable when pending */
 };
 
@@ -99,6 +102,10 @@ int vk_map(struct vk_dev *d, uint32_t count, const uint32_t *domids, const uint3
            int writable, int notify_offset, int notify_port, struct vk_map *m);
 int vk_map_view(struct vk_map *m, void **addr);
 int vk_unmap(struct vk_map *m);
+/* Let go of a mapping whose views its user has unmapped behind our back
+ * (plain munmap, as libxenvchan does with its ring buffers): the rest of
+ * what vk_unmap does. */
+int vk_release(struct vk_map *m);
 int vk_set_max_grants(struct vk_dev *d, uint32_t count);
 int vk_bind_unbound(struct vk_dev *d, uint32_t remote_domid);
 int vk_bind_interdomain(struct vk_dev *d, uint32_t remote_domid, uint32_t remote_port);
@@ -106,10 +113,15 @@ int vk_unbind(struct vk_dev *d, uint32_t port);
 int vk_notify(struct vk_dev *d, uint32_t port);
 int vk_pending(struct vk_dev *d);
 int vk_unmask(struct vk_dev *d, uint32_t port);
+int vk_take_events(struct vk_dev *d, uint32_t *ports, int max);
 int vk_fd(struct vk_dev *d);
 
 /* Sim backend: where the emulator listens (set before the first open;
  * default $VCHAN_SIM_DIR/hypervisor.sock). */
 int vk_sim_set_socket(const char *path);
+/* Sim backend: one CONTROL request (JSON text, see docs/sim-protocol.md) on
+ * a control connection of its own.  The reply's JSON text goes to reply,
+ * NUL-terminated; returns its length or a negative errno. */
+int vk_sim_control(const char *request, char *reply, size_t cap);
 
 #endif /* VCHAN_KERNEL_H */

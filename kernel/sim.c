@@ -572,6 +572,34 @@ static int sim_unmask(struct vk_dev *d, uint32_t port)
     return 0;
 }
 
+static int sim_take_events(struct vk_dev *d, uint32_t *ports, int max)
+{
+    struct sim_evtchn *ev = d->priv;
+    struct epoll_event e[64];
+    uint64_t count;
+    int n, got = 0;
+
+    if (max > 64)
+        max = 64;
+    do {
+        n = epoll_wait(d->epfd, e, max, 0);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return -errno;
+    for (int i = 0; i < n; i++) {
+        uint32_t port = (uint32_t)e[i].data.u64;
+        if (port >= ev->cap || ev->rx[port] < 0)
+            continue;
+        /* Consume what fired it, then re-arm: an event from now on fires
+         * the port again. */
+        (void)!read(ev->rx[port], &count, sizeof(count));
+        e[i].events = EPOLLIN | EPOLLONESHOT;
+        epoll_ctl(d->epfd, EPOLL_CTL_MOD, ev->rx[port], &e[i]);
+        ports[got++] = port;
+    }
+    return got;
+}
+
 static int sim_fd(struct vk_dev *d)
 {
     return d->epfd;
@@ -592,5 +620,30 @@ const struct vk_ops vk_sim_ops = {
     .notify = sim_notify,
     .pending = sim_pending,
     .unmask = sim_unmask,
+    .take_events = sim_take_events,
     .fd = sim_fd,
 };
+
+/* ------------------------------------------------------------------ */
+/* Control requests (kernel/compat's xc_domain_getinfo asks these).    */
+/* ------------------------------------------------------------------ */
+
+int vk_sim_control(const char *request, char *reply, size_t cap)
+{
+    uint32_t rlen = 0;
+    int sock, rc;
+
+    if (!request || !reply || cap == 0)
+        return -EINVAL;
+    /* A control connection: it does not make domain 0 (or any) exist. */
+    sock = sim_connect(0, 0);
+    if (sock < 0)
+        return sock;
+    rc = rpc(sock, VS_CONTROL, request, (uint32_t)strlen(request), reply,
+             (uint32_t)(cap - 1 < VS_MAX_MSG ? cap - 1 : VS_MAX_MSG), &rlen, NULL, NULL);
+    close(sock);
+    if (rc < 0)
+        return rc;
+    reply[rlen] = '\0';
+    return (int)rlen;
+}

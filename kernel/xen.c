@@ -296,6 +296,26 @@ static int xen_unmask(struct vk_dev *d, uint32_t port)
     return n < 0 ? -errno : 0;
 }
 
+static int xen_take_events(struct vk_dev *d, uint32_t *ports, int max)
+{
+    ssize_t n, w;
+
+    /* One read takes every queued port; writing them back unmasks them. */
+    do {
+        n = read(d->fd, ports, (size_t)max * sizeof(uint32_t));
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return errno == EAGAIN ? 0 : -errno;
+    if (n % sizeof(uint32_t))
+        return -EIO;
+    do {
+        w = write(d->fd, ports, (size_t)n);
+    } while (w < 0 && errno == EINTR);
+    if (w < 0)
+        return -errno;
+    return (int)(n / sizeof(uint32_t));
+}
+
 static int xen_fd(struct vk_dev *d)
 {
     return d->fd;
@@ -316,5 +336,6 @@ const struct vk_ops vk_xen_ops = {
     .notify = xen_notify,
     .pending = xen_pending,
     .unmask = xen_unmask,
+    .take_events = xen_take_events,
     .fd = xen_fd,
 };

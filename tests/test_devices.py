@@ -298,6 +298,23 @@ def test_events_coalesce_until_unmasked(world: World) -> None:
     assert d1("select.select([ev.fileno()], [], [], 0.1)[0]") == []
 
 
+def test_take_events_returns_every_fired_port_unmasked(world: World) -> None:
+    d1, d2 = world.domain(1), world.domain(2)
+    a1: int = d1("ev = EventChannel(); a = ev.bind_unbound(2); b = ev.bind_unbound(2); a")
+    b1: int = d1("b")
+    d2(f"ev = EventChannel(); a = ev.bind_interdomain(1, {a1}); "
+       f"b = ev.bind_interdomain(1, {b1})")
+    d2("for _ in range(3): ev.notify(a); ev.notify(b)")
+    assert d1("select.select([ev.fileno()], [], [], 5)[0] != []")
+    d1("from vchan._native import ffi; out = ffi.new('uint32_t[8]')")
+    assert sorted(d1("n = ev.take_events(out); sorted(out[i] for i in range(n))")) == \
+        sorted([a1, b1])
+    assert d1("ev.take_events(out)") == 0                 # coalesced, and consumed
+    d2("ev.notify(b)")                                      # unmasked already: fires again
+    assert d1("select.select([ev.fileno()], [], [], 5)[0] != []")
+    assert d1("n = ev.take_events(out); [out[i] for i in range(n)]") == [b1]
+
+
 def test_notify_on_unbound_or_foreign_port_fails(world: World) -> None:
     d1, d2 = world.domain(1), world.domain(2)
     p1, _ = _channel(d1, d2)

@@ -131,15 +131,16 @@ async def test_raw_mode_server(peers: list[Peer]) -> None:
 
 
 async def test_two_hundred_concurrent_connections(peers: list[Peer], sim_dir: Path) -> None:
-    # 64 KiB rings each way: 33 granted pages per connection on the server's
-    # side; 200 connections need 6,600 of them, so this runs with the
-    # emulator's grant limit raised to 8,192 pages per domain (the default
-    # 1,024 allows 31).
+    # The clients ask for 64 KiB rings each way: 33 granted pages per
+    # connection on the server's side; 200 connections need 6,600 of them, so
+    # this runs with the emulator's grant limit raised to 8,192 pages per
+    # domain (the default 1,024 allows 31).
     sim.control({"cmd": "set", "key": "grant-limit", "value": 8192}, sim_dir)
     try:
         server = _spawn(peers, 1, "serve", "many", "--peers", "2", "--mode", "echo")
         assert "ready" in await server.line()
-        client = _spawn(peers, 2, "connect", "1", "many", "--mode", "hold", "--count", "200")
+        client = _spawn(peers, 2, "connect", "1", "many", "--mode", "hold", "--count", "200",
+                        "--ring", "65536")
         result = (await client.line(120))["result"]
         assert result["connected"] == 200
         status = sim.control({"cmd": "status"}, sim_dir)
@@ -350,15 +351,45 @@ async def test_grant_limit_exhaustion_names_the_limit(sim_dir: Path) -> None:
 
     sim.control({"cmd": "set", "key": "grant-limit", "value": 40}, sim_dir)
     try:
-        async with await vchan.start_server(handler, "scarce", peers=own) as server:
-            _, w1 = await vchan.open_connection(own, "scarce", timeout=10)   # 33 pages
+        # Ring sizes the server insists on: 33 pages per connection.
+        async with await vchan.start_server(handler, "scarce", peers=own, read_min=65536,
+                                            write_min=65536) as server:
+            _, w1 = await vchan.open_connection(own, "scarce", timeout=10)
             with pytest.raises(ConnectionRefusedError,
                                match=r"grant limit is reached.*vchan sim set grant-limit"):
                 await vchan.open_connection(own, "scarce", timeout=10)
-            # Small rings fit in page 0: one page per connection.
+            # Rings that fit in page 0 cost one page per connection.
             _, w2 = await vchan.open_connection(own, "scarce", timeout=10, read_min=1024,
                                                 write_min=2048)
             for w in (w1, w2, *hold):
+                w.close()
+            server.close_clients()
+    finally:
+        sim.control({"cmd": "set", "key": "grant-limit", "value": sim.DEFAULT_GRANT_LIMIT},
+                    sim_dir)
+
+
+async def test_default_rings_shrink_when_grants_run_short(sim_dir: Path) -> None:
+    """Connections that did not ask for a size get smaller rings, not an error."""
+    own = vchan.own_domid()
+    hold = []
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        hold.append(w)
+
+    sim.control({"cmd": "set", "key": "grant-limit", "value": 200}, sim_dir)
+    try:
+        async with await vchan.start_server(handler, "shrink", peers=own) as server:
+            writers = []
+            for _ in range(4):
+                _, w = await vchan.open_connection(own, "shrink", timeout=10)
+                writers.append(w)
+            sizes = [w.transport.get_extra_info("endpoint").ring.write_size for w in writers]
+            # 256 KiB rings take 129 pages: the first fits, then 64 KiB (33), ...
+            assert sizes[0] == 256 * 1024
+            assert sizes[1] == 64 * 1024
+            assert all(s <= 64 * 1024 for s in sizes[1:])
+            for w in writers + hold:
                 w.close()
             server.close_clients()
     finally:

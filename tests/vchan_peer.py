@@ -110,8 +110,9 @@ async def serve(args: argparse.Namespace) -> None:
 async def connect(args: argparse.Namespace) -> None:
     if args.mode == "hold":
         t0 = time.perf_counter()
+        sizes = {} if args.ring is None else {"read_min": args.ring, "write_min": args.ring}
         pairs = await asyncio.gather(*(
-            vchan.open_connection(args.domid, args.port, timeout=args.timeout)
+            vchan.open_connection(args.domid, args.port, timeout=args.timeout, **sizes)
             for _ in range(args.count)))
         emit(result={"connected": len(pairs), "seconds": time.perf_counter() - t0})
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)

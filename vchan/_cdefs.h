@@ -124,5 +124,6 @@ int vk_unbind(struct vk_dev *d, uint32_t port);
 int vk_notify(struct vk_dev *d, uint32_t port);
 int vk_pending(struct vk_dev *d);
 int vk_unmask(struct vk_dev *d, uint32_t port);
+int vk_take_events(struct vk_dev *d, uint32_t *ports, int max);
 int vk_fd(struct vk_dev *d);
 int vk_sim_set_socket(const char *path);

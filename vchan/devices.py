@@ -283,6 +283,11 @@ class EventChannel(_Handle):
         what = f"unmask port {port}"
         _check(lib.vk_unmask(self._live(what), port), what)
 
+    def take_events(self, ports: Any) -> int:
+        """Fired ports into ``ports`` (a ``uint32_t[]``), unmasked again; the count."""
+        return _check(lib.vk_take_events(self._live("take_events"), ports, len(ports)),
+                      "take events")
+
     def fileno(self) -> int:
         """The descriptor to poll: readable while a port is pending."""
         return _check(lib.vk_fd(self._live("fileno")), "fileno")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Collection
@@ -81,6 +82,8 @@ class _EventHub:
         self.fd = self.evtchn.fileno()
         self.peers: dict[int, set[VchanTransport]] = {}
         self._liveness: asyncio.TimerHandle | None = None
+        self._dev = self.evtchn._dev
+        self._ports = ffi.new("uint32_t[64]")
         loop.add_reader(self.fd, self._dispatch)
 
     def watch_peer(self, domid: int, transport: VchanTransport) -> None:
@@ -146,17 +149,22 @@ class _EventHub:
             self.evtchn.close()
 
     def _dispatch(self) -> None:
-        ev = self.evtchn
-        while True:
-            port = ev.pending()
-            if port is None:
+        # One call takes every fired port and unmasks it: an event from now
+        # on fires again, and each handler looks at its ring after this.
+        ports = self._ports
+        handlers = self.handlers
+        while not self.evtchn.closed:     # a handler may have closed us
+            n = lib.vk_take_events(self._dev, ports, 64)
+            if n <= 0:
+                if n < 0:
+                    log.error("vchan event channel failed: %s", os.strerror(-n))
                 return
-            # Unmask first: an event from now on fires again, and the
-            # handler looks at the ring after this point.
-            ev.unmask(port)
-            handler = self.handlers.get(port)
-            if handler is not None:
-                handler()
+            for i in range(n):
+                handler = handlers.get(ports[i])
+                if handler is not None:
+                    handler()
+            if n < 64:
+                return
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _EventHub] = \
@@ -417,10 +425,14 @@ class VchanTransport(asyncio.Transport):
                 if n < 0:
                     raise _ring_error(n, "read")
                 return False
-            # Copy out before releasing the space to the peer.
-            data = ffi.unpack(ffi.cast("char *", pa[0]), alen[0])
-            if blen[0]:
-                data += ffi.unpack(ffi.cast("char *", pb[0]), blen[0])
+            # Copy out before releasing the space to the peer; at most
+            # max_size at a time, as a socket transport's recv() would.
+            first = min(alen[0], self.max_size)
+            data = ffi.unpack(ffi.cast("char *", pa[0]), first)
+            if first < self.max_size and blen[0]:
+                data += ffi.unpack(ffi.cast("char *", pb[0]),
+                                   min(blen[0], self.max_size - first))
+            n = len(data)
             lib.vchan_ring_consume(r, n, self._notify)
             total += n
             self._protocol.data_received(data)
@@ -712,7 +724,8 @@ async def create_connection(
     (None: as long as the server's domain exists).  Reaches listener servers
     (many clients per port) and raw libxenvchan servers alike.
     ``read_min`` / ``write_min`` ask a listener for ring sizes (bytes, up to
-    1 MiB each); a raw server decides its sizes itself.
+    1 MiB each; left out, the server chooses); a raw server decides its sizes
+    itself.
 
     Raises :class:`vchan.NoSuchDomainError` if the domain does not exist (or
     goes away), :class:`TimeoutError` when no server appears in time, and
@@ -724,7 +737,8 @@ async def create_connection(
     port_s = check_port(port)
     if timeout is not None and timeout < 0:
         raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
-    read_min, write_min = _ring_sizes(read_min, write_min)
+    # Sizes not given are the server's choice (0 in the request).
+    read_min, write_min = _ring_sizes(read_min or 0, write_min or 0)
     loop = asyncio.get_running_loop()
     hub = event_hub(loop)
     hub.hold()
@@ -763,7 +777,7 @@ class Server(asyncio.AbstractServer):
     def __init__(self, loop: asyncio.AbstractEventLoop,
                  protocol_factory: Callable[[], asyncio.BaseProtocol], port: int | str,
                  port_s: str, peers: Peers, *, raw: bool, read_min: int, write_min: int,
-                 accept_timeout: float) -> None:
+                 accept_timeout: float, shrink: bool = True) -> None:
         self._loop = loop
         self._factory = protocol_factory
         self._port = port
@@ -773,6 +787,7 @@ class Server(asyncio.AbstractServer):
         self._read_min = read_min
         self._write_min = write_min
         self._accept_timeout = accept_timeout
+        self._shrink = shrink               # default sizes: smaller rings beat no ring
         self._serving = False
         self._closed = False
         self._state: _LoopState | None = None
@@ -930,9 +945,15 @@ class Server(asyncio.AbstractServer):
         path = f"{vchan_path(self.own, peer, self._port_s)}/{nonce}"
         try:
             read_min, write_min = parse_request(value)
-            endpoint = Endpoint.serve(peer, read_min=read_min or self._read_min,
-                                      write_min=write_min or self._write_min,
-                                      evtchn=self._hub.evtchn)
+            if read_min or write_min or not self._shrink:
+                # Sizes somebody asked for: those or an error naming the limit.
+                endpoint = Endpoint.serve(peer, read_min=read_min or self._read_min,
+                                          write_min=write_min or self._write_min,
+                                          evtchn=self._hub.evtchn)
+            else:
+                endpoint = Endpoint.serve_shrinking(peer, read_min=self._read_min,
+                                                    write_min=self._write_min,
+                                                    evtchn=self._hub.evtchn)
             await self._connect(endpoint, peer, path, publish_at=path)
         except (OSError, VchanError) as exc:
             # Tell the client at once rather than let it wait for its timeout.
@@ -1159,7 +1180,10 @@ async def create_server(
     once, each on its own libxenvchan ring; ``raw=True`` serves exactly one
     plain libxenvchan connection at a time on the path, for C peers
     (``peers`` must then be one domid).  ``read_min`` / ``write_min`` are
-    this server's ring sizes in bytes (clients may ask for others).
+    this server's ring sizes in bytes (clients may ask for others).  Left
+    out, rings are 256 KiB each way, and smaller ones when the domain runs
+    short of grants; given, they are kept, or the connection is refused
+    with the grant limit named.
     """
     from .listener import check_domid, check_port
 
@@ -1178,9 +1202,11 @@ async def create_server(
         raise ValueError("raw=True serves one libxenvchan client: peers must be one domid")
     if accept_timeout <= 0:
         raise ValueError(f"accept_timeout must be > 0, got {accept_timeout}")
+    shrink = read_min is None and write_min is None
     read_min, write_min = _ring_sizes(read_min, write_min)
     server = Server(asyncio.get_running_loop(), protocol_factory, port, port_s, peers, raw=raw,
-                    read_min=read_min, write_min=write_min, accept_timeout=accept_timeout)
+                    read_min=read_min, write_min=write_min, accept_timeout=accept_timeout,
+                    shrink=shrink)
     if start_serving:
         await server.start_serving()
     return server
