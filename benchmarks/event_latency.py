@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import select
 import shutil
 import statistics
@@ -25,6 +24,8 @@ import sys
 import tempfile
 import time
 from typing import Any
+
+from machine import machine_info
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:
@@ -143,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["VCHAN_DOMID"] = "1"
     try:
         results: dict[str, Any] = {
-            "machine": {"python": platform.python_version(), "kernel": platform.release(),
-                        "cores": os.cpu_count(), "backend": backend.get_backend().name},
+            "machine": machine_info(backend=backend.get_backend().name),
             "rounds": args.rounds,
         }
         warm = max(100, args.rounds // 20)

@@ -60,7 +60,6 @@ import json
 import math
 import mmap
 import os
-import platform
 import re
 import shutil
 import struct
@@ -75,7 +74,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-import cffi
+from machine import machine_info
 
 from vchan.ring import MAX_ORDER, MIN_ORDER, PAGE_SIZE, Ring, ring_offset
 
@@ -569,37 +568,6 @@ def bench_c(orders: Sequence[int], nbytes: int | None, target: float,
 # ---------------------------------------------------------------------------
 # Reporting.
 # ---------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    cache = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if cpu == "unknown" and key in ("model name", "Hardware", "cpu model", "Model"):
-                cpu = value.strip()
-            if cache is None and key == "cache size":
-                cache = value.strip()
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count() or 0
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
-        "cpu": cpu,
-        "cache": cache,
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "kernel": f"{platform.system()} {platform.release()}",
-        "machine": platform.machine(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "cffi": cffi.__version__,
-        "loadavg_at_start": [round(x, 2) for x in load] if load else None,
-    }
 
 
 def human_size(n: int) -> str:

@@ -66,10 +66,8 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import importlib.metadata
 import json
 import os
-import platform
 import random
 import re
 import select
@@ -85,6 +83,8 @@ import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+from machine import machine_info
 
 TRANSPORTS = ("vchan", "unix", "tcp")
 LOOPS = ("asyncio", "uvloop")
@@ -643,40 +643,6 @@ def _ratios(rows: list[Json], keys: Sequence[str], metric: str) -> list[Json]:
     return out
 
 
-def machine_info(backend: str) -> Json:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Hardware", "cpu model", "Model"):
-                cpu = value.strip()
-                break
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count() or 1
-    try:
-        uvloop_version: str | None = importlib.metadata.version("uvloop")
-    except importlib.metadata.PackageNotFoundError:
-        uvloop_version = None
-    import vchan
-
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "kernel": f"{platform.system()} {platform.release()}",
-        "machine": platform.machine(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "uvloop": uvloop_version,
-        "vchan": vchan.__version__,
-        "backend": backend,
-        # A string: a load of 0.00 is not a measurement.
-        "loadavg_at_start": " ".join(f"{x:.2f}" for x in load) if load else None,
-    }
-
-
 # ---------------------------------------------------------------------------
 # Reporting.
 # ---------------------------------------------------------------------------
@@ -834,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             client_env = dict(env, VCHAN_DOMID=str(VCHAN_CLIENT_DOMID))
             vchan_peer = VCHAN_CLIENT_DOMID
         results = {
-            "machine": machine_info(backend_name),
+            "machine": machine_info(backend=backend_name),
             "settings": {
                 "quick": args.quick,
                 "cases": args.cases,
