@@ -219,7 +219,8 @@ class VchanTransport(asyncio.Transport):
         self.set_protocol(protocol)
         hub.register(endpoint.port, self._on_event)
         hub.watch_peer(endpoint.peer_domid, self)
-        loop.call_soon(self._protocol.connection_made, self)
+        self._made = False
+        loop.call_soon(self._connection_made)
         # The ring may hold data already, and its events may have fired
         # before we were registered: look once.
         loop.call_soon(self._on_event)
@@ -246,6 +247,12 @@ class VchanTransport(asyncio.Transport):
             self._teardown()
 
     # -- protocol -------------------------------------------------------------
+
+    def _connection_made(self) -> None:
+        if self._protocol is None:      # torn down before we got here
+            return
+        self._protocol.connection_made(self)
+        self._made = True
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         if isinstance(protocol, asyncio.BufferedProtocol):
@@ -464,7 +471,9 @@ class VchanTransport(asyncio.Transport):
     def _on_event(self) -> None:
         """The peer signalled us (or we are looking again): catch up."""
         self._read_more_scheduled = False
-        if self._closed or self._conn_lost:
+        if self._closed or self._conn_lost or not self._made:
+            # Not before connection_made (uvloop runs I/O callbacks ahead of
+            # call_soon ones): the look scheduled after it catches up.
             return
         try:
             if self._buffer and not self._flush_buffer():
