@@ -17,7 +17,10 @@ mode=${1:-full}
 
 # What building vchan needs, and what the test suite adds.
 runtime_pkgs=(gcc libc6-dev)
-test_pkgs=(clang libclang-rt-14-dev libxen-dev linux-libc-dev xenstore-utils)
+# xen-utils-4.17 and libxenmisc4.17: Debian's vchan-socket-proxy and libxenvchan,
+# run unmodified on the emulator by tests/test_compat.py.
+test_pkgs=(clang libclang-rt-14-dev libxen-dev linux-libc-dev make xenstore-utils
+           xen-utils-4.17 libxenmisc4.17)
 
 missing=()
 want=("${runtime_pkgs[@]}")
