@@ -97,6 +97,20 @@ static void *mmap_retry(size_t len, int prot, int fd, off_t offset)
     return MAP_FAILED;
 }
 
+/* Fill an unmap notification (gntalloc's and gntdev's structures differ
+ * only in name): clear the byte at base + offset and/or signal the port when
+ * the last mapping of the pages goes. */
+#define FILL_UNMAP_NOTIFY(n, base, offset, port) do {                         \
+        memset(&(n), 0, sizeof(n));                                             \
+        (n).index = (base) + ((offset) >= 0 ? (uint64_t)(offset) : 0);          \
+        if ((offset) >= 0)                                                      \
+            (n).action |= UNMAP_NOTIFY_CLEAR_BYTE;                              \
+        if ((port) >= 0) {                                                      \
+            (n).action |= UNMAP_NOTIFY_SEND_EVENT;                              \
+            (n).event_channel_port = (uint32_t)(port);                          \
+        }                                                                       \
+    } while (0)
+
 static int xen_share(struct vk_dev *d, uint32_t domid, uint32_t count, int writable,
                      uint32_t *refs, int notify_offset, int notify_port, struct vk_map *m)
 {
@@ -116,14 +130,8 @@ static int xen_share(struct vk_dev *d, uint32_t domid, uint32_t count, int writa
     if (rc < 0)
         goto out;
     if (notify_offset >= 0 || notify_port >= 0) {
-        struct ioctl_gntalloc_unmap_notify notify = { 0 };
-        notify.index = arg->index + (notify_offset >= 0 ? (uint64_t)notify_offset : 0);
-        if (notify_offset >= 0)
-            notify.action |= UNMAP_NOTIFY_CLEAR_BYTE;
-        if (notify_port >= 0) {
-            notify.action |= UNMAP_NOTIFY_SEND_EVENT;
-            notify.event_channel_port = (uint32_t)notify_port;
-        }
+        struct ioctl_gntalloc_unmap_notify notify;
+        FILL_UNMAP_NOTIFY(notify, arg->index, notify_offset, notify_port);
         rc = xioctl(d->fd, IOCTL_GNTALLOC_SET_UNMAP_NOTIFY, &notify);
         if (rc < 0)
             goto dealloc;
@@ -176,14 +184,8 @@ static int xen_map(struct vk_dev *d, uint32_t count, const uint32_t *domids,
         goto unmap;
     }
     if (notify_offset >= 0 || notify_port >= 0) {
-        struct ioctl_gntdev_unmap_notify notify = { 0 };
-        notify.index = arg->index + (notify_offset >= 0 ? (uint64_t)notify_offset : 0);
-        if (notify_offset >= 0)
-            notify.action |= UNMAP_NOTIFY_CLEAR_BYTE;
-        if (notify_port >= 0) {
-            notify.action |= UNMAP_NOTIFY_SEND_EVENT;
-            notify.event_channel_port = (uint32_t)notify_port;
-        }
+        struct ioctl_gntdev_unmap_notify notify;
+        FILL_UNMAP_NOTIFY(notify, arg->index, notify_offset, notify_port);
         rc = xioctl(d->fd, IOCTL_GNTDEV_SET_UNMAP_NOTIFY, &notify);
         if (rc < 0) {
             munmap(addr, len);

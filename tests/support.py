@@ -34,3 +34,16 @@ def c_compiler() -> str | None:
 def soak_seconds(default: float = 600.0) -> float:
     """How long one soak test may run (VCHAN_SOAK_SECONDS, CI shortens it)."""
     return float(os.environ.get("VCHAN_SOAK_SECONDS", default))
+
+
+def compiler_candidates(*, gcc: bool = False) -> list[str]:
+    """C compilers to try, best first: $CC, clang, clang-NN (and gcc)."""
+    names = [os.environ.get("CC", ""), "clang", *(f"clang-{v}" for v in range(20, 13, -1))]
+    if gcc:
+        names.append("gcc")
+    found: list[str] = []
+    for name in names:
+        path = shutil.which(name) if name else None
+        if path and path not in found:
+            found.append(path)
+    return found

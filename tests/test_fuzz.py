@@ -28,7 +28,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from support import need, soak_seconds
+from support import compiler_candidates, need, soak_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ_DIR = ROOT / "tests" / "fuzz"
@@ -55,22 +55,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 """
 
 
-def _candidates() -> list[str]:
-    names = [os.environ.get("CC", ""), "clang", *(f"clang-{v}" for v in range(20, 13, -1))]
-    seen: list[str] = []
-    for name in names:
-        path = shutil.which(name) if name else None
-        if path and path not in seen:
-            seen.append(path)
-    return seen
-
-
 def _fuzz_compiler(workdir: Path) -> tuple[str | None, str]:
     """The first compiler that builds and runs a libFuzzer + ASan + UBSan target."""
     src = workdir / "probe.c"
     src.write_text(PROBE, encoding="utf-8")
     log = ""
-    for cc in _candidates():
+    for cc in compiler_candidates():
         exe = workdir / "probe"
         proc = subprocess.run([cc, *FLAGS, str(src), "-o", str(exe)], capture_output=True,
                               text=True, timeout=120, check=False)

@@ -21,13 +21,12 @@ Environment:
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from support import need, soak_seconds
+from support import compiler_candidates, need, soak_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "tests" / "c" / "ring_stress.c"
@@ -62,23 +61,12 @@ int main(void)
 """
 
 
-def _candidates() -> list[str]:
-    names = [os.environ.get("CC", ""), "clang", *(f"clang-{v}" for v in range(20, 13, -1)),
-             "gcc"]
-    seen: list[str] = []
-    for name in names:
-        path = shutil.which(name) if name else None
-        if path and path not in seen:
-            seen.append(path)
-    return seen
-
-
 def _tsan_compiler(workdir: Path) -> tuple[str | None, str]:
     """The first compiler whose -fsanitize=thread builds and runs a program."""
     src = workdir / "tsan_probe.c"
     src.write_text(PROBE, encoding="utf-8")
     log = ""
-    for cc in _candidates():
+    for cc in compiler_candidates(gcc=True):
         exe = workdir / "tsan_probe"
         cmd = [cc, "-fsanitize=thread", "-O1", "-g", "-pthread", str(src), "-o", str(exe)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)

@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
-__all__ = ["UsageError", "add_commands", "main"]
+__all__ = ["UsageError", "add_commands"]
 
 log = logging.getLogger("vchan.cli")
 
@@ -967,23 +967,3 @@ def add_commands(subparsers: Any) -> None:
     proxy.set_defaults(progress=False)
     _common(proxy)
     proxy.set_defaults(func=_proxy)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """A parser with only these commands (``python -m vchan.cli``)."""
-    parser = argparse.ArgumentParser(prog="vchan")
-    add_commands(parser.add_subparsers(dest="command", metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        result: int = args.func(args)
-    except UsageError as exc:
-        print(f"vchan: {exc}", file=sys.stderr)
-        return 2
-    return result
-
-
-if __name__ == "__main__":
-    sys.exit(main())
