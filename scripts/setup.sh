@@ -18,9 +18,10 @@ mode=${1:-full}
 # What building vchan needs, and what the test suite adds.
 runtime_pkgs=(gcc libc6-dev)
 # xen-utils-4.17 and libxenmisc4.17: Debian's vchan-socket-proxy and libxenvchan,
-# run unmodified on the emulator by tests/test_compat.py.
+# run unmodified on the emulator by tests/test_compat.py.  redis-server and
+# redis-tools: examples/redis_over_vchan.sh, run by tests/test_examples.py.
 test_pkgs=(clang libclang-rt-14-dev libxen-dev linux-libc-dev make xenstore-utils
-           xen-utils-4.17 libxenmisc4.17)
+           xen-utils-4.17 libxenmisc4.17 redis-server redis-tools)
 
 missing=()
 want=("${runtime_pkgs[@]}")
