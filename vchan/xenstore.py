@@ -836,22 +836,29 @@ class Watch:
         await self.close()
 
 
-class Transaction:
-    """Operations bound to one XenStore transaction (see :meth:`XenStore.transaction`)."""
+class _TransactionState:
+    """What both kinds of transaction keep: the id and whether it ended."""
 
-    def __init__(self, xs: XenStore) -> None:
-        self._xs = xs
+    def __init__(self) -> None:
         self.id = 0
         self._done = False
 
     def __repr__(self) -> str:
         state = "done" if self._done else "open" if self.id else "not started"
-        return f"<Transaction {self.id} {state}>"
+        return f"<{type(self).__name__} {self.id} {state}>"
 
     def _live(self) -> int:
         if not self.id or self._done:
             raise ValueError("the transaction is not active")
         return self.id
+
+
+class Transaction(_TransactionState):
+    """Operations bound to one XenStore transaction (see :meth:`XenStore.transaction`)."""
+
+    def __init__(self, xs: XenStore) -> None:
+        super().__init__()
+        self._xs = xs
 
     async def start(self) -> Transaction:
         """Start the transaction (``async with`` does this)."""
@@ -1219,22 +1226,12 @@ class SyncWatch:
         self.close()
 
 
-class SyncTransaction:
+class SyncTransaction(_TransactionState):
     """Operations bound to one transaction of :class:`XenStoreSync`."""
 
     def __init__(self, xs: XenStoreSync) -> None:
+        super().__init__()
         self._xs = xs
-        self.id = 0
-        self._done = False
-
-    def __repr__(self) -> str:
-        state = "done" if self._done else "open" if self.id else "not started"
-        return f"<SyncTransaction {self.id} {state}>"
-
-    def _live(self) -> int:
-        if not self.id or self._done:
-            raise ValueError("the transaction is not active")
-        return self.id
 
     def start(self) -> SyncTransaction:
         if self.id:
