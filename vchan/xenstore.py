@@ -411,6 +411,18 @@ T = TypeVar("T")
 # -- asyncio ---------------------------------------------------------------------
 
 
+W = TypeVar("W", bound="Watch | SyncWatch")
+
+
+def _forget_watch(table: dict[str, list[W]], w: W) -> None:
+    """Drop watch ``w`` from a token -> watches table (both clients keep one)."""
+    group = table.get(w.token)
+    if group and w in group:
+        group.remove(w)
+        if not group:
+            del table[w.token]
+
+
 class XenStore:
     """An asyncio XenStore connection; many requests may be in flight at once.
 
@@ -703,11 +715,7 @@ class XenStore:
         return w
 
     def _forget(self, w: Watch) -> None:
-        group = self._watches.get(w.token)
-        if group and w in group:
-            group.remove(w)
-            if not group:
-                del self._watches[w.token]
+        _forget_watch(self._watches, w)
 
     async def _unwatch(self, w: Watch) -> None:
         self._forget(w)
@@ -1136,11 +1144,7 @@ class XenStoreSync:
         return w
 
     def _forget(self, w: SyncWatch) -> None:
-        group = self._watches.get(w.token)
-        if group and w in group:
-            group.remove(w)
-            if not group:
-                del self._watches[w.token]
+        _forget_watch(self._watches, w)
 
     def transaction(self) -> SyncTransaction:
         """A transaction as a context manager (commit on success, abort on error)."""
