@@ -120,7 +120,7 @@ def _json(proc: subprocess.Popen[str]) -> dict[str, Any]:
 
 
 def _proxy(domid: int, loop: str, *args: str) -> tuple[subprocess.Popen[str], str]:
-    proc = _spawn(domid, ["-m", "vchan.cli", "proxy", *args, "-v"], loop)
+    proc = _spawn(domid, ["-m", "vchan", "proxy", *args, "-v"], loop)
     assert proc.stderr is not None
     line = proc.stderr.readline()
     if "listening" not in line:

@@ -19,7 +19,8 @@ from ringpair import Model, Pair
 VALID_ORDERS = [(a, b) for a, b in itertools.product(range(10, 21), repeat=2)
                 if not (a == b and a < 12)]
 
-OPS = ["write", "read", "send", "recv", "writev", "data_ready", "buffer_space", "peek_consume"]
+OPS = ["write", "read", "send", "recv", "writev", "data_ready", "buffer_space", "peek_consume",
+       "reserve_commit"]
 
 
 def _apply(model: Model, op: str, is_server: bool, size: int, sizes: list[int]) -> None:

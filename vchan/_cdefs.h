@@ -74,6 +74,14 @@ int vchan_ring_send(struct vchan_ring *r, const void *data, size_t len,
 int vchan_ring_peek(struct vchan_ring *r, const uint8_t **a, uint32_t *alen,
                     const uint8_t **b, uint32_t *blen);
 int vchan_ring_consume(struct vchan_ring *r, uint32_t n, int *notify);
+int vchan_ring_reserve(struct vchan_ring *r, uint8_t **a, uint32_t *alen,
+                       uint8_t **b, uint32_t *blen);
+int vchan_ring_commit(struct vchan_ring *r, uint32_t n, int *notify);
+
+#define VCHAN_SPLICE_EOF ...
+#define VCHAN_SPLICE_ERRNO ...
+int vchan_splice_to_fd(struct vchan_ring *r, int fd, size_t max, int *notify, int *err);
+int vchan_splice_from_fd(struct vchan_ring *r, int fd, size_t max, int *notify, int *err);
 int vchan_ring_read(struct vchan_ring *r, void *buf, size_t len, int *notify);
 int vchan_ring_recv(struct vchan_ring *r, void *buf, size_t len, int *notify);
 int vchan_ring_peer_live(struct vchan_ring *r);

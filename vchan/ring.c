@@ -622,6 +622,47 @@ int vchan_ring_consume(struct vchan_ring *r, uint32_t n, int *notify)
     return (int)n;
 }
 
+int vchan_ring_reserve(struct vchan_ring *r, uint8_t **a, uint32_t *alen,
+                       uint8_t **b, uint32_t *blen)
+{
+    int64_t space;
+    uint32_t at, first;
+    int rc = write_check(r);
+
+    *alen = *blen = 0;
+    *a = *b = r->wr.buffer;
+    if (rc)
+        return rc;
+    space = fast_space(r, (size_t)r->wr.size + 1);  /* wants it all: arms */
+    if (space <= 0)
+        return (int)space;
+    vchan_mb();     /* read cons /then/ let the caller write the space */
+    at = r->wr.own & r->wr.mask;
+    first = r->wr.size - at;
+    if (first > (uint32_t)space)
+        first = (uint32_t)space;
+    *a = r->wr.buffer + at;
+    *alen = first;
+    *blen = (uint32_t)space - first;
+    return (int)space;
+}
+
+int vchan_ring_commit(struct vchan_ring *r, uint32_t n, int *notify)
+{
+    int rc = write_check(r);
+
+    if (rc)
+        return rc;
+    /* Only what a reserve validated: wr.peer is the last cons we accepted. */
+    if (n > r->wr.size - (r->wr.own - r->wr.peer))
+        return VCHAN_EINVAL;
+    if (n == 0)
+        return 0;
+    r->wr.own += n;
+    publish_prod(r, notify);
+    return (int)n;
+}
+
 int vchan_ring_recv(struct vchan_ring *r, void *buf, size_t len, int *notify)
 {
     int64_t ready;
