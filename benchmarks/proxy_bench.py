@@ -11,6 +11,11 @@ Every program is a separate process, all on the same event loop kind
 * **tcp->vchan** -- a TCP client writes to ``vchan proxy --listen
   tcp:127.0.0.1:T --to-vchan 1 P`` in domain 2, which forwards to the vchan
   sink in domain 1.
+* **tcp** -- for reference, the TCP client writing straight to a TCP sink
+  (the proxied paths have a TCP end, and cannot beat it).
+
+With ``PROXY_BENCH_CPU=1`` each process's CPU time (start-up included) is
+printed on stderr: where the time goes.
 
 The writer sends ``--mib`` MiB (default 256) in 256 KiB blocks (``write`` +
 ``drain``), then EOF; the rate is measured at the sink, from its first byte
@@ -144,6 +149,11 @@ def measure(path: str, nbytes: int, loop: str) -> float:
             procs.append(sink)
             _json(sink)
             procs.append(_role(2, loop, "source", "vchan", port, str(nbytes)))
+        elif path == "tcp":
+            sink = _role(1, loop, "sink", "tcp", "0")
+            procs.append(sink)
+            tcp_port = _json(sink)["ready"]
+            procs.append(_role(2, loop, "source", "tcp", str(tcp_port), str(nbytes)))
         elif path == "vchan->tcp":
             sink = _role(1, loop, "sink", "tcp", "0")
             procs.append(sink)
@@ -163,6 +173,12 @@ def measure(path: str, nbytes: int, loop: str) -> float:
             assert m is not None
             procs.append(_role(2, loop, "source", "tcp", m[1], str(nbytes)))
         result = _json(sink)
+        if os.environ.get("PROXY_BENCH_CPU"):
+            for p in procs:
+                fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                print(f"    {path} {' '.join(map(str, p.args[1:4]))}: {cpu:.2f} s CPU",
+                      file=sys.stderr)
         if result["bytes"] != nbytes:
             raise RuntimeError(f"{path}: {result['bytes']} bytes arrived of {nbytes}")
         return float(result["timed_bytes"] / result["seconds"])
@@ -204,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     nbytes = int(args.mib * (1 << 20)) // BLOCK * BLOCK
     try:
         rates = {}
-        for path in ("direct", "vchan->tcp", "tcp->vchan"):
+        for path in ("direct", "vchan->tcp", "tcp->vchan", "tcp"):
             rates[path] = max(measure(path, nbytes, args.loop) for _ in range(args.repeat))
         print(f"{args.mib:g} MiB, loop {args.loop}, best of {args.repeat}")
         for path, rate in rates.items():

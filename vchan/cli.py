@@ -26,7 +26,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 __all__ = ["UsageError", "add_commands"]
@@ -114,28 +114,78 @@ class SocketAddress:
     def __str__(self) -> str:
         return self.text
 
-    async def connect(self, factory: Callable[[], asyncio.BaseProtocol]) -> Any:
+    async def open(self) -> socket.socket:
+        """A connected non-blocking socket (TCP: every address of the host in turn)."""
         loop = asyncio.get_running_loop()
         if self.path is not None:
-            return await loop.create_unix_connection(factory, self.path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, self.path)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
         assert self.host is not None
-        return await loop.create_connection(factory, self.host, self.port)
+        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        errors: list[OSError] = []
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, address)
+            except OSError as exc:
+                sock.close()
+                errors.append(exc)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            # Forwarded requests are often small: do not hold them back.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        if len(errors) == 1:
+            raise errors[0]
+        raise OSError(f"cannot connect to {self.text}: "
+                      + "; ".join(_oserror_text(e) for e in errors))
 
-    async def listen(self, factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.Server:
-        loop = asyncio.get_running_loop()
+    def bind(self) -> list[socket.socket]:
+        """Bound listening sockets (TCP: one per address of the host)."""
         if self.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 if stat.S_ISSOCK(os.stat(self.path).st_mode):
                     os.unlink(self.path)    # a stale socket of an earlier run
-            return await loop.create_unix_server(factory, self.path)
-        return await loop.create_server(factory, self.host, self.port)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(self.path)
+            except BaseException:
+                sock.close()
+                raise
+            return [sock]
+        assert self.host is not None
+        socks: list[socket.socket] = []
+        try:
+            for family, kind, proto, _, address in socket.getaddrinfo(
+                    self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+                sock = socket.socket(family, kind, proto)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.bind(address)
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        return socks
 
 
-def _describe_server(server: asyncio.Server, address: SocketAddress) -> str:
+def _describe_sockets(sockets: list[socket.socket], address: SocketAddress) -> str:
     if address.path is not None:
         return f"unix:{address.path}"
     names = []
-    for sock in server.sockets:
+    for sock in sockets:
         host, port = sock.getsockname()[:2]
         names.append(f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}")
     return ", ".join(names)
@@ -485,168 +535,48 @@ def _connect(args: argparse.Namespace) -> int:
 # The proxy: protocol-level forwarding with flow control
 # ---------------------------------------------------------------------------
 
-class _Link:
-    """One bridged connection: two halves, each forwarding to the other."""
+class _Bridge:
+    """Forwarded connections (each a :class:`vchan.proxy.SocketSplice`), for the log."""
 
-    count = 0
-
-    def __init__(self, stats: _Stats) -> None:
-        _Link.count += 1
-        self.id = _Link.count
-        self.stats = stats
-        self.b = _Half(self, "out")
-
-
-class _Stats:
-    def __init__(self) -> None:
+    def __init__(self, describe: str) -> None:
+        self.describe = describe
         self.open = 0
         self.total = 0
-        self.bytes = 0
-
-
-class _Half(asyncio.Protocol):
-    """One side of a link: what arrives is written to the other side."""
-
-    peer: _Half
-
-    def __init__(self, link: _Link, role: str) -> None:
-        self.link = link
-        self.role = role
-        self.transport: asyncio.Transport | None = None
-        self.eof = False
-        self.lost = False
-        self.early: list[bytes] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        t: Any = transport      # uvloop's transports are not asyncio.Transport subclasses
-        self.transport = t
-        with contextlib.suppress(AttributeError, NotImplementedError, ValueError):
-            t.set_write_buffer_limits(high=1 << 20)
-
-    def data_received(self, data: bytes) -> None:
-        self.link.stats.bytes += len(data)
-        peer = self.peer.transport
-        if peer is None:
-            # Not linked yet (uvloop may read before pause_reading() in
-            # connection_made takes effect): keep it for then.
-            self.early.append(data)
-            if self.transport is not None:
-                self.transport.pause_reading()
-        elif not peer.is_closing():
-            peer.write(data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        if self.peer.transport is None:
-            return True         # forwarded once linked
-        return self.forward_eof()
-
-    def forward_eof(self) -> bool:
-        """Tell the other side our peer finished; whether to keep our side open."""
-        peer = self.peer.transport
-        if peer is None or peer.is_closing():
-            return False
-        log.debug("link %d: EOF from the %s side", self.link.id, self.role)
-        if self.peer.eof:
-            # Both directions are done.
-            peer.close()
-            return False
-        if peer.can_write_eof():
-            peer.write_eof()
-            return True
-        # The other side cannot be half-closed (a plain libxenvchan peer):
-        # close it, delivering what was written, as vchan-socket-proxy does.
-        peer.close()
-        return True
-
-    def pause_writing(self) -> None:
-        peer = self.peer.transport
-        if peer is not None and not peer.is_closing():
-            peer.pause_reading()
-
-    def resume_writing(self) -> None:
-        peer = self.peer.transport
-        if peer is not None and not peer.is_closing():
-            peer.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.lost:
-            return
-        self.lost = True
-        if exc is not None:
-            log.info("link %d: %s side lost: %s", self.link.id, self.role, exc)
-        peer = self.peer.transport
-        if peer is not None and not peer.is_closing():
-            if exc is None:
-                peer.close()
-            else:
-                peer.abort()
-        if self.role == "in":
-            self.link.stats.open -= 1
-            log.info("link %d closed", self.link.id)
-
-
-class _Bridge:
-    """Accepted connections, each bridged to a new outgoing one."""
-
-    def __init__(self, describe: str,
-                 connect: Callable[[Callable[[], asyncio.BaseProtocol]], Awaitable[Any]]) -> None:
-        self.describe = describe
-        self.connect_out = connect
-        self.stats = _Stats()
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def factory(self) -> asyncio.Protocol:
-        link = _Link(self.stats)
-        inbound = _Inbound(link, self)
-        inbound.peer = link.b
-        link.b.peer = inbound
-        return inbound
+    def opened(self, splice: Any, origin: object) -> int:
+        self.open += 1
+        self.total += 1
+        link = self.total
+        log.info("link %d: connection from %s", link, origin)
+        return link
 
-    async def link_out(self, inbound: _Inbound) -> None:
-        link = inbound.link
-        try:
-            await self.connect_out(lambda: link.b)
-        except Exception as exc:    # refused, timed out, no such domain, ...
-            log.warning("link %d: cannot reach %s: %s", link.id, self.describe,
-                        _oserror_text(exc))
-            if inbound.transport is not None:
-                inbound.transport.abort()
-            return
-        if inbound.lost:
-            if link.b.transport is not None:
-                link.b.transport.close()
-            return
-        log.info("link %d: bridged to %s", link.id, self.describe)
-        out = link.b.transport
-        assert inbound.transport is not None and out is not None
-        for data in inbound.early:
-            out.write(data)
-        inbound.early.clear()
-        if inbound.eof:
-            if not inbound.forward_eof():
-                inbound.transport.close()
-        else:
-            inbound.transport.resume_reading()
+    def bridged(self, link: int) -> None:
+        log.info("link %d: bridged to %s", link, self.describe)
 
+    def failed(self, link: int, exc: BaseException) -> None:
+        log.warning("link %d: cannot reach %s: %s", link, self.describe, _oserror_text(exc))
 
-class _Inbound(_Half):
-    def __init__(self, link: _Link, bridge: _Bridge) -> None:
-        super().__init__(link, "in")
-        self.bridge = bridge
+    def follow(self, link: int, splice: Any) -> None:
+        """Log the link's end once its splice closes."""
+        async def watch() -> None:
+            await splice.wait_closed()
+            self.open -= 1
+            if splice.error is not None:
+                log.info("link %d closed: %s", link, _oserror_text(splice.error))
+            else:
+                log.info("link %d closed", link)
+        self.spawn(watch())
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        assert self.transport is not None
-        self.transport.pause_reading()      # until the other side is connected
-        stats = self.link.stats
-        stats.open += 1
-        stats.total += 1
-        log.info("link %d: connection from %s", self.link.id,
-                 transport.get_extra_info("peername"))
-        task = asyncio.get_running_loop().create_task(self.bridge.link_out(self))
-        self.bridge.tasks.add(task)
-        task.add_done_callback(self.bridge.tasks.discard)
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def cancel(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 _VCHAN_PATH = re.compile(r"^/local/domain/(\d+)/data/vchan/(\d+)/([A-Za-z0-9_-]{1,64})$")
@@ -744,12 +674,32 @@ async def _vchan_to_socket(port: int | str, peers: Any, raw: bool, target: Socke
                            state_path: str | None) -> int:
     import vchan
 
-    bridge = _Bridge(str(target), target.connect)
-    server = await vchan.create_server(bridge.factory, port, peers=peers, raw=raw)
+    from .proxy import SocketSplice
+
+    bridge = _Bridge(str(target))
+
+    def factory() -> SocketSplice:
+        async def connect() -> socket.socket:
+            try:
+                sock = await target.open()
+            except Exception as exc:
+                bridge.failed(link, exc)
+                raise
+            bridge.bridged(link)
+            return sock
+        splice = SocketSplice(connect=connect)
+        link = bridge.opened(splice, "vchan")
+        bridge.follow(link, splice)
+        return splice
+
+    server = await vchan.create_server(factory, port, peers=peers, raw=raw)
     log.info("listening on vchan port %s of domain %s, forwarding to %s", port, server.own,
              target)
-    async with server, _state(state_path):
-        return await _serve_until_signal([server])
+    try:
+        async with server, _state(state_path):
+            return await _serve_until_signal([server])
+    finally:
+        await bridge.cancel()
 
 
 async def _socket_to_vchan(listen: SocketAddress, domid: int, port: int | str,
@@ -757,20 +707,38 @@ async def _socket_to_vchan(listen: SocketAddress, domid: int, port: int | str,
                            sock: socket.socket | None = None) -> int:
     import vchan
 
-    async def connect(factory: Callable[[], asyncio.BaseProtocol]) -> Any:
-        return await vchan.create_connection(factory, domid, port, timeout=timeout)
+    from .proxy import SocketListener, SocketSplice
 
-    bridge = _Bridge(f"vchan domain {domid} port {port}", connect)
-    loop = asyncio.get_running_loop()
+    bridge = _Bridge(f"vchan domain {domid} port {port}")
+
+    async def link_out(conn: socket.socket, addr: Any) -> None:
+        splice = SocketSplice(conn)
+        link = bridge.opened(splice, addr or "a local socket")
+        try:
+            await vchan.create_connection(lambda: splice, domid, port, timeout=timeout)
+        except Exception as exc:    # refused, timed out, no such domain, ...
+            bridge.failed(link, exc)
+            bridge.open -= 1
+            conn.close()
+            return
+        bridge.bridged(link)
+        bridge.follow(link, splice)
+
+    def accepted(conn: socket.socket, addr: Any) -> None:
+        bridge.spawn(link_out(conn, addr))
+
     if sock is not None:
-        server = await loop.create_server(bridge.factory, sock=sock)
+        listener = SocketListener([sock], accepted)
         where = f"fd {sock.fileno()}"
     else:
-        server = await listen.listen(bridge.factory)
-        where = _describe_server(server, listen)
+        listener = SocketListener(listen.bind(), accepted)
+        where = _describe_sockets(listener.sockets, listen)
     log.info("listening on %s, forwarding to vchan domain %s port %s", where, domid, port)
-    async with server, _state(state_path):
-        return await _serve_until_signal([server])
+    try:
+        async with listener, _state(state_path):
+            return await _serve_until_signal([listener])
+    finally:
+        await bridge.cancel()
 
 
 def _socket_proxy(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import warnings
@@ -40,7 +41,7 @@ from .endpoint import Endpoint
 from .errors import LocalProtocolError, RemoteProtocolError, VchanError
 from .ring import ECLOSED, NOTIFY_CLOSED, NOTIFY_EOF, NOTIFY_HELLO, strerror
 
-__all__ = ["VchanTransport"]
+__all__ = ["SpliceProtocol", "VchanTransport"]
 
 log = logging.getLogger("vchan")
 
@@ -179,10 +180,44 @@ def event_hub(loop: asyncio.AbstractEventLoop) -> _EventHub:
     return hub
 
 
+class SpliceProtocol(asyncio.BaseProtocol):
+    """A protocol whose bytes move between the ring and a file descriptor in C.
+
+    Given to a :class:`VchanTransport`, it replaces ``data_received``: ring
+    data goes straight from the shared pages to :meth:`fileno` with one
+    ``sendmsg`` (see ``vchan/splice.c``), and :meth:`VchanTransport.splice_in`
+    reads the descriptor straight into the ring.  :class:`vchan.proxy.SocketSplice`
+    is the implementation; the hooks below are what the transport calls.
+    """
+
+    def fileno(self) -> int:
+        """The descriptor ring data goes to; -1 while there is none."""
+        raise NotImplementedError
+
+    def wait_writable(self) -> None:
+        """The descriptor is full: resume the transport's reading once it drains."""
+        raise NotImplementedError
+
+    def space_available(self) -> None:
+        """The ring has room again after :meth:`VchanTransport.splice_in` filled it."""
+        raise NotImplementedError
+
+
+# What VchanTransport.splice_in() found.
+SPLICE_MORE = 0     # stopped after its share of the loop: call again
+SPLICE_WAIT = 1     # the descriptor has nothing now (EAGAIN)
+SPLICE_FULL = 2     # the ring is full: space_available() will be called
+SPLICE_EOF = 3      # the descriptor reached end of file
+SPLICE_ERROR = 4    # the transport is closing with an error
+
+_AGAIN = {errno.EAGAIN, errno.EWOULDBLOCK}
+
+
 class VchanTransport(asyncio.Transport):
     """An asyncio transport over one libxenvchan connection."""
 
     max_size = 256 * 1024       # bytes handed to the protocol per loop iteration
+    max_splice = 1024 * 1024    # bytes spliced each way per loop iteration
     _extra: dict[str, Any]      # asyncio.BaseTransport's extra info
     _protocol: Any
 
@@ -216,6 +251,8 @@ class VchanTransport(asyncio.Transport):
         self._pb = ffi.new("const uint8_t **")
         self._alen = ffi.new("uint32_t *")
         self._blen = ffi.new("uint32_t *")
+        self._errno = ffi.new("int *")
+        self._space_wanted = False      # splice_in() found the ring full
         self.set_protocol(protocol)
         hub.register(endpoint.port, self._on_event)
         hub.watch_peer(endpoint.peer_domid, self)
@@ -255,7 +292,9 @@ class VchanTransport(asyncio.Transport):
         self._made = True
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        if isinstance(protocol, asyncio.BufferedProtocol):
+        if isinstance(protocol, SpliceProtocol):
+            self._read_into = self._read__splice
+        elif isinstance(protocol, asyncio.BufferedProtocol):
             self._read_into = self._read__get_buffer
         else:
             self._read_into = self._read__data_received
@@ -466,6 +505,67 @@ class VchanTransport(asyncio.Transport):
             total += n
             self._protocol.buffer_updated(n)
 
+    def _read__splice(self) -> bool:
+        """Send ring data straight to the splice protocol's descriptor (see above)."""
+        r, notify, err = self._r, self._notify, self._errno
+        fd = self._protocol.fileno()
+        total = 0
+        while True:
+            if self._paused or self._closing or total >= self.max_splice or fd < 0:
+                return True
+            n = lib.vchan_splice_to_fd(r, fd, self.max_splice, notify, err)
+            if n > 0:
+                total += n
+                continue
+            if n == 0:
+                return False    # empty, and the wake-up request is armed
+            if n == lib.VCHAN_SPLICE_ERRNO:
+                if err[0] in _AGAIN:
+                    self._protocol.wait_writable()
+                    return True
+                raise OSError(err[0], f"forwarding to fd {fd}: {os.strerror(err[0])}")
+            raise _ring_error(n, "read")
+
+    def splice_in(self, fd: int) -> int:
+        """Read ``fd`` straight into the ring (for a :class:`SpliceProtocol`).
+
+        Moves at most :attr:`max_splice` bytes, waking the peer if it asked,
+        and returns one of ``SPLICE_MORE``, ``SPLICE_WAIT``, ``SPLICE_FULL``
+        (the protocol's ``space_available()`` is called when there is room),
+        ``SPLICE_EOF`` or ``SPLICE_ERROR`` (the transport is being closed with
+        the error; ``connection_lost`` follows).
+        """
+        if self._closing or self._eof:
+            return SPLICE_ERROR
+        r, notify, err = self._r, self._notify, self._errno
+        total = 0
+        result = SPLICE_MORE
+        try:
+            while total < self.max_splice:
+                n = lib.vchan_splice_from_fd(r, fd, self.max_splice - total, notify, err)
+                if n > 0:
+                    total += n
+                    continue
+                if n == 0:
+                    self._space_wanted = True
+                    result = SPLICE_FULL
+                elif n == lib.VCHAN_SPLICE_EOF:
+                    result = SPLICE_EOF
+                elif n == lib.VCHAN_SPLICE_ERRNO and err[0] in _AGAIN:
+                    result = SPLICE_WAIT
+                elif n == lib.VCHAN_SPLICE_ERRNO:
+                    self._fatal_error(OSError(err[0], f"forwarding from fd {fd}: "
+                                                      f"{os.strerror(err[0])}"))
+                    return SPLICE_ERROR
+                else:
+                    exc = _ring_error(n, "write")
+                    self._fatal_error(exc, "vchan peer broke the protocol")
+                    return SPLICE_ERROR
+                break
+        finally:
+            self._flush_notify()
+        return result
+
     # -- the event handler ----------------------------------------------------
 
     def _on_event(self) -> None:
@@ -478,6 +578,13 @@ class VchanTransport(asyncio.Transport):
         try:
             if self._buffer and not self._flush_buffer():
                 return
+            if self._space_wanted and not self._closing:
+                space = lib.vchan_ring_buffer_space(self._r)
+                if space < 0 and space != ECLOSED:
+                    raise _ring_error(space, "write")
+                if space > 0:
+                    self._space_wanted = False
+                    self._protocol.space_available()
             reading = not self._paused and not self._closing and not self._eof_received
             if reading and self._read_into():
                 # Stopped early.  Still reading: come back after other
