@@ -1,12 +1,12 @@
 """libFuzzer run of the ring against a hostile peer (tests/fuzz/ring_fuzz.c).
 
 The harness is built with ``clang -fsanitize=fuzzer,address,undefined``
-together with ``vchan/ring.c`` and run for a bounded time from a copy of the
-seed corpus (tests/fuzz/corpus/ plus the seeds tests/fuzz/make_corpus.py
-generates).  Any invariant violation, sanitizer report, hang longer than 5 s
-(``-timeout=5``) or leak makes libFuzzer exit non-zero and the test fail;
-the crashing input is left in the test's temporary directory and its path
-printed.
+together with ``vchan/ring.c`` and ``vchan/splice.c`` and run for a bounded
+time from a copy of the seed corpus (tests/fuzz/corpus/ plus the seeds
+tests/fuzz/make_corpus.py generates).  Any invariant violation, sanitizer
+report, hang longer than 5 s (``-timeout=5``) or leak makes libFuzzer exit
+non-zero and the test fail; the crashing input is left in the test's
+temporary directory and its path printed.
 
 Environment:
     VCHAN_FUZZ_SECONDS  fuzzing time (default 30; a soak run uses more)
@@ -35,6 +35,7 @@ FUZZ_DIR = ROOT / "tests" / "fuzz"
 SOURCE = FUZZ_DIR / "ring_fuzz.c"
 CORPUS = FUZZ_DIR / "corpus"
 RING_C = ROOT / "vchan" / "ring.c"
+SPLICE_C = ROOT / "vchan" / "splice.c"
 
 FUZZ_SECONDS = int(float(os.environ.get("VCHAN_FUZZ_SECONDS", "30")))
 FLAGS = ["-g", "-O1", "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=all"]
@@ -105,7 +106,7 @@ def fuzz_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert cc is not None
     exe = workdir / "ring_fuzz"
     cmd = [cc, *FLAGS, "-std=gnu11", "-Wall", "-Wextra", "-Werror",
-           "-I", str(ROOT / "vchan"), str(SOURCE), str(RING_C), "-o", str(exe)]
+           "-I", str(ROOT / "vchan"), str(SOURCE), str(RING_C), str(SPLICE_C), "-o", str(exe)]
     started = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}"

@@ -18,8 +18,8 @@ import struct
 import sys
 from pathlib import Path
 
-# Operation codes (ring_fuzz.c: switch (op % 27)).
-NOPS = 27
+# Operation codes (ring_fuzz.c: switch (op % 30)).
+NOPS = 30
 WRITE, READ, SEND, RECV, WRITEV = 0, 2, 4, 5, 6
 DATA_READY, BUFFER_SPACE, PEER_LIVE, PEER_EOF, WRITE_EOF = 7, 8, 9, 10, 11
 ERROR = 12
@@ -28,6 +28,7 @@ CLOSE = 12 + NOPS * 5  # 12 with bit 7 set (0x93)
 PRODUCE, CONSUME, POKE_PAGE, POKE_INDEX, POKE_RING = 13, 15, 17, 18, 19
 REQUEST, POKE_LIVE, POKE_ORDER, SERVER_ORDERS = 20, 21, 22, 23
 PEEK, RING_CONSUME = 24, 26
+RESERVE, COMMIT, SPLICE = 27, 28, 29
 assert PEER_FLAGS & 0x40 and not PEER_FLAGS & 0x80 and CLOSE & 0x80
 
 NOTIFY_WRITE, NOTIFY_READ, NOTIFY_EOF = 0x1, 0x2, 0x80
@@ -114,6 +115,34 @@ def ring_consume(mode: int, small: int = 0) -> bytes:
     return bytes([RING_CONSUME, (small << 3) | (mode << 1)])
 
 
+def reserve(fill: int, src: int = 0) -> bytes:
+    """vchan_ring_reserve, then fill min(fill, reserved) bytes through the pieces."""
+    return bytes([RESERVE]) + u16(fill) + u32(src)
+
+
+def commit(mode: int, small: int = 0, src: int = 0, write: bool = True,
+           n: int = 0, notify: int = 0) -> bytes:
+    """vchan_ring_commit: mode 0 all validated space, 1 one too many,
+    2 min(small, validated), 3 n; the harness writes the bytes first unless
+    write is False."""
+    k = ((small & 15) << 3) | (mode << 1) | (notify & 1) | (0 if write else 0x80)
+    out = bytes([COMMIT, k]) + u32(src)
+    return out + u32(n) if mode == 3 else out
+
+
+def splice_to_fd(max_len: bytes, pipe: bool = False, full: bool = False) -> bytes:
+    """vchan_splice_to_fd into an empty (or full) socket or pipe."""
+    k = 1 | (2 if pipe else 0) | (12 if full else 0)
+    return bytes([SPLICE, k]) + max_len
+
+
+def splice_from_fd(max_len: bytes, queued: int = 0, pipe: bool = False,
+                   eof: bool = False, src: int = 0) -> bytes:
+    """vchan_splice_from_fd with `queued` bytes waiting (0: EAGAIN) or at EOF."""
+    k = (2 if pipe else 0) | (12 if eof else 0)
+    return bytes([SPLICE, k]) + max_len + u16(queued) + u32(src)
+
+
 def produce(n: int, src: int = 0) -> bytes:
     return bytes([PRODUCE]) + u32(src) + u32(n)
 
@@ -172,6 +201,45 @@ def seeds() -> dict[str, bytes]:
         + ring_consume(0) + bytes([PEEK]) + produce(4096) + bytes([PEEK])
         + bytes([PEER_FLAGS]) + request(0x40 | 0x20 | NOTIFY_EOF) + bytes([PEER_FLAGS])
         + bytes([CLOSE, PEER_FLAGS])
+    )
+    # Zero-copy writes: reserve in two pieces across the wrap, partial and
+    # over-long commits, commits of what reserve filled, after EOF.
+    s["server_reserve_commit"] = (
+        server(10, 12)
+        + reserve(100, 1) + commit(2, 15, 2) + consume(15) + reserve(5000, 3)
+        + commit(0, src=4, write=False) + reserve(0) + consume(4000) + reserve(50)
+        + commit(1) + commit(2, 7, 5) + bytes([BUFFER_SPACE]) + commit(0, src=6, notify=1)
+        + request(NOTIFY_WRITE, assign=False) + consume(4096) + reserve(4096, 7)
+        + commit(3, n=0xFFFFFFFF) + commit(3, n=4096) + bytes([WRITE_EOF, 0])
+        + reserve(1) + commit(0)
+    )
+    s["client_inpage_reserve_commit"] = (
+        client_fresh(11, 10)
+        + write(1500) + consume(1500) + reserve(2048, 8) + commit(2, 9) + commit(0, src=9)
+        + consume(100) + reserve(100) + commit(0, write=False) + poke_index_small(0, 100)
+        + reserve(1) + commit(0)
+    )
+    # Ring <-> descriptor: socket and pipe, empty, full, end of file.
+    s["server_splice"] = (
+        server(12, 12)
+        + splice_to_fd(length(100)) + produce(4000) + splice_to_fd(length(0))
+        + splice_to_fd(length(1000)) + splice_to_fd(huge(0), pipe=True)
+        + produce(4096) + splice_to_fd(huge(0), full=True)
+        + splice_to_fd(huge(0), pipe=True, full=True) + splice_to_fd(huge(0))
+        + splice_from_fd(huge(0)) + splice_from_fd(huge(0), 3000, src=11)
+        + splice_from_fd(length(500), 3000, pipe=True, src=12)
+        + splice_from_fd(huge(0), 4096, src=13) + consume(4096)
+        + splice_from_fd(huge(0), 60000, pipe=True, src=14)
+        + splice_from_fd(huge(0), eof=True) + consume(100)
+        + splice_from_fd(huge(0), eof=True) + splice_from_fd(huge(0), 10, eof=True, pipe=True)
+        + splice_from_fd(huge(0), 5, src=15)
+        + bytes([WRITE_EOF, 0]) + splice_from_fd(huge(0), 5)
+    )
+    s["client_inpage_splice"] = (
+        client_fresh(10, 11)
+        + produce(2000) + splice_to_fd(huge(0), pipe=True) + splice_from_fd(huge(0), 2000)
+        + consume(1000) + splice_from_fd(huge(0), 2000, pipe=True)
+        + poke_index_small(3, -5) + splice_to_fd(huge(0))
     )
     # Separate pages, many wrap-arounds with odd sizes.
     body = b""

@@ -4,16 +4,22 @@
  *
  * Build:  clang -g -O1 -fsanitize=fuzzer,address,undefined \
  *             -fno-sanitize-recover=all -Ivchan \
- *             tests/fuzz/ring_fuzz.c vchan/ring.c -o ring_fuzz
+ *             tests/fuzz/ring_fuzz.c vchan/ring.c vchan/splice.c -o ring_fuzz
  * Run:    ./ring_fuzz -max_total_time=60 -timeout=5 corpus_dir/
  *         VCHAN_FUZZ_TRACE=1 ./ring_fuzz crash-file     (print every op)
  *
  * The input drives ONE endpoint (server or client, from the first byte;
  * orders from the input, invalid ones included: the client's go through
  * vchan_client_orders) through a sequence of operations -- write, read,
- * send, recv, writev, peek, consume, data_ready, buffer_space, peer_live,
- * peer_eof, peer_flags, write_eof, close, with lengths from 0 to far beyond
- * the ring (SIZE_MAX included) -- interleaved with whatever a hostile peer
+ * send, recv, writev, peek, consume, reserve (then filling a prefix of the
+ * pieces through the returned pointers), commit (of the validated space, one
+ * byte more, a small count or any u32, after writing the bytes it publishes),
+ * data_ready, buffer_space, peer_live, peer_eof, peer_flags, write_eof,
+ * close, and splice.c's vchan_splice_to_fd / vchan_splice_from_fd over a
+ * non-blocking AF_UNIX socketpair or pipe made once per process (empty,
+ * filled until EAGAIN, holding some bytes, or at end of file), with lengths
+ * from 0 to far beyond the ring (SIZE_MAX included) -- interleaved with
+ * whatever a hostile peer
  * can do to shared memory: arbitrary bytes at any offset of the control page
  * (indices, orders, live bytes, notify bytes, grants, in-page ring data),
  * rewrites of the separate ring buffers, and -- so the fuzzer also reaches
@@ -48,10 +54,21 @@
  *     separate buffers (after every operation for rings <= 64 KiB, else at
  *     the end of the input);
  *   - *notify is set exactly when the peer had asked, and is otherwise left
- *     untouched.
+ *     untouched;
+ *   - zero-copy pieces (peek, reserve) lie exactly at our index inside our
+ *     own ring, wrapping once, and are (buffer, 0, buffer, 0) on error;
+ *   - splice: the kernel moves between 1 byte and min(max, ring, queued)
+ *     bytes, exactly the ring's (to_fd) or the channel's (from_fd), the rest
+ *     stays queued; a full / empty channel gives VCHAN_SPLICE_ERRNO with
+ *     EAGAIN, a closed one VCHAN_SPLICE_EOF, and neither touches the ring.
+ *     Every operation leaves its channel empty, so runs stay reproducible.
  */
+#define _GNU_SOURCE     /* pipe2 */
 #include "ring.h"
+#include "splice.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -59,6 +76,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #define PAGE        VCHAN_PAGE_SIZE
 #define MAX_OPS     2048
@@ -250,6 +269,12 @@ static struct {
     size_t own_notify, peer_notify, own_live, peer_live;
     int error;              /* model's sticky remote error */
     int eof_sent;
+    struct {                /* the last successful reserve, as the user keeps it */
+        int valid;
+        uint8_t *a, *b;
+        uint32_t alen, blen;
+        uint32_t own;       /* wr.own then: the pieces are stale once it moves */
+    } resv;
 } M;
 
 /* Snapshots for one operation: pre is page 0 before the call, exp what it
@@ -801,6 +826,344 @@ static void op_consume(struct input *in)
     check_memory(0);
 }
 
+/* The user writes n <= validated free bytes at our producer index, as a
+ * reserve's caller does: through the pieces of the last reservation while
+ * it is current (as far as they reach), else at the ring's own address.
+ * The expected copy of a separate buffer is kept in step (page 0 is
+ * snapshotted by the next begin_op). */
+static void user_fill(const uint8_t *src, uint32_t n)
+{
+    uint32_t done = 0, k;
+
+    if (M.resv.valid && M.resv.own == M.wr.own) {
+        k = n < M.resv.alen ? n : M.resv.alen;
+        memcpy(M.resv.a, src, k);
+        done = k;
+        k = n - done < M.resv.blen ? n - done : M.resv.blen;
+        memcpy(M.resv.b, src + done, k);
+        done += k;
+    }
+    ring_copy_in(M.wr.buf, &M.wr, M.wr.own + done, src + done, n - done);
+    if (!M.wr.in_page)
+        ring_copy_in(M.wr.exp, &M.wr, M.wr.own, src, n);
+}
+
+/* Zero-copy write, first step: the free space in place, as two pieces;
+ * then the caller fills a prefix of it (any length up to the total). */
+static void op_reserve(struct input *in)
+{
+    uint8_t *a = NULL, *b = NULL;
+    uint32_t alen = 0xdeadbeef, blen = 0xdeadbeef, exp_alen = 0, exp_blen = 0;
+    uint32_t at = M.wr.own & M.wr.mask, fill = u16(in);
+    const uint8_t *src = data_at(in);
+    int64_t exp;
+    int rc;
+
+    begin_op("reserve");
+    if ((exp = m_usable()) == 0) {
+        if (M.eof_sent) {
+            exp = VCHAN_ECLOSED;
+        } else {
+            exp = m_wr_space();
+            if (exp >= 0) {
+                /* it wants everything: always arms, then looks again */
+                m_arm(VCHAN_NOTIFY_READ);
+                exp = m_wr_space();
+            }
+            if (exp > 0) {
+                exp_alen = M.wr.size - at < (uint32_t)exp ? M.wr.size - at : (uint32_t)exp;
+                exp_blen = (uint32_t)exp - exp_alen;
+            }
+        }
+    }
+    rc = vchan_ring_reserve(&M.ring, &a, &alen, &b, &blen);
+    TRACE("#%u reserve -> %d (%u + %u) (model %lld)\n", op_index, rc, alen, blen,
+          (long long)exp);
+    check_generic(rc, M.wr.size, M.wr.size, 1);
+    if (rc == 0)
+        CHECK(M.page[M.peer_notify] & VCHAN_NOTIFY_READ);   /* may sleep */
+    CHECK_EQ(exp, rc);
+    CHECK_EQ(exp_alen, alen);
+    CHECK_EQ(exp_blen, blen);
+    if (rc > 0) {
+        /* inside our write ring, from our producer index, wrapping once */
+        CHECK(a == M.wr.buf + at);
+        CHECK(b == M.wr.buf);
+    } else {
+        CHECK(a == M.wr.buf && b == M.wr.buf);
+    }
+    check_memory(0);
+    if (rc > 0) {
+        M.resv.valid = 1;
+        M.resv.a = a;
+        M.resv.b = b;
+        M.resv.alen = alen;
+        M.resv.blen = blen;
+        M.resv.own = M.wr.own;
+        fill %= (uint32_t)rc + 1;
+        TRACE("    fill %u\n", fill);
+        user_fill(src, fill);
+    }
+}
+
+/* Zero-copy write, second step: publish n bytes (at most the validated
+ * free space).  Unless told not to, the harness first writes the bytes it
+ * is about to publish, so their content is known exactly. */
+static void op_commit(struct input *in)
+{
+    uint8_t k = u8(in);
+    uint32_t validated = M.wr.size - (M.wr.own - M.wr.peer), n, start = M.wr.own;
+    const uint8_t *src = data_at(in);
+    int notify0 = k & 1, notify = notify0, exp_notify = 0, rc, wrote = 0;
+    uint32_t small = (k >> 3) & 15;
+    int64_t exp;
+
+    switch ((k >> 1) & 3) {
+    case 0: n = validated; break;
+    case 1: n = validated + 1; break;
+    case 2: n = small < validated ? small : validated; break;
+    default: n = u32(in); break;
+    }
+    if (!(k & 0x80) && n <= validated) {
+        user_fill(src, n);      /* the stream's next bytes */
+        wrote = 1;
+    }
+    begin_op("commit");
+    if ((exp = m_usable()) == 0) {
+        if (M.eof_sent) {
+            exp = VCHAN_ECLOSED;
+        } else if (n > validated) {
+            exp = VCHAN_EINVAL;
+        } else if (n > 0) {
+            M.wr.own += n;
+            m_publish(&M.wr, VCHAN_NOTIFY_WRITE, &exp_notify);
+            exp = n;
+        }
+    }
+    rc = vchan_ring_commit(&M.ring, n, &notify);
+    TRACE("#%u commit(%u of %u validated%s) -> %d (model %lld)\n", op_index, n,
+          validated, wrote ? ", written" : "", rc, (long long)exp);
+    check_generic(rc, n, M.wr.size, 1);
+    CHECK_EQ(exp, rc);
+    check_notify(notify0, exp_notify, notify);
+    /* what was published is exactly what the harness wrote there */
+    if (rc > 0 && wrote)
+        CHECK(ring_compare(&M.wr, start, src, (uint32_t)rc) == (uint32_t)rc);
+    check_memory(0);
+}
+
+/* ------------------------------------------------------------------ */
+/* Ring <-> descriptor (splice.c), over a non-blocking socketpair or   */
+/* pipe made once per process.  Each operation leaves its channel      */
+/* empty, so the kernel's side is deterministic: an empty channel      */
+/* accepts at least one byte, a full one (filled until EAGAIN) none,   */
+/* a channel with m bytes queued yields between 1 and m of them.       */
+/* ------------------------------------------------------------------ */
+
+struct chan {
+    int w, r;               /* the harness or splice writes w, reads r */
+};
+static struct chan chans[2];    /* 0: AF_UNIX stream socketpair, 1: pipe */
+static uint8_t spill[VCHAN_MAX_RING_SIZE + 1];
+static uint8_t junk[64 * 1024];
+
+/* Small channels (tens of KiB, not the default hundreds): filling one is
+ * cheap, and a ring's worth of data often moves in several partial calls. */
+#define CHAN_BUF    (16 * 1024)
+
+static void chan_open(int i)
+{
+    int fds[2], sndbuf = CHAN_BUF;
+
+    if (i == 0) {
+        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) ||
+            setsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf)))
+            abort();
+        chans[0].w = fds[0];
+        chans[0].r = fds[1];
+    } else {
+        if (pipe2(fds, O_NONBLOCK | O_CLOEXEC))
+            abort();
+        (void)fcntl(fds[1], F_SETPIPE_SZ, CHAN_BUF);  /* best effort */
+        chans[1].r = fds[0];
+        chans[1].w = fds[1];
+    }
+}
+
+/* Read everything queued (until EAGAIN); the first cap bytes into dst. */
+static size_t chan_drain(struct chan *c, uint8_t *dst, size_t cap)
+{
+    size_t total = 0;
+
+    for (;;) {
+        ssize_t got = total < cap ? read(c->r, dst + total, cap - total)
+                                  : read(c->r, junk, sizeof(junk));
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0) {
+            CHECK(errno == EAGAIN);
+            return total;
+        }
+        CHECK(got > 0);     /* the write end is never closed here */
+        total += (size_t)got;
+    }
+}
+
+/* Queue up to n bytes of src (as many as the channel accepts). */
+static size_t chan_put(struct chan *c, const uint8_t *src, size_t n)
+{
+    size_t done = 0;
+
+    while (done < n) {
+        ssize_t put = write(c->w, src + done, n - done);
+        if (put < 0 && errno == EINTR)
+            continue;
+        if (put < 0) {
+            CHECK(errno == EAGAIN);
+            break;
+        }
+        done += (size_t)put;
+    }
+    return done;
+}
+
+/* Fill the channel until not even one more byte fits. */
+static size_t chan_fill(struct chan *c)
+{
+    size_t total = 0, put;
+
+    while ((put = chan_put(c, junk, sizeof(junk))) == sizeof(junk))
+        total += put;
+    total += put;
+    while ((put = chan_put(c, junk, 1)) == 1)
+        total += put;
+    return total;
+}
+
+#define SPLICE_MOVED    INT64_MIN   /* model: some bytes, count from the kernel */
+
+static void op_splice(struct input *in)
+{
+    uint8_t k = u8(in);
+    int to_fd = k & 1, mode = (k >> 2) & 3;
+    struct chan *c = &chans[(k >> 1) & 1];
+    int notify0 = (k >> 4) & 1, notify = notify0, exp_notify = 0, err = -1, exp_err = 0;
+    size_t max = get_len(in, to_fd ? M.rd.size : M.wr.size), queued = 0, left;
+    uint32_t m = to_fd ? 0 : u16(in);
+    const uint8_t *src = to_fd ? NULL : data_at(in);
+    int64_t exp, avail = 0;
+    int rc;
+
+    /* to_fd: mode 3 a full channel, else an empty one;
+     * from_fd: modes 0-1 m bytes queued, 2 nothing, 3 end of file */
+    if (to_fd && mode == 3)
+        queued = chan_fill(c);
+    else if (!to_fd && mode < 2)
+        queued = chan_put(c, src, m);
+    else if (!to_fd && mode == 3) {
+        close(c->w);
+        c->w = -1;
+    }
+    begin_op(to_fd ? "splice_to_fd" : "splice_from_fd");
+    if (to_fd) {
+        /* peek (always arms), sendmsg, consume */
+        if ((exp = m_usable()) == 0) {
+            exp = m_rd_ready();
+            if (exp >= 0) {
+                m_arm(VCHAN_NOTIFY_WRITE);
+                exp = m_rd_ready();
+            }
+            avail = exp;
+            if (exp > 0 && max == 0)
+                exp = 0;
+            else if (exp > 0 && mode == 3)
+                exp = VCHAN_SPLICE_ERRNO, exp_err = EAGAIN;
+            else if (exp > 0)
+                exp = SPLICE_MOVED;
+        }
+    } else {
+        /* reserve (always arms), readv, commit */
+        if ((exp = m_usable()) == 0) {
+            if (M.eof_sent) {
+                exp = VCHAN_ECLOSED;
+            } else {
+                exp = m_wr_space();
+                if (exp >= 0) {
+                    m_arm(VCHAN_NOTIFY_READ);
+                    exp = m_wr_space();
+                }
+                avail = exp;
+                if (exp > 0 && max == 0)
+                    exp = 0;
+                else if (exp > 0 && mode == 3)
+                    exp = VCHAN_SPLICE_EOF;
+                else if (exp > 0 && queued == 0)
+                    exp = VCHAN_SPLICE_ERRNO, exp_err = EAGAIN;
+                else if (exp > 0)
+                    exp = SPLICE_MOVED;
+            }
+        }
+    }
+
+    rc = to_fd ? vchan_splice_to_fd(&M.ring, c->w, max, &notify, &err)
+               : vchan_splice_from_fd(&M.ring, c->r, max, &notify, &err);
+    if (exp == SPLICE_MOVED)
+        TRACE("#%u %s(%s, max=%zu, mode %d, queued %zu) -> %d, err %d (model 1..%lld)\n",
+              op_index, op_name, c == &chans[0] ? "socket" : "pipe", max, mode, queued,
+              rc, err, (long long)avail);
+    else
+        TRACE("#%u %s(%s, max=%zu, mode %d, queued %zu) -> %d, err %d (model %lld)\n",
+              op_index, op_name, c == &chans[0] ? "socket" : "pipe", max, mode, queued,
+              rc, err, (long long)exp);
+
+    if (rc == VCHAN_SPLICE_EOF || rc == VCHAN_SPLICE_ERRNO)
+        CHECK(!M.error);
+    else
+        check_generic(rc, max, to_fd ? M.rd.size : M.wr.size, 1);
+    if (rc == 0 && max > 0)     /* may sleep: the wake-up is armed */
+        CHECK(M.page[M.peer_notify] & (to_fd ? VCHAN_NOTIFY_WRITE : VCHAN_NOTIFY_READ));
+    if (exp == SPLICE_MOVED) {
+        /* between 1 byte and all that fits (max, the ring, the channel) */
+        size_t limit = max < (size_t)avail ? max : (size_t)avail;
+
+        if (!to_fd && queued < limit)
+            limit = queued;
+        if (rc <= 0 || (size_t)rc > limit)
+            report(__LINE__, "moved %d bytes, expected 1..%zu", rc, limit);
+        exp = rc;
+        if (to_fd) {
+            /* the channel holds exactly the ring's bytes from our consumer index */
+            size_t got = chan_drain(c, spill, sizeof(spill));
+            CHECK_EQ(rc, got);
+            CHECK(ring_compare(&M.rd, M.rd.own, spill, (uint32_t)rc) == (uint32_t)rc);
+            M.rd.own += (uint32_t)rc;
+            m_publish(&M.rd, VCHAN_NOTIFY_READ, &exp_notify);
+        } else {
+            /* the ring holds the channel's first bytes, the rest is still queued */
+            m_put(src, (uint32_t)rc);
+            m_publish(&M.wr, VCHAN_NOTIFY_WRITE, &exp_notify);
+            left = chan_drain(c, spill, sizeof(spill));
+            CHECK_EQ(queued - (size_t)rc, left);
+            CHECK(memcmp(spill, src + rc, left) == 0);
+        }
+    } else if (c->w >= 0) {
+        /* nothing moved: the channel holds what the harness put there */
+        left = chan_drain(c, spill, sizeof(spill));
+        CHECK_EQ(queued, left);
+        if (!to_fd)
+            CHECK(memcmp(spill, src, left) == 0);
+    }
+    CHECK_EQ(exp, rc);
+    CHECK_EQ(exp_err, err);
+    check_notify(notify0, exp_notify, notify);
+    check_memory(0);
+    if (c->w < 0) {
+        /* end of file was tested: a fresh channel */
+        close(c->r);
+        chan_open(c == &chans[0] ? 0 : 1);
+    }
+}
+
 static void op_write_eof(struct input *in)
 {
     int notify0 = u8(in) & 1, notify = notify0, exp_notify = 0, exp, rc;
@@ -1199,6 +1562,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     (void)argc;
     (void)argv;
     trace = getenv("VCHAN_FUZZ_TRACE") != NULL;
+    chan_open(0);
+    chan_open(1);
     for (i = 0; i < sizeof(table); i++) {
         x ^= x >> 12;
         x ^= x << 25;
@@ -1226,7 +1591,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     while (ok && in.n && op_index < MAX_OPS) {
         uint8_t op = u8(&in);
         op_index++;
-        switch (op % 27) {
+        switch (op % 30) {
         case 0: case 1: op_write(&in, X_WRITE); break;
         case 2: case 3: op_read(&in, X_READ); break;
         case 4: op_write(&in, X_SEND); break;
@@ -1255,7 +1620,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 22: peer_poke_order(&in); break;
         case 23: op_server_orders(&in); break;
         case 24: case 25: op_peek(); break;
-        default: op_consume(&in); break;
+        case 26: op_consume(&in); break;
+        case 27: op_reserve(&in); break;
+        case 28: op_commit(&in); break;
+        default: op_splice(&in); break;
         }
     }
     if (ok) {
