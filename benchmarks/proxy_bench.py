@@ -177,7 +177,8 @@ def measure(path: str, nbytes: int, loop: str) -> float:
             for p in procs:
                 fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
                 cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-                print(f"    {path} {' '.join(map(str, p.args[1:4]))}: {cpu:.2f} s CPU",
+                args: list[str] = list(p.args)  # type: ignore[arg-type]
+                print(f"    {path} {' '.join(args[1:4])}: {cpu:.2f} s CPU",
                       file=sys.stderr)
         if result["bytes"] != nbytes:
             raise RuntimeError(f"{path}: {result['bytes']} bytes arrived of {nbytes}")

@@ -281,7 +281,10 @@ class VchanTransport(asyncio.Transport):
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if not getattr(self, "_closed", True):
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
-            self._teardown()
+            # Late (at exit the loop's event channel may be gone already):
+            # release what can be released, quietly.
+            with contextlib.suppress(Exception):
+                self._teardown()
 
     # -- protocol -------------------------------------------------------------
 
