@@ -132,12 +132,24 @@ def request_dir(client: int, server: int, port: str) -> str:
 
 
 def domain_exists(evtchn: EventChannel, domid: int) -> bool:
-    """Whether domain ``domid`` exists (the hypervisor's own answer)."""
+    """Whether domain ``domid`` exists (the hypervisor's own answer).
+
+    Asks to bind port 0 of that domain: port 0 is reserved (never an
+    unbound port waiting for us), so the bind always fails -- with ESRCH when
+    there is no such domain, EINVAL when there is.  (Allocating an unbound
+    port for the domain would not do: Xen does not check that the remote
+    domain exists, so it succeeds for any domid.)
+
+    A destroyed domain whose pages someone still maps lingers as a dying
+    "zombie" until they are unmapped, and counts as existing here.
+    """
     try:
-        port = evtchn.bind_unbound(domid)
+        port = evtchn.bind_interdomain(domid, 0)
     except ProcessLookupError:
         return False
-    evtchn.unbind(port)
+    except OSError:
+        return True
+    evtchn.unbind(port)         # not expected: port 0 is never bindable
     return True
 
 
