@@ -1,0 +1,342 @@
+"""dom0's side of the rig: start PV domUs and run roles in them.
+
+Used by the cross-domain tests and the benchmark, inside the rig's dom0
+(``tests/xen/rig.py`` boots it).  A :class:`Domu` is a PV guest booted from
+the rig's image (read-only) with a job disk made here with ``mkfs.ext4 -d``:
+vchan installed for its Python, ``roles.py`` and the command agent
+(``guest/rig_agent.py``), which takes commands through XenStore.  Every wait has
+a deadline; a domU that does not answer is destroyed.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SHARE = Path(os.environ.get("RIG_SHARE", "/rig"))
+OUT = Path(os.environ.get("RIG_OUT", "/rig/out"))
+ROLES = HERE / "roles.py"
+
+#: A domU's kernel and initrd: dom0's own (the image has one of each).
+BOOT = Path("/boot")
+
+BOOT_TIMEOUT = 240.0     # xl create to agent ready (about 25 s under TCG, alone)
+COMMAND_TIMEOUT = 60.0   # one agent command to its answer
+
+
+def in_rig() -> bool:
+    """True in the rig's dom0: Xen's control domain with the rig's share."""
+    try:
+        caps = Path("/proc/xen/capabilities").read_text()
+    except OSError:
+        return False
+    return "control_d" in caps and (SHARE / "boot").is_dir()
+
+
+def _xs_read(path: str) -> str | None:
+    done = subprocess.run(["xenstore-read", path], capture_output=True, text=True, check=False,
+                          timeout=30)
+    return done.stdout.rstrip("\n") if done.returncode == 0 else None
+
+
+def _xs_write(path: str, value: str) -> None:
+    subprocess.run(["xenstore-write", path, value], check=True, timeout=30)
+
+
+def _xl(*args: str, timeout: float = 120.0) -> str:
+    done = subprocess.run(["xl", *args], capture_output=True, text=True, check=False,
+                          timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"xl {' '.join(args)} failed ({done.returncode}): "
+                           f"{done.stderr.strip()}")
+    return done.stdout
+
+
+def domain_exists(domid: int) -> bool:
+    """Whether ``domid`` is a running domain (by ``xl list``)."""
+    done = subprocess.run(["xl", "list", str(domid)], capture_output=True, check=False,
+                          timeout=60)
+    return done.returncode == 0
+
+
+class DomuError(Exception):
+    """A domU or its agent failed."""
+
+
+@dataclass
+class JobResult:
+    """What a finished role printed: its status and its JSON lines."""
+
+    rc: int
+    out: str
+
+    @property
+    def lines(self) -> list[dict[str, Any]]:
+        """The output lines that are JSON objects (a role's reports)."""
+        found = []
+        for line in self.out.splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    found.append(json.loads(line))
+        return found
+
+    @property
+    def last(self) -> dict[str, Any]:
+        """The last JSON report."""
+        if not self.lines:
+            raise DomuError(f"the role reported nothing (status {self.rc}):\n{self.out}")
+        return self.lines[-1]
+
+
+class Domu:
+    """A running PV domU with the command agent."""
+
+    _serial = itertools.count(1)
+
+    def __init__(self, name: str, workdir: Path) -> None:
+        self.name = name
+        self.workdir = workdir
+        self.disk = workdir / "job.img"
+        self.domid = -1
+        self._n = 0
+        self._jobs = itertools.count(1)
+        self.gone = False
+
+    def __repr__(self) -> str:
+        return f"<Domu {self.name} domid={self.domid}{' gone' if self.gone else ''}>"
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, name: str, *, vif: bool = False, memory: int = 256,
+               lifetime: float = 1800) -> Domu:
+        """Build the job disk, ``xl create`` the domain (call :meth:`wait_ready` next)."""
+        workdir = Path(tempfile.mkdtemp(prefix=f"domu-{name}-"))
+        dom = cls(name, workdir)
+        tree = workdir / "tree"
+        tree.mkdir()
+        shutil.copytree(SHARE / "site-vchan", tree / "site")
+        shutil.copy(ROLES, tree / "roles.py")
+        shutil.copy(SHARE / "boot" / "rig_agent.py", tree / "rig_agent.py")
+        shutil.copy(SHARE / "boot" / "domu.sh", tree / "domu.sh")
+        (tree / "lifetime").write_text(f"{int(lifetime)}\n")
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "job", "-d", str(tree), str(dom.disk),
+                        "96M"], check=True, timeout=120)
+        kernel = sorted(BOOT.glob("vmlinuz-*"))[-1]
+        initrd = sorted(BOOT.glob("initrd.img-*"))[-1]
+        config = [
+            f'name = "{name}"', 'type = "pv"', f'kernel = "{kernel}"', f'ramdisk = "{initrd}"',
+            'extra = "root=/dev/xvda ro console=hvc0 init=/sbin/rig-init"',
+            f"memory = {memory}", "vcpus = 1",
+            # The rig's image a second time (QEMU's read-only drive), and the job disk.
+            "disk = [ 'format=raw,vdev=xvda,access=ro,target=/dev/vdb',"
+            f" 'format=raw,vdev=xvdb,access=rw,target={dom.disk}' ]",
+            'on_poweroff = "destroy"', 'on_reboot = "destroy"', 'on_crash = "destroy"',
+        ]
+        if vif:
+            config.append("vif = [ 'bridge=xenbr0' ]")
+        cfg = workdir / f"{name}.cfg"
+        cfg.write_text("\n".join(config) + "\n")
+        _xl("create", str(cfg))
+        dom.domid = int(_xl("domid", name).strip())
+        return dom
+
+    @property
+    def home(self) -> str:
+        """The agent's XenStore directory."""
+        return f"/local/domain/{self.domid}/data/rig"
+
+    def wait_ready(self, timeout: float = BOOT_TIMEOUT) -> None:
+        """Wait until the agent is up (the domain booted)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _xs_read(f"{self.home}/ready") is not None:
+                return
+            if not domain_exists(self.domid):
+                raise DomuError(f"{self} died while booting (see its console log)")
+            time.sleep(0.5)
+        self.destroy()
+        raise DomuError(f"{self} not ready within {timeout:.0f} s (see its console log)")
+
+    @classmethod
+    def start(cls, name: str, **kw: Any) -> Domu:
+        """Create a domU and wait for its agent."""
+        dom = cls.create(name, **kw)
+        dom.wait_ready()
+        return dom
+
+    def destroy(self) -> None:
+        """``xl destroy``: the domain goes at once, without shutting down."""
+        if not self.gone:
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                _xl("destroy", str(self.domid), timeout=60)
+            self.gone = True
+
+    def close(self) -> None:
+        """Stop the agent (the domU powers off), keep its logs, free everything."""
+        if not self.gone:
+            with contextlib.suppress(DomuError, subprocess.TimeoutExpired):
+                self.command({"op": "exit"}, timeout=20)
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and domain_exists(self.domid):
+                    time.sleep(0.5)
+            self.destroy()
+        self._save_logs()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _save_logs(self) -> None:
+        dest = OUT / "domus" / f"{self.name}-{self.domid}"
+        dest.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["debugfs", "-R", f"rdump /logs {dest}", str(self.disk)],
+                       capture_output=True, check=False, timeout=60)
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def command(self, cmd: dict[str, Any], timeout: float = COMMAND_TIMEOUT) -> dict[str, Any]:
+        """Send one command to the agent and wait for its answer."""
+        n = self._n
+        self._n += 1
+        # base64: xenstore-write expands backslash escapes, xenstore-read adds them.
+        _xs_write(f"{self.home}/cmd/{n}", base64.b64encode(json.dumps(cmd).encode()).decode())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            raw = _xs_read(f"{self.home}/res/{n}")
+            if raw is not None:
+                answer: dict[str, Any] = json.loads(base64.b64decode(raw))
+                if "error" in answer:
+                    raise DomuError(f"{self}: {cmd['op']}: {answer['error']}")
+                return answer
+            time.sleep(0.1)
+        raise DomuError(f"{self}: no answer to {cmd} within {timeout:.0f} s")
+
+    def spawn_argv(self, argv: list[str | int]) -> RemoteJob:
+        """Start a program in the domU."""
+        job = f"j{next(self._jobs)}"
+        self.command({"op": "spawn", "id": job, "argv": [str(a) for a in argv]})
+        return RemoteJob(self, job)
+
+    def spawn(self, *args: str | int) -> RemoteJob:
+        """Start ``python3 roles.py ARGS`` in the domU."""
+        return self.spawn_argv(["python3", "/job/roles.py", *args])
+
+    def run(self, *args: str | int, timeout: float = 120.0) -> JobResult:
+        """Run ``roles.py ARGS`` in the domU to its end."""
+        return self.spawn(*args).wait(timeout)
+
+
+class RemoteJob:
+    """A role running in a domU."""
+
+    def __init__(self, dom: Domu, job: str) -> None:
+        self.dom = dom
+        self.job = job
+
+    def poll_output(self) -> str:
+        """The output so far (its last lines)."""
+        return str(self.dom.command({"op": "wait", "id": self.job, "timeout": 0})["out"])
+
+    def wait_for(self, event: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait for the role to report ``{"event": event, ...}``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            answer = self.dom.command({"op": "wait", "id": self.job, "timeout": 0})
+            for report in JobResult(answer.get("rc", 0), answer["out"]).lines:
+                if report.get("event") == event:
+                    return report
+            if not answer.get("running"):
+                raise DomuError(f"{self.dom} job {self.job} ended (status {answer['rc']}) "
+                                f"before {event!r}:\n{answer['out']}")
+            time.sleep(0.3)
+        raise DomuError(f"{self.dom} job {self.job}: no {event!r} within {timeout:.0f} s")
+
+    def wait(self, timeout: float = 120.0) -> JobResult:
+        """Wait for the role to end (killing it at the deadline)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            answer = self.dom.command({"op": "wait", "id": self.job,
+                                       "timeout": max(0.0, min(5.0, left))},
+                                      timeout=COMMAND_TIMEOUT + 5)
+            if not answer.get("running"):
+                return JobResult(int(answer["rc"]), str(answer["out"]))
+            if left <= 0:
+                self.kill()
+                raise DomuError(f"{self.dom} job {self.job} still running after "
+                                f"{timeout:.0f} s:\n{answer['out']}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the role."""
+        self.dom.command({"op": "kill", "id": self.job, "signal": int(sig)})
+
+
+class LocalJob:
+    """A role running in dom0 (a subprocess), with the same reports."""
+
+    def __init__(self, *args: str | int, stdin: int | None = subprocess.DEVNULL) -> None:
+        self.output = tempfile.TemporaryFile()   # noqa: SIM115 -- closed by close()
+        self.proc = subprocess.Popen([sys.executable, str(ROLES), *map(str, args)],
+                                     stdout=self.output, stderr=subprocess.STDOUT, stdin=stdin)
+
+    def _out(self) -> str:
+        self.output.seek(0)
+        return self.output.read().decode(errors="replace")
+
+    def wait_for(self, event: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait for the role to report ``{"event": event, ...}``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for report in JobResult(0, self._out()).lines:
+                if report.get("event") == event:
+                    return report
+            if self.proc.poll() is not None:
+                raise DomuError(f"dom0 role ended ({self.proc.returncode}) before {event!r}:\n"
+                                f"{self._out()}")
+            time.sleep(0.1)
+        raise DomuError(f"dom0 role: no {event!r} within {timeout:.0f} s:\n{self._out()}")
+
+    def wait(self, timeout: float = 120.0) -> JobResult:
+        """Wait for the role to end (killing it at the deadline)."""
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise DomuError(f"dom0 role still running after {timeout:.0f} s:\n"
+                            f"{self._out()}") from None
+        return JobResult(rc, self._out())
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the role."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            if sig == signal.SIGKILL:
+                self.proc.wait(30)
+
+    def close(self) -> None:
+        """Kill the role if it still runs."""
+        self.kill()
+        self.output.close()
+
+
+@contextlib.contextmanager
+def local(*args: str | int) -> Iterator[LocalJob]:
+    """A dom0 role for the duration of a ``with`` block."""
+    job = LocalJob(*args)
+    try:
+        yield job
+    finally:
+        job.close()
