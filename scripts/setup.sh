@@ -5,6 +5,8 @@
 #                               a virtualenv in .venv (or $VCHAN_VENV) with
 #                               vchan installed editable plus its test tools.
 #   scripts/setup.sh --runtime  only what running vchan needs (quick start).
+#   VCHAN_SETUP_XEN=1           also the Xen rig's host packages (QEMU,
+#                               debootstrap; scripts/xen-rig, scripts/test --xen).
 #
 # Debian packages are installed with apt-get when missing (as root, or
 # through sudo); without either, the missing ones are listed and we stop.
@@ -23,9 +25,13 @@ runtime_pkgs=(gcc libc6-dev)
 test_pkgs=(clang libclang-rt-14-dev libxen-dev linux-libc-dev make xenstore-utils
            xen-utils-4.17 libxenmisc4.17 redis-server redis-tools)
 
+# The Xen rig (tests/xen/rig.py): QEMU boots Xen, debootstrap builds its image.
+xen_pkgs=(qemu-system-x86 debootstrap e2fsprogs)
+
 missing=()
 want=("${runtime_pkgs[@]}")
 [ "$mode" = "--runtime" ] || want+=("${test_pkgs[@]}")
+[ -z "${VCHAN_SETUP_XEN:-}" ] || want+=("${xen_pkgs[@]}")
 if command -v dpkg-query >/dev/null; then
     for p in "${want[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \

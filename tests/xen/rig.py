@@ -4,7 +4,7 @@
 One command for contributors (as root, or with sudo for the image build)::
 
     python tests/xen/rig.py run                  # the cross-domain tests (default selection)
-    python tests/xen/rig.py run -- -k interop -x # other pytest arguments
+    python tests/xen/rig.py run tests/xen -k proxy -x   # other pytest arguments
     python tests/xen/rig.py bench                # vchan vs TCP between dom0 and a domU
     python tests/xen/rig.py build                # only build (or find) the cached image
 
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("build", help="build the image for the current recipe (or find it cached)")
     run = sub.add_parser("run", help="run pytest in dom0 (default: the cross-domain tests)")
-    run.add_argument("pytest_args", nargs="*",
+    run.add_argument("pytest_args", nargs=argparse.REMAINDER,
                      help=f"pytest arguments (default: {shlex.join(DEFAULT_SELECTION)})")
     script = sub.add_parser("script", help="run a shell script in dom0 (debugging the rig)")
     script.add_argument("path", type=Path, help="the script; /rig/out keeps what it writes")
@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     job_timeout = max(60.0, args.timeout - 120)
     if args.cmd == "run":
-        job = _pytest_job(args.pytest_args or DEFAULT_SELECTION)
+        pytest_args = [a for a in args.pytest_args if a != "--"] or DEFAULT_SELECTION
+        job = _pytest_job(pytest_args)
     elif args.cmd == "script":
         job = ("exec > /rig/out/script.log 2>&1\nset -x\ncd /rig/src\n"
                + args.path.read_text())
