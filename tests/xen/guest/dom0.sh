@@ -14,12 +14,9 @@ for m in xen-evtchn xen-gntdev xen-gntalloc xen-blkback xen-netback loop bridge;
     modprobe "$m" || say "modprobe $m failed"
 done
 ip link set lo up
-# xenconsoled keeps every domU's console in /var/log/xen/console/guest-NAME.log.
-if grep -q '^#\?XENCONSOLED_TRACE=' /etc/default/xen; then
-    sed -i 's/^#\?XENCONSOLED_TRACE=.*/XENCONSOLED_TRACE=guest/' /etc/default/xen
-else
-    echo XENCONSOLED_TRACE=guest >>/etc/default/xen
-fi
+# xenconsoled keeps every domU's console in /var/log/xen/console/guest-NAME.log
+# (Debian's init script passes XENCONSOLED_ARGS).
+echo 'XENCONSOLED_ARGS="--log=guest --log-dir=/var/log/xen/console"' >>/etc/default/xen
 mkdir -p /var/log/xen/console /var/lib/xen /var/run/xen
 /etc/init.d/xen start || say "/etc/init.d/xen start failed"
 # Xen's own virtual network for the benchmark: domUs' vifs join xenbr0.
