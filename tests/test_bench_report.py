@@ -325,6 +325,7 @@ def test_markdown_pingpong() -> None:
                      "10.0 / 12.0 / 20.0", "30.0 / 36.0 / 60.0", "50.0 / 60.0 / 100",
                      "1.20", "2.00"]
     assert row(ping, "4 KiB", "uvloop")[-2:] == ["0.60", "1.25"]
+    assert "3,000 timed round trips after 1,000 warm-up" in ping
 
 
 def test_markdown_connections_and_setup() -> None:
@@ -334,7 +335,7 @@ def test_markdown_connections_and_setup() -> None:
     assert cells[2:7] == ["1,800", "1,200", "600", "1.50", "3.00"]
     assert cells[7] == "8.0 / 4.0"
     assert row(conns, "1,000", "uvloop")[2:7] == ["failed", "1,200", "600", "-", "-"]
-    assert "vchan, uvloop, 1000 connections: OSError: [Errno 24] Too many open files" in conns
+    assert "vchan, uvloop, 1,000 connections: OSError: [Errno 24] Too many open files" in conns
     setup = section(md, "## Connection setup")
     assert row(setup, "asyncio")[1:6] == ["3,000", "12,000", "6,000", "0.25", "0.50"]
 

@@ -222,6 +222,10 @@ def _us(x: float | None) -> str:
     return f"{x:.1f}" if x < 100 else f"{x:,.0f}"
 
 
+def _count(x: Any) -> str:
+    return f"{x:,}" if isinstance(x, int) and not isinstance(x, bool) else _cell(x)
+
+
 def _kib(x: float | None) -> str:
     return "-" if x is None else f"{x / 1024:,.1f}"
 
@@ -526,8 +530,8 @@ def _pingpong_section(results: Json, plots: dict[str, str]) -> list[str]:
     if not rows:
         lines.append("Not measured in this run.")
         return lines
-    lines.append(f"Request/response echo, {_cell(s.get('rounds'))} timed round trips after "
-                 f"{_cell(s.get('warmup'))} warm-up; latency per round trip at the client "
+    lines.append(f"Request/response echo, {_count(s.get('rounds'))} timed round trips after "
+                 f"{_count(s.get('warmup'))} warm-up; latency per round trip at the client "
                  f"(us), given as vchan / unix / tcp.  p50 ratios are other/vchan "
                  f"(above 1: vchan is faster).")
     table = []
@@ -576,7 +580,7 @@ def _connections_section(results: Json, plots: dict[str, str]) -> list[str]:
                 rate[t] = _get(row, "bytes_per_s")
                 if row is not None and row.get("ok") is False:
                     cells.append("failed")
-                    errors.append(f"- {t}, {loop}, {count} connections: "
+                    errors.append(f"- {t}, {loop}, {_count(count)} connections: "
                                   f"{_cell(row.get('error') or 'unknown error')}")
                 else:
                     cells.append(fmt_mbps(rate[t]))
@@ -838,7 +842,7 @@ def write_report(results: Json, outdir: Path) -> dict[str, Path]:
     outdir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     json_path = outdir / "results.json"
-    json_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    json_path.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     paths["json"] = json_path
     plots = write_plots(results, outdir)
     text = render_markdown(results, plots)
