@@ -363,6 +363,17 @@ def test_markdown_without_default_ring_setting() -> None:
                "64 KiB", "asyncio")[2] == "5,000"
 
 
+def test_bulk_rows_without_direction_are_one_direction() -> None:
+    results = full_results()
+    results["bulk"] = [{k: v for k, v in r.items() if k != "direction"}
+                       for r in results["bulk"] if r["direction"] == "one"]
+    md = report.render_markdown(results)
+    assert "Not measured in this run" in section(
+        md, "## Bulk, both directions at once (sum of both)")
+    assert row(section(md, "### streams API (StreamReader.read), one direction"),
+               "64 KiB", "asyncio")[5] == "2.50"
+
+
 def test_render_is_pure() -> None:
     results = full_results()
     before = copy.deepcopy(results)

@@ -72,6 +72,11 @@ def _rows(results: Json, key: str) -> list[Json]:
     return [r for r in rows if isinstance(r, dict)]
 
 
+def _bulk_rows(results: Json) -> list[Json]:
+    """Bulk rows; one without a ``direction`` is a one-direction run (older results)."""
+    return [{"direction": "one", **r} for r in _rows(results, "bulk")]
+
+
 def _settings(results: Json) -> Json:
     s = results.get("settings")
     return s if isinstance(s, dict) else {}
@@ -120,7 +125,7 @@ def default_ring_size(results: Json) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     counts: dict[int, int] = {}
-    for row in _rows(results, "bulk"):
+    for row in _bulk_rows(results):
         rs = row.get("ring_size")
         if row.get("transport") == "vchan" and isinstance(rs, int):
             counts[rs] = counts.get(rs, 0) + 1
@@ -133,7 +138,7 @@ def _main_bulk(results: Json) -> list[Json]:
     """Bulk rows of the main tables: unix/tcp, and vchan at the default ring size."""
     default = default_ring_size(results)
     out = []
-    for row in _rows(results, "bulk"):
+    for row in _bulk_rows(results):
         rs = row.get("ring_size")
         if row.get("transport") != "vchan" or rs is None or rs == default:
             out.append(row)
@@ -481,7 +486,7 @@ def _bulk_sections(results: Json, plots: dict[str, str]) -> list[str]:
 
 
 def _sweep_rows(results: Json) -> list[Json]:
-    return [r for r in _rows(results, "bulk")
+    return [r for r in _bulk_rows(results)
             if r.get("transport") == "vchan" and isinstance(r.get("ring_size"), int)]
 
 
