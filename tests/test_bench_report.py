@@ -334,6 +334,7 @@ def test_markdown_connections_and_setup() -> None:
     cells = row(conns, "1,000", "asyncio")
     assert cells[2:7] == ["1,800", "1,200", "600", "1.50", "3.00"]
     assert cells[7] == "8.0 / 4.0"
+    assert row(conns, "1", "uvloop")[-1] == "0.001 / 0.001 / 0.001"
     assert row(conns, "1,000", "uvloop")[2:7] == ["failed", "1,200", "600", "-", "-"]
     assert "vchan, uvloop, 1,000 connections: OSError: [Errno 24] Too many open files" in conns
     setup = section(md, "## Connection setup")

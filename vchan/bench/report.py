@@ -591,7 +591,7 @@ def _connections_section(results: Json, plots: dict[str, str]) -> list[str]:
                     cells.append(fmt_mbps(rate[t]))
             mem = [f"{_kib(_get(by[t], 'server_rss_per_conn'))} / "
                    f"{_kib(_get(by[t], 'client_rss_per_conn'))}" for t in TRANSPORTS]
-            connect = " / ".join(_fmt(_get(by[t], "connect_seconds"), ".2f")
+            connect = " / ".join(_fmt(_get(by[t], "connect_seconds"), ".3g")
                                  for t in TRANSPORTS)
             table.append([_fmt(_num(count), ",.0f"), _cell(loop), *cells,
                           fmt_ratio(rate["vchan"], rate["unix"]),
