@@ -359,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="vchan vs TCP between dom0 and a domU")
     bench.add_argument("--mib", type=int, default=16, help="bulk transfer size (default 16)")
     bench.add_argument("--rounds", type=int, default=300, help="ping-pong rounds (default 300)")
+    bench.add_argument("--repeat", type=int, default=3, help="runs of each transport (default 3)")
     args = parser.parse_args(argv)
 
     if args.cmd == "build":
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                + args.path.read_text())
     else:
         job = ("cd /rig/src && exec python3 tests/xen/bench.py "
-               f"--mib {args.mib} --rounds {args.rounds} --out /rig/out "
+               f"--mib {args.mib} --rounds {args.rounds} --repeat {args.repeat} --out /rig/out "
                "> /rig/out/bench.log 2>&1\n")
     return run_job(job, timeout=args.timeout, job_timeout=job_timeout, out_dir=args.out)
 
