@@ -25,7 +25,7 @@ import tempfile
 import time
 from typing import Any
 
-from machine import machine_info
+from vchan.bench.machine import machine_info
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:

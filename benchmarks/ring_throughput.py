@@ -74,7 +74,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-from machine import machine_info
+from vchan.bench.machine import machine_info
 
 from vchan.ring import MAX_ORDER, MIN_ORDER, PAGE_SIZE, Ring, ring_offset
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,49 +77,52 @@ def test_event_latency_quick_run(tmp_path: Path) -> None:
         assert all(_positive(results[key][p]) for p in ("p50_us", "p99_us", "p99.9_us"))
 
 
-STREAMS = Path(__file__).resolve().parent.parent / "benchmarks" / "streams_bench.py"
-
-
-def _numbers(value: object, where: str = "") -> list[tuple[str, object]]:
-    """Every number in a JSON value, with where it is (booleans are not numbers)."""
-    if isinstance(value, dict):
-        return [n for k, v in value.items() for n in _numbers(v, f"{where}.{k}")]
-    if isinstance(value, list):
-        return [n for i, v in enumerate(value) for n in _numbers(v, f"{where}[{i}]")]
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return [(where, value)]
-    return []
-
-
-def test_streams_bench_quick_run(tmp_path: Path) -> None:
-    out = tmp_path / "streams.json"
-    # The script's processes use a private emulator of their own.
+def test_vchan_bench_quick_run(tmp_path: Path) -> None:
+    """``vchan bench --quick`` (made smaller) as a user runs it: every case, the
+    table with its targets, JSON, report.md and the plots."""
+    out = tmp_path / "bench"
+    # The suite's processes use a private emulator of their own.
     env = {k: v for k, v in os.environ.items()
            if k not in ("VCHAN_SIM_DIR", "VCHAN_DOMID")}
     env["VCHAN_BACKEND"] = "sim"
     proc = subprocess.run(
-        [sys.executable, str(STREAMS), "--quick", "--bytes", "4M", "--sizes", "65536",
-         "--rounds", "200", "--warmup", "50", "--loops", "asyncio", "--json", str(out)],
-        capture_output=True, text=True, timeout=180, check=False, env=env,
+        [sys.executable, "-m", "vchan", "bench", "--quick", "--bytes", "4M",
+         "--rounds", "200", "--warmup", "50", "--loops", "asyncio",
+         "--connections", "3,1000", "--setup-count", "20", "--out", str(out)],
+        capture_output=True, text=True, timeout=240, check=False, env=env,
     )
     assert proc.returncode == 0, proc.stderr
+    assert "## Targets" in proc.stdout
     assert "| write size | loop | vchan MB/s | unix MB/s | tcp MB/s |" in proc.stdout
-    assert "| message | loop | vchan rt/s | unix rt/s | tcp rt/s |" in proc.stdout
+    assert re.search(r"\[\s*\d+/\d+ .*left\] bulk", proc.stderr), "no progress shown"
 
-    results = json.loads(out.read_text(encoding="utf-8"))
-    numbers = _numbers(results)
-    assert numbers
-    bad = [(where, n) for where, n in numbers if not _positive(n)]
-    assert not bad, bad
-    bulk = {(r["receiver"], r["transport"]) for r in results["bulk"]}
-    assert bulk == {(rc, t) for rc in ("streams", "protocol", "buffered")
-                    for t in ("vchan", "unix", "tcp")}
-    assert all(r["bytes"] == 4 << 20 for r in results["bulk"])
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert (out / "report.md").read_text(encoding="utf-8").startswith("# ")
+    for png in ("bulk_streams_one.png", "pingpong_cdf.png", "connections.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    bulk = {(r["direction"], r["receiver"], r["transport"], r["ring_size"])
+            for r in results["bulk"]}
+    default, big = results["settings"]["default_ring_size"], 1 << 20
+    want = {("one", rc, t, default if t == "vchan" else None)
+            for rc in ("streams", "buffered") for t in ("vchan", "unix", "tcp")}
+    want |= {("both", "streams", t, default if t == "vchan" else None)
+             for t in ("vchan", "unix", "tcp")}
+    assert want <= bulk
+    assert all(r["bytes"] == 4 << 20 and _positive(r["bytes_per_s"]) for r in results["bulk"])
+    if default != big:
+        assert ("one", "streams", "vchan", big) in bulk
     ping = {(r["message_size"], r["transport"]) for r in results["pingpong"]}
     assert ping == {(s, t) for s in (64, 4096) for t in ("vchan", "unix", "tcp")}
     for r in results["pingpong"]:
-        assert r["n"] == 200
+        assert r["n"] == 200 and len(r["cdf_us"]) == 1001
         assert all(_positive(r[p]) for p in ("round_trips_per_s", "p50_us", "p99_us", "p99.9_us"))
-    assert len(results["bulk_ratios"]) == 3 and len(results["pingpong_ratios"]) == 2
+    conns = {(r["connections"], r["transport"]): r for r in results["connections"]}
+    assert set(conns) == {(n, t) for n in (3, 1000) for t in ("vchan", "unix", "tcp")}
+    assert conns[(1000, "vchan")]["ok"], conns[(1000, "vchan")]["error"]
+    assert _positive(conns[(1000, "vchan")]["bytes_per_s"])
+    setup = {r["transport"]: r for r in results["setup"]}
+    assert set(setup) == {"vchan", "unix", "tcp"}
+    assert all(_positive(r["connections_per_s"]) and r["n"] == 20 for r in setup.values())
+    assert _positive(results["memcpy"]["bytes_per_s"])
     for key in ("cpu", "kernel", "python", "uvloop", "backend"):
         assert results["machine"][key]

@@ -273,11 +273,11 @@ async def _wait_for(cmd: Cmd, pattern: str) -> re.Match[str]:
 
 @pytest.fixture
 def many_grants(sim_dir: Path) -> Iterator[None]:
-    """100 connections of 256 KiB rings need more than Xen's default 1,024 pages."""
+    """100 connections of 1 MiB rings need more than Xen's default 1,024 pages."""
     from vchan import sim
 
     old = sim.control({"cmd": "status"}, sim_dir)["grant_limit"]
-    sim.control({"cmd": "set", "key": "grant-limit", "value": 16384}, sim_dir)
+    sim.control({"cmd": "set", "key": "grant-limit", "value": 65536}, sim_dir)
     yield
     sim.control({"cmd": "set", "key": "grant-limit", "value": old}, sim_dir)
 

@@ -377,7 +377,7 @@ async def test_default_rings_shrink_when_grants_run_short(sim_dir: Path) -> None
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         hold.append(w)
 
-    sim.control({"cmd": "set", "key": "grant-limit", "value": 200}, sim_dir)
+    sim.control({"cmd": "set", "key": "grant-limit", "value": 600}, sim_dir)
     try:
         async with await vchan.start_server(handler, "shrink", peers=own) as server:
             writers = []
@@ -385,10 +385,9 @@ async def test_default_rings_shrink_when_grants_run_short(sim_dir: Path) -> None
                 _, w = await vchan.open_connection(own, "shrink", timeout=10)
                 writers.append(w)
             sizes = [w.transport.get_extra_info("endpoint").ring.write_size for w in writers]
-            # 256 KiB rings take 129 pages: the first fits, then 64 KiB (33), ...
-            assert sizes[0] == 256 * 1024
-            assert sizes[1] == 64 * 1024
-            assert all(s <= 64 * 1024 for s in sizes[1:])
+            # 1 MiB rings take 513 pages: the first fits; 87 left: not 256 KiB
+            # (129), but 64 KiB (33) twice, then 16 KiB (9).
+            assert sizes == [1 << 20, 64 * 1024, 64 * 1024, 16 * 1024]
             for w in writers + hold:
                 w.close()
             server.close_clients()

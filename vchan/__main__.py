@@ -172,8 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     simp.set_defaults(func=_sim)
 
     add_commands(sub)
+    sub.add_parser(
+        "bench", add_help=False,
+        help="benchmark vchan against TCP and Unix sockets (vchan bench --help)")
 
-    args = parser.parse_args(argv)
+    args_list = sys.argv[1:] if argv is None else list(argv)
+    if args_list[:1] == ["bench"]:
+        # The benchmark suite has its own parser (also run as python -m vchan.bench).
+        from .bench import main as bench_main
+
+        return bench_main(args_list[1:])
+    args = parser.parse_args(args_list)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -44,16 +44,18 @@ from .ring import (
 
 __all__ = ["DEFAULT_RING_SIZE", "Endpoint", "check_ring_size"]
 
-# 256 KiB each way: 129 granted pages per connection on the server's side.
-# Measured (benchmarks/streams_bench.py, 64 KiB writes, uvloop, emulator):
-# 64 KiB rings 0.6 / 0.7 GB/s (streams / BufferedProtocol), 256 KiB
-# 1.8 / 2.9 GB/s, 1 MiB 1.1 / 11 GB/s: every time the ring fills or empties
-# costs a wake-up, and Python pays for each.  gntalloc allows a domain 1,024
-# granted pages by default, so when a server runs out, connections that did
-# not ask for a size get smaller rings (FALLBACK_RING_SIZES) instead of an
-# error.
-DEFAULT_RING_SIZE = 256 * 1024
-FALLBACK_RING_SIZES = (64 * 1024, 16 * 1024, 4 * 1024, 0)     # 0: in page 0
+# 1 MiB each way (the largest libxenvchan ring): 513 granted pages, 2 MiB,
+# per connection on the server's side.  Measured with `vchan bench` (64 KiB
+# writes, median of 5, emulator, 2 cores; see docs/benchmarks.md): streams
+# 1.9 / 2.0 GB/s with 256 KiB rings and 3.0 / 3.3 GB/s with 1 MiB (asyncio /
+# uvloop); BufferedProtocol 1.9 / 2.3 and 8.7 / 9.8 GB/s; 64 KiB rings 0.6.
+# Every time the ring fills or empties costs a wake-up, and Python pays for
+# each.  gntalloc allows a domain 1,024 granted pages by default, so when a
+# server runs short, connections that did not ask for a size get smaller
+# rings (FALLBACK_RING_SIZES) instead of an error; servers expecting many
+# clients should ask for less (read_min / write_min: 64 KiB = 33 pages).
+DEFAULT_RING_SIZE = 1 << 20
+FALLBACK_RING_SIZES = (256 * 1024, 64 * 1024, 16 * 1024, 4 * 1024, 0)   # 0: in page 0
 MAX_RING_SIZE = 1 << 20
 
 

@@ -1300,7 +1300,7 @@ async def create_server(
     plain libxenvchan connection at a time on the path, for C peers
     (``peers`` must then be one domid).  ``read_min`` / ``write_min`` are
     this server's ring sizes in bytes (clients may ask for others).  Left
-    out, rings are 256 KiB each way, and smaller ones when the domain runs
+    out, rings are 1 MiB each way, and smaller ones when the domain runs
     short of grants; given, they are kept, or the connection is refused
     with the grant limit named.
     """

@@ -1,63 +1,56 @@
 #!/usr/bin/env python3
-"""asyncio streams over vchan, next to Unix-socket and TCP loopback streams.
+"""vchan against Unix-socket and TCP loopback, through asyncio: ``vchan bench``.
 
 What it measures
 ----------------
-The server and the client are two SEPARATE processes, for every transport:
+Server and client are two SEPARATE processes for every transport:
+**vchan** between emulated domains 1 and 2 of a private emulator (its
+grant limit raised so that 1,000 connections keep full-size rings; with
+``VCHAN_SIM_DIR`` set, that emulator is used as it is; on real Xen both
+processes are in this domain), **unix** and **tcp** (127.0.0.1,
+``TCP_NODELAY``) -- each on the default asyncio loop and on uvloop.
 
-* **vchan** -- ``vchan.start_server(cb, port, peers=2)`` in emulated domain
-  1 and ``vchan.open_connection(1, port)`` in emulated domain 2 of a private
-  emulator instance (a temporary state directory, stopped and removed at the
-  end) unless ``VCHAN_SIM_DIR`` is set already, in which case that emulator
-  is used and left running.  On real Xen both processes are in this domain
-  and the server serves its own domid.  Rings are vchan's default size
-  (64 KiB each way).
-* **unix** -- ``asyncio.start_unix_server`` / ``open_unix_connection``.
-* **tcp** -- ``asyncio.start_server`` / ``open_connection`` on 127.0.0.1,
-  ``TCP_NODELAY`` on both ends.
+1. **bulk**: the client writes N bytes (``--bytes``; small writes send
+   fewer, ``--max-writes``) as ``write(block); await drain()`` with blocks
+   of each ``--sizes``, then ``write_eof()``; the server receives with the
+   streams API (``reader.read(1 MiB)``), a plain ``Protocol`` or a
+   ``BufferedProtocol`` with one 1 MiB buffer.  ``--directions both``: each
+   side writes N bytes while reading the other's (streams API); the rate is
+   the sum.  Rates are taken at the receiver, from its first delivery to EOF.
+   vchan runs at the default ring size and, for the ring-size sweep, at each
+   ``--ring-sizes``.
+2. **pingpong**: 64 B and 4 KiB messages echoed (``readexactly``), warm-up
+   then timed round trips at the client: rt/s, p50/p99/p99.9 and the whole
+   distribution (``cdf_us``).
+3. **connections**: 1, 10, 100, 1,000 connections opened at once; each says
+   hello and waits for the server's ack (all idle: memory per connection is
+   the RSS growth of each process / N), then all send their share of
+   ``connection_bytes`` at once: aggregate MB/s.
+4. **setup**: connect + one byte echoed + close, one after another:
+   connections/s and latency.
 
-each on the default asyncio event loop and on uvloop (``--loops``).
-
-1. **bulk**, one direction.  The client writes N bytes (``--bytes``, default
-   512 MiB, 64 MiB with ``--quick``) as ``writer.write(block); await
-   writer.drain()`` with blocks of each ``--sizes`` (default 64 KiB), then
-   ``write_eof()``.  The server receives with one of (``--receivers``):
-   ``streams`` -- ``reader.read(1 << 20)`` until EOF; ``protocol`` -- a
-   plain ``asyncio.Protocol`` whose ``data_received`` counts bytes;
-   ``buffered`` -- an ``asyncio.BufferedProtocol`` reading into one
-   preallocated 1 MiB buffer (``get_buffer`` / ``buffer_updated``).  The
-   rate is measured at the server: the bytes that arrived after the first
-   delivery, over the time from the first delivery to EOF.
-2. **pingpong**.  The client writes a message of 64 B or 4 KiB
-   (``--ping-sizes``), drains, and ``readexactly`` the echo; the server
-   ``readexactly`` the message and writes it back.  1,000 warm-up round trips
-   (``--warmup``), then 20,000 timed ones (``--rounds``; 3,000 with
-   ``--quick``), each timed at the client with ``perf_counter_ns``.
-   Reported: round trips/s over the timed ones, p50/p99/p99.9 latency in us.
-
-Every table row compares the transports on the SAME event loop: vchan/unix
-and vchan/tcp are ratios of throughput (bulk) or round trips/s (pingpong),
-above 1 meaning vchan is faster.  MB/s are decimal (1e6 bytes/s).
+Bulk and ping-pong measurements are repeated (``--repeat``) and the median
+kept.  Single-core memcpy bandwidth is measured in the same run, for the
+targets.  Output: progress and an estimate of the time left on stderr, the
+Markdown report (:mod:`vchan.bench.report`) on stdout, and ``results.json``,
+``report.md`` and PNG plots in ``--out``.
 
 How to run
 ----------
 ::
 
-    python benchmarks/streams_bench.py                      # full run
-    python benchmarks/streams_bench.py --quick --json out.json
-    python benchmarks/streams_bench.py --sizes 64,4096,65536,1048576 --loops asyncio
+    vchan bench --quick                       # under two minutes
+    vchan bench --out docs/bench              # the full suite
+    vchan bench --cases pingpong --loops uvloop --rounds 50000
 
-Small write sizes are slow at the full 512 MiB (every write is a separate
-``write()`` + ``drain()``); ``--bytes`` lowers the amount.  Run on an
-otherwise idle machine: both processes are busy for the whole measurement.
-
-Process structure: the script starts itself twice more with a hidden
+Process structure: the command starts itself twice more with a hidden
 ``--role server`` / ``--role client``; the parent sends each one command per
 measurement as a JSON line on its stdin and reads JSON lines back (the
 server answers ``ready`` before the client is told to connect, and each
 answers ``result`` or ``error``).  Each measurement runs on a fresh event
 loop in both children.  The children die with the parent (``PR_SET_PDEATHSIG``)
-and are killed on any error.
+and are killed on any error; a failed many-connections measurement is
+recorded and the children restarted.
 """
 
 from __future__ import annotations
@@ -81,16 +74,19 @@ import tempfile
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from machine import machine_info
+from .machine import machine_info
 
 TRANSPORTS = ("vchan", "unix", "tcp")
 LOOPS = ("asyncio", "uvloop")
 RECEIVERS = ("streams", "protocol", "buffered")
-CASES = ("bulk", "pingpong")
+CASES = ("bulk", "pingpong", "connections", "setup")
+DIRECTIONS = ("one", "both")
 READ_SIZE = 1 << 20                 # reader.read() size and the BufferedProtocol's buffer
+BACKLOG = 1024                      # listen backlog: many connections arrive at once
 VCHAN_SERVER_DOMID = 1
 VCHAN_CLIENT_DOMID = 2
 
@@ -145,7 +141,35 @@ def _percentiles_us(samples_ns: list[int]) -> Json:
         return s[min(len(s) - 1, int(p / 100 * len(s)))] / 1e3
 
     return {"p50_us": pct(50), "p99_us": pct(99), "p99.9_us": pct(99.9),
-            "mean_us": statistics.fmean(s) / 1e3, "min_us": s[0] / 1e3, "n": len(s)}
+            "mean_us": statistics.fmean(s) / 1e3, "min_us": s[0] / 1e3, "n": len(s),
+            # The distribution, for plots: the latency at each 0.1 % quantile.
+            "cdf_us": [s[min(len(s) - 1, i * len(s) // 1000)] / 1e3 for i in range(1001)]}
+
+
+def _rss() -> tuple[int, int]:
+    """(resident bytes, of which shared memory such as ring pages) of this process."""
+    fields: dict[str, int] = {}
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssShmem", "RssFile"):
+                fields[key] = int(value.split()[0]) * 1024
+    return fields.get("VmRSS", 0), fields.get("RssShmem", 0) + fields.get("RssFile", 0)
+
+
+async def _send_bulk(writer: asyncio.StreamWriter, nbytes: int, size: int) -> int:
+    """Write nbytes in size-byte writes (write + drain each), then EOF; the count."""
+    block = random.Random(size).randbytes(size)
+    full, rest = divmod(nbytes, size)
+    write, drain = writer.write, writer.drain
+    for _ in range(full):
+        write(block)
+        await drain()
+    if rest:
+        write(block[:rest])
+        await drain()
+    writer.write_eof()
+    return full + (1 if rest else 0)
 
 
 def _nodelay(transport: asyncio.BaseTransport) -> None:
@@ -299,26 +323,28 @@ async def _listen(cmd: Json, factory: Callable[[], asyncio.BaseProtocol] | None,
         import vchan
 
         port, peer = cmd["port"], cmd["peer"]
+        ring = cmd.get("ring_size")
+        sizes = {"read_min": ring, "write_min": ring} if ring else {}
         if callback is not None:
-            vserver = await vchan.start_server(callback, port, peers=peer)
+            vserver = await vchan.start_server(callback, port, peers=peer, **sizes)
         else:
             assert factory is not None
-            vserver = await vchan.create_server(factory, port, peers=peer)
+            vserver = await vchan.create_server(factory, port, peers=peer, **sizes)
         return vserver, {"domid": vserver.own, "port": port}
     server: asyncio.Server
     if transport == "unix":
         path = cmd["path"]
         if callback is not None:
-            server = await asyncio.start_unix_server(callback, path)
+            server = await asyncio.start_unix_server(callback, path, backlog=BACKLOG)
         else:
             assert factory is not None
-            server = await loop.create_unix_server(factory, path)
+            server = await loop.create_unix_server(factory, path, backlog=BACKLOG)
         return server, {"path": path}
     if callback is not None:
-        server = await asyncio.start_server(callback, "127.0.0.1", 0)
+        server = await asyncio.start_server(callback, "127.0.0.1", 0, backlog=BACKLOG)
     else:
         assert factory is not None
-        server = await loop.create_server(factory, "127.0.0.1", 0)
+        server = await loop.create_server(factory, "127.0.0.1", 0, backlog=BACKLOG)
     return server, {"host": "127.0.0.1", "port": server.sockets[0].getsockname()[1]}
 
 
@@ -342,7 +368,11 @@ async def serve_one(cmd: Json, emit: Callable[..., None]) -> Json:
                 return
             try:
                 _nodelay(writer.transport)
-                if cmd["case"] == "bulk":
+                if cmd["case"] == "bulk" and cmd.get("direction") == "both":
+                    result, _ = await asyncio.gather(
+                        _stream_bulk(reader, writer),
+                        _send_bulk(writer, cmd["bytes"], cmd["write_size"]))
+                elif cmd["case"] == "bulk":
                     result = await _stream_bulk(reader, writer)
                 else:
                     result = await _stream_echo(reader, writer, cmd["message_size"])
@@ -357,6 +387,90 @@ async def serve_one(cmd: Json, emit: Callable[..., None]) -> Json:
                 done.set_result(result)
 
     server, address = await _listen(cmd, factory, callback)
+    try:
+        emit(ready=True, address=address)
+        return await done
+    finally:
+        server.close()
+        await server.wait_closed()
+        if cmd["transport"] == "unix":
+            with contextlib.suppress(OSError):
+                os.unlink(cmd["path"])
+
+
+@dataclass
+class _ManyState:
+    """What serve_many's connections share."""
+
+    idle: tuple[int, int]       # memory once all connections are in
+    hellos: int = 0
+    finished: int = 0
+    bytes: int = 0
+    t0: float = 0.0
+
+
+async def serve_many(cmd: Json, emit: Callable[..., None]) -> Json:
+    """``connections``: N at once, then bulk on all; ``setup``: K one after another."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Json] = loop.create_future()
+    n = (cmd["connections"] if cmd["case"] == "connections"
+         else cmd["count"] + cmd["warmup"])
+    rss0 = _rss()
+    state = _ManyState(idle=rss0)
+    all_in = asyncio.Event()
+
+    def fail(exc: BaseException) -> None:
+        if not done.done():
+            done.set_exception(exc)
+
+    async def connections(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Hello in; once all N are in (and idle), note the memory and ack each.
+        await reader.readexactly(1)
+        state.hellos += 1
+        if state.hellos == n:
+            state.idle = _rss()
+            all_in.set()
+        await all_in.wait()
+        writer.write(b"!")
+        total = 0
+        while data := await reader.read(READ_SIZE):
+            if not state.t0:
+                state.t0 = time.perf_counter()
+            total += len(data)
+        state.bytes += total
+        writer.close()
+        await writer.wait_closed()
+        state.finished += 1
+        if state.finished == n and not done.done():
+            seconds = time.perf_counter() - state.t0
+            idle = state.idle
+            done.set_result({
+                "bytes": state.bytes, "seconds": seconds,
+                "bytes_per_s": state.bytes / seconds,
+                "rss_per_conn": (idle[0] - rss0[0]) / n,
+                "shmem_per_conn": (idle[1] - rss0[1]) / n})
+
+    async def setup(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.readexactly(1))
+        await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        state.finished += 1
+        if state.finished == n and not done.done():
+            done.set_result({"served": n})
+
+    handler = connections if cmd["case"] == "connections" else setup
+
+    async def callback(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            _nodelay(writer.transport)
+            await handler(reader, writer)
+        except BaseException as exc:
+            fail(exc)
+            writer.close()
+            raise
+
+    server, address = await _listen(cmd, None, callback)
     try:
         emit(ready=True, address=address)
         return await done
@@ -389,30 +503,91 @@ async def _connect(cmd: Json) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
 
 async def client_bulk(cmd: Json) -> Json:
     nbytes, size = cmd["bytes"], cmd["write_size"]
-    block = random.Random(size).randbytes(size)
-    full, rest = divmod(nbytes, size)
     reader, writer = await _connect(cmd)
     try:
-        write, drain = writer.write, writer.drain
         t0 = time.perf_counter()
-        for _ in range(full):
-            write(block)
-            await drain()
-        if rest:
-            write(block[:rest])
-            await drain()
-        writer.write_eof()
-        t1 = time.perf_counter()
-        # The server closes once it has seen EOF: everything arrived.
-        if await reader.read(1):
-            raise BenchError("the server sent data in a bulk run")
-        t2 = time.perf_counter()
+        if cmd.get("direction") == "both":
+            received, writes = await asyncio.gather(_stream_bulk(reader, writer),
+                                                    _send_bulk(writer, nbytes, size))
+            t1 = t2 = time.perf_counter()
+        else:
+            received = None
+            writes = await _send_bulk(writer, nbytes, size)
+            t1 = time.perf_counter()
+            # The server closes once it has seen EOF: everything arrived.
+            if await reader.read(1):
+                raise BenchError("the server sent data in a bulk run")
+            t2 = time.perf_counter()
     finally:
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
-    return {"bytes": nbytes, "writes": full + (1 if rest else 0), "write_seconds": t1 - t0,
-            "seconds_to_close": t2 - t0}
+    return {"bytes": nbytes, "writes": writes, "write_seconds": t1 - t0,
+            "seconds_to_close": t2 - t0, "received": received}
+
+
+async def client_connections(cmd: Json) -> Json:
+    """N connections at once: open all, hello/ack, then bulk on every one."""
+    n, per_conn, size = cmd["connections"], cmd["bytes_per_conn"], cmd["write_size"]
+    rss0 = _rss()
+    opening = asyncio.Semaphore(64)     # connects in flight at once
+
+    async def open_one() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        async with opening:
+            return await _connect(cmd)
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(open_one() for _ in range(n)), return_exceptions=True)
+    conns = [r for r in results if not isinstance(r, BaseException)]
+    errors = [r for r in results if isinstance(r, BaseException)]
+    try:
+        if errors:
+            raise BenchError(f"{len(errors)} of {n} connections failed: {errors[0]!r}")
+        connect_seconds = time.perf_counter() - t0
+        for _, writer in conns:
+            writer.write(b"?")
+        for reader, _ in conns:
+            await reader.readexactly(1)
+        rss1 = _rss()
+
+        async def bulk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await _send_bulk(writer, per_conn, size)
+            if await reader.read(1):
+                raise BenchError("the server sent data in a bulk run")
+
+        await asyncio.gather(*(bulk(r, w) for r, w in conns))
+    finally:
+        for _, writer in conns:
+            writer.close()
+        for _, writer in conns:
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+    return {"connect_seconds": connect_seconds, "rss_per_conn": (rss1[0] - rss0[0]) / n,
+            "shmem_per_conn": (rss1[1] - rss0[1]) / n}
+
+
+async def client_setup(cmd: Json) -> Json:
+    """Connect, one byte there and back, close: K times in a row."""
+    count, warmup = cmd["count"], cmd["warmup"]
+    samples: list[int] = []
+    clock = time.perf_counter_ns
+    t0 = clock()
+    for i in range(warmup + count):
+        if i == warmup:
+            t0 = clock()
+        t = clock()
+        reader, writer = await _connect(cmd)
+        writer.write(b"x")
+        if await reader.readexactly(1) != b"x":
+            raise BenchError("the echo differs")
+        writer.close()
+        await writer.wait_closed()
+        if i >= warmup:
+            samples.append(clock() - t)
+    elapsed = (clock() - t0) / 1e9
+    stats = _percentiles_us(samples)
+    return {"connections_per_s": count / elapsed, "p50_us": stats["p50_us"],
+            "p99_us": stats["p99_us"], "n": count}
 
 
 async def client_pingpong(cmd: Json) -> Json:
@@ -484,11 +659,12 @@ def child_main(role: str, parent: int) -> int:
                     import vchan
 
                     cmd["peer"] = vchan.own_domid()     # real Xen: serve this domain
-                coro: Coroutine[Any, Any, Json] = serve_one(cmd, emit)
-            elif cmd["case"] == "bulk":
-                coro = client_bulk(cmd)
+                serve = serve_many if cmd["case"] in ("connections", "setup") else serve_one
+                coro: Coroutine[Any, Any, Json] = serve(cmd, emit)
             else:
-                coro = client_pingpong(cmd)
+                coro = {"bulk": client_bulk, "pingpong": client_pingpong,
+                        "connections": client_connections,
+                        "setup": client_setup}[cmd["case"]](cmd)
             result = run_on(cmd["loop"], asyncio.wait_for(coro, cmd["timeout"]))
         except Exception as exc:
             traceback.print_exc(file=sys.stderr)
@@ -504,7 +680,7 @@ class Child:
     def __init__(self, role: str, env: dict[str, str]) -> None:
         self.role = role
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--role", role,
+            [sys.executable, "-m", "vchan.bench", "--role", role,
              "--parent", str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
         assert self.proc.stdout is not None
@@ -559,17 +735,46 @@ class Child:
 
 
 class Runner:
-    def __init__(self, server: Child, client: Child, tmp: Path, vchan_peer: int | None,
-                 timeout: float) -> None:
-        self.server = server
-        self.client = client
+    """The two children, and one measurement at a time between them."""
+
+    def __init__(self, server_env: dict[str, str], client_env: dict[str, str], tmp: Path,
+                 vchan_peer: int | None, timeout: float) -> None:
+        self.envs = {"server": server_env, "client": client_env}
         self.tmp = tmp
         self.vchan_peer = vchan_peer
         self.timeout = timeout
         self.count = 0
+        self.server, self.client = self._start()
+
+    def _start(self) -> tuple[Child, Child]:
+        server = Child("server", self.envs["server"])
+        try:
+            client = Child("client", self.envs["client"])
+        except BaseException:
+            server.kill()
+            raise
+        try:
+            server.recv(60)     # "started": the interpreter and its imports are up
+            client.recv(60)
+        except BaseException:
+            server.kill()
+            client.kill()
+            raise
+        return server, client
+
+    def restart(self) -> None:
+        """Fresh children (after a measurement that left them in a bad state)."""
+        self.close(kill=True)
+        self.server, self.client = self._start()
+
+    def close(self, kill: bool = False) -> None:
+        for child in (self.client, self.server):
+            if not kill:
+                child.quit()
+            child.kill()
 
     def measure(self, case: str, transport: str, loop: str, **params: Any) -> tuple[Json, Json]:
-        """One connection: (server result, client result)."""
+        """One measurement: (server result, client result)."""
         self.count += 1
         common = {"case": case, "transport": transport, "loop": loop,
                   "timeout": self.timeout, **params}
@@ -583,146 +788,192 @@ class Runner:
         return server, client
 
 
-def run_bulk(runner: Runner, args: argparse.Namespace) -> list[Json]:
-    rows: list[Json] = []
-    for receiver in args.receivers:
-        for size in args.sizes:
+# A measurement to make: what the children are told, and a guess of its length.
+Plan = list[Json]
+
+
+def _bulk_bytes(args: argparse.Namespace, size: int) -> int:
+    """Bytes for one bulk run: --bytes, fewer for small writes (each is a drain())."""
+    return max(size, min(int(args.bytes), size * int(args.max_writes)))
+
+
+def plan_runs(args: argparse.Namespace) -> Plan:
+    """Every measurement of this run, in order, with a rough duration each."""
+    plan: Plan = []
+    vchan_rings = [None] + [r for r in args.ring_sizes if r != args.default_ring]
+
+    def add(case: str, transport: str, loop: str, estimate: float, **params: Any) -> None:
+        plan.append({"case": case, "transport": transport, "loop": loop,
+                     "estimate": estimate, **params})
+
+    if "bulk" in args.cases:
+        for direction in args.directions:
+            receivers = args.receivers if direction == "one" else ["streams"]
+            for receiver in receivers:
+                for size in args.sizes:
+                    nbytes = _bulk_bytes(args, size)
+                    writes = -(-nbytes // size)
+                    for loop in args.loops:
+                        for transport in args.transports:
+                            rings = vchan_rings if transport == "vchan" else [None]
+                            for ring in rings:
+                                if ring is not None and (
+                                        direction != "one" or receiver == "protocol"
+                                        or size not in args.ring_sweep_sizes):
+                                    continue
+                                if transport == "vchan":
+                                    ring = ring or args.default_ring
+                                add("bulk", transport, loop,
+                                    0.4 + nbytes / 1.0e9 * (2 if direction == "both" else 1)
+                                    + writes * 6e-6,
+                                    direction=direction, receiver=receiver, write_size=size,
+                                    bytes=nbytes, ring_size=ring)
+    if "pingpong" in args.cases:
+        for size in args.ping_sizes:
             for loop in args.loops:
                 for transport in args.transports:
-                    server, client = runner.measure("bulk", transport, loop, receiver=receiver,
-                                                    bytes=args.bytes, write_size=size)
-                    if server["bytes"] != args.bytes:
-                        raise BenchError(f"bulk {transport}/{loop}: the server got "
-                                         f"{server['bytes']} of {args.bytes} bytes")
-                    row = {"receiver": receiver, "write_size": size, "loop": loop,
-                           "transport": transport, **server,
-                           "client_writes": client["writes"],
-                           "client_write_seconds": client["write_seconds"],
-                           "client_seconds_to_close": client["seconds_to_close"]}
-                    rows.append(row)
-                    print(f"  bulk {receiver:>8} {human_size(size):>8} {loop:>7} "
-                          f"{transport:>5}: {row['bytes_per_s'] / 1e6:9.1f} MB/s",
-                          file=sys.stderr, flush=True)
-    return rows
-
-
-def run_pingpong(runner: Runner, args: argparse.Namespace) -> list[Json]:
-    rows: list[Json] = []
-    for size in args.ping_sizes:
+                    add("pingpong", transport, loop,
+                        0.4 + (args.rounds + args.warmup) * 60e-6,
+                        message_size=size, rounds=args.rounds, warmup=args.warmup)
+    if "connections" in args.cases:
+        for n in args.connection_counts:
+            per_conn = max(64 << 10, args.connection_bytes // n)
+            for loop in args.loops:
+                for transport in args.transports:
+                    add("connections", transport, loop,
+                        0.5 + n * (4e-3 if transport == "vchan" else 3e-4)
+                        + n * per_conn / 0.8e9,
+                        connections=n, bytes_per_conn=per_conn, write_size=64 << 10)
+    if "setup" in args.cases:
         for loop in args.loops:
             for transport in args.transports:
-                server, client = runner.measure("pingpong", transport, loop,
-                                                message_size=size, rounds=args.rounds,
-                                                warmup=args.warmup)
-                if server["echoed"] != args.rounds + args.warmup:
-                    raise BenchError(f"pingpong {transport}/{loop}: the server echoed "
-                                     f"{server['echoed']} messages")
-                row = {"message_size": size, "loop": loop, "transport": transport, **client}
-                rows.append(row)
-                print(f"  pingpong {human_size(size):>6} {loop:>7} {transport:>5}: "
-                      f"{row['round_trips_per_s']:9.0f} rt/s, p50 {row['p50_us']:.1f} us",
-                      file=sys.stderr, flush=True)
-    return rows
+                add("setup", transport, loop,
+                    0.4 + (args.setup_count + 20) * (4e-3 if transport == "vchan" else 4e-4),
+                    count=args.setup_count, warmup=20)
+    return plan
 
 
-def _ratios(rows: list[Json], keys: Sequence[str], metric: str) -> list[Json]:
-    """vchan/unix and vchan/tcp of ``metric`` for rows equal in ``keys``."""
-    groups: dict[tuple[Any, ...], dict[str, float]] = {}
-    for row in rows:
-        groups.setdefault(tuple(row[k] for k in keys), {})[row["transport"]] = row[metric]
-    out: list[Json] = []
-    for group, by in groups.items():
-        if "vchan" not in by:
-            continue
-        entry: Json = dict(zip(keys, group, strict=True))
-        for other in ("unix", "tcp"):
-            if other in by:
-                entry[f"vchan_vs_{other}"] = by["vchan"] / by[other]
-        if len(entry) > len(keys):
-            out.append(entry)
+def _describe(m: Json) -> str:
+    case = m["case"]
+    if case == "bulk":
+        what = (f"bulk {m['direction']:>4} {m['receiver']:>8} {human_size(m['write_size']):>8}"
+                + (f" ring {human_size(m['ring_size'])}" if m["ring_size"] else ""))
+    elif case == "pingpong":
+        what = f"pingpong {human_size(m['message_size'])}"
+    elif case == "connections":
+        what = f"{m['connections']} connections"
+    else:
+        what = "connection setup"
+    return f"{what} {m['loop']} {m['transport']}"
+
+
+def _row(m: Json, server: Json, client: Json) -> Json:
+    """One result row from a measurement's two halves."""
+    case = m["case"]
+    keep = {k: v for k, v in m.items() if k not in ("estimate", "case")}
+    if case == "bulk":
+        if server["bytes"] != m["bytes"]:
+            raise BenchError(f"{_describe(m)}: the server got {server['bytes']} of "
+                             f"{m['bytes']} bytes")
+        row = {**keep, **server, "client_writes": client["writes"],
+               "client_write_seconds": client["write_seconds"],
+               "client_seconds_to_close": client["seconds_to_close"]}
+        if m["direction"] == "both":
+            back = client["received"]
+            if back["bytes"] != m["bytes"]:
+                raise BenchError(f"{_describe(m)}: the client got {back['bytes']} of "
+                                 f"{m['bytes']} bytes")
+            row["up_bytes_per_s"] = server["bytes_per_s"]
+            row["down_bytes_per_s"] = back["bytes_per_s"]
+            row["bytes_per_s"] = server["bytes_per_s"] + back["bytes_per_s"]
+        return row
+    if case == "pingpong":
+        if server["echoed"] != m["rounds"] + m["warmup"]:
+            raise BenchError(f"{_describe(m)}: the server echoed {server['echoed']} messages")
+        return {**keep, **client}
+    if case == "connections":
+        return {**keep, "bytes_per_s": server["bytes_per_s"], "bytes": server["bytes"],
+                "seconds": server["seconds"], "server_rss_per_conn": server["rss_per_conn"],
+                "server_shmem_per_conn": server["shmem_per_conn"],
+                "client_rss_per_conn": client["rss_per_conn"],
+                "client_shmem_per_conn": client["shmem_per_conn"],
+                "connect_seconds": client["connect_seconds"], "ok": True, "error": None}
+    return {**keep, **client}
+
+
+def _summary(row: Json) -> str:
+    case = row["case_"]
+    if case == "bulk":
+        return f"{row['bytes_per_s'] / 1e6:9.1f} MB/s"
+    if case == "pingpong":
+        return f"{row['round_trips_per_s']:9.0f} rt/s, p50 {row['p50_us']:.1f} us"
+    if case == "connections":
+        if not row["ok"]:
+            return f"FAILED: {row['error']}"
+        return (f"{row['bytes_per_s'] / 1e6:9.1f} MB/s, "
+                f"{(row['server_rss_per_conn'] + row['client_rss_per_conn']) / 1024:.0f} "
+                f"KiB/connection")
+    return f"{row['connections_per_s']:9.0f} connections/s, p50 {row['p50_us']:.0f} us"
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds + 0.5))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _median(rows: list[Json], case: str) -> Json:
+    """The median run of a repeated measurement (by throughput, or by p50 latency)."""
+    if len(rows) == 1:
+        return rows[0]
+    key = "bytes_per_s" if case == "bulk" else "p50_us"
+    ordered = sorted(rows, key=lambda r: float(r[key]))
+    row = dict(ordered[(len(ordered) - 1) // 2] if case == "pingpong"
+               else ordered[len(ordered) // 2])
+    row["repeats"] = [r[key] for r in rows]
+    return row
+
+
+def execute(runner: Runner, plan: Plan, repeat: int = 1) -> dict[str, list[Json]]:
+    """Run the plan, with progress and a running estimate of the time left.
+
+    Bulk and ping-pong measurements are made ``repeat`` times and the
+    median run is kept (all values are in the row's ``repeats``).
+    """
+    out: dict[str, list[Json]] = {}
+    for m in plan:
+        if m["case"] in ("bulk", "pingpong"):
+            m["estimate"] *= repeat
+    estimated = sum(m["estimate"] for m in plan)
+    print(f"vchan bench: {len(plan)} measurements, about {_clock(estimated)} "
+          f"(min:s)", file=sys.stderr, flush=True)
+    t_start = time.monotonic()
+    done_estimate = 0.0
+    for i, m in enumerate(plan, 1):
+        params = {k: v for k, v in m.items() if k not in ("case", "transport", "loop",
+                                                          "estimate")}
+        try:
+            rows = []
+            for _ in range(repeat if m["case"] in ("bulk", "pingpong") else 1):
+                server, client = runner.measure(m["case"], m["transport"], m["loop"],
+                                                **params)
+                rows.append(_row(m, server, client))
+            row = _median(rows, m["case"])
+        except BenchError as exc:
+            if m["case"] != "connections":
+                raise
+            # Many connections may hit a limit (grants, descriptors): a result too.
+            row = {k: v for k, v in m.items() if k not in ("estimate", "case")}
+            row.update(ok=False, error=str(exc), bytes_per_s=None,
+                       server_rss_per_conn=None, client_rss_per_conn=None)
+            runner.restart()
+        out.setdefault(m["case"], []).append(row)
+        done_estimate += m["estimate"]
+        elapsed = time.monotonic() - t_start
+        left = (estimated - done_estimate) * elapsed / done_estimate
+        print(f"  [{i:>3}/{len(plan)} {_clock(elapsed)} elapsed, ~{_clock(left)} left] "
+              f"{_describe(m)}: {_summary(dict(row, case_=m['case']))}",
+              file=sys.stderr, flush=True)
     return out
-
-
-# ---------------------------------------------------------------------------
-# Reporting.
-# ---------------------------------------------------------------------------
-
-
-def _rate(bps: float | None) -> str:
-    if bps is None:
-        return "-"
-    mbps = bps / 1e6
-    return f"{mbps:,.0f}" if mbps >= 100 else f"{mbps:.1f}"
-
-
-def _num(x: float | None, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return "-" if a is None or b is None else f"{a / b:.2f}"
-
-
-def render(results: Json) -> str:
-    m, s = results["machine"], results["settings"]
-    lines = [
-        "## asyncio streams: vchan vs Unix socket vs TCP loopback (two processes)",
-        "",
-        f"- CPU: {m['cpu']}; cores: {m['cores']} ({m['usable_cores']} usable); "
-        f"kernel: {m['kernel']} {m['machine']}",
-        f"- {m['python']}; uvloop {m['uvloop']}; vchan {m['vchan']} ({m['backend']} backend)",
-        f"- load average at start: {m['loadavg_at_start']}",
-    ]
-    bulk: list[Json] = results.get("bulk", [])
-    for receiver in s["receivers"] if bulk else []:
-        rows = [r for r in bulk if r["receiver"] == receiver]
-        what = {"streams": "StreamReader.read(1 MiB)",
-                "protocol": "asyncio.Protocol.data_received",
-                "buffered": "asyncio.BufferedProtocol (1 MiB buffer)"}[receiver]
-        lines += [
-            "",
-            f"### bulk, client -> server, {human_size(s['bytes'])} per run; "
-            f"server receives with {what}",
-            "",
-            "| write size | loop | vchan MB/s | unix MB/s | tcp MB/s | vchan/unix | vchan/tcp |",
-            "|---:|---|---:|---:|---:|---:|---:|",
-        ]
-        for size in s["sizes"]:
-            for loop in s["loops"]:
-                by = {r["transport"]: r["bytes_per_s"] for r in rows
-                      if r["write_size"] == size and r["loop"] == loop}
-                v, u, t = by.get("vchan"), by.get("unix"), by.get("tcp")
-                lines.append(f"| {human_size(size)} | {loop} | {_rate(v)} | {_rate(u)} | "
-                             f"{_rate(t)} | {_ratio(v, u)} | {_ratio(v, t)} |")
-    ping: list[Json] = results.get("pingpong", [])
-    if ping:
-        lines += [
-            "",
-            f"### ping-pong (readexactly echo), {s['rounds']:,} round trips after "
-            f"{s['warmup']:,} warm-up; latency at the client, vchan / unix / tcp",
-            "",
-            "| message | loop | vchan rt/s | unix rt/s | tcp rt/s | vchan/unix | vchan/tcp "
-            "| p50 us | p99 us | p99.9 us |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for size in s["ping_sizes"]:
-            for loop in s["loops"]:
-                by = {r["transport"]: r for r in ping
-                      if r["message_size"] == size and r["loop"] == loop}
-
-                def get(t: str, key: str, by: dict[str, Json] = by) -> float | None:
-                    return by[t][key] if t in by else None
-
-                rts = [get(t, "round_trips_per_s") for t in TRANSPORTS]
-                lat = [" / ".join(_num(get(t, p), ".0f") for t in TRANSPORTS)
-                       for p in ("p50_us", "p99_us", "p99.9_us")]
-                lines.append(f"| {human_size(size)} | {loop} | "
-                             + " | ".join(_num(x, ",.0f") for x in rts)
-                             + f" | {_ratio(rts[0], rts[1])} | {_ratio(rts[0], rts[2])} | "
-                             + " | ".join(lat) + " |")
-    lines += ["", "MB/s = 1e6 bytes/s at the server, first delivery to EOF.  Ratios compare "
-              "transports on the same loop (> 1: vchan is faster)."]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -730,64 +981,153 @@ def render(results: Json) -> str:
 # ---------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def memcpy_bandwidth(block: int = 64 << 20, rounds: int = 8) -> float:
+    """Single-core memcpy bandwidth (bytes/s), best of ``rounds`` block copies."""
+    src = bytearray(os.urandom(1 << 20) * (block >> 20))
+    dst = bytearray(block)
+    s_addr = ctypes.addressof(ctypes.c_char.from_buffer(src))
+    d_addr = ctypes.addressof(ctypes.c_char.from_buffer(dst))
+    ctypes.memmove(d_addr, s_addr, block)       # fault the pages in
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        ctypes.memmove(d_addr, s_addr, block)
+        best = min(best, time.perf_counter() - t)
+    if dst != src:
+        raise BenchError("memmove produced wrong data")
+    return block / best
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="vchan asyncio streams vs Unix-socket and TCP loopback streams, server "
-                    "and client in separate processes (see the module docstring).")
+        prog="vchan bench",
+        description="vchan against TCP loopback and Unix sockets, on asyncio and uvloop, "
+                    "server and client in separate processes (separate emulated domains "
+                    "for vchan): bulk transfers, ping-pong latency, many connections, "
+                    "connection setup.  Prints a Markdown table; writes results.json, "
+                    "report.md and PNG plots to --out.",
+        epilog="examples:\n  vchan bench --quick\n  vchan bench --out bench-results\n"
+               "  vchan bench --cases pingpong --loops uvloop --rounds 50000",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="64 MiB per bulk run and 3,000 round trips")
+                        help="a smaller run (under two minutes): 64 KiB writes, fewer "
+                             "round trips, 10 and 1,000 connections")
+    parser.add_argument("--out", metavar="DIR", type=Path, default=None,
+                        help="where to write results.json, report.md and the plots "
+                             "(default: vchan-bench-YYYYmmdd-HHMMSS)")
+    parser.add_argument("--no-report", action="store_true",
+                        help="print the table only; write nothing")
+    parser.add_argument("--cases", type=_choices(CASES), default=None,
+                        help=f"{','.join(CASES)} (default all)")
+    parser.add_argument("--loops", type=_choices(LOOPS), default=None,
+                        help="event loops: asyncio,uvloop (default both)")
+    parser.add_argument("--transports", type=_choices(TRANSPORTS), default=list(TRANSPORTS),
+                        help="vchan,unix,tcp (default all three)")
     parser.add_argument("--bytes", type=parse_size, default=None,
-                        help="bytes per bulk run, e.g. 512M (default 512 MiB, --quick 64 MiB)")
-    parser.add_argument("--sizes", type=parse_sizes, default=[64 << 10],
-                        help="bulk write sizes, e.g. 64,4096,65536,1048576 (default 64 KiB)")
-    parser.add_argument("--receivers", type=_choices(RECEIVERS), default=list(RECEIVERS),
-                        help="bulk receiving side: streams,protocol,buffered (default all)")
+                        help="bytes per bulk run, e.g. 512M (default 512 MiB, --quick 64 MiB; "
+                             "small writes send fewer, see --max-writes)")
+    parser.add_argument("--max-writes", type=int, default=None,
+                        help="at most this many writes per bulk run (default 200,000)")
+    parser.add_argument("--sizes", type=parse_sizes, default=None,
+                        help="bulk write sizes (default 64,1K,16K,64K,256K,1M; --quick 64K)")
+    parser.add_argument("--directions", type=_choices(DIRECTIONS), default=list(DIRECTIONS),
+                        help="bulk: one (client to server) and/or both at once")
+    parser.add_argument("--receivers", type=_choices(RECEIVERS), default=None,
+                        help="bulk receiving side: streams,protocol,buffered "
+                             "(default all; --quick streams,buffered)")
+    parser.add_argument("--ring-sizes", type=parse_sizes, default=None,
+                        help="vchan ring sizes to sweep in bulk runs (default 64K,256K,1M; "
+                             "--quick 1M besides the default)")
     parser.add_argument("--ping-sizes", type=parse_sizes, default=[64, 4096],
                         help="ping-pong message sizes (default 64,4096)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="timed round trips (default 20,000, --quick 3,000)")
-    parser.add_argument("--warmup", type=int, default=1000,
-                        help="untimed round trips first (default 1,000)")
-    parser.add_argument("--loops", type=_choices(LOOPS), default=list(LOOPS),
-                        help="event loops: asyncio,uvloop (default both)")
-    parser.add_argument("--transports", type=_choices(TRANSPORTS), default=list(TRANSPORTS),
-                        help="vchan,unix,tcp (default all three)")
-    parser.add_argument("--cases", type=_choices(CASES), default=list(CASES),
-                        help="bulk,pingpong (default both)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed round trips first (default 1,000, --quick 300)")
+    parser.add_argument("--connections", type=parse_counts, default=None,
+                        dest="connection_counts",
+                        help="concurrent connections (default 1,10,100,1000; --quick 10,1000)")
+    parser.add_argument("--setup-count", type=int, default=None,
+                        help="connections opened in the setup-rate case (default 500, "
+                             "--quick 100)")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="make each bulk and ping-pong measurement N times and keep the "
+                             "median (default 3, --quick 1)")
     parser.add_argument("--timeout", type=float, default=600,
                         help="seconds one measurement may take (default 600)")
     parser.add_argument("--json", metavar="PATH", type=Path, default=None,
-                        help="also write all results as JSON to PATH")
+                        help="also write the results as JSON to PATH")
     parser.add_argument("--role", choices=("server", "client"), help=argparse.SUPPRESS)
     parser.add_argument("--parent", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
 
+
+def parse_counts(text: str) -> list[int]:
+    try:
+        counts = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"counts must be >= 1, got {text!r}")
+    return counts
+
+
+def _defaults(args: argparse.Namespace) -> None:
+    from ..endpoint import DEFAULT_RING_SIZE
+
+    quick = args.quick
+
+    def default(name: str, full: Any, short: Any) -> None:
+        if getattr(args, name) is None:
+            setattr(args, name, short if quick else full)
+
+    default("cases", list(CASES), list(CASES))
+    default("loops", list(LOOPS), list(LOOPS))
+    default("bytes", 512 << 20, 64 << 20)
+    default("max_writes", 200_000, 50_000)
+    default("sizes", [64, 1 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20], [64 << 10])
+    default("receivers", list(RECEIVERS), ["streams", "buffered"])
+    default("ring_sizes", [64 << 10, DEFAULT_RING_SIZE, 1 << 20], [DEFAULT_RING_SIZE, 1 << 20])
+    default("rounds", 20_000, 3_000)
+    default("warmup", 1_000, 300)
+    default("connection_counts", [1, 10, 100, 1000], [10, 1000])
+    default("setup_count", 500, 100)
+    default("repeat", 3, 1)
+    args.default_ring = DEFAULT_RING_SIZE
+    args.ring_sweep_sizes = [s for s in args.sizes if s in (4096, 64 << 10, 1 << 20)] \
+        or args.sizes[:1]
+    args.connection_bytes = (64 if quick else 256) << 20
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.role:
         return child_main(args.role, args.parent)
-
-    if args.bytes is None:
-        args.bytes = (64 if args.quick else 512) << 20
-    if args.rounds is None:
-        args.rounds = 3000 if args.quick else 20000
-    if args.rounds < 1 or args.warmup < 0 or args.timeout <= 0:
-        parser.error("--rounds must be >= 1, --warmup >= 0, --timeout > 0")
-    if max(args.sizes) > args.bytes:
-        parser.error("--bytes must be at least the largest write size")
+    _defaults(args)
+    if min(args.rounds, args.max_writes, args.repeat) < 1 or args.warmup < 0 \
+            or args.timeout <= 0:
+        parser.error("--rounds, --max-writes and --repeat must be >= 1, --warmup >= 0, "
+                     "--timeout > 0")
+    for ring in args.ring_sizes:
+        if not 0 < ring <= 1 << 20:
+            parser.error(f"--ring-sizes: {ring} is outside 1..1048576")
     if "uvloop" in args.loops:
         try:
             import uvloop  # noqa: F401
         except ImportError:
-            parser.error("uvloop is not installed (pip install uvloop, or --loops asyncio)")
+            parser.error("uvloop is not installed (pip install 'vchan[uvloop]', "
+                         "or --loops asyncio)")
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    from vchan import backend, sim
+    from .. import backend, sim
 
     backend_name = backend.default_backend_name()
     env = dict(os.environ)
     own_sim: Path | None = None
-    tmp = Path(tempfile.mkdtemp(prefix="vchan-streams-bench-"))
-    children: list[Child] = []
-    results: Json = {}
+    tmp = Path(tempfile.mkdtemp(prefix="vchan-bench-"))
+    runner: Runner | None = None
+    started = time.time()
     try:
         vchan_peer: int | None = None
         server_env, client_env = dict(env), dict(env)
@@ -795,66 +1135,72 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "VCHAN_SIM_DIR" not in env:
                 own_sim = tmp / "sim"
                 env["VCHAN_SIM_DIR"] = str(own_sim)
-            sim.ensure_running(Path(env["VCHAN_SIM_DIR"]))
+            directory = Path(env["VCHAN_SIM_DIR"])
+            sim.ensure_running(directory)
+            if own_sim is not None:
+                # A thousand connections of 256 KiB rings each way need ~130,000
+                # pages granted at once; real Xen's gntalloc limit is raised the
+                # same way (/sys/module/xen_gntalloc/parameters/limit).
+                sim.control({"cmd": "set", "key": "grant-limit", "value": 1 << 20},
+                            directory)
             server_env = dict(env, VCHAN_DOMID=str(VCHAN_SERVER_DOMID))
             client_env = dict(env, VCHAN_DOMID=str(VCHAN_CLIENT_DOMID))
             vchan_peer = VCHAN_CLIENT_DOMID
-        results = {
+        print("vchan bench: measuring memcpy", file=sys.stderr, flush=True)
+        results: Json = {
             "machine": machine_info(backend=backend_name),
-            "settings": {
-                "quick": args.quick,
-                "cases": args.cases,
-                "loops": args.loops,
-                "transports": args.transports,
-                "receivers": args.receivers,
-                "bytes": args.bytes,
-                "sizes": args.sizes,
-                "read_size": READ_SIZE,
-                "ping_sizes": args.ping_sizes,
-                "rounds": args.rounds,
-                "warmup": args.warmup,
-                "timeout_seconds": args.timeout,
-                "vchan_ring_bytes": 64 << 10,
-                "vchan_domains": ({"server": VCHAN_SERVER_DOMID, "client": VCHAN_CLIENT_DOMID}
-                                  if backend_name == "sim" else "own domain"),
-                "private_emulator": own_sim is not None,
-                "units": "bytes_per_s at the server, first delivery to EOF; latency in us "
-                         "at the client; ratios vchan/other on the same loop (> 1: vchan "
-                         "faster)",
-            },
+            "memcpy": {"bytes_per_s": memcpy_bandwidth(), "block_bytes": 64 << 20},
         }
-        server = Child("server", server_env)
-        children.append(server)
-        client = Child("client", client_env)
-        children.append(client)
-        server.recv(60)     # "started": the interpreter and its imports are up
-        client.recv(60)
-        runner = Runner(server, client, tmp, vchan_peer, args.timeout)
-        if "bulk" in args.cases:
-            results["bulk"] = run_bulk(runner, args)
-            results["bulk_ratios"] = _ratios(results["bulk"],
-                                             ["receiver", "write_size", "loop"], "bytes_per_s")
-        if "pingpong" in args.cases:
-            results["pingpong"] = run_pingpong(runner, args)
-            results["pingpong_ratios"] = _ratios(results["pingpong"],
-                                                 ["message_size", "loop"],
-                                                 "round_trips_per_s")
-        for child in children:
-            child.quit()
+        plan = plan_runs(args)
+        runner = Runner(server_env, client_env, tmp, vchan_peer, args.timeout)
+        results.update(execute(runner, plan, args.repeat))
+        results["settings"] = {
+            "quick": args.quick,
+            "command": "vchan bench " + " ".join(sys.argv[1:] if argv is None else argv),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "duration_seconds": time.time() - started,
+            "cases": args.cases, "loops": args.loops, "transports": args.transports,
+            "directions": args.directions, "receivers": args.receivers,
+            "bytes": args.bytes, "max_writes": args.max_writes, "sizes": args.sizes,
+            "read_size": READ_SIZE, "ping_sizes": args.ping_sizes, "rounds": args.rounds,
+            "warmup": args.warmup, "ring_sizes": sorted(set(args.ring_sizes)),
+            "default_ring_size": args.default_ring,
+            "connection_counts": args.connection_counts,
+            "connection_bytes": args.connection_bytes, "setup_count": args.setup_count,
+            "repeat": args.repeat,
+            "timeout_seconds": args.timeout,
+            "vchan_domains": ({"server": VCHAN_SERVER_DOMID, "client": VCHAN_CLIENT_DOMID}
+                              if backend_name == "sim" else "own domain"),
+            "private_emulator": own_sim is not None,
+            "units": "bytes_per_s at the receiver, first delivery to EOF (both directions: "
+                     "the sum); latency in us at the client; memory in bytes",
+        }
+        runner.close()
+        runner = None
     except BenchError as exc:
-        print(f"streams_bench: {exc}", file=sys.stderr)
+        print(f"vchan bench: {exc}", file=sys.stderr)
         return 1
     finally:
-        for child in reversed(children):
-            child.kill()
+        if runner is not None:
+            runner.close(kill=True)
         if own_sim is not None:
             with contextlib.suppress(sim.SimError, OSError):
                 sim.stop(own_sim)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(render(results))
+    from .report import render_markdown, write_report
+
+    print(render_markdown(results))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if not args.no_report:
+        out = args.out or Path(time.strftime("vchan-bench-%Y%m%d-%H%M%S"))
+        written = write_report(results, out)
+        print(f"\nvchan bench: wrote {', '.join(str(p) for p in written.values())}",
+              file=sys.stderr)
+        if not any(str(p).endswith(".png") for p in written.values()):
+            print("vchan bench: no plots: install matplotlib (pip install 'vchan[bench]')",
+                  file=sys.stderr)
     return 0
 
 
