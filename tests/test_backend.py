@@ -116,6 +116,14 @@ def test_sim_command_start_status_set_stop(tmp_path: Path) -> None:
     assert (tmp_path / "sim" / "grant-limit").read_text().strip() == "77"
     status = _vchan("sim", "status", env=env)
     assert "grant limit 77 pages" in status.stdout
+    # The XenStore tree, as xenstore-ls prints it (dom0's view).
+    tree = _vchan("sim", "ls", "/local/domain", env=env)
+    assert tree.returncode == 0, tree.stderr
+    assert tree.stdout.splitlines()[:2] == ['0 = ""', '  data = ""']
+    assert '  name = "Domain-0"' in tree.stdout
+    for path in ("/nowhere", "relative"):
+        missing = _vchan("sim", "ls", path, env=env)
+        assert missing.returncode == 2 and missing.stderr.startswith("vchan: sim ls: ")
     bad = _vchan("sim", "set", "grant-limit", "lots", env=env)
     assert bad.returncode == 2 and bad.stderr.startswith("vchan: ") and "Traceback" not in \
         bad.stderr

@@ -64,6 +64,8 @@ def _sim(args: argparse.Namespace) -> int:
                   f"{d['granted_pages']:>7}  {d['shares']:>6}  {d['mappings']:>5}  "
                   f"{len(d['ports']):>5}  {' '.join(map(str, d['processes']))}")
         return 0
+    if args.sim_command == "ls":
+        return _sim_ls(args.path, directory)
     if args.sim_command == "set":
         from .sim.xenstored import QUOTA_NAMES
 
@@ -80,6 +82,34 @@ def _sim(args: argparse.Namespace) -> int:
     if args.sim_command == "run":
         return _sim_run(args.domid, args.command, directory)
     raise UsageError("vchan sim: say start, stop, status, set or run (see vchan sim --help)")
+
+
+def _sim_ls(path: str, directory: Path) -> int:
+    """Print the emulator's XenStore tree below ``path``, as xenstore-ls does (as dom0)."""
+    from . import sim
+    from .xenstore import XenStoreSync
+
+    if not path.startswith("/"):
+        raise UsageError(f"sim ls: PATH must be absolute (/local/domain/1), got {path!r}")
+    sim.ensure_running(directory)
+    socket_path = sim.control({"cmd": "xenstore-socket", "domid": 0}, directory)["path"]
+    with XenStoreSync(socket_path) as xs:
+        def show(node: str, depth: int) -> None:
+            for name in sorted(xs.directory(node), key=lambda n: (not n.isdigit(), n.zfill(8)
+                                                                  if n.isdigit() else n)):
+                child = f"{node.rstrip('/')}/{name}"
+                try:
+                    value = xs.read(child).decode("utf-8", "backslashreplace")
+                except FileNotFoundError:
+                    continue        # gone while we looked
+                print(f"{'  ' * depth}{name} = \"{value}\"")
+                show(child, depth + 1)
+
+        try:
+            show(path, 0)
+        except FileNotFoundError:
+            raise UsageError(f"sim ls: no node {path}") from None
+    return 0
 
 
 def _sim_run(domid: int, command: list[str], directory: Path) -> int:
@@ -132,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Control the emulated hypervisor (processes play Xen domains). Its state "
                     "directory is $VCHAN_SIM_DIR (default $XDG_RUNTIME_DIR/vchan-sim or "
                     "/tmp/vchan-sim-UID).",
-        epilog="examples:\n  vchan sim start\n  vchan sim status\n"
+        epilog="examples:\n  vchan sim start\n  vchan sim status\n  vchan sim ls /local/domain\n"
                "  vchan sim set grant-limit 4096\n"
                "  vchan sim run --domid 1 -- ./libxenvchan-program ARGS\n  vchan sim stop",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -141,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     start = simsub.add_parser("start", help="start the emulator (if it is not running)")
     start.add_argument("--foreground", action="store_true", help="run in this process")
     simsub.add_parser("stop", help="stop the emulator")
+    lsp = simsub.add_parser("ls", help="the XenStore tree (as xenstore-ls shows it)",
+                            epilog="examples:\n  vchan sim ls\n  vchan sim ls /local/domain/1",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    lsp.add_argument("path", nargs="?", default="/", help="where to start (default /)")
     status = simsub.add_parser("status", help="domains, grants and event channels")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     setp = simsub.add_parser("set", help="change a setting while running",
