@@ -420,3 +420,33 @@ async def test_peer_domain_vanishing_without_notice_resets(sim_dir: Path,
         monkeypatch.undo()
         writer.close()
         server.close_clients()
+
+
+async def test_clients_leave_no_request_nodes_behind(sim_dir: Path) -> None:
+    """Reaching many ports must not fill the client domain's XenStore quota."""
+    from vchan.xenstore import XenStore
+
+    own = vchan.own_domid()
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(await r.read(1))
+        w.close()
+
+    xs = await XenStore.open()
+    try:
+        base = f"/local/domain/{own}/data/vchan-req/{own}"
+        for i in range(30):
+            port = f"tidy{i}"
+            async with await vchan.start_server(echo, port, peers=own):
+                r, w = await vchan.open_connection(own, port, timeout=10)
+                w.write(b"x")
+                assert await r.read() == b"x"
+                w.close()
+                await w.wait_closed()
+        try:
+            left = await xs.directory(base)
+        except FileNotFoundError:
+            left = []
+        assert left == [], f"request directories left behind: {left}"
+    finally:
+        await xs.close()

@@ -350,28 +350,59 @@ async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChan
         if not handed_over and waiter.done() and not waiter.cancelled() \
                 and waiter.exception() is None:
             waiter.result()[0].close()      # connected just as we gave up
-        # Connected or not, the request has served its purpose.
+        # Connected or not, the request has served its purpose; so has the
+        # port's request directory once no other request is in it (a client
+        # that reaches many ports must not fill its domain's node quota).
         with contextlib.suppress(OSError):
             await xs.rm(request)
+        with contextlib.suppress(OSError):
+            await _remove_if_empty(xs, reqdir)
+
+
+async def _remove_if_empty(xs: XenStore, path: str) -> None:
+    """Remove directory ``path`` if it has no children, atomically."""
+    async def tidy(tx: Any) -> None:
+        try:
+            if await tx.directory(path):
+                return          # another process's request: it tidies up later
+        except FileNotFoundError:
+            return
+        await tx.rm(path)
+
+    await transact(xs, tidy)
 
 
 async def _write_request(xs: XenStore, reqdir: str, request: str, *, own: int, server: int,
                          sizes: str) -> None:
     # No transaction needed: the directory is made readable by the server
     # before any request is written into it (requests inherit that), and
-    # concurrent clients making the same directory agree on everything.
-    await xs.mkdir(reqdir)
-    await xs.set_perms(reqdir, [Perm(own, "n"), Perm(server, "r")])
+    # concurrent clients making the same directory agree on everything.  A
+    # client of this domain that finished may remove the directory while it
+    # is empty (_remove_if_empty, atomically): then we start again, and once
+    # our request is in, it stays.
+    perms = [Perm(own, "n"), Perm(server, "r")]
     for attempt in range(1000):
         try:
+            await xs.mkdir(reqdir)
+            await xs.set_perms(reqdir, perms)
             await xs.write(request, sizes)
+            # Removed between set_perms and write, the directory was made
+            # anew by the write with its parent's permissions, and our
+            # request inherited them: the server would not see us.  Put ours
+            # back, request first (the server's watch fires again).
+            if await xs.get_perms(reqdir) != perms:
+                await xs.set_perms(request, perms)
+                await xs.set_perms(reqdir, perms)
             return
+        except FileNotFoundError:
+            continue            # removed under us: again
         except OSError as exc:
             # The directory is full of other processes' requests (node-size
             # quota), or the domain of nodes: wait for some to go.
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or attempt == 999:
                 raise
         await asyncio.sleep(min(0.1, 0.005 * (attempt + 1)))
+    raise OSError(errno.EAGAIN, f"could not write the vchan request {request}")
 
 
 def parse_request(value: bytes) -> tuple[int, int]:
