@@ -422,8 +422,35 @@ async def test_peer_domain_vanishing_without_notice_resets(sim_dir: Path,
         server.close_clients()
 
 
+async def test_peer_domain_losing_its_home_resets(peers: list[Peer]) -> None:
+    """A destroyed domain may linger as a zombie the hypervisor answers for like a
+    live one; its XenStore home is gone at once: dom0 sees that and resets."""
+    from vchan.xenstore import XenStore
+
+    own = vchan.own_domid()
+    if own != 0:
+        pytest.skip("needs the privileged domain 0 to read other domains' homes")
+    server = _spawn(peers, 7, "serve", "homeless", "--peers", str(own), "--mode", "echo")
+    await server.line()
+    reader, writer = await vchan.open_connection(7, "homeless", timeout=10)
+    try:
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+        xs = await XenStore.open()
+        try:
+            await xs.rm("/local/domain/7")      # what xl destroy does; the process lives
+        finally:
+            await xs.close()
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionResetError, match="domain 7 no longer exists"):
+            await asyncio.wait_for(reader.read(), 5)
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        writer.close()
+
+
 async def test_clients_leave_no_request_nodes_behind(sim_dir: Path) -> None:
-    """Reaching many ports must not fill the client domain's XenStore quota."""
+    """Reaching (and serving) many ports must not fill a domain's XenStore quota."""
     from vchan.xenstore import XenStore
 
     own = vchan.own_domid()

@@ -71,6 +71,13 @@ class _EventHub:
     unmap notifications, so nothing would ever tell us.  Every
     ``LIVENESS_INTERVAL`` seconds each distinct peer domain is asked for
     (binding an event channel to a missing domain fails with ESRCH).
+
+    A destroyed domain whose pages we still map lingers as a dying zombie
+    that the hypervisor answers for like a live one; the toolstack removes
+    its XenStore home (``/local/domain/<id>``) at once, though.  So a domain
+    that may read other domains' homes (dom0) also looks there, without
+    blocking the loop: a missing home is a domain gone.  Where XenStore
+    refuses (an unprivileged domU), only the hypervisor's answer counts.
     """
 
     LIVENESS_INTERVAL = 0.5
@@ -83,6 +90,9 @@ class _EventHub:
         self.fd = self.evtchn.fileno()
         self.peers: dict[int, set[VchanTransport]] = {}
         self._liveness: asyncio.TimerHandle | None = None
+        self._homes: asyncio.Task[None] | None = None
+        self._homes_readable = True     # False once XenStore refuses us a peer's home
+        self._own: int | None = None
         self._dev = self.evtchn._dev
         self._ports = ffi.new("uint32_t[64]")
         loop.add_reader(self.fd, self._dispatch)
@@ -114,10 +124,42 @@ class _EventHub:
             except OSError:
                 continue
             if gone:
-                for transport in list(self.peers.get(domid, ())):
-                    transport._peer_domain_gone(domid)
+                self._domain_gone(domid)
+        if (self._homes_readable and self._homes is None
+                and any(domid != self._own for domid in self.peers)):
+            self._homes = self.loop.create_task(self._check_homes(),
+                                                name="vchan peer domain homes")
         if self.peers:
             self._liveness = self.loop.call_later(self.LIVENESS_INTERVAL, self._check_peers)
+
+    def _domain_gone(self, domid: int) -> None:
+        for transport in list(self.peers.get(domid, ())):
+            transport._peer_domain_gone(domid)
+
+    async def _check_homes(self) -> None:
+        """Whether each peer domain still has its XenStore home (dom0 may look)."""
+        try:
+            async with _loop_state() as state:
+                self._own = state.own
+                for domid in list(self.peers):
+                    if domid == state.own or domid not in self.peers:
+                        continue
+                    try:
+                        await state.xs.read(f"/local/domain/{domid}")
+                    except FileNotFoundError:
+                        if not self.evtchn.closed:
+                            self._domain_gone(domid)
+                    except PermissionError:
+                        self._homes_readable = False    # not privileged: never again
+                        return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:    # XenStore unavailable or closing: next round
+            if self.loop.get_debug():
+                log.debug("vchan: could not look at peer domains' homes: %r", exc)
+        finally:
+            if self._homes is asyncio.current_task():
+                self._homes = None
 
     def register(self, port: int, handler: Callable[[], None]) -> None:
         self.handlers[port] = handler
@@ -144,6 +186,9 @@ class _EventHub:
         if self._liveness is not None:
             self._liveness.cancel()
             self._liveness = None
+        if self._homes is not None:
+            self._homes.cancel()
+            self._homes = None
         if not self.evtchn.closed:
             if not self.loop.is_closed():
                 self.loop.remove_reader(self.fd)
@@ -733,7 +778,9 @@ class _LoopState:
     One XenStore connection (with one watch per path, however many waiters)
     and one event-channel hub.  The XenStore connection is owned by a task,
     so that ``asyncio.run()`` closes it when the loop ends; it is also closed
-    after a short idle period with no connection being set up and no server.
+    after a short idle period with no connection being set up and no server
+    (and, where peers' homes are readable, no connection to another domain
+    whose home the event hub's liveness probe reads).
     """
 
     IDLE_CLOSE = 2.0
