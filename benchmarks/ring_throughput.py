@@ -75,7 +75,6 @@ from pathlib import Path
 from typing import Any
 
 from vchan.bench.machine import machine_info
-
 from vchan.ring import MAX_ORDER, MIN_ORDER, PAGE_SIZE, Ring, ring_offset
 
 ROOT = Path(__file__).resolve().parent.parent

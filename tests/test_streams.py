@@ -470,10 +470,15 @@ async def test_clients_leave_no_request_nodes_behind(sim_dir: Path) -> None:
                 assert await r.read() == b"x"
                 w.close()
                 await w.wait_closed()
-        try:
-            left = await xs.directory(base)
-        except FileNotFoundError:
-            left = []
-        assert left == [], f"request directories left behind: {left}"
+        # Neither the clients' request directories nor the servers' port
+        # directories stay behind.
+        for where in (base, f"/local/domain/{own}/data/vchan/{own}"):
+            try:
+                left = await xs.directory(where)
+            except FileNotFoundError:
+                left = []
+            # (Other tests of the session may have left their own.)
+            ours = [n for n in left if n.startswith("tidy")]
+            assert ours == [], f"directories left behind in {where}: {ours}"
     finally:
         await xs.close()

@@ -356,10 +356,10 @@ async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChan
         with contextlib.suppress(OSError):
             await xs.rm(request)
         with contextlib.suppress(OSError):
-            await _remove_if_empty(xs, reqdir)
+            await remove_if_empty(xs, reqdir)
 
 
-async def _remove_if_empty(xs: XenStore, path: str) -> None:
+async def remove_if_empty(xs: XenStore, path: str) -> None:
     """Remove directory ``path`` if it has no children, atomically."""
     async def tidy(tx: Any) -> None:
         try:
@@ -378,7 +378,7 @@ async def _write_request(xs: XenStore, reqdir: str, request: str, *, own: int, s
     # before any request is written into it (requests inherit that), and
     # concurrent clients making the same directory agree on everything.  A
     # client of this domain that finished may remove the directory while it
-    # is empty (_remove_if_empty, atomically): then we start again, and once
+    # is empty (remove_if_empty, atomically): then we start again, and once
     # our request is in, it stays.
     perms = [Perm(own, "n"), Perm(server, "r")]
     for attempt in range(1000):

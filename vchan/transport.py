@@ -1271,6 +1271,16 @@ class Server(asyncio.AbstractServer):
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._state is not None:
+            if not self._raw and self.own is not None:
+                # The port's directory for each peer, once its connections'
+                # rings are gone (a domain serving many ports in turn must
+                # not fill its XenStore node quota).
+                from .listener import remove_if_empty, vchan_path
+
+                for peer in sorted(self._seen):
+                    with contextlib.suppress(OSError):
+                        await remove_if_empty(self._state.xs,
+                                              vchan_path(self.own, peer, self._port_s))
             self._state.release()
             self._state = None
 
