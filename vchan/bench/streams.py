@@ -348,6 +348,23 @@ async def _listen(cmd: Json, factory: Callable[[], asyncio.BaseProtocol] | None,
     return server, {"host": "127.0.0.1", "port": server.sockets[0].getsockname()[1]}
 
 
+async def _serve_until(cmd: Json, emit: Callable[..., None], done: asyncio.Future[Json],
+                       factory: Callable[[], asyncio.BaseProtocol] | None,
+                       callback: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                          Awaitable[None]] | None) -> Json:
+    """Listen, say ready, wait for ``done``; then stop listening and tidy up."""
+    server, address = await _listen(cmd, factory, callback)
+    try:
+        emit(ready=True, address=address)
+        return await done
+    finally:
+        server.close()
+        await server.wait_closed()
+        if cmd["transport"] == "unix":
+            with contextlib.suppress(OSError):
+                os.unlink(cmd["path"])
+
+
 async def serve_one(cmd: Json, emit: Callable[..., None]) -> Json:
     """Listen, report ready, handle exactly one connection, report its result."""
     loop = asyncio.get_running_loop()
@@ -386,16 +403,7 @@ async def serve_one(cmd: Json, emit: Callable[..., None]) -> Json:
             if not done.done():
                 done.set_result(result)
 
-    server, address = await _listen(cmd, factory, callback)
-    try:
-        emit(ready=True, address=address)
-        return await done
-    finally:
-        server.close()
-        await server.wait_closed()
-        if cmd["transport"] == "unix":
-            with contextlib.suppress(OSError):
-                os.unlink(cmd["path"])
+    return await _serve_until(cmd, emit, done, factory, callback)
 
 
 @dataclass
@@ -470,16 +478,7 @@ async def serve_many(cmd: Json, emit: Callable[..., None]) -> Json:
             writer.close()
             raise
 
-    server, address = await _listen(cmd, None, callback)
-    try:
-        emit(ready=True, address=address)
-        return await done
-    finally:
-        server.close()
-        await server.wait_closed()
-        if cmd["transport"] == "unix":
-            with contextlib.suppress(OSError):
-                os.unlink(cmd["path"])
+    return await _serve_until(cmd, emit, done, None, callback)
 
 
 # ---------------------------------------------------------------------------
@@ -1104,6 +1103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.role:
         return child_main(args.role, args.parent)
+    loops_given = args.loops is not None
     _defaults(args)
     if min(args.rounds, args.max_writes, args.repeat) < 1 or args.warmup < 0 \
             or args.timeout <= 0:
@@ -1116,8 +1116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             import uvloop  # noqa: F401
         except ImportError:
-            parser.error("uvloop is not installed (pip install 'vchan[uvloop]', "
-                         "or --loops asyncio)")
+            if loops_given:
+                parser.error("uvloop is not installed (pip install 'vchan[uvloop]', "
+                             "or --loops asyncio)")
+            print("vchan bench: uvloop is not installed: measuring the asyncio loop only "
+                  "(pip install 'vchan[bench]' for both, and plots)", file=sys.stderr)
+            args.loops = ["asyncio"]
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     from .. import backend, sim
