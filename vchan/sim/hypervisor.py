@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
+import collections
 import contextlib
 import errno
 import fcntl
@@ -157,7 +158,9 @@ class Domain:
     grants: dict[int, Grant] = field(default_factory=dict)
     ports: dict[int, Port] = field(default_factory=dict)
     next_ref: int = FIRST_REF
-    free_refs: list[int] = field(default_factory=list)
+    # Freed grant references, reused oldest first as Xen's free list does; a
+    # deque: a thousand 1 MiB-ring connections free half a million at once.
+    free_refs: collections.deque[int] = field(default_factory=collections.deque)
     xs_present: bool = False    # a XenStore connection of the domain is open
 
     @property
@@ -167,7 +170,7 @@ class Domain:
 
     def alloc_ref(self) -> int:
         if self.free_refs:
-            return self.free_refs.pop(0)
+            return self.free_refs.popleft()
         ref = self.next_ref
         self.next_ref += 1
         return ref
