@@ -165,10 +165,7 @@ class Endpoint:
             self.ring_ref = pages.refs[0]
             return self
         except BaseException:
-            if self is not None:
-                self.close()
-            elif own:
-                ev.close()
+            _undo(self, ev if own else None)
             raise
 
     @classmethod
@@ -219,10 +216,7 @@ class Endpoint:
             self.flush_notify()         # wake the server up
             return self
         except BaseException:
-            if self is not None:
-                self.close()
-            elif own:
-                ev.close()
+            _undo(self, ev if own else None)
             raise
 
     # -- events ---------------------------------------------------------------
@@ -270,3 +264,12 @@ class Endpoint:
 
             warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=2)
             self.close()
+
+
+def _undo(endpoint: Endpoint | None, own_evtchn: EventChannel | None) -> None:
+    """Release what a failed serve()/connect() set up: the endpoint, or else the
+    event-channel handle it opened for itself."""
+    if endpoint is not None:
+        endpoint.close()
+    elif own_evtchn is not None:
+        own_evtchn.close()
