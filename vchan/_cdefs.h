@@ -82,6 +82,23 @@ int vchan_ring_commit(struct vchan_ring *r, uint32_t n, int *notify);
 #define VCHAN_SPLICE_ERRNO ...
 int vchan_splice_to_fd(struct vchan_ring *r, int fd, size_t max, int *notify, int *err);
 int vchan_splice_from_fd(struct vchan_ring *r, int fd, size_t max, int *notify, int *err);
+#define VCHAN_MUX_HEADER ...
+#define VCHAN_MUX_FULL ...
+#define VCHAN_MUX_EFRAME ...
+struct vchan_mux_frame {
+    uint8_t type;
+    uint8_t flags;
+    uint32_t stream;
+    uint32_t length;
+    uint32_t arg;
+};
+int vchan_mux_write(struct vchan_ring *r, uint8_t type, uint8_t flags, uint32_t stream,
+                    uint32_t arg, const void *data, uint32_t len, uint32_t min_payload,
+                    uint32_t max_payload, int *notify);
+int vchan_mux_peek(struct vchan_ring *r, struct vchan_mux_frame *f, uint32_t max_payload,
+                   const uint8_t **a, uint32_t *alen, const uint8_t **b, uint32_t *blen);
+int vchan_mux_take(struct vchan_ring *r, const struct vchan_mux_frame *f, const uint8_t *a,
+                   uint32_t alen, const uint8_t *b, uint32_t blen, void *buf, int *notify);
 int vchan_ring_read(struct vchan_ring *r, void *buf, size_t len, int *notify);
 int vchan_ring_recv(struct vchan_ring *r, void *buf, size_t len, int *notify);
 int vchan_ring_peer_live(struct vchan_ring *r);

@@ -19,12 +19,13 @@ def _rel(*parts: str) -> str:
     return os.path.relpath(os.path.join(ROOT, *parts), os.getcwd())
 
 
-SOURCES = [_rel("vchan", "ring.c"), _rel("vchan", "splice.c")] + [
+SOURCES = [_rel("vchan", "ring.c"), _rel("vchan", "splice.c"), _rel("vchan", "mux.c")] + [
     _rel("kernel", name) for name in ("common.c", "xen.c", "sim.c")
 ]
 HEADERS = [
     _rel("vchan", "ring.h"),
     _rel("vchan", "splice.h"),
+    _rel("vchan", "mux.h"),
     _rel("vchan", "_cdefs.h"),
     _rel("kernel", "kernel.h"),
     _rel("kernel", "sim_proto.h"),
@@ -36,7 +37,7 @@ with open(os.path.join(HERE, "_cdefs.h"), encoding="utf-8") as f:
 
 ffibuilder.set_source(
     "vchan._native",
-    '#include "ring.h"\n#include "splice.h"\n#include "kernel.h"\n',
+    '#include "ring.h"\n#include "splice.h"\n#include "mux.h"\n#include "kernel.h"\n',
     sources=SOURCES,
     depends=HEADERS,
     include_dirs=[_rel("vchan"), _rel("kernel")],

@@ -15,13 +15,17 @@ Raw mode (exactly libxenvchan; one client; any C peer can be either side)
     and connects.
 
 Listener mode (vchan's default for servers; many concurrent clients)
-    Every connection is its own raw libxenvchan ring at its own path, so
-    every ring stays byte-compatible; only the meeting differs.  Each side
+    Every ring is its own raw libxenvchan ring at its own path, so every
+    ring stays byte-compatible; only the meeting differs.  A ring carries
+    either one connection or, when the client asks for a session (the
+    default of :func:`vchan.create_connection`), a session over which that
+    client process opens any number of connections to the port without
+    XenStore (:mod:`vchan.mux`).  Each side
     writes only to its own XenStore tree:
 
     1. The client picks a fresh random nonce and writes, in its own tree,
 
-           /local/domain/C/data/vchan-req/S/P/<nonce> = "<read_min> <write_min>"
+           /local/domain/C/data/vchan-req/S/P/<nonce> = "<read_min> <write_min>[ session]"
 
        with ``vchan-req/S/P`` readable by S (``[{C: none}, {S: read}]``;
        the request inherits that).  The sizes are the rings the client
@@ -29,8 +33,9 @@ Listener mode (vchan's default for servers; many concurrent clients)
     2. The server watches ``/local/domain/C/data/vchan-req/S/P`` of each
        peer domain.  For a nonce it has not seen, it sets up a ring and
        publishes it as a raw server at ``base/<nonce>``
-       (``ring-ref``, ``event-channel``), or writes ``base/<nonce>/error``
-       if it cannot (e.g. its grant limit is reached).
+       (``ring-ref``, ``event-channel``, and ``session = 1`` when it grants
+       a session), or writes ``base/<nonce>/error`` if it cannot (e.g. its
+       grant limit is reached).
     3. The client, watching ``base``, connects to ``base/<nonce>`` as a
        plain libxenvchan client, then deletes its request.
     4. The server sees the client's live byte go to 1, removes
@@ -183,11 +188,17 @@ async def transact(xs: XenStore, fn: Callable[[Any], Awaitable[None]]) -> None:
 
 
 async def publish(xs: XenStore, path: str, ring_ref: int, evtchn_port: int, own: int,
-                  peer: int) -> None:
-    """Write ring-ref and event-channel in one transaction (libxenvchan's way)."""
+                  peer: int, *, session: bool = False) -> None:
+    """Write ring-ref and event-channel in one transaction (libxenvchan's way).
+
+    ``session``: also say that the ring carries a session (vchan.mux).
+    """
     perms = [Perm(own, "n"), Perm(peer, "r")]
 
     async def write(tx: Any) -> None:
+        if session:
+            await tx.write(f"{path}/session", "1")
+            await tx.set_perms(f"{path}/session", perms)
         await tx.write(f"{path}/ring-ref", str(ring_ref))
         await tx.set_perms(f"{path}/ring-ref", perms)
         await tx.write(f"{path}/event-channel", str(evtchn_port))
@@ -280,11 +291,14 @@ async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChan
                          own: int, server: int, port: str, read_min: int, write_min: int,
                          timeout: float | None,
                          make_endpoint: Callable[[int, int], Endpoint] | None = None,
-                         ) -> tuple[Endpoint, str]:
+                         session: bool = False) -> tuple[Endpoint, str]:
     """Connect to ``(server, port)`` from domain ``own``; returns (endpoint, mode).
 
     Waits (on a watch) for a raw server at the path, or for a listener to
-    answer a request, up to ``timeout`` seconds.
+    answer a request, up to ``timeout`` seconds.  ``mode`` is ``"raw"``,
+    ``"listener"`` (a ring for this one connection) or ``"session"`` (asked
+    for with ``session=True`` and granted: a ring that carries many
+    connections, see :mod:`vchan.mux`).
     """
     check_ring_size(read_min, "read_min")
     check_ring_size(write_min, "write_min")
@@ -311,11 +325,17 @@ async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChan
                     return connect(*raw), "raw"
                 if not requested:
                     await _write_request(xs, reqdir, request, own=own, server=server,
-                                         sizes=f"{read_min} {write_min}")
+                                         sizes=f"{read_min} {write_min}"
+                                         + (" session" if session else ""))
                     requested = True
                 answer = await read_ring(xs, f"{base}/{nonce}")
                 if answer is not None:
-                    return connect(*answer), "listener"
+                    mode = "listener"
+                    if session:
+                        with contextlib.suppress(FileNotFoundError, PermissionError):
+                            if await xs.read(f"{base}/{nonce}/session") == b"1":
+                                mode = "session"
+                    return connect(*answer), mode
                 with contextlib.suppress(FileNotFoundError, PermissionError):
                     error = (await xs.read(f"{base}/{nonce}/error")).decode(errors="replace")
                     raise ConnectionRefusedError(
@@ -405,19 +425,23 @@ async def _write_request(xs: XenStore, reqdir: str, request: str, *, own: int, s
     raise OSError(errno.EAGAIN, f"could not write the vchan request {request}")
 
 
-def parse_request(value: bytes) -> tuple[int, int]:
+def parse_request(value: bytes) -> tuple[int, int, bool]:
     """The ring sizes a client asked for, from the server's point of view.
 
-    Returns (server read_min, server write_min): the client's write ring is
-    the server's read ring.
+    Returns (server read_min, server write_min, session wanted): the
+    client's write ring is the server's read ring.
     """
     try:
-        client_read, client_write = (int(v) for v in value.split())
+        words = value.split()
+        session = words[2:] == [b"session"]
+        if len(words) != 2 and not session:
+            raise ValueError("unknown words")
+        client_read, client_write = (int(v) for v in words[:2])
         check_ring_size(client_read, "read_min")
         check_ring_size(client_write, "write_min")
     except (ValueError, TypeError) as exc:
         raise VchanError(f"malformed vchan connection request {value!r}") from exc
-    return client_write, client_read
+    return client_write, client_read, session
 
 
 def is_nonce(name: str) -> bool:

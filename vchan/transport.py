@@ -35,6 +35,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any, Literal
 
+from ._flow import WriteFlowControl
 from ._native import ffi, lib
 from .devices import EventChannel
 from .endpoint import Endpoint
@@ -258,7 +259,7 @@ SPLICE_ERROR = 4    # the transport is closing with an error
 _AGAIN = {errno.EAGAIN, errno.EWOULDBLOCK}
 
 
-class VchanTransport(asyncio.Transport):
+class VchanTransport(WriteFlowControl, asyncio.Transport):
     """An asyncio transport over one libxenvchan connection."""
 
     max_size = 256 * 1024       # bytes handed to the protocol per loop iteration
@@ -368,52 +369,6 @@ class VchanTransport(asyncio.Transport):
         self._paused = False
         # Nothing will wake us for data already in the ring: look now.
         self._loop.call_soon(self._on_event)
-
-    # -- flow control (as asyncio's _FlowControlMixin) -------------------------
-
-    def _maybe_pause_protocol(self) -> None:
-        if len(self._buffer) <= self._high_water or self._protocol_paused:
-            return
-        self._protocol_paused = True
-        try:
-            self._protocol.pause_writing()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._loop.call_exception_handler({
-                "message": "protocol.pause_writing() failed",
-                "exception": exc, "transport": self, "protocol": self._protocol,
-            })
-
-    def _maybe_resume_protocol(self) -> None:
-        if self._protocol_paused and len(self._buffer) <= self._low_water:
-            self._protocol_paused = False
-            try:
-                self._protocol.resume_writing()
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                self._loop.call_exception_handler({
-                    "message": "protocol.resume_writing() failed",
-                    "exception": exc, "transport": self, "protocol": self._protocol,
-                })
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return (self._low_water, self._high_water)
-
-    def _set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if high is None:
-            high = 64 * 1024 if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high_water = high
-        self._low_water = low
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._set_write_buffer_limits(high=high, low=low)
-        self._maybe_pause_protocol()
 
     def get_write_buffer_size(self) -> int:
         """Bytes accepted by write() that are not in the ring yet."""
@@ -903,18 +858,31 @@ async def create_connection(
     port_s = check_port(port)
     if timeout is not None and timeout < 0:
         raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
+    dedicated = read_min is not None or write_min is not None
     # Sizes not given are the server's choice (0 in the request).
     read_min, write_min = _ring_sizes(read_min or 0, write_min or 0)
     loop = asyncio.get_running_loop()
     hub = event_hub(loop)
     hub.hold()
     try:
-        async with _loop_state() as state:
-            assert state.own is not None
-            endpoint, _mode = await client_connect(
-                state.xs, state.watches, hub.evtchn, own=state.own, server=domid, port=port_s,
-                read_min=read_min, write_min=write_min, timeout=timeout)
-            own = state.own
+        endpoint: Endpoint | None = None
+        if not dedicated:
+            from .pool import session_pool
+
+            pool = session_pool(loop)
+            got = await pool.connect(domid, port_s, timeout)
+            if isinstance(got, tuple):
+                endpoint = got[0]
+                own = pool.own
+            else:
+                return await _open_stream(got, protocol_factory, domid, port)
+        if endpoint is None:
+            async with _loop_state() as state:
+                assert state.own is not None
+                endpoint, _mode = await client_connect(
+                    state.xs, state.watches, hub.evtchn, own=state.own, server=domid,
+                    port=port_s, read_min=read_min, write_min=write_min, timeout=timeout)
+                own = state.own
         protocol = protocol_factory()
         waiter = loop.create_future()
         transport = VchanTransport(loop, endpoint, protocol, hub, waiter=waiter, extra={
@@ -927,6 +895,27 @@ async def create_connection(
         return transport, protocol
     finally:
         hub.unhold()
+
+
+async def _open_stream(session: Any, protocol_factory: Callable[[], asyncio.BaseProtocol],
+                       domid: int, port: int | str) -> tuple[Any, asyncio.BaseProtocol]:
+    """A new connection as a stream of ``session``: no XenStore, no round trip."""
+    from .listener import check_port
+
+    protocol = protocol_factory()
+    if isinstance(protocol, SpliceProtocol):
+        raise TypeError("a SpliceProtocol needs a ring of its own: pass read_min/write_min "
+                        "to create_connection for a dedicated connection")
+    waiter = asyncio.get_running_loop().create_future()
+    transport = session.open_stream(check_port(port), protocol, waiter=waiter, extra={
+        "peername": (domid, port), "sockname": (session.own, port)})
+    try:
+        await waiter
+    except BaseException:
+        transport.abort()
+        raise
+    return transport, protocol
+
 
 
 Peers = int | Collection[int] | Literal["any"]
@@ -943,7 +932,7 @@ class Server(asyncio.AbstractServer):
     def __init__(self, loop: asyncio.AbstractEventLoop,
                  protocol_factory: Callable[[], asyncio.BaseProtocol], port: int | str,
                  port_s: str, peers: Peers, *, raw: bool, read_min: int, write_min: int,
-                 accept_timeout: float, shrink: bool = True) -> None:
+                 accept_timeout: float, shrink: bool = True, sessions: bool = True) -> None:
         self._loop = loop
         self._factory = protocol_factory
         self._port = port
@@ -954,6 +943,9 @@ class Server(asyncio.AbstractServer):
         self._write_min = write_min
         self._accept_timeout = accept_timeout
         self._shrink = shrink               # default sizes: smaller rings beat no ring
+        self._sessions = sessions           # grant sessions to clients that ask
+        self._sessions_open: set[Any] = set()
+        self._refused: set[tuple[int, str]] = set()
         self._serving = False
         self._closed = False
         self._state: _LoopState | None = None
@@ -1082,10 +1074,23 @@ class Server(asyncio.AbstractServer):
                 except (FileNotFoundError, PermissionError):
                     names = []
                 current = {n for n in names if is_nonce(n)}
+                for nonce in seen - current:
+                    # A refused client withdrew its request: our answer goes too
+                    # (left behind, answers would fill the port's directory).
+                    if (peer, nonce) in self._refused:
+                        self._refused.discard((peer, nonce))
+                        self._spawn(self._forget_refusal(peer, nonce))
                 seen &= current             # forget requests their clients removed
                 for nonce in current - seen:
                     seen.add(nonce)
                     self._spawn(self._accept_limited(peer, nonce, f"{reqdir}/{nonce}"))
+
+    async def _forget_refusal(self, peer: int, nonce: str) -> None:
+        from .listener import vchan_path
+
+        assert self._state is not None and self.own is not None
+        with contextlib.suppress(OSError):
+            await self._state.xs.rm(f"{vchan_path(self.own, peer, self._port_s)}/{nonce}")
 
     async def _accept_limited(self, peer: int, nonce: str, request: str) -> None:
         # Pending rings of one peer live in one XenStore directory, whose
@@ -1110,7 +1115,8 @@ class Server(asyncio.AbstractServer):
             return                          # withdrawn already
         path = f"{vchan_path(self.own, peer, self._port_s)}/{nonce}"
         try:
-            read_min, write_min = parse_request(value)
+            read_min, write_min, session = parse_request(value)
+            session = session and self._sessions
             if read_min or write_min or not self._shrink:
                 # Sizes somebody asked for: those or an error naming the limit.
                 endpoint = Endpoint.serve(peer, read_min=read_min or self._read_min,
@@ -1120,13 +1126,91 @@ class Server(asyncio.AbstractServer):
                 endpoint = Endpoint.serve_shrinking(peer, read_min=self._read_min,
                                                     write_min=self._write_min,
                                                     evtchn=self._hub.evtchn)
-            await self._connect(endpoint, peer, path, publish_at=path)
+            if session:
+                await self._connect_session(endpoint, peer, path)
+            else:
+                await self._connect(endpoint, peer, path, publish_at=path)
         except (OSError, VchanError) as exc:
-            # Tell the client at once rather than let it wait for its timeout.
+            # Tell the client at once rather than let it wait for its timeout;
+            # the answer goes once the client withdraws its request.
             if self._serving:
+                self._refused.add((peer, nonce))
                 await _refuse(xs, path, str(exc), self.own, peer)
             if not isinstance(exc, OSError):
                 raise
+
+    async def _connect_session(self, endpoint: Any, peer: int, path: str) -> None:
+        """Publish a session ring; once the client is there, it opens streams."""
+        from .listener import publish
+        from .mux import Session
+
+        assert self._state is not None and self._hub is not None and self.own is not None
+        try:
+            session = Session(self._loop, endpoint, self._hub, is_server=True, own=self.own,
+                              peer=peer, accept=self._accept_stream,
+                              on_close=self._session_closed)
+        except BaseException:
+            endpoint.close()
+            raise
+        self._pending.add(session)
+        try:
+            await publish(self._state.xs, path, endpoint.ring_ref, endpoint.port, self.own,
+                          peer, session=True)
+            connected = await _wait_client(self._hub, endpoint, self._accept_timeout,
+                                           then=session._on_event)
+        except BaseException:
+            self._pending.discard(session)
+            session.close()
+            with contextlib.suppress(OSError):
+                await self._state.xs.rm(path)
+            raise
+        self._pending.discard(session)
+        with contextlib.suppress(OSError):
+            await self._state.xs.rm(path)
+        if not connected or not self._serving:
+            session.close()
+            return
+        self._sessions_open.add(session)
+        self._all_closed.clear()
+        session._on_event()         # the client may have opened streams already
+
+    def _accept_stream(self, session: Any, stream_id: int, port: str) -> Any:
+        """A client opened a stream on one of our sessions: a new connection."""
+        from .mux import StreamTransport
+
+        if not self._serving:
+            return "the vchan server is no longer serving"
+        if port != self._port_s:
+            return f"no vchan server for port {port} on this session"
+        try:
+            protocol = self._factory()
+        except Exception as exc:
+            self._loop.call_exception_handler({
+                "message": "vchan server: protocol factory failed", "exception": exc,
+                "server": self})
+            return f"the vchan server failed to make a protocol: {exc!r}"
+        holder: list[Any] = []
+
+        def closed() -> None:
+            self._transports.discard(holder[0])
+            self._maybe_all_closed()
+
+        transport = StreamTransport(session, stream_id, protocol, extra={
+            "peername": (session.peer, self._port), "sockname": (self.own, self._port)},
+            on_close=closed)
+        holder.append(transport)
+        self._transports.add(transport)
+        self._all_closed.clear()
+        return transport
+
+    def _session_closed(self, session: Any) -> None:
+        self._sessions_open.discard(session)
+        self._pending.discard(session)
+        self._maybe_all_closed()
+
+    def _maybe_all_closed(self) -> None:
+        if not self._transports and not self._pending and not self._sessions_open:
+            self._all_closed.set()
 
     async def _connect(self, endpoint: Any, peer: int, path: str, *, publish_at: str,
                        keep_path: bool = False) -> VchanTransport | None:
@@ -1169,8 +1253,7 @@ class Server(asyncio.AbstractServer):
             self._transports.discard(holder[0])
             if xs_path is not None:
                 self._cleanup_path(xs_path, peer)
-            if not self._transports and not self._pending:
-                self._all_closed.set()
+            self._maybe_all_closed()
 
         transport = VchanTransport(self._loop, endpoint, protocol, self._hub,  # type: ignore[arg-type]
                                    extra={"peername": (peer, self._port),
@@ -1243,13 +1326,14 @@ class Server(asyncio.AbstractServer):
         for endpoint in list(self._pending):
             endpoint.close()
         self._pending.clear()
+        for session in list(self._sessions_open):
+            session.goaway()        # open streams go on; the session ends with them
         if self._serving_forever is not None and not self._serving_forever.done():
             self._serving_forever.cancel()
         if self._hub is not None and self._hub_held:
             self._hub_held = False
             self._hub.unhold()      # our transports hold the hub themselves
-        if not self._transports:
-            self._all_closed.set()
+        self._maybe_all_closed()
 
     def close_clients(self) -> None:
         """Close every connection this server accepted."""
@@ -1320,14 +1404,20 @@ async def _refuse(xs: Any, path: str, why: str, own: int, peer: int) -> None:
         await xs.set_perms(f"{path}/error", [Perm(own, "n"), Perm(peer, "r")])
 
 
-async def _wait_client(hub: _EventHub, endpoint: Any, timeout: float) -> bool:
-    """Wait until the client marks itself live (it sends an event then)."""
+async def _wait_client(hub: _EventHub, endpoint: Any, timeout: float,
+                       then: Callable[[], None] | None = None) -> bool:
+    """Wait until the client marks itself live (it sends an event then).
+
+    ``then``: the port's handler once connected (else the port is left
+    without one).
+    """
     from .ring import LIVE_WAITING
 
     changed = asyncio.Event()
     hub.register(endpoint.port, changed.set)
+    connected = False
     try:
-        async def connected() -> bool:
+        async def client_live() -> bool:
             while True:
                 live = endpoint.ring.peer_live()
                 if live != LIVE_WAITING:
@@ -1336,11 +1426,15 @@ async def _wait_client(hub: _EventHub, endpoint: Any, timeout: float) -> bool:
                 changed.clear()
 
         try:
-            return await asyncio.wait_for(connected(), timeout)
+            connected = await asyncio.wait_for(client_live(), timeout)
         except TimeoutError:
-            return False
+            connected = False
+        return connected
     finally:
-        hub.handlers.pop(endpoint.port, None)
+        if connected and then is not None:
+            hub.handlers[endpoint.port] = then
+        else:
+            hub.handlers.pop(endpoint.port, None)
 
 
 async def create_server(

@@ -1,0 +1,151 @@
+/*
+ * Session frames over a vchan ring (see mux.h).
+ *
+ * Everything about the ring goes through its zero-copy calls
+ * (reserve/commit, peek/consume), which validate the peer's indexes: the
+ * pieces we copy from and to always lie inside our mapping of the ring.
+ * The header is copied into private memory before any field is used: the
+ * peer may change the shared bytes at any moment.
+ */
+#include "mux.h"
+
+#include <string.h>
+
+static void put_u32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+
+static uint32_t get_u32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+           (uint32_t)p[3] << 24;
+}
+
+/* Copy n bytes into the two free pieces (a, alen), (b, ...) at offset off. */
+static void scatter(uint8_t *a, uint32_t alen, uint8_t *b, uint32_t off, const uint8_t *src,
+                    uint32_t n)
+{
+    if (off < alen) {
+        uint32_t first = alen - off < n ? alen - off : n;
+
+        memcpy(a + off, src, first);
+        src += first;
+        n -= first;
+        off = alen;
+    }
+    if (n)
+        memcpy(b + (off - alen), src, n);
+}
+
+/* Copy n bytes out of the two ready pieces, starting at offset off. */
+static void gather(const uint8_t *a, uint32_t alen, const uint8_t *b, uint32_t off,
+                   uint8_t *dst, uint32_t n)
+{
+    if (off < alen) {
+        uint32_t first = alen - off < n ? alen - off : n;
+
+        memcpy(dst, a + off, first);
+        dst += first;
+        n -= first;
+        off = alen;
+    }
+    if (n)
+        memcpy(dst, b + (off - alen), n);
+}
+
+int vchan_mux_write(struct vchan_ring *r, uint8_t type, uint8_t flags, uint32_t stream,
+                    uint32_t arg, const void *data, uint32_t len, uint32_t min_payload,
+                    uint32_t max_payload, int *notify)
+{
+    uint8_t *a, *b, hdr[VCHAN_MUX_HEADER];
+    uint32_t alen, blen, room, n, need;
+    int space;
+
+    space = vchan_ring_reserve(r, &a, &alen, &b, &blen);
+    if (space < 0)
+        return space;
+    room = (uint32_t)space;
+    need = len < min_payload ? len : min_payload;
+    if (room < VCHAN_MUX_HEADER || room - VCHAN_MUX_HEADER < need)
+        return VCHAN_MUX_FULL;      /* reserve armed the "tell me on read" request */
+    n = room - VCHAN_MUX_HEADER;
+    if (n > len)
+        n = len;
+    if (n > max_payload)
+        n = max_payload;
+    memset(hdr, 0, sizeof hdr);
+    hdr[0] = type;
+    hdr[1] = flags;
+    put_u32(hdr + 4, stream);
+    put_u32(hdr + 8, n);
+    put_u32(hdr + 12, arg);
+    scatter(a, alen, b, 0, hdr, VCHAN_MUX_HEADER);
+    if (n)
+        scatter(a, alen, b, VCHAN_MUX_HEADER, data, n);
+    /* write the frame /then/ publish it: commit's fence orders the two */
+    space = vchan_ring_commit(r, VCHAN_MUX_HEADER + n, notify);
+    if (space < 0)
+        return space;
+    return (int)n;
+}
+
+int vchan_mux_peek(struct vchan_ring *r, struct vchan_mux_frame *f, uint32_t max_payload,
+                   const uint8_t **a, uint32_t *alen, const uint8_t **b, uint32_t *blen)
+{
+    const uint8_t *ra, *rb;
+    uint32_t ralen, rblen, length, first;
+    uint8_t hdr[VCHAN_MUX_HEADER];
+    int ready;
+
+    *alen = *blen = 0;
+    ready = vchan_ring_peek(r, &ra, &ralen, &rb, &rblen);
+    if (ready <= 0)
+        return ready;               /* empty (the wake-up is armed) or an error */
+    if ((uint32_t)ready < VCHAN_MUX_HEADER)
+        return 0;                   /* half a header: peek armed the request */
+    gather(ra, ralen, rb, 0, hdr, VCHAN_MUX_HEADER);
+    length = get_u32(hdr + 8);
+    if (length > max_payload || hdr[2] || hdr[3])
+        return VCHAN_MUX_EFRAME;
+    f->type = hdr[0];
+    f->flags = hdr[1];
+    f->stream = get_u32(hdr + 4);
+    f->length = length;
+    f->arg = get_u32(hdr + 12);
+    if ((uint32_t)ready - VCHAN_MUX_HEADER < length)
+        return 0;                   /* the rest of the frame is not there yet */
+    /* The payload as pieces of the ring, after the header. */
+    if (ralen > VCHAN_MUX_HEADER) {
+        first = ralen - VCHAN_MUX_HEADER;
+        if (first > length)
+            first = length;
+        *a = ra + VCHAN_MUX_HEADER;
+        *alen = first;
+        *b = rb;
+        *blen = length - first;
+    } else {
+        *a = rb + (VCHAN_MUX_HEADER - ralen);
+        *alen = length;
+        *b = rb;
+        *blen = 0;
+    }
+    return 1;
+}
+
+int vchan_mux_take(struct vchan_ring *r, const struct vchan_mux_frame *f, const uint8_t *a,
+                   uint32_t alen, const uint8_t *b, uint32_t blen, void *buf, int *notify)
+{
+    uint8_t *dst = buf;
+
+    if (alen + blen != f->length)
+        return VCHAN_EINVAL;
+    if (alen)
+        memcpy(dst, a, alen);
+    if (blen)
+        memcpy(dst + alen, b, blen);
+    return vchan_ring_consume(r, VCHAN_MUX_HEADER + f->length, notify);
+}

@@ -1,0 +1,70 @@
+/*
+ * vchan/mux.h -- frames of the session protocol over one libxenvchan ring.
+ *
+ * A listener-mode session carries many connections ("streams") over one
+ * ring pair.  Each side writes frames into its write ring:
+ *
+ *     offset 0  u8   type      (VCHAN_MUX_*)
+ *            1  u8   flags
+ *            2  u16  reserved  (0)
+ *            4  u32  stream    stream id (0: the session itself)
+ *            8  u32  length    payload bytes that follow the header
+ *           12  u32  arg       type-specific (a window increment, a version)
+ *
+ * little-endian, 16 bytes, followed by the payload.  A writer commits a
+ * header and its payload together (one producer-index update), so a
+ * correct peer never shows half a frame; a reader still treats half a
+ * frame as "not yet" (it waits for the rest) and a frame that could never
+ * fit as corruption.  The rules of the conversation live in vchan/mux.py.
+ *
+ * Like ring.c, this is pure memory work: the header is copied out of the
+ * shared page before it is looked at, and every length is checked before it
+ * is used.
+ */
+#ifndef VCHAN_MUX_H
+#define VCHAN_MUX_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ring.h"
+
+#define VCHAN_MUX_HEADER        16
+#define VCHAN_MUX_FULL          (-40)   /* not enough free space for the frame */
+#define VCHAN_MUX_EFRAME        (-41)   /* the peer wrote an impossible frame */
+
+struct vchan_mux_frame {
+    uint8_t type;
+    uint8_t flags;
+    uint32_t stream;
+    uint32_t length;
+    uint32_t arg;
+};
+
+/* Write one frame: a header and up to len bytes of data.
+ *
+ * The payload is cut to what fits in the free space (and to max_payload),
+ * but never below min(len, min_payload): returns the payload bytes written
+ * (a frame was written), VCHAN_MUX_FULL when even that does not fit (the
+ * "tell me on read" request is armed), or a ring error. */
+int vchan_mux_write(struct vchan_ring *r, uint8_t type, uint8_t flags, uint32_t stream,
+                    uint32_t arg, const void *data, uint32_t len, uint32_t min_payload,
+                    uint32_t max_payload, int *notify);
+
+/* Look at the next frame without consuming it.
+ *
+ * Returns 1 when a whole frame is in the ring: *f holds its header (copied
+ * out of the ring) and (a, alen), (b, blen) its payload as up to two pieces
+ * of the ring.  Returns 0 when there is no whole frame yet (the wake-up
+ * request is armed), VCHAN_MUX_EFRAME for a frame longer than max_payload
+ * or with reserved bits set, or a ring error.  The caller consumes
+ * VCHAN_MUX_HEADER + f->length bytes once done with the payload. */
+int vchan_mux_peek(struct vchan_ring *r, struct vchan_mux_frame *f, uint32_t max_payload,
+                   const uint8_t **a, uint32_t *alen, const uint8_t **b, uint32_t *blen);
+
+/* Copy the payload of the frame just peeked into buf (which has room for
+ * it) and consume the frame. */
+int vchan_mux_take(struct vchan_ring *r, const struct vchan_mux_frame *f, const uint8_t *a,
+                   uint32_t alen, const uint8_t *b, uint32_t blen, void *buf, int *notify);
+
+#endif /* VCHAN_MUX_H */

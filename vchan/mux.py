@@ -1,0 +1,918 @@
+"""Sessions: many connections over one libxenvchan ring pair.
+
+THEORY OF OPERATION
+===================
+
+Why.  A libxenvchan ring costs grants (a 1 MiB ring each way is 513 pages; a
+domain has 1,024 by default, shared by all its programs) and a XenStore
+rendezvous (several round trips to xenstored, which allows a domain 10
+transactions and 128 watches).  One ring per connection caps a domain at a
+handful of connections and at a few hundred set-ups a second.  So the
+listener protocol meets through XenStore once per pair of programs and then
+carries every connection ("stream") as frames over that one ring pair: a new
+connection costs one frame, not a rendezvous, and ring memory is spent per
+session, not per connection.
+
+Frames (vchan/mux.h: 16-byte header, type, stream id, payload length, arg):
+
+    HELLO   stream 0, arg = version, payload = u32 window, u32 max streams:
+            the first frame each side writes.  ``window`` is how many bytes
+            of each stream this side buffers for its reader (the peer's
+            initial send credit per stream); ``max streams`` how many
+            streams the peer may have open at once.  The server writes its
+            HELLO before it publishes the ring, so a client finds it the
+            moment it connects.
+    OPEN    a new stream; payload = the port name.  Only clients open.
+            Stream ids are chosen by the client: 1, 2, 3, ... strictly
+            increasing, never reused.  A client may send DATA right after
+            OPEN: the server promised capacity in its HELLO (as a TCP
+            listener's backlog accepts before ``accept()``).
+    DATA    payload bytes of a stream.  Never more than the sender's credit.
+    WINDOW  arg = credit returned to the peer for a stream (bytes its reader
+            took); the receiver returns credit as its protocol consumes.
+    EOF     the sender will send no more on this stream (``write_eof``).
+    CLOSE   the sender closed the stream: it neither sends nor reads any
+            more.  The receiver delivers what it has, then EOF, then closes.
+            Each side forgets a stream when it sends or receives CLOSE;
+            frames for a forgotten stream are dropped.
+    RESET   the stream failed; flags bit 0: refused (the server turned the
+            OPEN down: stopped serving, or its stream limit), payload = why.
+    GOAWAY  stream 0: the server stops accepting streams on this session
+            (its Server was closed); streams already open go on.
+
+Each side's frames go in its own write ring, written whole (header and
+payload in one commit), so the ring's own rules (indexes validated, notify
+bits, live bytes) do the rest.  What a frame carries is validated too: an
+unknown type, a frame longer than the ring or the limit, DATA beyond the
+credit, an OPEN whose id does not increase or a stream limit ignored is the
+peer breaking the protocol: every stream of the session fails with
+:class:`vchan.RemoteProtocolError`.  A peer that crashes (live byte cleared
+by the kernel) resets every stream; one that closes the session gracefully
+gives each stream EOF, after the data it sent.
+
+Fairness.  Streams with data and credit take turns, a frame each (at most
+``MAX_FRAME`` bytes), after control frames; the reader takes at most
+``READ_BUDGET`` bytes per look before letting the loop run other callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+import warnings
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ._flow import WriteFlowControl
+from ._native import ffi, lib
+from .endpoint import Endpoint
+from .errors import LocalProtocolError, RemoteProtocolError
+from .ring import NOTIFY_CLOSED, NOTIFY_HELLO, strerror
+
+__all__ = ["Session", "StreamTransport"]
+
+log = logging.getLogger("vchan")
+
+HELLO, OPEN, DATA, WINDOW, EOF, CLOSE, RESET, GOAWAY = range(1, 9)
+_NAMES = {HELLO: "HELLO", OPEN: "OPEN", DATA: "DATA", WINDOW: "WINDOW", EOF: "EOF",
+          CLOSE: "CLOSE", RESET: "RESET", GOAWAY: "GOAWAY"}
+RESET_REFUSED = 1
+
+VERSION = 1
+HEADER: int = lib.VCHAN_MUX_HEADER
+MAX_FRAME = 256 * 1024          # payload bytes per DATA frame
+MAX_CONTROL = 1024              # payload bytes of any other frame
+DEFAULT_WINDOW = 1 << 20        # per stream, each way: one full ring of credit
+MAX_STREAMS = 65536             # streams a session accepts at once, by default
+READ_BUDGET = 1 << 20           # bytes read per look before yielding to the loop
+MIN_CHUNK = 4096                # smallest piece of a larger write worth a frame
+_MAX_CREDIT = (1 << 31) - 1
+_HELLO_BODY = struct.Struct("<II")
+_FULL: int = lib.VCHAN_MUX_FULL
+_EFRAME: int = lib.VCHAN_MUX_EFRAME
+_REMOTE_CODES = {lib.VCHAN_EINDEX, lib.VCHAN_EORDER, lib.VCHAN_ELIVE}
+
+
+def _ring_error(code: int, what: str) -> Exception:
+    if code == _EFRAME:
+        return RemoteProtocolError(f"vchan session peer broke the protocol ({what}): "
+                                   "a frame longer than allowed or with reserved bits set")
+    if code in _REMOTE_CODES:
+        return RemoteProtocolError(f"vchan peer broke the protocol ({what}): "
+                                   f"{strerror(code)}", code)
+    return RuntimeError(f"{what}: {strerror(code)}")
+
+
+def _protocol_error(why: str) -> RemoteProtocolError:
+    return RemoteProtocolError(f"vchan session peer broke the protocol: {why}")
+
+
+class Session:
+    """One ring pair carrying many streams (either role).
+
+    ``accept(session, stream_id, port)`` (servers) returns the new stream's
+    transport, or a string saying why the stream is refused.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, endpoint: Endpoint, hub: Any, *,
+                 is_server: bool, own: int, peer: int,
+                 accept: Callable[[Session, int, str], StreamTransport | str] | None = None,
+                 window: int = DEFAULT_WINDOW, max_streams: int = MAX_STREAMS,
+                 on_idle: Callable[[Session], None] | None = None,
+                 on_close: Callable[[Session], None] | None = None) -> None:
+        self._loop = loop
+        self._endpoint = endpoint
+        self._hub = hub
+        self.is_server = is_server
+        self.own = own
+        self.peer = peer
+        self._accept = accept
+        self._on_idle = on_idle
+        self._on_close = on_close
+        self.window = window
+        self.max_streams = max_streams
+        self.peer_window = 0
+        self.peer_max_streams = 0
+        self._hello_seen = False
+        ring = endpoint.ring
+        self._r = ring._r
+        self._notify = ring._notify
+        self._max_in = min(MAX_FRAME, ring.read_size - HEADER)
+        self._max_out = min(MAX_FRAME, ring.write_size - HEADER)
+        self.streams: dict[int, StreamTransport] = {}
+        self._next_id = 1               # client: the next stream id it opens
+        self._last_opened = 0           # server: the highest id opened so far
+        self._ctl: deque[tuple[int, int, int, int, bytes]] = deque()
+        self._ready: deque[StreamTransport] = deque()
+        self.draining = False           # no new streams (GOAWAY sent or received)
+        self.closed = False
+        self._error: BaseException | None = None
+        self._read_scheduled = False
+        self._frame = ffi.new("struct vchan_mux_frame *")
+        self._pa = ffi.new("const uint8_t **")
+        self._pb = ffi.new("const uint8_t **")
+        self._alen = ffi.new("uint32_t *")
+        self._blen = ffi.new("uint32_t *")
+        hub.register(endpoint.port, self._on_event)
+        hub.watch_peer(peer, self)
+        self._send_control(HELLO, 0, 0, VERSION, _HELLO_BODY.pack(window, max_streams))
+        if is_server:
+            # Written before the ring is published: nobody to wake yet.
+            self._flush_control()
+            self._notify[0] = 0
+
+    def __repr__(self) -> str:
+        role = "server" if self.is_server else "client"
+        state = "closed" if self.closed else ("draining" if self.draining else "open")
+        return (f"<vchan.Session {role} peer={self.peer} {state} streams={len(self.streams)} "
+                f"rings={self._endpoint.ring.read_size}/{self._endpoint.ring.write_size}>")
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if not getattr(self, "closed", True):
+            _warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            with contextlib.suppress(Exception):
+                self._teardown()
+
+    # -- the client's side -------------------------------------------------------
+
+    def start_client(self) -> None:
+        """Read the server's HELLO, which is in the ring before we connect."""
+        self._on_event()
+        if self._error is not None:
+            raise self._error
+        if not self._hello_seen:
+            self._fail(_protocol_error("no HELLO from the server"))
+            assert self._error is not None
+            raise self._error
+
+    def can_open(self) -> bool:
+        return not self.closed and not self.draining
+
+    def open_stream(self, port: str, protocol: asyncio.BaseProtocol, *,
+                    extra: dict[str, Any],
+                    waiter: asyncio.Future[None] | None = None) -> StreamTransport:
+        """Open a stream to ``port`` (client side); usable at once."""
+        if not self.can_open():
+            raise ConnectionRefusedError("the vchan session no longer accepts connections")
+        if len(self.streams) >= self.peer_max_streams:
+            raise ConnectionRefusedError(
+                f"vchan server domain {self.peer} port {port}: its limit of "
+                f"{self.peer_max_streams} connections per session is reached")
+        sid = self._next_id
+        self._next_id += 1
+        transport = StreamTransport(self, sid, protocol, extra=extra, waiter=waiter)
+        self._send_control(OPEN, 0, sid, 0, port.encode())
+        self._kick()
+        return transport
+
+    # -- the server's side --------------------------------------------------------
+
+    def goaway(self) -> None:
+        """Accept no more streams; close once the open ones are done."""
+        if self.closed or self.draining:
+            return
+        self.draining = True
+        self._send_control(GOAWAY, 0, 0, 0, b"")
+        self._kick()
+        if not self.streams:
+            self.close()
+
+    # -- sending ------------------------------------------------------------------
+
+    def _send_control(self, kind: int, flags: int, sid: int, arg: int, payload: bytes) -> None:
+        self._ctl.append((kind, flags, sid, arg, payload[:MAX_CONTROL]))
+
+    def _kick(self) -> None:
+        """Write what is queued now; the peer is woken if it asked."""
+        if self.closed:
+            return
+        try:
+            self._flush()
+            self._flush_notify()
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+
+    def _idle(self) -> bool:
+        return not self._ctl and not self._ready
+
+    def _write_direct(self, stream: StreamTransport, data: Any, n: int) -> int:
+        """Write up to ``n`` bytes of ``data`` as DATA frames now; bytes written."""
+        r, notify, sid, maxp = self._r, self._notify, stream.stream_id, self._max_out
+        done = 0
+        buf = ffi.from_buffer(data)
+        while done < n:
+            k = lib.vchan_mux_write(r, DATA, 0, sid, 0, buf + done, n - done,
+                                    min(n - done, MIN_CHUNK), maxp, notify)
+            if k < 0:
+                if k == _FULL:
+                    break
+                raise _ring_error(k, "write")
+            done += k
+        self._flush_notify()
+        return done
+
+    def _want_send(self, stream: StreamTransport) -> None:
+        if not stream._queued:
+            stream._queued = True
+            self._ready.append(stream)
+
+    def _flush_control(self) -> bool:
+        r, notify, ctl = self._r, self._notify, self._ctl
+        while ctl:
+            kind, flags, sid, arg, payload = ctl[0]
+            k = lib.vchan_mux_write(r, kind, flags, sid, arg, payload, len(payload),
+                                    len(payload), MAX_CONTROL, notify)
+            if k < 0:
+                if k == _FULL:
+                    return False
+                raise _ring_error(k, "write")
+            ctl.popleft()
+        return True
+
+    def _flush(self) -> None:
+        if not self._flush_control():
+            return
+        r, notify, ready, maxp = self._r, self._notify, self._ready, self._max_out
+        while ready:
+            stream = ready[0]
+            buf = stream._buffer
+            n = min(len(buf), stream._credit)
+            if n <= 0 or stream._closed:
+                ready.popleft()
+                stream._queued = False
+                continue
+            k = lib.vchan_mux_write(r, DATA, 0, stream.stream_id, 0, ffi.from_buffer(buf), n,
+                                    min(n, MIN_CHUNK), maxp, notify)
+            if k < 0:
+                if k == _FULL:
+                    return
+                raise _ring_error(k, "write")
+            del buf[:k]
+            stream._credit -= k
+            ready.popleft()
+            if buf and stream._credit > 0:
+                ready.append(stream)        # its turn again after the others
+            else:
+                stream._queued = False
+            stream._sent()
+            if self._ctl and not self._flush_control():
+                return
+
+    def _flush_notify(self) -> None:
+        if self._notify[0]:
+            self._notify[0] = 0
+            try:
+                self._endpoint.notify()
+            except OSError as exc:
+                self._fail(exc)
+
+    # -- receiving ----------------------------------------------------------------
+
+    def _on_event(self) -> None:
+        self._read_scheduled = False
+        if self.closed:
+            return
+        try:
+            self._flush()
+            more = self._read()
+            self._flush()
+            if more:
+                self._schedule_read()
+            else:
+                self._check_peer()
+            self._flush_notify()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _schedule_read(self) -> None:
+        if not self._read_scheduled and not self.closed:
+            self._read_scheduled = True
+            self._loop.call_soon(self._on_event)
+
+    def _read(self) -> bool:
+        """Handle the frames in the ring; True if it stopped with more to do."""
+        r, f, pa, pb, alen, blen = self._r, self._frame, self._pa, self._pb, self._alen, \
+            self._blen
+        streams = self.streams
+        total = 0
+        while not self.closed:
+            if total >= READ_BUDGET:
+                return True
+            rc = lib.vchan_mux_peek(r, f, self._max_in, pa, alen, pb, blen)
+            if rc <= 0:
+                if rc < 0:
+                    raise _ring_error(rc, "read")
+                return False
+            kind, sid, n = f.type, f.stream, f.length
+            if not self._hello_seen and kind != HELLO:
+                raise _protocol_error(f"{_NAMES.get(kind, kind)} before HELLO")
+            if kind == DATA:
+                stream = streams.get(sid)
+                if stream is None:
+                    self._unknown_stream(sid, kind)
+                    lib.vchan_ring_consume(r, HEADER + n, self._notify)
+                    continue
+                if n > stream._recv_credit:
+                    raise _protocol_error(f"stream {sid} sent {n} bytes beyond its "
+                                          f"credit of {stream._recv_credit}")
+                stream._recv_credit -= n
+                total += n
+                if stream._buffered_protocol and stream._can_deliver():
+                    stream._deliver_into(pa[0], alen[0], pb[0], blen[0])
+                    lib.vchan_ring_consume(r, HEADER + n, self._notify)
+                    continue
+                data = ffi.unpack(ffi.cast("char *", pa[0]), alen[0])
+                if blen[0]:
+                    data += ffi.unpack(ffi.cast("char *", pb[0]), blen[0])
+                lib.vchan_ring_consume(r, HEADER + n, self._notify)
+                stream._data(data)
+                continue
+            payload = b""
+            if n:
+                buf = ffi.new("char[]", n)
+                rc = lib.vchan_mux_take(r, f, pa[0], alen[0], pb[0], blen[0], buf,
+                                        self._notify)
+                if rc < 0:
+                    raise _ring_error(rc, "read")
+                payload = ffi.unpack(buf, n)
+            else:
+                lib.vchan_ring_consume(r, HEADER, self._notify)
+            self._control(kind, f.flags, sid, f.arg, payload)
+        return False
+
+    def _unknown_stream(self, sid: int, kind: int) -> None:
+        """A frame for a stream we do not have: forgotten (fine) or never opened."""
+        opened = self._next_id - 1 if not self.is_server else self._last_opened
+        if sid == 0 or sid > opened:
+            raise _protocol_error(f"{_NAMES.get(kind, kind)} for stream {sid}, never opened")
+
+    def _control(self, kind: int, flags: int, sid: int, arg: int, payload: bytes) -> None:
+        if kind == HELLO:
+            if self._hello_seen:
+                raise _protocol_error("a second HELLO")
+            if arg != VERSION or len(payload) < _HELLO_BODY.size:
+                raise _protocol_error(f"unsupported session version {arg}")
+            window, max_streams = _HELLO_BODY.unpack_from(payload)
+            if not 0 < window <= _MAX_CREDIT:
+                raise _protocol_error(f"window {window} out of range")
+            self.peer_window, self.peer_max_streams = window, max_streams
+            self._hello_seen = True
+            return
+        if kind == GOAWAY:
+            if self.is_server:
+                raise _protocol_error("GOAWAY from a client")
+            self.draining = True
+            if self._on_idle is not None:
+                self._on_idle(self)
+            return
+        if kind == OPEN:
+            self._open(sid, payload)
+            return
+        stream = self.streams.get(sid)
+        if stream is None:
+            if kind not in (WINDOW, EOF, CLOSE, RESET):
+                raise _protocol_error(f"unknown frame type {kind}")
+            self._unknown_stream(sid, kind)
+            return
+        if kind == WINDOW:
+            if arg == 0 or stream._credit + arg > _MAX_CREDIT:
+                raise _protocol_error(f"window update of {arg} for stream {sid}")
+            stream._credit += arg
+            if stream._buffer:
+                self._want_send(stream)
+        elif kind == EOF:
+            stream._peer_eof(closed=False)
+        elif kind == CLOSE:
+            stream._peer_eof(closed=True)
+        elif kind == RESET:
+            why = payload.decode(errors="replace") or "reset by the peer"
+            exc: OSError = (ConnectionRefusedError(why) if flags & RESET_REFUSED
+                            else ConnectionResetError(why))
+            self._forget(stream)
+            stream._force_close(exc)
+        else:
+            raise _protocol_error(f"unknown frame type {kind}")
+
+    def _open(self, sid: int, payload: bytes) -> None:
+        if not self.is_server:
+            raise _protocol_error("OPEN from a server")
+        if sid <= self._last_opened:
+            raise _protocol_error(f"OPEN of stream {sid} after {self._last_opened}")
+        self._last_opened = sid
+        port = payload.decode(errors="replace")
+        if self.draining or self._accept is None:
+            why = "the vchan server is no longer serving"
+        elif len(self.streams) >= self.max_streams:
+            why = (f"the vchan server's limit of {self.max_streams} connections per "
+                   "session is reached")
+        else:
+            result = self._accept(self, sid, port)
+            if not isinstance(result, str):
+                return
+            why = result
+        self._send_control(RESET, RESET_REFUSED, sid, 0, why.encode())
+
+    def _check_peer(self) -> None:
+        """The ring is empty (and re-armed): is the peer still there?"""
+        r = self._r
+        live = lib.vchan_ring_peer_live(r)
+        if live < 0:
+            raise _ring_error(live, "peer state")
+        if live != 0:
+            return
+        ready = lib.vchan_ring_data_ready(r)
+        if ready < 0:
+            raise _ring_error(ready, "read")
+        if ready:
+            self._schedule_read()       # written just before it went: read it first
+            return
+        flags = lib.vchan_ring_peer_flags(r)
+        if flags & NOTIFY_HELLO and not flags & NOTIFY_CLOSED:
+            self._reset(ConnectionResetError(
+                f"vchan peer domain {self.peer} went away without closing "
+                "(crashed or killed)"))
+        else:
+            self._end_gracefully()
+
+    def _peer_domain_gone(self, domid: int) -> None:
+        self._reset(ConnectionResetError(f"vchan peer domain {domid} no longer exists"))
+
+    # -- stream bookkeeping -------------------------------------------------------
+
+    def _add(self, stream: StreamTransport) -> None:
+        self.streams[stream.stream_id] = stream
+
+    def _forget(self, stream: StreamTransport) -> None:
+        if self.streams.pop(stream.stream_id, None) is not None and not self.streams:
+            if self.draining and self.is_server:
+                self.close()
+            elif self._on_idle is not None:
+                self._on_idle(self)
+
+    # -- ending -------------------------------------------------------------------
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.closed:
+            return
+        self._error = exc
+        if isinstance(exc, RemoteProtocolError):
+            self._loop.call_exception_handler({
+                "message": "vchan session peer broke the protocol", "exception": exc,
+                "session": self})
+        elif not isinstance(exc, OSError):
+            self._loop.call_exception_handler({
+                "message": "Fatal error on a vchan session", "exception": exc,
+                "session": self})
+        self._reset(exc)
+
+    def _reset(self, exc: BaseException) -> None:
+        """Every stream fails with ``exc``; the session ends."""
+        if self.closed:
+            return
+        streams = list(self.streams.values())
+        self.streams.clear()
+        for stream in streams:
+            stream._force_close(exc)
+        self._teardown()
+
+    def _end_gracefully(self) -> None:
+        """The peer closed the session: every stream sees EOF after its data."""
+        streams = list(self.streams.values())
+        self.draining = True
+        for stream in streams:
+            stream._peer_eof(closed=True)
+        if not self.closed:
+            self.streams.clear()
+            self._teardown()
+
+    def close(self) -> None:
+        """Close the ring (gracefully: the peer's streams see EOF)."""
+        if self.closed:
+            return
+        with contextlib.suppress(Exception):
+            self._flush()
+        self._reset(ConnectionAbortedError("the vchan session was closed"))
+
+    def _teardown(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._ready.clear()
+        self._ctl.clear()
+        self._hub.unwatch_peer(self.peer, self)
+        try:
+            self._endpoint.close()
+        finally:
+            self._hub.unregister(self._endpoint.port)
+            if self._on_close is not None:
+                self._on_close(self)
+
+
+class StreamTransport(WriteFlowControl, asyncio.Transport):
+    """An asyncio transport over one stream of a vchan :class:`Session`.
+
+    It behaves as :class:`vchan.VchanTransport` does (and so as a socket
+    transport does): ``connection_made`` first, ``BufferedProtocol``
+    supported, ``close()`` delivers what was written, ``write_eof()``
+    half-closes, ``connection_lost`` exactly once.
+    """
+
+    _extra: dict[str, Any]
+    _protocol: Any
+
+    def __init__(self, session: Session, stream_id: int, protocol: asyncio.BaseProtocol, *,
+                 extra: dict[str, Any] | None = None,
+                 waiter: asyncio.Future[None] | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
+        super().__init__(extra)
+        self._loop = session._loop
+        self._session = session
+        self.stream_id = stream_id
+        self._on_close = on_close
+        self._extra.setdefault("session", session)
+        self._protocol = None
+        self._buffer = bytearray()
+        self._queued = False            # in the session's ready queue
+        self._credit = session.peer_window if session._hello_seen else DEFAULT_WINDOW
+        self._recv_credit = session.window
+        self._unacked = 0               # bytes taken by the protocol, credit not yet returned
+        self._rbuf: deque[bytes] = deque()
+        self._conn_lost = 0
+        self._closing = False
+        self._closed = False
+        self._user_closed = False
+        self._paused = False
+        self._made = False
+        self._eof = False               # write_eof() asked for
+        self._eof_sent = False
+        self._eof_received = False
+        self._peer_eof_pending = False  # EOF/CLOSE seen, not yet delivered
+        self._peer_closed = False
+        self._protocol_paused = False
+        self._high_water = self._low_water = 0
+        self._set_write_buffer_limits()
+        self.set_protocol(protocol)
+        session._add(self)
+        self._loop.call_soon(self._connection_made)
+        if waiter is not None:
+            self._loop.call_soon(_set_result_unless_cancelled, waiter, None)
+
+    def __repr__(self) -> str:
+        info = [self.__class__.__name__, f"stream={self.stream_id}"]
+        if self._closed:
+            info.append("closed")
+        elif self._closing:
+            info.append("closing")
+        peer = self._extra.get("peername")
+        if peer is not None:
+            info.append(f"peer={peer}")
+        if not self._closed:
+            info.append("paused" if self._paused else "reading")
+            info.append(f"write_buffer={len(self._buffer)}")
+        return "<{}>".format(" ".join(info))
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if not getattr(self, "_closed", True):
+            _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
+
+    # -- protocol -------------------------------------------------------------------
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        from .transport import SpliceProtocol
+
+        if isinstance(protocol, SpliceProtocol):
+            raise TypeError("a SpliceProtocol needs a ring of its own: connect with "
+                            "read_min/write_min (a dedicated connection)")
+        self._buffered_protocol = isinstance(protocol, asyncio.BufferedProtocol)
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol  # type: ignore[no-any-return]
+
+    def _connection_made(self) -> None:
+        if self._protocol is None or self._conn_lost:
+            return
+        self._protocol.connection_made(self)
+        self._made = True
+        if self._rbuf or self._peer_eof_pending:
+            self._loop.call_soon(self._drain_rbuf)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def is_reading(self) -> bool:
+        return not self._paused and not self._closing
+
+    def pause_reading(self) -> None:
+        if self._closing or self._paused:
+            return
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        if self._closing or not self._paused:
+            return
+        self._paused = False
+        if self._rbuf or self._peer_eof_pending:
+            self._loop.call_soon(self._drain_rbuf)
+
+    # -- receiving ------------------------------------------------------------------
+
+    def _can_deliver(self) -> bool:
+        return self._made and not self._paused and not self._rbuf and not self._conn_lost
+
+    def _data(self, data: bytes) -> None:
+        if self._conn_lost or self._eof_received:
+            return                      # closing: the bytes are dropped, as a socket does
+        if not self._can_deliver():
+            self._rbuf.append(data)
+            return
+        self._consumed(len(data))
+        try:
+            self._protocol.data_received(data)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+
+    def _deliver_into(self, a: Any, alen: int, b: Any, blen: int) -> None:
+        """BufferedProtocol: copy a DATA payload from the ring into its buffer."""
+        pieces = [(a, alen), (b, blen)]
+        try:
+            for ptr, length in pieces:
+                off = 0
+                while off < length:
+                    buf = self._protocol.get_buffer(length - off)
+                    view = ffi.from_buffer(buf, require_writable=True)
+                    n = min(len(view), length - off)
+                    if n <= 0:
+                        raise RuntimeError("get_buffer() returned an empty buffer")
+                    ffi.memmove(view, ptr + off, n)
+                    off += n
+                    self._consumed(n)
+                    self._protocol.buffer_updated(n)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.")
+
+    def _deliver(self, data: bytes) -> None:
+        self._consumed(len(data))
+        if self._buffered_protocol:
+            view = memoryview(data)
+            while view:
+                buf = memoryview(self._protocol.get_buffer(len(view))).cast("B")
+                n = min(len(buf), len(view))
+                if n <= 0:
+                    raise RuntimeError("get_buffer() returned an empty buffer")
+                buf[:n] = view[:n]
+                view = view[n:]
+                self._protocol.buffer_updated(n)
+        else:
+            self._protocol.data_received(data)
+
+    def _drain_rbuf(self) -> None:
+        """Deliver what was held while paused (or before connection_made)."""
+        try:
+            while self._rbuf and not self._paused and not self._conn_lost and self._made:
+                self._deliver(self._rbuf.popleft())
+            if not self._rbuf and self._peer_eof_pending and not self._paused:
+                self._peer_eof_pending = False
+                self._deliver_eof()
+            self._session._kick()           # credit returned while draining
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol callback failed.")
+
+    def _consumed(self, n: int) -> None:
+        """The protocol took ``n`` bytes: return credit once a quarter window is due."""
+        self._unacked += n
+        session = self._session
+        if self._unacked >= session.window >> 2 and not self._peer_closed:
+            session._send_control(WINDOW, 0, self.stream_id, 0 + self._unacked, b"")
+            self._recv_credit += self._unacked
+            self._unacked = 0
+
+    def _peer_eof(self, *, closed: bool) -> None:
+        if closed:
+            self._peer_closed = True
+            self._session._forget(self)
+        if self._eof_received or self._conn_lost:
+            if closed:
+                self._after_peer_closed()
+            return
+        if self._rbuf or not self._made or self._paused:
+            self._peer_eof_pending = True
+            if self._made and not self._paused:
+                self._loop.call_soon(self._drain_rbuf)
+            return
+        self._deliver_eof()
+
+    def _deliver_eof(self) -> None:
+        self._eof_received = True
+        try:
+            keep_open = self._protocol.eof_received()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
+            return
+        if self._peer_closed:
+            self._after_peer_closed()
+        elif not keep_open and not self._closing:
+            self._close()
+
+    def _after_peer_closed(self) -> None:
+        """The peer will not read any more: we are done once EOF is delivered."""
+        if self._conn_lost:
+            return
+        if self._buffer:
+            lost = len(self._buffer)
+            self._force_close(BrokenPipeError(
+                f"vchan peer closed with {lost} bytes of ours not yet sent"))
+            return
+        self._closing = True
+        self._conn_lost += 1
+        self._loop.call_soon(self._call_connection_lost, None)
+
+    # -- writing --------------------------------------------------------------------
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes accepted by write() that are not in the ring yet."""
+        return len(self._buffer)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"data argument must be a bytes-like object, "
+                            f"not {type(data).__name__!r}")
+        if self._user_closed:
+            raise LocalProtocolError("write() after close() or abort() on a vchan transport")
+        if self._eof:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if not data:
+            return
+        if self._conn_lost or self._peer_closed:
+            if self._conn_lost >= 5:
+                log.warning("vchan write() after the connection was lost")
+            self._conn_lost += 1
+            return
+        session = self._session
+        if not self._buffer and self._credit > 0 and session._idle():
+            try:
+                n = session._write_direct(self, data, min(len(data), self._credit))
+            except RemoteProtocolError as exc:
+                session._fail(exc)
+                return
+            self._credit -= n
+            if n == len(data):
+                return
+            data = memoryview(data)[n:]
+        self._buffer.extend(data)
+        if self._credit > 0:
+            session._want_send(self)
+        self._maybe_pause_protocol()
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._closing or self._eof:
+            return
+        self._eof = True
+        if not self._buffer:
+            self._send_eof()
+
+    def _send_eof(self) -> None:
+        self._eof_sent = True
+        self._session._send_control(EOF, 0, self.stream_id, 0, b"")
+        self._session._kick()
+
+    def _sent(self) -> None:
+        """Some of our buffer went into the ring."""
+        self._maybe_resume_protocol()
+        if self._buffer:
+            return
+        if self._eof and not self._eof_sent:
+            self._send_eof()
+        if self._closing and not self._conn_lost:
+            self._send_close()
+
+    # -- closing --------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._user_closed = True
+        self._close()
+
+    def _close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._paused = False
+        if not self._buffer:
+            self._send_close()
+
+    def _send_close(self) -> None:
+        self._conn_lost += 1
+        if not self._peer_closed:
+            self._session._send_control(CLOSE, 0, self.stream_id, 0, b"")
+            self._session._forget(self)
+            self._session._kick()
+        self._loop.call_soon(self._call_connection_lost, None)
+
+    def abort(self) -> None:
+        self._user_closed = True
+        if self._conn_lost:
+            return
+        self._buffer.clear()
+        self._closing = True
+        self._send_close()
+
+    def _fatal_error(self, exc: BaseException, message: str) -> None:
+        if isinstance(exc, OSError):
+            if self._loop.get_debug():
+                log.debug("%r: %s", self, message, exc_info=True)
+        else:
+            self._loop.call_exception_handler({
+                "message": message, "exception": exc, "transport": self,
+                "protocol": self._protocol})
+        if not self._conn_lost and not self._peer_closed and not self._session.closed:
+            self._session._send_control(RESET, 0, self.stream_id, 0,
+                                        f"the peer's protocol failed: {exc!r}".encode())
+            self._session._forget(self)
+            self._session._kick()
+        self._force_close(exc)
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        if self._conn_lost:
+            return
+        self._buffer.clear()
+        self._rbuf.clear()
+        self._closing = True
+        self._conn_lost += 1
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._session._forget(self)
+        try:
+            if self._made:
+                self._protocol.connection_lost(exc)
+        finally:
+            self._protocol = None
+            if self._on_close is not None:
+                self._on_close()
+
+
+def _set_result_unless_cancelled(fut: asyncio.Future[None], result: None) -> None:
+    if not fut.cancelled():
+        fut.set_result(result)

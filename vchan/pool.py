@@ -1,0 +1,219 @@
+"""A client's sessions, one per server port, shared by its connections.
+
+The first connection of an event loop to ``(domid, port)`` meets the server
+through XenStore and asks for a session (:mod:`vchan.mux`); every later one,
+as long as the session lives, is a frame on its ring.  Connections that ask
+at the same moment share that one rendezvous: a thousand clients starting
+together cost one XenStore conversation, not a thousand.
+
+A session with no connections is closed after ``IDLE_CLOSE`` seconds (its
+grants go back to the server's domain); a session the server stopped
+(GOAWAY) takes no new connections and closes with its last one.  When the
+event loop ends (``asyncio.run`` returning), every session is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import weakref
+from .endpoint import Endpoint
+from .mux import Session
+
+__all__ = ["SessionPool", "session_pool"]
+
+IDLE_CLOSE = 5.0
+
+
+class _Setup:
+    """One rendezvous in progress, and the callers waiting for it."""
+
+    def __init__(self, task: asyncio.Task[tuple[Endpoint, str]]) -> None:
+        self.task = task
+        self.waiters = 0
+        self.taken = False          # a one-connection answer went to a caller
+
+
+class SessionPool:
+    """The sessions of one event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.sessions: dict[tuple[int, str], Session] = {}
+        self._setups: dict[tuple[int, str], _Setup] = {}
+        self._idle: dict[Session, asyncio.TimerHandle] = {}
+        self._owner: asyncio.Task[None] | None = None
+        self.own: int | None = None     # our domain id, once known
+
+    def __repr__(self) -> str:
+        return f"<vchan.SessionPool sessions={len(self.sessions)} setting-up={len(self._setups)}>"
+
+    async def connect(self, domid: int, port: str, timeout: float | None,
+                      ) -> Session | tuple[Endpoint, str]:
+        """A live session to ``(domid, port)``, or a connection of its own.
+
+        The second form is what a server that grants no sessions (a raw
+        libxenvchan server, ``sessions=False``) answers: a ring for this
+        one connection and its mode.
+        """
+        key = (domid, port)
+        while True:
+            session = self.sessions.get(key)
+            if session is not None and session.can_open():
+                self._busy(session)
+                return session
+            setup = self._setups.get(key)
+            if setup is None or setup.taken:
+                setup = self._start(key, timeout)
+            setup.waiters += 1
+            try:
+                if timeout is None:
+                    endpoint, mode = await asyncio.shield(setup.task)
+                else:
+                    endpoint, mode = await asyncio.wait_for(asyncio.shield(setup.task),
+                                                            timeout)
+            except TimeoutError:
+                if setup.task.done() and not setup.task.cancelled():
+                    setup.task.result()     # its own error, not ours
+                raise TimeoutError(f"no vchan server at domain {domid} port {port} "
+                                   f"within {timeout} s") from None
+            finally:
+                setup.waiters -= 1
+                if setup.waiters == 0 and not setup.task.done():
+                    setup.task.cancel()     # nobody wants it any more
+            if mode == "session":
+                session = self.sessions.get(key)
+                if session is not None and session.can_open():
+                    self._busy(session)
+                    return session
+                continue                    # it ended already: start again
+            if not setup.taken:
+                setup.taken = True
+                return endpoint, mode
+            # The server answers one connection per rendezvous: ask for ours.
+
+    def _start(self, key: tuple[int, str], timeout: float | None) -> _Setup:
+        task = self.loop.create_task(self._rendezvous(key, timeout),
+                                     name=f"vchan session to {key[0]}:{key[1]}")
+        setup = self._setups[key] = _Setup(task)
+        task.add_done_callback(lambda t: self._setup_done(key, setup, t))
+        return setup
+
+    def _setup_done(self, key: tuple[int, str], setup: _Setup,
+                    task: asyncio.Task[tuple[Endpoint, str]]) -> None:
+        if self._setups.get(key) is setup:
+            del self._setups[key]
+        if task.cancelled() or task.exception() is not None:
+            return
+        endpoint, mode = task.result()
+        if mode != "session" and setup.waiters == 0 and not setup.taken:
+            endpoint.close()                # connected just as everybody gave up
+
+    async def _rendezvous(self, key: tuple[int, str], timeout: float | None,
+                          ) -> tuple[Endpoint, str]:
+        from .listener import client_connect
+        from .transport import _loop_state, event_hub
+
+        domid, port = key
+        hub = event_hub(self.loop)
+        hub.hold()
+        try:
+            async with _loop_state() as state:
+                assert state.own is not None
+                endpoint, mode = await client_connect(
+                    state.xs, state.watches, hub.evtchn, own=state.own, server=domid,
+                    port=port, read_min=0, write_min=0, timeout=None, session=True)
+                own = self.own = state.own
+            if mode != "session":
+                return endpoint, mode
+            try:
+                session = Session(self.loop, endpoint, hub, is_server=False, own=own,
+                                  peer=domid, on_idle=self._on_idle, on_close=self._closed)
+            except BaseException:
+                endpoint.close()
+                raise
+            session.key = key       # type: ignore[attr-defined]
+            session.start_client()
+            self.sessions[key] = session
+            self._own()
+            self._on_idle(session)  # idle until its first stream
+            return endpoint, mode
+        finally:
+            hub.unhold()
+
+    # -- idle sessions ----------------------------------------------------------------
+
+    def _busy(self, session: Session) -> None:
+        handle = self._idle.pop(session, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _on_idle(self, session: Session) -> None:
+        """The session has no streams (or takes no new ones)."""
+        key = getattr(session, "key", None)
+        if session.draining and key is not None and self.sessions.get(key) is session:
+            del self.sessions[key]
+        if session.streams or session.closed:
+            return
+        if session.draining:
+            session.close()
+            return
+        if session not in self._idle and not self.loop.is_closed():
+            self._idle[session] = self.loop.call_later(IDLE_CLOSE, self._idle_close, session)
+
+    def _idle_close(self, session: Session) -> None:
+        self._idle.pop(session, None)
+        if not session.streams:
+            session.close()
+
+    def _closed(self, session: Session) -> None:
+        self._busy(session)
+        key = getattr(session, "key", None)
+        if key is not None and self.sessions.get(key) is session:
+            del self.sessions[key]
+        if not self.sessions and self._owner is not None:
+            self._owner.cancel()
+            self._owner = None
+
+    def close(self) -> None:
+        """Close every session (their streams are reset)."""
+        for session in list(self.sessions.values()):
+            session.close()
+        for setup in list(self._setups.values()):
+            setup.task.cancel()
+
+    def _own(self) -> None:
+        """A task that closes the sessions when the event loop ends."""
+        if self._owner is None:
+            self._owner = self.loop.create_task(self._hold(), name="vchan sessions")
+
+    async def _hold(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            if self._owner is asyncio.current_task() or self._owner is None:
+                with contextlib.suppress(Exception):
+                    self.close()
+
+
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SessionPool] = \
+    weakref.WeakKeyDictionary()
+
+
+def session_pool(loop: asyncio.AbstractEventLoop) -> SessionPool:
+    """The loop's session pool, created on first use."""
+    pool = _pools.get(loop)
+    if pool is None:
+        pool = _pools[loop] = SessionPool(loop)
+    return pool
+
+
+async def close_sessions() -> None:
+    """Close this event loop's idle client sessions now (rather than after
+    ``IDLE_CLOSE`` seconds); sessions that carry connections stay."""
+    pool = _pools.get(asyncio.get_running_loop())
+    if pool is None:
+        return
+    for session in list(pool.sessions.values()):
+        if not session.streams:
+            session.close()
