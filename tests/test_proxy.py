@@ -68,12 +68,12 @@ async def forwarded(side: str, family: str) -> AsyncIterator[Forwarded]:
             vchan_end.set_result((r, w))
         server = await vchan.start_server(accepted, port, peers=own)
         splice = SocketSplice(theirs, name="test")
-        await vchan.create_connection(lambda: splice, own, port, timeout=10)
+        await vchan.create_connection(lambda: splice, own, port, timeout=10, dedicated=True)
     else:
         async def connect() -> socket.socket:
             return theirs
         splice = SocketSplice(connect=connect, name="test")
-        server = await vchan.create_server(lambda: splice, port, peers=own)
+        server = await vchan.create_server(lambda: splice, port, peers=own, sessions=False)
         vchan_end.set_result(await vchan.open_connection(own, port, timeout=10))
     vr, vw = await asyncio.wait_for(vchan_end, 10)
     server.close()      # (wait_closed() waits for the connection too)

@@ -351,13 +351,19 @@ async def test_grant_limit_exhaustion_names_the_limit(sim_dir: Path) -> None:
 
     sim.control({"cmd": "set", "key": "grant-limit", "value": 40}, sim_dir)
     try:
-        # Ring sizes the server insists on: 33 pages per connection.
+        # Ring sizes the server insists on: 33 pages per ring.
         async with await vchan.start_server(handler, "scarce", peers=own, read_min=65536,
                                             write_min=65536) as server:
             _, w1 = await vchan.open_connection(own, "scarce", timeout=10)
+            # More connections share the first one's session: no more grants.
+            _, w3 = await vchan.open_connection(own, "scarce", timeout=10)
+            hold.append(w3)
+            # A ring of its own does not fit: refused at once, the limit named.
+            started = time.monotonic()
             with pytest.raises(ConnectionRefusedError,
                                match=r"grant limit is reached.*vchan sim set grant-limit"):
-                await vchan.open_connection(own, "scarce", timeout=10)
+                await vchan.open_connection(own, "scarce", timeout=10, dedicated=True)
+            assert time.monotonic() - started < 1.0
             # Rings that fit in page 0 cost one page per connection.
             _, w2 = await vchan.open_connection(own, "scarce", timeout=10, read_min=1024,
                                                 write_min=2048)
@@ -382,7 +388,7 @@ async def test_default_rings_shrink_when_grants_run_short(sim_dir: Path) -> None
         async with await vchan.start_server(handler, "shrink", peers=own) as server:
             writers = []
             for _ in range(4):
-                _, w = await vchan.open_connection(own, "shrink", timeout=10)
+                _, w = await vchan.open_connection(own, "shrink", timeout=10, dedicated=True)
                 writers.append(w)
             sizes = [w.transport.get_extra_info("endpoint").ring.write_size for w in writers]
             # 1 MiB rings take 513 pages: the first fits; 87 left: not 256 KiB

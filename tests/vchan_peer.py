@@ -12,6 +12,9 @@ duplex  send N pseudo-random bytes in random chunk sizes while receiving
 echo    (server) send back what arrives, until EOF
 hold    (client) connect C connections at once, report, keep them until stdin
         closes
+many    (client, against an echo server) open C connections at once, send a
+        distinct message of N bytes on each, check each echo, close all;
+        report the time each phase took and this process's RSS growth
 """
 
 from __future__ import annotations
@@ -107,7 +110,42 @@ async def serve(args: argparse.Namespace) -> None:
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def many(args: argparse.Namespace) -> dict[str, Any]:
+    rss0 = _rss()
+    t0 = time.perf_counter()
+    pairs = await asyncio.gather(*(
+        vchan.open_connection(args.domid, args.port, timeout=args.timeout)
+        for _ in range(args.count)))
+    t1 = time.perf_counter()
+    rss1 = _rss()
+    messages = [(b"%08d" % i) * (args.nbytes // 8) for i in range(args.count)]
+    for (_, w), message in zip(pairs, messages, strict=True):
+        w.write(message)
+    echoed = await asyncio.gather(*(r.readexactly(len(m))
+                                    for (r, _), m in zip(pairs, messages, strict=True)))
+    t2 = time.perf_counter()
+    intact = sum(e == m for e, m in zip(echoed, messages, strict=True))
+    for _, w in pairs:
+        w.close()
+    await asyncio.gather(*(w.wait_closed() for _, w in pairs))
+    t3 = time.perf_counter()
+    return {"connected": len(pairs), "intact": intact, "open_seconds": t1 - t0,
+            "echo_seconds": t2 - t1, "close_seconds": t3 - t2,
+            "rss_per_connection": (rss1 - rss0) / max(1, args.count)}
+
+
 async def connect(args: argparse.Namespace) -> None:
+    if args.mode == "many":
+        try:
+            emit(result=await many(args))
+        except Exception as exc:  # reported to the test
+            emit(error=f"{type(exc).__name__}: {exc}")
+        return
     if args.mode == "hold":
         t0 = time.perf_counter()
         sizes = {} if args.ring is None else {"read_min": args.ring, "write_min": args.ring}

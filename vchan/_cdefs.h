@@ -77,6 +77,10 @@ int vchan_ring_consume(struct vchan_ring *r, uint32_t n, int *notify);
 int vchan_ring_reserve(struct vchan_ring *r, uint8_t **a, uint32_t *alen,
                        uint8_t **b, uint32_t *blen);
 int vchan_ring_commit(struct vchan_ring *r, uint32_t n, int *notify);
+int vchan_ring_peek_min(struct vchan_ring *r, size_t want, const uint8_t **a, uint32_t *alen,
+                        const uint8_t **b, uint32_t *blen);
+int vchan_ring_reserve_min(struct vchan_ring *r, size_t want, uint8_t **a, uint32_t *alen,
+                           uint8_t **b, uint32_t *blen);
 
 #define VCHAN_SPLICE_EOF ...
 #define VCHAN_SPLICE_ERRNO ...

@@ -692,7 +692,8 @@ async def _vchan_to_socket(port: int | str, peers: Any, raw: bool, target: Socke
         bridge.follow(link, splice)
         return splice
 
-    server = await vchan.create_server(factory, port, peers=peers, raw=raw)
+    # Splicing moves bytes between a socket and a whole ring: one ring each.
+    server = await vchan.create_server(factory, port, peers=peers, raw=raw, sessions=False)
     log.info("listening on vchan port %s of domain %s, forwarding to %s", port, server.own,
              target)
     try:
@@ -715,7 +716,8 @@ async def _socket_to_vchan(listen: SocketAddress, domid: int, port: int | str,
         splice = SocketSplice(conn)
         link = bridge.opened(splice, addr or "a local socket")
         try:
-            await vchan.create_connection(lambda: splice, domid, port, timeout=timeout)
+            await vchan.create_connection(lambda: splice, domid, port, timeout=timeout,
+                                          dedicated=True)
         except Exception as exc:    # refused, timed out, no such domain, ...
             bridge.failed(link, exc)
             bridge.open -= 1

@@ -65,11 +65,12 @@ int vchan_mux_write(struct vchan_ring *r, uint8_t type, uint8_t flags, uint32_t 
     uint32_t alen, blen, room, n, need;
     int space;
 
-    space = vchan_ring_reserve(r, &a, &alen, &b, &blen);
+    need = len < min_payload ? len : min_payload;
+    /* Arms the "tell me on read" request only if the frame does not fit. */
+    space = vchan_ring_reserve_min(r, VCHAN_MUX_HEADER + (size_t)need, &a, &alen, &b, &blen);
     if (space < 0)
         return space;
     room = (uint32_t)space;
-    need = len < min_payload ? len : min_payload;
     if (room < VCHAN_MUX_HEADER || room - VCHAN_MUX_HEADER < need)
         return VCHAN_MUX_FULL;      /* reserve armed the "tell me on read" request */
     n = room - VCHAN_MUX_HEADER;
@@ -102,11 +103,13 @@ int vchan_mux_peek(struct vchan_ring *r, struct vchan_mux_frame *f, uint32_t max
     int ready;
 
     *alen = *blen = 0;
-    ready = vchan_ring_peek(r, &ra, &ralen, &rb, &rblen);
-    if (ready <= 0)
-        return ready;               /* empty (the wake-up is armed) or an error */
+    /* The wake-up request is armed only when what we need is not there:
+     * a header, then the whole frame. */
+    ready = vchan_ring_peek_min(r, VCHAN_MUX_HEADER, &ra, &ralen, &rb, &rblen);
+    if (ready < 0)
+        return ready;
     if ((uint32_t)ready < VCHAN_MUX_HEADER)
-        return 0;                   /* half a header: peek armed the request */
+        return 0;                   /* empty or half a header: armed */
     gather(ra, ralen, rb, 0, hdr, VCHAN_MUX_HEADER);
     length = get_u32(hdr + 8);
     if (length > max_payload || hdr[2] || hdr[3])
@@ -116,8 +119,15 @@ int vchan_mux_peek(struct vchan_ring *r, struct vchan_mux_frame *f, uint32_t max
     f->stream = get_u32(hdr + 4);
     f->length = length;
     f->arg = get_u32(hdr + 12);
-    if ((uint32_t)ready - VCHAN_MUX_HEADER < length)
-        return 0;                   /* the rest of the frame is not there yet */
+    if ((uint32_t)ready - VCHAN_MUX_HEADER < length) {
+        /* The rest of the frame is not there yet: arm, and look again. */
+        ready = vchan_ring_peek_min(r, VCHAN_MUX_HEADER + (size_t)length, &ra, &ralen, &rb,
+                                    &rblen);
+        if (ready < 0)
+            return ready;
+        if ((uint32_t)ready - VCHAN_MUX_HEADER < length)
+            return 0;
+    }
     /* The payload as pieces of the ring, after the header. */
     if (ralen > VCHAN_MUX_HEADER) {
         first = ralen - VCHAN_MUX_HEADER;

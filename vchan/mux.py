@@ -44,8 +44,9 @@ Each side's frames go in its own write ring, written whole (header and
 payload in one commit), so the ring's own rules (indexes validated, notify
 bits, live bytes) do the rest.  What a frame carries is validated too: an
 unknown type, a frame longer than the ring or the limit, DATA beyond the
-credit, an OPEN whose id does not increase or a stream limit ignored is the
-peer breaking the protocol: every stream of the session fails with
+credit or an OPEN whose id does not increase is the peer breaking the
+protocol (an OPEN beyond the stream limit is only refused, as the counts of
+the two sides may briefly differ): every stream of the session fails with
 :class:`vchan.RemoteProtocolError`.  A peer that crashes (live byte cleared
 by the kernel) resets every stream; one that closes the session gracefully
 gives each stream EOF, after the data it sent.
@@ -120,7 +121,7 @@ class Session:
     def __init__(self, loop: asyncio.AbstractEventLoop, endpoint: Endpoint, hub: Any, *,
                  is_server: bool, own: int, peer: int,
                  accept: Callable[[Session, int, str], StreamTransport | str] | None = None,
-                 window: int = DEFAULT_WINDOW, max_streams: int = MAX_STREAMS,
+                 window: int = DEFAULT_WINDOW, max_streams: int | None = None,
                  on_idle: Callable[[Session], None] | None = None,
                  on_close: Callable[[Session], None] | None = None) -> None:
         self._loop = loop
@@ -133,7 +134,7 @@ class Session:
         self._on_idle = on_idle
         self._on_close = on_close
         self.window = window
-        self.max_streams = max_streams
+        self.max_streams = MAX_STREAMS if max_streams is None else max_streams
         self.peer_window = 0
         self.peer_max_streams = 0
         self._hello_seen = False
@@ -142,6 +143,10 @@ class Session:
         self._notify = ring._notify
         self._max_in = min(MAX_FRAME, ring.read_size - HEADER)
         self._max_out = min(MAX_FRAME, ring.write_size - HEADER)
+        # In-page rings (1 or 2 KiB, when grants run short) must still take
+        # a whole frame of each kind.
+        self._min_chunk = min(MIN_CHUNK, self._max_out)
+        self._max_control = min(MAX_CONTROL, self._max_out)
         self.streams: dict[int, StreamTransport] = {}
         self._next_id = 1               # client: the next stream id it opens
         self._last_opened = 0           # server: the highest id opened so far
@@ -158,7 +163,7 @@ class Session:
         self._blen = ffi.new("uint32_t *")
         hub.register(endpoint.port, self._on_event)
         hub.watch_peer(peer, self)
-        self._send_control(HELLO, 0, 0, VERSION, _HELLO_BODY.pack(window, max_streams))
+        self._send_control(HELLO, 0, 0, VERSION, _HELLO_BODY.pack(window, self.max_streams))
         if is_server:
             # Written before the ring is published: nobody to wake yet.
             self._flush_control()
@@ -223,7 +228,7 @@ class Session:
     # -- sending ------------------------------------------------------------------
 
     def _send_control(self, kind: int, flags: int, sid: int, arg: int, payload: bytes) -> None:
-        self._ctl.append((kind, flags, sid, arg, payload[:MAX_CONTROL]))
+        self._ctl.append((kind, flags, sid, arg, payload[:self._max_control]))
 
     def _kick(self) -> None:
         """Write what is queued now; the peer is woken if it asked."""
@@ -245,7 +250,7 @@ class Session:
         buf = ffi.from_buffer(data)
         while done < n:
             k = lib.vchan_mux_write(r, DATA, 0, sid, 0, buf + done, n - done,
-                                    min(n - done, MIN_CHUNK), maxp, notify)
+                                    min(n - done, self._min_chunk), maxp, notify)
             if k < 0:
                 if k == _FULL:
                     break
@@ -264,7 +269,7 @@ class Session:
         while ctl:
             kind, flags, sid, arg, payload = ctl[0]
             k = lib.vchan_mux_write(r, kind, flags, sid, arg, payload, len(payload),
-                                    len(payload), MAX_CONTROL, notify)
+                                    len(payload), self._max_control, notify)
             if k < 0:
                 if k == _FULL:
                     return False
@@ -273,7 +278,7 @@ class Session:
         return True
 
     def _flush(self) -> None:
-        if not self._flush_control():
+        if self.closed or not self._flush_control():
             return
         r, notify, ready, maxp = self._r, self._notify, self._ready, self._max_out
         while ready:
@@ -285,7 +290,7 @@ class Session:
                 stream._queued = False
                 continue
             k = lib.vchan_mux_write(r, DATA, 0, stream.stream_id, 0, ffi.from_buffer(buf), n,
-                                    min(n, MIN_CHUNK), maxp, notify)
+                                    min(n, self._min_chunk), maxp, notify)
             if k < 0:
                 if k == _FULL:
                     return
@@ -298,7 +303,7 @@ class Session:
             else:
                 stream._queued = False
             stream._sent()
-            if self._ctl and not self._flush_control():
+            if self.closed or (self._ctl and not self._flush_control()):
                 return
 
     def _flush_notify(self) -> None:
@@ -316,14 +321,19 @@ class Session:
         if self.closed:
             return
         try:
+            # A callback may close the session (and unmap the ring) at any
+            # point: look before every step.
             self._flush()
             more = self._read()
+            if self.closed:
+                return
             self._flush()
             if more:
                 self._schedule_read()
-            else:
+            elif not self.closed:
                 self._check_peer()
-            self._flush_notify()
+            if not self.closed:
+                self._flush_notify()
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
@@ -363,15 +373,21 @@ class Session:
                 stream._recv_credit -= n
                 total += n
                 if stream._buffered_protocol and stream._can_deliver():
-                    stream._deliver_into(pa[0], alen[0], pb[0], blen[0])
+                    a, al, b, bl = pa[0], alen[0], pb[0], blen[0]
+                    done = stream._deliver_into(a, al, b, bl)
+                    if self.closed:
+                        return False        # a callback ended the session: ring unmapped
+                    if done < n and not stream._conn_lost:
+                        # Paused mid-frame: the rest waits for resume_reading().
+                        stream._rbuf.append(_unpack(a, al, b, bl, done))
                     lib.vchan_ring_consume(r, HEADER + n, self._notify)
                     continue
-                data = ffi.unpack(ffi.cast("char *", pa[0]), alen[0])
-                if blen[0]:
-                    data += ffi.unpack(ffi.cast("char *", pb[0]), blen[0])
+                data = _unpack(pa[0], alen[0], pb[0], blen[0], 0)
                 lib.vchan_ring_consume(r, HEADER + n, self._notify)
                 stream._data(data)
                 continue
+            if n > MAX_CONTROL:
+                raise _protocol_error(f"a {_NAMES.get(kind, kind)} frame of {n} bytes")
             payload = b""
             if n:
                 buf = ffi.new("char[]", n)
@@ -395,8 +411,10 @@ class Session:
         if kind == HELLO:
             if self._hello_seen:
                 raise _protocol_error("a second HELLO")
-            if arg != VERSION or len(payload) < _HELLO_BODY.size:
+            if arg != VERSION:
                 raise _protocol_error(f"unsupported session version {arg}")
+            if len(payload) < _HELLO_BODY.size:
+                raise _protocol_error(f"a HELLO of {len(payload)} bytes")
             window, max_streams = _HELLO_BODY.unpack_from(payload)
             if not 0 < window <= _MAX_CREDIT:
                 raise _protocol_error(f"window {window} out of range")
@@ -575,6 +593,7 @@ class StreamTransport(WriteFlowControl, asyncio.Transport):
         self.stream_id = stream_id
         self._on_close = on_close
         self._extra.setdefault("session", session)
+        self._extra.setdefault("endpoint", session._endpoint)   # the ring carrying it
         self._protocol = None
         self._buffer = bytearray()
         self._queued = False            # in the session's ready queue
@@ -679,26 +698,36 @@ class StreamTransport(WriteFlowControl, asyncio.Transport):
         except BaseException as exc:
             self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
 
-    def _deliver_into(self, a: Any, alen: int, b: Any, blen: int) -> None:
-        """BufferedProtocol: copy a DATA payload from the ring into its buffer."""
-        pieces = [(a, alen), (b, blen)]
+    def _deliver_into(self, a: Any, alen: int, b: Any, blen: int) -> int:
+        """BufferedProtocol: copy a DATA payload from the ring into its buffer.
+
+        Returns the bytes delivered: fewer than the payload when the protocol
+        paused reading (or the stream or its session ended) on the way.
+        """
+        session = self._session
+        done = 0
         try:
-            for ptr, length in pieces:
+            for ptr, length in ((a, alen), (b, blen)):
                 off = 0
                 while off < length:
+                    if self._paused or self._conn_lost or session.closed:
+                        return done
                     buf = self._protocol.get_buffer(length - off)
                     view = ffi.from_buffer(buf, require_writable=True)
                     n = min(len(view), length - off)
                     if n <= 0:
                         raise RuntimeError("get_buffer() returned an empty buffer")
+                    # The buffer may be gone after a callback: copy before it.
                     ffi.memmove(view, ptr + off, n)
                     off += n
+                    done += n
                     self._consumed(n)
                     self._protocol.buffer_updated(n)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
             self._fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.")
+        return done
 
     def _deliver(self, data: bytes) -> None:
         self._consumed(len(data))
@@ -911,6 +940,16 @@ class StreamTransport(WriteFlowControl, asyncio.Transport):
             self._protocol = None
             if self._on_close is not None:
                 self._on_close()
+
+
+def _unpack(a: Any, alen: int, b: Any, blen: int, skip: int) -> bytes:
+    """A payload's bytes from its two pieces of the ring, after the first ``skip``."""
+    if skip < alen:
+        data: bytes = ffi.unpack(ffi.cast("char *", a) + skip, alen - skip)
+        if blen:
+            data += ffi.unpack(ffi.cast("char *", b), blen)
+        return data
+    return ffi.unpack(ffi.cast("char *", b) + (skip - alen), blen - (skip - alen))  # type: ignore[no-any-return]
 
 
 def _set_result_unless_cancelled(fut: asyncio.Future[None], result: None) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
+
 from .endpoint import Endpoint
 from .mux import Session
 

@@ -15,10 +15,11 @@ half-close (a whole close for a plain libxenvchan peer, which has none, as
 when both directions are done both sides are closed.  A vchan peer that
 crashes resets a TCP socket (``SO_LINGER`` 0) so the far end hears of it.
 
-    server = await vchan.create_server(lambda: SocketSplice(connect=open_target), port)
+    server = await vchan.create_server(lambda: SocketSplice(connect=open_target), port,
+                                       peers=domid, sessions=False)
 
     sock, _ = listening_socket.accept()
-    await vchan.create_connection(lambda: SocketSplice(sock), domid, port)
+    await vchan.create_connection(lambda: SocketSplice(sock), domid, port, dedicated=True)
 """
 
 from __future__ import annotations

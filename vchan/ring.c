@@ -584,6 +584,13 @@ int vchan_ring_read(struct vchan_ring *r, void *buf, size_t len, int *notify)
 int vchan_ring_peek(struct vchan_ring *r, const uint8_t **a, uint32_t *alen,
                     const uint8_t **b, uint32_t *blen)
 {
+    /* wants it all: arms */
+    return vchan_ring_peek_min(r, (size_t)r->rd.size + 1, a, alen, b, blen);
+}
+
+int vchan_ring_peek_min(struct vchan_ring *r, size_t want, const uint8_t **a, uint32_t *alen,
+                        const uint8_t **b, uint32_t *blen)
+{
     int64_t ready;
     uint32_t at, first;
     int rc = usable(r);
@@ -592,7 +599,7 @@ int vchan_ring_peek(struct vchan_ring *r, const uint8_t **a, uint32_t *alen,
     *a = *b = r->rd.buffer;
     if (rc)
         return rc;
-    ready = fast_ready(r, (size_t)r->rd.size + 1);  /* wants it all: arms */
+    ready = fast_ready(r, want);
     if (ready <= 0)
         return (int)ready;
     vchan_rmb();    /* read prod /then/ the data it covers */
@@ -625,6 +632,13 @@ int vchan_ring_consume(struct vchan_ring *r, uint32_t n, int *notify)
 int vchan_ring_reserve(struct vchan_ring *r, uint8_t **a, uint32_t *alen,
                        uint8_t **b, uint32_t *blen)
 {
+    /* wants it all: arms */
+    return vchan_ring_reserve_min(r, (size_t)r->wr.size + 1, a, alen, b, blen);
+}
+
+int vchan_ring_reserve_min(struct vchan_ring *r, size_t want, uint8_t **a, uint32_t *alen,
+                           uint8_t **b, uint32_t *blen)
+{
     int64_t space;
     uint32_t at, first;
     int rc = write_check(r);
@@ -633,7 +647,7 @@ int vchan_ring_reserve(struct vchan_ring *r, uint8_t **a, uint32_t *alen,
     *a = *b = r->wr.buffer;
     if (rc)
         return rc;
-    space = fast_space(r, (size_t)r->wr.size + 1);  /* wants it all: arms */
+    space = fast_space(r, want);
     if (space <= 0)
         return (int)space;
     vchan_mb();     /* read cons /then/ let the caller write the space */

@@ -184,6 +184,10 @@ int vchan_ring_send(struct vchan_ring *r, const void *data, size_t len,
 int vchan_ring_peek(struct vchan_ring *r, const uint8_t **a, uint32_t *alen,
                     const uint8_t **b, uint32_t *blen);
 int vchan_ring_consume(struct vchan_ring *r, uint32_t n, int *notify);
+/* vchan_ring_peek, arming the wake-up only when fewer than want bytes are
+ * ready (a reader that needs a whole frame). */
+int vchan_ring_peek_min(struct vchan_ring *r, size_t want, const uint8_t **a, uint32_t *alen,
+                        const uint8_t **b, uint32_t *blen);
 /* Zero-copy write, in two steps.  reserve: the free space of the write
  * ring as up to two contiguous pieces (the second non-empty when it wraps);
  * returns the total and, like a write that fills the ring, arms a "tell me
@@ -192,6 +196,10 @@ int vchan_ring_consume(struct vchan_ring *r, uint32_t n, int *notify);
 int vchan_ring_reserve(struct vchan_ring *r, uint8_t **a, uint32_t *alen,
                        uint8_t **b, uint32_t *blen);
 int vchan_ring_commit(struct vchan_ring *r, uint32_t n, int *notify);
+/* vchan_ring_reserve, arming the wake-up only when less than want bytes
+ * are free (a writer that needs room for a whole frame). */
+int vchan_ring_reserve_min(struct vchan_ring *r, size_t want, uint8_t **a, uint32_t *alen,
+                           uint8_t **b, uint32_t *blen);
 /* Stream read: copy up to len bytes into buf, return how many. */
 int vchan_ring_read(struct vchan_ring *r, void *buf, size_t len,
                     int *notify);

@@ -33,7 +33,7 @@ import os
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Collection
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from ._flow import WriteFlowControl
 from ._native import ffi, lib
@@ -64,6 +64,12 @@ def _ring_error(code: int, what: str) -> Exception:
     return RuntimeError(f"{what}: {strerror(code)}")
 
 
+class _PeerWatcher(Protocol):
+    """What the hub tells when a peer domain is found gone (a transport, a session)."""
+
+    def _peer_domain_gone(self, domid: int) -> None: ...
+
+
 class _EventHub:
     """The event-channel handle of one event loop, shared by its transports.
 
@@ -89,7 +95,7 @@ class _EventHub:
         self.handlers: dict[int, Callable[[], None]] = {}
         self.holds = 0
         self.fd = self.evtchn.fileno()
-        self.peers: dict[int, set[VchanTransport]] = {}
+        self.peers: dict[int, set[_PeerWatcher]] = {}
         self._liveness: asyncio.TimerHandle | None = None
         self._homes: asyncio.Task[None] | None = None
         self._homes_readable = True     # False once XenStore refuses us a peer's home
@@ -98,12 +104,12 @@ class _EventHub:
         self._ports = ffi.new("uint32_t[64]")
         loop.add_reader(self.fd, self._dispatch)
 
-    def watch_peer(self, domid: int, transport: VchanTransport) -> None:
+    def watch_peer(self, domid: int, transport: _PeerWatcher) -> None:
         self.peers.setdefault(domid, set()).add(transport)
         if self._liveness is None:
             self._liveness = self.loop.call_later(self.LIVENESS_INTERVAL, self._check_peers)
 
-    def unwatch_peer(self, domid: int, transport: VchanTransport) -> None:
+    def unwatch_peer(self, domid: int, transport: _PeerWatcher) -> None:
         watchers = self.peers.get(domid)
         if watchers is not None:
             watchers.discard(transport)
@@ -838,15 +844,23 @@ def _ring_sizes(read_min: int | None, write_min: int | None) -> tuple[int, int]:
 async def create_connection(
     protocol_factory: Callable[[], asyncio.BaseProtocol], domid: int, port: int | str, *,
     timeout: float | None = None, read_min: int | None = None, write_min: int | None = None,
-) -> tuple[VchanTransport, asyncio.BaseProtocol]:
+    dedicated: bool | None = None,
+) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
     """Connect to vchan port ``port`` of domain ``domid``.
 
     Waits for the server (on a XenStore watch) up to ``timeout`` seconds
     (None: as long as the server's domain exists).  Reaches listener servers
     (many clients per port) and raw libxenvchan servers alike.
-    ``read_min`` / ``write_min`` ask a listener for ring sizes (bytes, up to
-    1 MiB each; left out, the server chooses); a raw server decides its sizes
-    itself.
+
+    By default the connection is a stream of this event loop's session with
+    the server's port (:mod:`vchan.mux`): the first connection meets the
+    server through XenStore, every later one costs one frame on the
+    session's ring, and all of them share its grants.  ``dedicated=True``
+    (implied by ``read_min`` / ``write_min``) gives the connection a
+    libxenvchan ring of its own instead, as a
+    :class:`~vchan.proxy.SocketSplice` needs; ``read_min`` / ``write_min``
+    then ask a listener for ring sizes (bytes, up to 1 MiB each; left out,
+    the server chooses).  A raw server decides its sizes itself.
 
     Raises :class:`vchan.NoSuchDomainError` if the domain does not exist (or
     goes away), :class:`TimeoutError` when no server appears in time, and
@@ -858,7 +872,10 @@ async def create_connection(
     port_s = check_port(port)
     if timeout is not None and timeout < 0:
         raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
-    dedicated = read_min is not None or write_min is not None
+    if dedicated is None:
+        dedicated = read_min is not None or write_min is not None
+    elif not dedicated and (read_min is not None or write_min is not None):
+        raise ValueError("read_min/write_min size a dedicated ring: not with dedicated=False")
     # Sizes not given are the server's choice (0 in the request).
     read_min, write_min = _ring_sizes(read_min or 0, write_min or 0)
     loop = asyncio.get_running_loop()
@@ -952,7 +969,7 @@ class Server(asyncio.AbstractServer):
         self._hub: _EventHub | None = None
         self._hub_held = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._transports: set[VchanTransport] = set()
+        self._transports: set[asyncio.Transport] = set()
         self._pending: set[Any] = set()         # endpoints not yet connected
         self._watched: dict[int, asyncio.Task[None]] = {}
         self._seen: dict[int, set[str]] = {}
@@ -1086,11 +1103,13 @@ class Server(asyncio.AbstractServer):
                     self._spawn(self._accept_limited(peer, nonce, f"{reqdir}/{nonce}"))
 
     async def _forget_refusal(self, peer: int, nonce: str) -> None:
-        from .listener import vchan_path
+        from .listener import remove_if_empty, vchan_path
 
         assert self._state is not None and self.own is not None
+        base = vchan_path(self.own, peer, self._port_s)
         with contextlib.suppress(OSError):
-            await self._state.xs.rm(f"{vchan_path(self.own, peer, self._port_s)}/{nonce}")
+            await self._state.xs.rm(f"{base}/{nonce}")
+            await remove_if_empty(self._state.xs, base)
 
     async def _accept_limited(self, peer: int, nonce: str, request: str) -> None:
         # Pending rings of one peer live in one XenStore directory, whose
@@ -1441,6 +1460,7 @@ async def create_server(
     protocol_factory: Callable[[], asyncio.BaseProtocol], port: int | str, *,
     peers: Peers, raw: bool = False, read_min: int | None = None,
     write_min: int | None = None, accept_timeout: float = 30.0, start_serving: bool = True,
+    sessions: bool = True,
 ) -> Server:
     """Serve vchan port ``port`` to the domains in ``peers``.
 
@@ -1454,6 +1474,11 @@ async def create_server(
     out, rings are 1 MiB each way, and smaller ones when the domain runs
     short of grants; given, they are kept, or the connection is refused
     with the grant limit named.
+
+    A client that asks for a session (vchan clients do by default) gets one
+    ring for all its connections to this port (:mod:`vchan.mux`);
+    ``sessions=False`` gives every connection a ring of its own, as a
+    :class:`~vchan.proxy.SocketSplice` protocol needs.
     """
     from .listener import check_domid, check_port
 
@@ -1476,7 +1501,7 @@ async def create_server(
     read_min, write_min = _ring_sizes(read_min, write_min)
     server = Server(asyncio.get_running_loop(), protocol_factory, port, port_s, peers, raw=raw,
                     read_min=read_min, write_min=write_min, accept_timeout=accept_timeout,
-                    shrink=shrink)
+                    shrink=shrink, sessions=sessions)
     if start_serving:
         await server.start_serving()
     return server

@@ -409,6 +409,7 @@ class XenStored:
         self.per_domain: Counter[int] = Counter()
         self.introduced: set[int] = set()
         self.quotas = dict(DEFAULT_QUOTAS)
+        self.requests: dict[int, int] = {}     # requests handled, per domain
         self.root_view = View(self)
         self._presence = presence or self._own_presence
         self._listeners: dict[int, socket.socket] = {}
@@ -665,6 +666,9 @@ class XenStored:
     # -- requests --------------------------------------------------------------
 
     def handle(self, conn: Conn, mtype: int, req_id: int, tx_id: int, payload: bytes) -> None:
+        # Counted per domain, so tests can assert what a protocol costs
+        # XenStore (``vchan sim status``: xenstore.requests).
+        self.requests[conn.domid] = self.requests.get(conn.domid, 0) + 1
         try:
             entry = _HANDLERS.get(mtype)
             if entry is None:
@@ -801,6 +805,7 @@ class XenStored:
             "transactions": sum(len(c.txs) for c in self.conns),
             "introduced": sorted(self.introduced),
             "quotas": dict(self.quotas),
+            "requests": {str(d): n for d, n in sorted(self.requests.items())},
         }
 
     # -- the operations ----------------------------------------------------------

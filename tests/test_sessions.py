@@ -1,0 +1,265 @@
+"""Listener sessions (vchan.mux): many connections over one ring, at default limits.
+
+Every test runs at the emulator's default grant limit (1,024 pages per
+domain, as Linux's gntalloc), on both event loops.  Cross-process tests use
+``tests/vchan_peer.py`` processes in emulated domains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_streams import Peer, _count_nodes, _fds, _rss, _spawn, peers  # noqa: F401
+
+import vchan
+from vchan import sim
+from vchan.pool import close_sessions
+
+DEFAULT_LIMIT = sim.DEFAULT_GRANT_LIMIT
+
+
+def _status(sim_dir: Path) -> dict[str, Any]:
+    return sim.control({"cmd": "status"}, sim_dir)
+
+
+def _domain(st: dict[str, Any], domid: int) -> dict[str, Any]:
+    return next(d for d in st["domains"] if d["domid"] == domid)
+
+
+def _requests(sim_dir: Path, domid: int) -> int:
+    return int(_status(sim_dir)["xenstore"]["requests"].get(str(domid), 0))
+
+
+@contextlib.contextmanager
+def _grant_limit(sim_dir: Path, value: int) -> Any:
+    sim.control({"cmd": "set", "key": "grant-limit", "value": value}, sim_dir)
+    try:
+        yield
+    finally:
+        sim.control({"cmd": "set", "key": "grant-limit", "value": DEFAULT_LIMIT}, sim_dir)
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+async def _one_echo(own: int, port: str) -> None:
+    reader, writer = await vchan.open_connection(own, port, timeout=10)
+    writer.write(b"x")
+    assert await reader.readexactly(1) == b"x"
+    writer.close()
+    await writer.wait_closed()
+
+
+# -- scale -------------------------------------------------------------------------
+
+
+async def test_ten_thousand_concurrent_connections_at_the_default_grant_limit(
+        peers: list[Peer], sim_dir: Path) -> None:  # noqa: F811
+    """Two processes in two domains: 10,000 connections at once all connect, each
+    moves its own bytes intact, all close -- within 1,024 grant pages."""
+    st = _status(sim_dir)
+    assert st["grant_limit"] == DEFAULT_LIMIT
+    port = f"ten-k-{os.getpid()}"
+    server = _spawn(peers, 1, "serve", port, "--peers", "2", "--mode", "echo")
+    await server.line()
+    client = _spawn(peers, 2, "connect", "1", port, "--mode", "many", "--count", "10000",
+                    "--nbytes", "64", "--timeout", "60")
+    result = await client.line(timeout=240)
+    assert "error" not in result, result
+    got = result["result"]
+    assert got["connected"] == got["intact"] == 10_000
+    # One session: one ring pair's grants, whatever the number of connections.
+    assert _domain(_status(sim_dir), 1)["granted_pages"] <= DEFAULT_LIMIT
+    print(f"\n10,000 connections: opened in {got['open_seconds']:.2f} s, echoed in "
+          f"{got['echo_seconds']:.2f} s, closed in {got['close_seconds']:.2f} s; "
+          f"client RSS {got['rss_per_connection'] / 1024:.1f} KiB per connection")
+
+
+async def test_no_xenstore_request_per_connection_after_the_first(sim_dir: Path) -> None:
+    """After the first connection, connections cost the xenstored nothing."""
+    own = vchan.own_domid()
+    port = f"noxs-{os.getpid()}"
+    async with await vchan.start_server(_echo, port, peers=own) as server:
+        await _one_echo(own, port)          # sets up the session
+        before = _requests(sim_dir, own)
+        for _ in range(300):
+            await _one_echo(own, port)
+        await asyncio.gather(*(_one_echo(own, port) for _ in range(300)))
+        after = _requests(sim_dir, own)
+        assert after == before, f"{after - before} XenStore requests for 600 connections"
+        server.close_clients()
+    await close_sessions()
+
+
+async def test_many_clients_wait_for_a_server_with_one_rendezvous(sim_dir: Path) -> None:
+    """Clients that start before their server share one XenStore request; a
+    cancelled one does not take the others down (a shared watch, a shared task)."""
+    own = vchan.own_domid()
+    port = f"early-{os.getpid()}"
+    early = [asyncio.ensure_future(vchan.open_connection(own, port, timeout=20))
+             for _ in range(200)]
+    impatient = asyncio.ensure_future(vchan.open_connection(own, port, timeout=0.2))
+    await asyncio.sleep(0.5)
+    with pytest.raises(TimeoutError):
+        await impatient
+    async with await vchan.start_server(_echo, port, peers=own) as server:
+        pairs = await asyncio.wait_for(asyncio.gather(*early), 20)
+        for i, (_, w) in enumerate(pairs):
+            w.write(b"%05d" % i)
+        for i, (r, _) in enumerate(pairs):
+            assert await r.readexactly(5) == b"%05d" % i
+        for _, w in pairs:
+            w.close()
+        server.close_clients()
+    await close_sessions()
+
+
+# -- refusals ------------------------------------------------------------------------
+
+
+async def test_out_of_grants_is_refused_at_once_and_leaves_nothing_behind(
+        sim_dir: Path) -> None:
+    """A server with no grants left refuses within 100 ms whatever the timeout;
+    a storm of refusals leaves no XenStore node, grant or port behind, and the
+    port works again once grants are back (refusals do not poison it)."""
+    from vchan.xenstore import XenStore
+
+    own = vchan.own_domid()
+    port = f"nogrants-{os.getpid()}"
+    await close_sessions()
+    async with await vchan.start_server(_echo, port, peers=own) as server:
+        base = f"/local/domain/{own}/data"
+        xs = await XenStore.open()
+        try:
+            nodes_before = await _count_nodes(xs, base)
+            tables_before = (_fds(), _domain(_status(sim_dir), own)["granted_pages"])
+            with _grant_limit(sim_dir, 0):
+                for _ in range(50):
+                    t0 = time.monotonic()
+                    with pytest.raises(ConnectionRefusedError, match="grant limit is reached"):
+                        await vchan.open_connection(own, port, timeout=None)
+                    assert time.monotonic() - t0 < 0.1
+                # Together, they share one refusal.
+                results = await asyncio.gather(
+                    *(vchan.open_connection(own, port, timeout=None) for _ in range(200)),
+                    return_exceptions=True)
+                assert all(isinstance(r, ConnectionRefusedError) for r in results)
+            for _ in range(50):     # the server's answers go once requests are withdrawn
+                if await _count_nodes(xs, base) == nodes_before:
+                    break
+                await asyncio.sleep(0.05)
+            assert await _count_nodes(xs, base) == nodes_before, "XenStore nodes left behind"
+            assert (_fds(), _domain(_status(sim_dir), own)["granted_pages"]) == tables_before
+        finally:
+            await xs.close()
+        await _one_echo(own, port)          # the port is not poisoned
+        server.close_clients()
+    await close_sessions()
+
+
+async def test_a_full_session_refuses_at_once(sim_dir: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's per-session connection limit is refused at once, named."""
+    from vchan import mux
+
+    monkeypatch.setattr(mux, "MAX_STREAMS", 5)
+    own = vchan.own_domid()
+    port = f"full-{os.getpid()}"
+    await close_sessions()
+    async with await vchan.start_server(_echo, port, peers=own) as server:
+        pairs = [await vchan.open_connection(own, port, timeout=10) for _ in range(5)]
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionRefusedError, match="limit of 5 connections"):
+            await vchan.open_connection(own, port, timeout=None)
+        assert time.monotonic() - t0 < 0.1
+        for _, w in pairs:
+            w.close()
+            await w.wait_closed()
+        await _one_echo(own, port)          # room again
+        server.close_clients()
+    await close_sessions()
+
+
+async def test_nothing_leaks_after_ten_thousand_connect_close_cycles(sim_dir: Path) -> None:
+    own = vchan.own_domid()
+    port = f"cycles-{os.getpid()}"
+    from vchan.xenstore import XenStore
+
+    await close_sessions()
+    async with await vchan.start_server(_echo, port, peers=own) as server:
+        for _ in range(20):
+            await _one_echo(own, port)
+        base = f"/local/domain/{own}/data"
+        xs = await XenStore.open()
+        try:
+            nodes = await _count_nodes(xs, base)
+            st = _status(sim_dir)
+            before = (_fds(), st["maps"], _domain(st, own)["granted_pages"],
+                      len(_domain(st, own)["ports"]), _rss())
+            for _ in range(10_000):
+                await _one_echo(own, port)
+            await asyncio.sleep(0.2)
+            st = _status(sim_dir)
+            after = (_fds(), st["maps"], _domain(st, own)["granted_pages"],
+                     len(_domain(st, own)["ports"]), _rss())
+            assert await _count_nodes(xs, base) == nodes, "XenStore nodes leaked"
+        finally:
+            await xs.close()
+        server.close_clients()
+    assert after[:4] == before[:4], "descriptors, mappings, grants or ports leaked"
+    assert after[4] - before[4] < 20 << 20, f"RSS grew by {(after[4] - before[4]) >> 20} MiB"
+    await close_sessions()
+    st = _status(sim_dir)
+    assert _domain(st, own)["granted_pages"] == 0, "the idle session kept its grants"
+
+
+# -- failures --------------------------------------------------------------------------
+
+
+async def test_a_crashed_server_resets_every_connection_within_a_second(
+        peers: list[Peer], sim_dir: Path) -> None:  # noqa: F811
+    port = f"crash-{os.getpid()}"
+    server = _spawn(peers, 1, "serve", port, "--peers", str(vchan.own_domid()),
+                    "--mode", "echo")
+    await server.line()
+    pairs = await asyncio.gather(*(vchan.open_connection(1, port, timeout=10)
+                                   for _ in range(100)))
+    for r, w in pairs:
+        w.write(b"hi")
+        assert await r.readexactly(2) == b"hi"
+    t0 = server.kill()
+    results = await asyncio.wait_for(
+        asyncio.gather(*(r.read() for r, _ in pairs), return_exceptions=True), 5)
+    elapsed = time.monotonic() - t0
+    assert all(isinstance(r, ConnectionResetError) for r in results), results[:3]
+    assert elapsed < 1.0
+    for _, w in pairs:
+        w.close()
+
+
+async def test_server_close_keeps_open_connections(sim_dir: Path) -> None:
+    """Closing a server stops new connections; open ones go on, as with TCP."""
+    own = vchan.own_domid()
+    port = f"goaway-{os.getpid()}"
+    server = await vchan.start_server(_echo, port, peers=own)
+    reader, writer = await vchan.open_connection(own, port, timeout=10)
+    server.close()
+    writer.write(b"still here")
+    assert await asyncio.wait_for(reader.readexactly(10), 5) == b"still here"
+    with pytest.raises(TimeoutError):
+        await vchan.open_connection(own, port, timeout=0.3)
+    writer.close()
+    await writer.wait_closed()
+    await asyncio.wait_for(server.wait_closed(), 5)
+    await close_sessions()
