@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 
@@ -37,16 +38,53 @@ def _port(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
+#: gntalloc's grant limit for this domain (pages; Linux's default is 1,024).
+GNTALLOC_LIMIT = Path("/sys/module/xen_gntalloc/parameters/limit")
+
+
+def gntalloc_limit() -> int | str:
+    """This domain's gntalloc limit, or why it cannot be read."""
+    try:
+        return int(GNTALLOC_LIMIT.read_text().strip())
+    except (OSError, ValueError) as exc:
+        return f"unreadable: {type(exc).__name__}: {exc}"
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))]
+
+
 # -- streams ------------------------------------------------------------------------------
 
 
 async def echo_server(args: argparse.Namespace) -> int:
-    """Serve ``--connections`` clients: echo everything, report each one's SHA-256."""
+    """Serve ``--connections`` clients: echo everything, report each one's SHA-256
+    (``--summary``: counts, the peak of connections open at once, the sessions and
+    grants that carried them, instead of one entry per connection)."""
     import vchan
 
     done: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    active = peak = 0
+    rings: dict[int, tuple[int, int, int]] = {}     # id(ring endpoint): sizes, grants
+    holders: list[Any] = []                          # keeps those ids unique
+
+    def note_ring(writer: asyncio.StreamWriter) -> None:
+        endpoint = writer.get_extra_info("endpoint")
+        if endpoint is None or id(endpoint) in rings:
+            return
+        holders.append(endpoint)
+        grants = sum(len(getattr(pages, "refs", ())) for pages in endpoint.pages)
+        rings[id(endpoint)] = (endpoint.ring.read_size, endpoint.ring.write_size, grants)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        note_ring(writer)
         digest = hashlib.sha256()
         count = 0
         try:
@@ -60,11 +98,13 @@ async def echo_server(args: argparse.Namespace) -> int:
             await done.put({"received": count, "sha256": digest.hexdigest()})
         except OSError as exc:
             await done.put({"received": count, "error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            active -= 1
 
     domids = [int(p) for p in args.peers.split(",")]
     peers: Any = domids[0] if len(domids) == 1 else domids
     server = await vchan.start_server(handle, _port(args.port), peers=peers, raw=args.raw)
-    report(event="listening")
+    report(event="listening", gntalloc_limit=gntalloc_limit())
     results = []
     try:
         async with asyncio.timeout(args.deadline):
@@ -73,7 +113,15 @@ async def echo_server(args: argparse.Namespace) -> int:
     finally:
         server.close()
         await server.wait_closed()
-    report(result="served", connections=results)
+    if not args.summary:
+        report(result="served", connections=results)
+        return 0
+    errors = [r["error"][:200] for r in results if "error" in r]
+    report(result="served", connections=len(results), errors=len(errors),
+           first_error=errors[0] if errors else None,
+           received=sum(r["received"] for r in results), peak=peak, rings=len(rings),
+           ring_sizes=sorted({(r, w) for r, w, _ in rings.values()}),
+           grants=sum(g for _, _, g in rings.values()), gntalloc_limit=gntalloc_limit())
     return 0
 
 
@@ -160,6 +208,143 @@ async def hold_client(args: argparse.Namespace) -> int:
     reader, writer = await vchan.open_connection(args.domid, _port(args.port),
                                                  timeout=args.deadline)
     await _hold(reader, writer, args.deadline)
+    return 0
+
+
+# -- many connections at once; connection set-up rate -----------------------------------
+
+
+def stream_message(i: int, seed: int) -> bytes:
+    """Connection ``i``'s distinct message."""
+    tag = hashlib.sha256(f"{seed}/{i}".encode()).hexdigest()[:16]
+    return f"connection {i:05d} seed {seed} {tag}\n".encode()
+
+
+async def many_client(args: argparse.Namespace) -> int:
+    """Open ``--connections`` connections at once, echo a distinct message on each
+    while all are open, then close them all; report counts and timings."""
+    import vchan
+
+    n = args.connections
+    errors: list[str] = []
+
+    def failed(exc: BaseException) -> None:
+        errors.append(f"{type(exc).__name__}: {exc}"[:200])
+
+    started = time.monotonic()
+    async with asyncio.timeout(args.deadline):
+        opened = await asyncio.gather(
+            *(vchan.open_connection(args.domid, _port(args.port), timeout=args.deadline)
+              for _ in range(n)), return_exceptions=True)
+        t_open = time.monotonic()
+        pairs: list[tuple[int, asyncio.StreamReader, asyncio.StreamWriter]] = []
+        for i, got in enumerate(opened):
+            if isinstance(got, BaseException):
+                failed(got)
+            else:
+                pairs.append((i, *got))
+        report(event="opened", opened=len(pairs), seconds=round(t_open - started, 3))
+
+        async def echo(i: int, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> bool:
+            message = stream_message(i, args.seed)
+            writer.write(message)
+            await writer.drain()
+            return await reader.readexactly(len(message)) == message
+
+        echoed = await asyncio.gather(*(echo(*p) for p in pairs), return_exceptions=True)
+        t_echo = time.monotonic()
+        intact = sum(1 for e in echoed if e is True)
+        wrong = sum(1 for e in echoed if e is False)
+        for e in echoed:
+            if isinstance(e, BaseException):
+                failed(e)
+        # Every connection is open here: the sessions carrying them, and their rings.
+        sessions = {id(w.get_extra_info("session")): w.get_extra_info("session")
+                    for _, _, w in pairs}
+        dedicated = sum(1 for _, _, w in pairs if w.get_extra_info("session") is None)
+        sizes = sorted({(w.get_extra_info("endpoint").ring.read_size,
+                         w.get_extra_info("endpoint").ring.write_size) for _, _, w in pairs})
+
+        async def close(writer: asyncio.StreamWriter) -> None:
+            writer.close()
+            await writer.wait_closed()
+
+        closing = await asyncio.gather(*(close(w) for _, _, w in pairs),
+                                       return_exceptions=True)
+        t_close = time.monotonic()
+        closed = 0
+        for c in closing:
+            if isinstance(c, BaseException):
+                failed(c)
+            else:
+                closed += 1
+    report(result="many", connections=n, opened=len(pairs), echoed=intact, wrong=wrong,
+           closed=closed, errors=len(errors), first_error=errors[0] if errors else None,
+           sessions=len(sessions) - (1 if None in sessions.values() else 0),
+           dedicated=dedicated, ring_sizes=sizes,
+           open_s=round(t_open - started, 3), echo_s=round(t_echo - t_open, 3),
+           close_s=round(t_close - t_echo, 3), total_s=round(t_close - started, 3),
+           gntalloc_limit=gntalloc_limit())
+    return 0 if intact == n and closed == n and not errors else 1
+
+
+async def setup_client(args: argparse.Namespace) -> int:
+    """``--count`` sequential connections, each: connect, one byte echoed, close.
+
+    The server is ``bench-server`` (mode byte ``P``: echo until EOF) over vchan
+    or, with ``--tcp HOST:PORT``, over TCP.  One connection first, timed apart
+    (``first_ms``: vchan's session rendezvous through XenStore, TCP's ARP); then
+    ``--count`` timed ones.  ``--dedicated``: a libxenvchan ring of its own per
+    connection (a XenStore rendezvous each time), as before sessions.
+    """
+    import vchan
+
+    if args.tcp:
+        host, _, tcp_port = args.tcp.rpartition(":")
+        kind = "tcp"
+    else:
+        kind = "vchan-dedicated" if args.dedicated else "vchan"
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if args.tcp:
+            return await asyncio.open_connection(host, int(tcp_port))
+        if args.dedicated:
+            return await vchan.open_connection(args.domid, _port(args.port),
+                                               timeout=args.deadline, dedicated=True)
+        return await vchan.open_connection(args.domid, _port(args.port), timeout=args.deadline)
+
+    async def once() -> float:
+        t = time.perf_counter()
+        reader, writer = await connect()
+        writer.write(b"Px")                 # bench-server's echo mode, then the byte
+        if await reader.readexactly(1) != b"x":
+            raise AssertionError("the echoed byte differs")
+        writer.close()
+        await writer.wait_closed()
+        return time.perf_counter() - t
+
+    async with asyncio.timeout(args.deadline):
+        first = None
+        give_up = time.monotonic() + min(60.0, args.deadline / 2)
+        while first is None:            # the server (or the bridge) may need a moment
+            try:
+                first = await once()
+            except OSError as exc:
+                if time.monotonic() > give_up:
+                    raise
+                report(event="retry", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(1)
+        times = []
+        started = time.perf_counter()
+        for _ in range(args.count):
+            times.append(await once())
+        total = time.perf_counter() - started
+    times.sort()
+    report(result="setup", kind=kind, count=args.count, seconds=round(total, 3),
+           per_s=round(args.count / total, 1), first_ms=_ms(first),
+           p50_ms=_ms(_quantile(times, 0.5)), p90_ms=_ms(_quantile(times, 0.9)),
+           max_ms=_ms(times[-1]))
     return 0
 
 
@@ -366,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", required=True, help="peer domid(s), comma-separated")
     p.add_argument("--connections", type=int, default=1)
     p.add_argument("--raw", action="store_true", help="raw libxenvchan server (C peers)")
+    p.add_argument("--summary", action="store_true",
+                   help="report counts, not one entry per connection")
     p = sub.add_parser("echo-client")
     p.add_argument("domid", type=int)
     p.add_argument("port")
@@ -379,6 +566,19 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("hold-client")
     p.add_argument("domid", type=int)
     p.add_argument("port")
+    p = sub.add_parser("many-client")
+    p.add_argument("domid", type=int)
+    p.add_argument("port")
+    p.add_argument("--connections", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=1)
+    p = sub.add_parser("setup-client")
+    p.add_argument("domid", type=int)
+    p.add_argument("port")
+    p.add_argument("--count", type=int, default=200)
+    p.add_argument("--tcp", default="", metavar="HOST:PORT",
+                   help="over TCP to this bench-server instead")
+    p.add_argument("--dedicated", action="store_true",
+                   help="a vchan ring of its own per connection (no session)")
     p = sub.add_parser("grant-share")
     p.add_argument("peer", type=int)
     p.add_argument("--marker", required=True, help="hex bytes written at offset 0")
@@ -415,6 +615,10 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(hold_server(args))
     if role == "hold-client":
         return asyncio.run(hold_client(args))
+    if role == "many-client":
+        return asyncio.run(many_client(args))
+    if role == "setup-client":
+        return asyncio.run(setup_client(args))
     if role == "grant-share":
         return grant_share(args)
     if role == "grant-map":

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from harness import Domu, in_rig, local
+from harness import OUT, Domu, in_rig, local
+from roles import GNTALLOC_LIMIT, gntalloc_limit, stream_message
 
 pytestmark = pytest.mark.skipif(
     not in_rig(), reason="not the Xen rig's dom0 (python tests/xen/rig.py run runs these)")
@@ -29,13 +32,22 @@ MIB = 1 << 20
 #: machine takes milliseconds).
 PROMPT = 15.0
 
+#: Linux's default gntalloc limit (pages a domain may share through gntalloc).
+DEFAULT_GNTALLOC_LIMIT = 1024
+#: Connections open at once in the scale tests.
+MANY = 1000
+#: Sequential connections timed in the set-up rate test (dedicated rings: fewer).
+SETUP_COUNT = 200
+SETUP_COUNT_DEDICATED = 50
+
 _ports = (f"x{n}" for n in itertools.count(1))
 
 
 @pytest.fixture(scope="module")
 def domus() -> Iterator[tuple[Domu, Domu]]:
-    """Two domUs, booted side by side for the module."""
-    a = Domu.create("guest-a")
+    """Two domUs, booted side by side for the module (guest-a with a vif on xenbr0,
+    for TCP over the rig's bridge)."""
+    a = Domu.create("guest-a", vif=True)
     b = Domu.create("guest-b")
     try:
         a.wait_ready()
@@ -88,6 +100,129 @@ def test_domu_to_domu(domus: tuple[Domu, Domu]) -> None:
     served = server.wait(60).last
     assert report["match"] is True
     assert served["connections"] == [{"received": MIB, "sha256": _digest(MIB, 9)}]
+
+
+# -- many connections at the default grant limit; connection set-up against TCP -----------
+
+
+def _record(name: str, **data: Any) -> None:
+    """Print a measurement (pytest -s shows it) and keep it in the run's
+    ``out/connections.json``."""
+    print(f"\n{name}: {json.dumps(data)}", flush=True)
+    path = OUT / "connections.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        doc = {}
+    doc[name] = data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def _check_limit(where: str, value: int | str) -> None:
+    """gntalloc's limit is the default where it can be read (else it is recorded)."""
+    if isinstance(value, str):
+        _record(f"gntalloc limit in {where}", path=str(GNTALLOC_LIMIT), value=value)
+        return
+    assert value == DEFAULT_GNTALLOC_LIMIT, f"{where}: gntalloc limit {value}"
+
+
+def _check_many(many: dict[str, Any], served: dict[str, Any]) -> None:
+    """All connected, all echoes intact, all closed; one session carried them."""
+    assert many["opened"] == many["echoed"] == many["closed"] == MANY, many
+    assert many["wrong"] == 0 and many["errors"] == 0, many
+    assert many["sessions"] == 1 and many["dedicated"] == 0, many
+    assert served["connections"] == MANY and served["errors"] == 0, served
+    assert served["peak"] == MANY, served              # all open at once at the server
+    assert served["received"] == sum(len(stream_message(i, 1)) for i in range(MANY))
+    assert served["rings"] == 1, served
+    assert 0 < served["grants"] <= DEFAULT_GNTALLOC_LIMIT, served
+
+
+@pytest.mark.timeout(900)
+def test_a_thousand_concurrent_connections_dom0_to_a_domu(domus: tuple[Domu, Domu]) -> None:
+    a, _ = domus
+    port = next(_ports)
+    dom0_limit = gntalloc_limit()
+    server = a.spawn("--deadline", 600, "echo-server", port, "--peers", 0,
+                     "--connections", MANY, "--summary")
+    try:
+        domu_limit = server.wait_for("listening")["gntalloc_limit"]
+        started = time.monotonic()
+        with local("--deadline", 600, "many-client", a.domid, port,
+                   "--connections", MANY) as client:
+            done = client.wait(660)
+        served = server.wait(120).last
+        took = time.monotonic() - started
+    finally:
+        server.kill()
+    many = done.last
+    _record("dom0 -> domU, 1,000 concurrent connections", client=many, server=served,
+            gntalloc_limit={"dom0": dom0_limit, "domU": domu_limit}, seconds=round(took, 1))
+    assert done.rc == 0, done.out
+    _check_many(many, served)
+    _check_limit("dom0", dom0_limit)
+    _check_limit("the server's domU", served["gntalloc_limit"])
+
+
+@pytest.mark.timeout(900)
+def test_a_thousand_concurrent_connections_domu_to_domu(domus: tuple[Domu, Domu]) -> None:
+    a, b = domus
+    port = next(_ports)
+    server = b.spawn("--deadline", 600, "echo-server", port, "--peers", a.domid,
+                     "--connections", MANY, "--summary")
+    try:
+        server.wait_for("listening")
+        started = time.monotonic()
+        done = a.spawn("--deadline", 600, "many-client", b.domid, port,
+                       "--connections", MANY).wait(660)
+        served = server.wait(120).last
+        took = time.monotonic() - started
+    finally:
+        server.kill()
+    many = done.last
+    _record("domU -> domU, 1,000 concurrent connections", client=many, server=served,
+            gntalloc_limit={"dom0": gntalloc_limit(), "client domU": many["gntalloc_limit"],
+                            "server domU": served["gntalloc_limit"]},
+            seconds=round(took, 1))
+    assert done.rc == 0, done.out
+    _check_many(many, served)
+    _check_limit("dom0", gntalloc_limit())
+    _check_limit("the client's domU", many["gntalloc_limit"])
+    _check_limit("the server's domU", served["gntalloc_limit"])
+
+
+@pytest.mark.timeout(900)
+def test_connection_setup_rate_vchan_and_tcp_dom0_to_a_domu(domus: tuple[Domu, Domu]) -> None:
+    """Sequential connect + one byte echoed + close, the same asyncio server
+    (``bench-server``) over vchan and over TCP on xenbr0.  Timing under TCG
+    means little as an absolute: recorded, not asserted."""
+    a, _ = domus
+    port = next(_ports)
+    tcp = f"10.99.0.{10 + a.domid}:5002"
+    servers = [a.spawn("--deadline", 900, "bench-server", "vchan", port, "--peers", 0),
+               a.spawn("--deadline", 900, "bench-server", "tcp", 5002)]
+    variants: list[tuple[str, list[str | int]]] = [
+        ("vchan", ["--count", SETUP_COUNT]),
+        ("tcp", ["--count", SETUP_COUNT, "--tcp", tcp]),
+        ("vchan-dedicated", ["--count", SETUP_COUNT_DEDICATED, "--dedicated"]),
+    ]
+    runs: dict[str, dict[str, Any]] = {}
+    try:
+        for server in servers:
+            server.wait_for("listening")
+        for kind, extra in variants:
+            with local("--deadline", 600, "setup-client", a.domid, port, *extra) as client:
+                done = client.wait(660)
+            assert done.rc == 0, done.out
+            runs[kind] = done.last
+    finally:
+        for server in servers:
+            server.kill()
+    _record("dom0 -> domU, connection set-up (connect + 1 byte echoed + close)", **runs)
+    assert runs["vchan"]["count"] == runs["tcp"]["count"] == SETUP_COUNT
+    assert runs["vchan-dedicated"]["count"] == SETUP_COUNT_DEDICATED
+    assert runs["vchan"]["kind"] == "vchan" and runs["tcp"]["kind"] == "tcp"
 
 
 # -- grants ---------------------------------------------------------------------------------
