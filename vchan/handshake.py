@@ -28,6 +28,7 @@ described in :mod:`vchan.listener`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import random
 import time
@@ -257,14 +258,10 @@ def client_cleanup(*, own: int, server: int, port: str, nonce: str) -> Meeting:
     (A client that reaches many ports must not fill its domain's node quota.)
     """
     reqdir = request_dir(own, server, port)
-    try:
+    with contextlib.suppress(OSError):
         yield Rm(f"{reqdir}/{nonce}")
-    except OSError:
-        pass
-    try:
+    with contextlib.suppress(OSError):
         yield from remove_if_empty(reqdir)
-    except OSError:
-        pass
 
 
 # -- drivers -----------------------------------------------------------------------------

@@ -56,18 +56,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import random
 import re
 import secrets
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from . import handshake
 from .devices import EventChannel
 from .endpoint import Endpoint, check_ring_size
 from .errors import NoSuchDomainError, VchanError
-from .xenstore import Perm, XenStore
+from .handshake import request_dir, run_async, vchan_path
+from .xenstore import XenStore
 
 __all__ = [
     "Port",
@@ -126,16 +126,6 @@ def check_domid(domid: Any, what: str = "domid") -> int:
     return domid
 
 
-def vchan_path(server: int, client: int, port: str) -> str:
-    """Where a server in ``server`` meets clients of domain ``client``."""
-    return f"/local/domain/{server}/data/vchan/{client}/{port}"
-
-
-def request_dir(client: int, server: int, port: str) -> str:
-    """Where a client in ``client`` asks ``server`` for a listener connection."""
-    return f"/local/domain/{client}/data/vchan-req/{server}/{port}"
-
-
 def domain_exists(evtchn: EventChannel, domid: int) -> bool:
     """Whether domain ``domid`` exists (the hypervisor's own answer).
 
@@ -160,63 +150,29 @@ def domain_exists(evtchn: EventChannel, domid: int) -> bool:
 
 # XenStore allows each domain only a few transactions at once (10 by
 # default), shared by all its programs: never hold more than a few per
-# connection, and wait a little when the domain's quota is exhausted.
+# connection.
 _TX_PER_CONNECTION = 4
 _tx_slots: weakref.WeakKeyDictionary[XenStore, asyncio.Semaphore] = weakref.WeakKeyDictionary()
 
 
-async def transact(xs: XenStore, fn: Callable[[Any], Awaitable[None]]) -> None:
-    """Run ``fn(tx)`` in a transaction, retried on conflicts and quota.
-
-    Many rings published at once into one directory conflict with each other
-    (each changes the directory's child list); jittered back-off sorts them
-    out.
-    """
+def tx_slots(xs: XenStore) -> asyncio.Semaphore:
+    """The transactions one asyncio XenStore connection may hold at once."""
     slots = _tx_slots.get(xs)
     if slots is None:
         slots = _tx_slots[xs] = asyncio.Semaphore(_TX_PER_CONNECTION)
-    async with slots:
-        for attempt in range(200):
-            try:
-                await xs.transact(fn, retries=0)
-                return
-            except OSError as exc:
-                retry = exc.errno in (errno.EAGAIN, errno.ENOSPC, errno.EDQUOT)
-                if not retry or attempt == 199:
-                    raise
-            await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * (attempt + 1))))
+    return slots
 
 
 async def publish(xs: XenStore, path: str, ring_ref: int, evtchn_port: int, own: int,
                   peer: int, *, session: bool = False) -> None:
-    """Write ring-ref and event-channel in one transaction (libxenvchan's way).
-
-    ``session``: also say that the ring carries a session (vchan.mux).
-    """
-    perms = [Perm(own, "n"), Perm(peer, "r")]
-
-    async def write(tx: Any) -> None:
-        if session:
-            await tx.write(f"{path}/session", "1")
-            await tx.set_perms(f"{path}/session", perms)
-        await tx.write(f"{path}/ring-ref", str(ring_ref))
-        await tx.set_perms(f"{path}/ring-ref", perms)
-        await tx.write(f"{path}/event-channel", str(evtchn_port))
-        await tx.set_perms(f"{path}/event-channel", perms)
-
-    await transact(xs, write)
+    """Write ring-ref and event-channel in one transaction (libxenvchan's way)."""
+    await run_async(handshake.publish(path, ring_ref, evtchn_port, own, peer, session=session),
+                    xs, tx_slots=tx_slots(xs))
 
 
-async def read_ring(xs: XenStore, path: str) -> tuple[int, int] | None:
-    """ring-ref and event-channel at ``path``, or None if not (both) there."""
-    try:
-        ref = int(await xs.read(f"{path}/ring-ref"))
-        port = int(await xs.read(f"{path}/event-channel"))
-    except (FileNotFoundError, PermissionError, ValueError):
-        return None
-    if ref <= 0 or port <= 0:       # libxenvchan treats 0 as "not there"
-        return None
-    return ref, port
+async def remove_if_empty(xs: XenStore, path: str) -> None:
+    """Remove directory ``path`` if it has no children, atomically."""
+    await run_async(handshake.remove_if_empty(path), xs, tx_slots=tx_slots(xs))
 
 
 class WatchRegistry:
@@ -298,49 +254,24 @@ async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChan
     answer a request, up to ``timeout`` seconds.  ``mode`` is ``"raw"``,
     ``"listener"`` (a ring for this one connection) or ``"session"`` (asked
     for with ``session=True`` and granted: a ring that carries many
-    connections, see :mod:`vchan.mux`).
+    connections, see :mod:`vchan.mux`).  The meeting itself is
+    :func:`vchan.handshake.client_rendezvous`, driven here by asyncio.
     """
     check_ring_size(read_min, "read_min")
     check_ring_size(write_min, "write_min")
     if not domain_exists(evtchn, server):
         raise NoSuchDomainError(f"vchan server domain {server} does not exist")
     base = vchan_path(server, own, port)
-    reqdir = request_dir(own, server, port)
     nonce = secrets.token_hex(8)
-    request = f"{reqdir}/{nonce}"
     connect = make_endpoint or (lambda ref, p: Endpoint.connect(server, ref, p, evtchn=evtchn))
 
     async def wait() -> tuple[Endpoint, str]:
-        async with _pending_slots(xs, (server, port)):
-            return await wait_for_server()
-
-    async def wait_for_server() -> tuple[Endpoint, str]:
-        requested = False
-        async with watches.watching(base) as changed:
-            while True:
-                await changed.wait()
-                changed.clear()
-                raw = await read_ring(xs, base)
-                if raw is not None:
-                    return connect(*raw), "raw"
-                if not requested:
-                    await _write_request(xs, reqdir, request, own=own, server=server,
-                                         sizes=f"{read_min} {write_min}"
-                                         + (" session" if session else ""))
-                    requested = True
-                answer = await read_ring(xs, f"{base}/{nonce}")
-                if answer is not None:
-                    mode = "listener"
-                    if session:
-                        with contextlib.suppress(FileNotFoundError, PermissionError):
-                            if await xs.read(f"{base}/{nonce}/session") == b"1":
-                                mode = "session"
-                    return connect(*answer), mode
-                with contextlib.suppress(FileNotFoundError, PermissionError):
-                    error = (await xs.read(f"{base}/{nonce}/error")).decode(errors="replace")
-                    raise ConnectionRefusedError(
-                        errno.ECONNREFUSED, f"vchan server {server} port {port} refused the "
-                        f"connection: {error}")
+        async with _pending_slots(xs, (server, port)), watches.watching(base) as changed:
+            answer = await run_async(handshake.client_rendezvous(
+                own=own, server=server, port=port, nonce=nonce, read_min=read_min,
+                write_min=write_min, session=session), xs, changed=changed,
+                tx_slots=tx_slots(xs))
+            return connect(answer.ring_ref, answer.port), answer.mode
 
     async def liveness() -> None:
         while True:
@@ -370,59 +301,9 @@ async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChan
         if not handed_over and waiter.done() and not waiter.cancelled() \
                 and waiter.exception() is None:
             waiter.result()[0].close()      # connected just as we gave up
-        # Connected or not, the request has served its purpose; so has the
-        # port's request directory once no other request is in it (a client
-        # that reaches many ports must not fill its domain's node quota).
-        with contextlib.suppress(OSError):
-            await xs.rm(request)
-        with contextlib.suppress(OSError):
-            await remove_if_empty(xs, reqdir)
-
-
-async def remove_if_empty(xs: XenStore, path: str) -> None:
-    """Remove directory ``path`` if it has no children, atomically."""
-    async def tidy(tx: Any) -> None:
-        try:
-            if await tx.directory(path):
-                return          # another process's request: it tidies up later
-        except FileNotFoundError:
-            return
-        await tx.rm(path)
-
-    await transact(xs, tidy)
-
-
-async def _write_request(xs: XenStore, reqdir: str, request: str, *, own: int, server: int,
-                         sizes: str) -> None:
-    # No transaction needed: the directory is made readable by the server
-    # before any request is written into it (requests inherit that), and
-    # concurrent clients making the same directory agree on everything.  A
-    # client of this domain that finished may remove the directory while it
-    # is empty (remove_if_empty, atomically): then we start again, and once
-    # our request is in, it stays.
-    perms = [Perm(own, "n"), Perm(server, "r")]
-    for attempt in range(1000):
-        try:
-            await xs.mkdir(reqdir)
-            await xs.set_perms(reqdir, perms)
-            await xs.write(request, sizes)
-            # Removed between set_perms and write, the directory was made
-            # anew by the write with its parent's permissions, and our
-            # request inherited them: the server would not see us.  Put ours
-            # back, request first (the server's watch fires again).
-            if await xs.get_perms(reqdir) != perms:
-                await xs.set_perms(request, perms)
-                await xs.set_perms(reqdir, perms)
-            return
-        except FileNotFoundError:
-            continue            # removed under us: again
-        except OSError as exc:
-            # The directory is full of other processes' requests (node-size
-            # quota), or the domain of nodes: wait for some to go.
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or attempt == 999:
-                raise
-        await asyncio.sleep(min(0.1, 0.005 * (attempt + 1)))
-    raise OSError(errno.EAGAIN, f"could not write the vchan request {request}")
+        # Connected or not, the request has served its purpose.
+        await run_async(handshake.client_cleanup(own=own, server=server, port=port,
+                                                 nonce=nonce), xs, tx_slots=tx_slots(xs))
 
 
 def parse_request(value: bytes) -> tuple[int, int, bool]:

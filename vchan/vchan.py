@@ -10,50 +10,22 @@ while we write is :class:`BrokenPipeError`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import secrets
 import select
-import threading
 import time
 import warnings
-from collections.abc import Awaitable, Callable
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
+from . import handshake
 from .devices import EventChannel
 from .endpoint import DEFAULT_RING_SIZE, Endpoint, check_ring_size
-from .errors import LocalProtocolError
+from .errors import LocalProtocolError, NoSuchDomainError
+from .handshake import run_sync
 from .ring import LIVE_CONNECTED, LIVE_WAITING, NOTIFY_CLOSED, NOTIFY_HELLO
+from .xenstore import XenStoreSync
 
 __all__ = ["Vchan", "own_domid"]
-
-T = TypeVar("T")
-
-
-def _run(make: Callable[[], Awaitable[T]]) -> T:
-    """Run a XenStore conversation to completion from synchronous code."""
-    async def main() -> T:
-        return await make()
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(main())
-    # Called from inside an event loop: use a private one on a thread.
-    box: dict[str, Any] = {}
-
-    def worker() -> None:
-        try:
-            box["value"] = asyncio.run(main())
-        except BaseException as exc:
-            box["error"] = exc
-
-    t = threading.Thread(target=worker, name="vchan-setup")
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
-
 
 def own_domid() -> int:
     """This process's domain id."""
@@ -62,17 +34,10 @@ def own_domid() -> int:
     backend = get_backend()
     if backend.domid is not None:
         return backend.domid
+    from .xenstore import XenStoreSync
 
-    async def read() -> int:
-        from .xenstore import XenStore
-
-        xs = await XenStore.open()
-        try:
-            return int(await xs.read("domid"))
-        finally:
-            await xs.close()
-
-    return _run(read)
+    with XenStoreSync() as xs:
+        return int(xs.read("domid"))
 
 
 class Vchan:
@@ -97,7 +62,8 @@ class Vchan:
         Like ``libxenvchan_server_init``: the client connects later;
         :meth:`wait_connected` waits for it.
         """
-        from .listener import check_domid, check_port, publish, vchan_path
+        from .handshake import vchan_path
+        from .listener import check_domid, check_port
 
         check_domid(domid)
         port_s = check_port(port)
@@ -106,18 +72,9 @@ class Vchan:
         own = own_domid()
         endpoint = Endpoint.serve(domid, read_min=read_min, write_min=write_min)
         path = vchan_path(own, domid, port_s)
-
-        async def publish_it() -> None:
-            from .xenstore import XenStore
-
-            xs = await XenStore.open()
-            try:
-                await publish(xs, path, endpoint.ring_ref, endpoint.port, own, domid)
-            finally:
-                await xs.close()
-
         try:
-            _run(publish_it)
+            with XenStoreSync() as xs:
+                run_sync(handshake.publish(path, endpoint.ring_ref, endpoint.port, own, domid), xs)
         except BaseException:
             endpoint.close()
             raise
@@ -126,30 +83,58 @@ class Vchan:
     @classmethod
     def client(cls, domid: int, port: int | str, *, timeout: float | None = None,
                blocking: bool = True, read_min: int = 0, write_min: int = 0) -> Vchan:
-        """Connect to vchan ``port`` of domain ``domid`` (raw or listener server)."""
-        from .listener import WatchRegistry, check_domid, check_port, client_connect
+        """Connect to vchan ``port`` of domain ``domid`` (raw or listener server).
+
+        Blocks up to ``timeout`` seconds (None: as long as the server's
+        domain exists) for the server, on a XenStore watch; a listener
+        server gives this connection a ring of its own.  Raises as
+        :func:`vchan.create_connection` does.
+        """
+        from .handshake import client_cleanup, client_rendezvous, vchan_path
+        from .listener import check_domid, check_port, domain_exists
 
         check_domid(domid)
         port_s = check_port(port)
+        check_ring_size(read_min, "read_min")
+        check_ring_size(write_min, "write_min")
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
         own = own_domid()
         evtchn = EventChannel()
-
-        async def connect() -> Endpoint:
-            from .xenstore import XenStore
-
-            xs = await XenStore.open()
-            try:
-                endpoint, _ = await client_connect(
-                    xs, WatchRegistry(xs), evtchn, own=own, server=domid, port=port_s,
-                    read_min=read_min, write_min=write_min, timeout=timeout,
-                    make_endpoint=lambda ref, p: Endpoint.connect(domid, ref, p, evtchn=evtchn))
-                endpoint.owns_evtchn = True
-                return endpoint
-            finally:
-                await xs.close()
-
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            endpoint = _run(connect)
+            if not domain_exists(evtchn, domid):
+                raise NoSuchDomainError(f"vchan server domain {domid} does not exist")
+            nonce = secrets.token_hex(8)
+            with XenStoreSync() as xs:
+                watch = xs.watch(vchan_path(domid, own, port_s))
+
+                def wait() -> None:
+                    # Until the watch fires; once a second, is the domain still there?
+                    while True:
+                        left = None if deadline is None else deadline - time.monotonic()
+                        if left is not None and left <= 0:
+                            raise TimeoutError(f"no vchan server at domain {domid} port "
+                                               f"{port} within {timeout} s")
+                        try:
+                            watch.wait(1.0 if left is None else min(1.0, left))
+                            return
+                        except TimeoutError:
+                            if not domain_exists(evtchn, domid):
+                                raise NoSuchDomainError(
+                                    f"vchan server domain {domid} went away while we "
+                                    "waited for it") from None
+
+                try:
+                    answer = run_sync(client_rendezvous(
+                        own=own, server=domid, port=port_s, nonce=nonce, read_min=read_min,
+                        write_min=write_min, session=False), xs, wait=wait)
+                finally:
+                    watch.close()
+                    run_sync(client_cleanup(own=own, server=domid, port=port_s, nonce=nonce),
+                             xs)
+            endpoint = Endpoint.connect(domid, answer.ring_ref, answer.port, evtchn=evtchn)
+            endpoint.owns_evtchn = True
         except BaseException:
             evtchn.close()
             raise
@@ -307,19 +292,8 @@ class Vchan:
         self._closed = True
         self._ep.close()
         if self._xs_path is not None:
-            path = self._xs_path
-
-            async def remove() -> None:
-                from .xenstore import XenStore
-
-                xs = await XenStore.open()
-                try:
-                    await xs.rm(path)
-                finally:
-                    await xs.close()
-
-            with contextlib.suppress(OSError):
-                _run(remove)
+            with contextlib.suppress(OSError), XenStoreSync() as xs:
+                xs.rm(self._xs_path)
 
     def __enter__(self) -> Self:
         return self
@@ -330,7 +304,10 @@ class Vchan:
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=2)
-            self.close()
+            # No XenStore from a finalizer: the ring goes, a server's path
+            # stays (a raw server's next publish there replaces it).
+            self._closed = True
+            self._ep.close()
 
     def __repr__(self) -> str:
         role = "server" if self._ep.is_server else "client"
