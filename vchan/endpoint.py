@@ -239,7 +239,10 @@ class Endpoint:
         self.closed = True
         ring = getattr(self, "ring", None)
         try:
-            if ring is not None:
+            # From a finalizer the pages may be unmapped already (the garbage
+            # collector finalizes a cycle in any order): then the ring is
+            # gone, and the unmap told the peer.
+            if ring is not None and not any(p.closed for p in self.pages):
                 ring.close()
                 with contextlib.suppress(OSError):
                     self.notify()
@@ -247,6 +250,8 @@ class Endpoint:
             for pages in reversed(self.pages):
                 pages.close()
             self.pages = []
+            if ring is not None:
+                ring.release()
             if self.owns_evtchn:
                 self.evtchn.close()
             elif not self.evtchn.closed:

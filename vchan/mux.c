@@ -61,6 +61,14 @@ int vchan_mux_write(struct vchan_ring *r, uint8_t type, uint8_t flags, uint32_t 
                     uint32_t arg, const void *data, uint32_t len, uint32_t min_payload,
                     uint32_t max_payload, int *notify)
 {
+    return vchan_mux_write_ex(r, type, flags, stream, arg, data, len, min_payload,
+                              max_payload, 0, notify);
+}
+
+int vchan_mux_write_ex(struct vchan_ring *r, uint8_t type, uint8_t flags, uint32_t stream,
+                       uint32_t arg, const void *data, uint32_t len, uint32_t min_payload,
+                       uint32_t max_payload, int quiet, int *notify)
+{
     uint8_t *a, *b, hdr[VCHAN_MUX_HEADER];
     uint32_t alen, blen, room, n, need;
     int space;
@@ -78,6 +86,12 @@ int vchan_mux_write(struct vchan_ring *r, uint8_t type, uint8_t flags, uint32_t 
         n = len;
     if (n > max_payload)
         n = max_payload;
+    /* End a frame that would wrap at the end of the ring instead, when the
+     * piece left there is worth a frame: its payload then lies in one piece
+     * and the reader copies it once. */
+    if (alen > VCHAN_MUX_HEADER && VCHAN_MUX_HEADER + n > alen &&
+        alen - VCHAN_MUX_HEADER >= need)
+        n = alen - VCHAN_MUX_HEADER;
     memset(hdr, 0, sizeof hdr);
     hdr[0] = type;
     hdr[1] = flags;
@@ -88,10 +102,30 @@ int vchan_mux_write(struct vchan_ring *r, uint8_t type, uint8_t flags, uint32_t 
     if (n)
         scatter(a, alen, b, VCHAN_MUX_HEADER, data, n);
     /* write the frame /then/ publish it: commit's fence orders the two */
-    space = vchan_ring_commit(r, VCHAN_MUX_HEADER + n, notify);
+    space = quiet ? vchan_ring_commit_quiet(r, VCHAN_MUX_HEADER + n)
+                  : vchan_ring_commit(r, VCHAN_MUX_HEADER + n, notify);
     if (space < 0)
         return space;
     return (int)n;
+}
+
+int vchan_mux_write_data(struct vchan_ring *r, uint32_t stream, const void *data, uint32_t len,
+                         uint32_t min_payload, uint32_t max_payload, int *notify)
+{
+    const uint8_t *src = data;
+    uint32_t done = 0;
+    int n;
+
+    while (done < len) {
+        n = vchan_mux_write(r, VCHAN_MUX_DATA, 0, stream, 0, src + done, len - done,
+                            min_payload, max_payload, notify);
+        if (n == VCHAN_MUX_FULL)
+            break;
+        if (n < 0)
+            return n;
+        done += (uint32_t)n;
+    }
+    return done ? (int)done : VCHAN_MUX_FULL;
 }
 
 int vchan_mux_peek(struct vchan_ring *r, struct vchan_mux_frame *f, uint32_t max_payload,

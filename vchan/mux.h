@@ -30,6 +30,7 @@
 #include "ring.h"
 
 #define VCHAN_MUX_HEADER        16
+#define VCHAN_MUX_DATA          3       /* the frame type vchan_mux_write_data writes */
 #define VCHAN_MUX_FULL          (-40)   /* not enough free space for the frame */
 #define VCHAN_MUX_EFRAME        (-41)   /* the peer wrote an impossible frame */
 
@@ -50,6 +51,20 @@ struct vchan_mux_frame {
 int vchan_mux_write(struct vchan_ring *r, uint8_t type, uint8_t flags, uint32_t stream,
                     uint32_t arg, const void *data, uint32_t len, uint32_t min_payload,
                     uint32_t max_payload, int *notify);
+
+/* vchan_mux_write; with quiet set, the frame is published without waking
+ * the peer (see vchan_ring_commit_quiet). */
+int vchan_mux_write_ex(struct vchan_ring *r, uint8_t type, uint8_t flags, uint32_t stream,
+                       uint32_t arg, const void *data, uint32_t len, uint32_t min_payload,
+                       uint32_t max_payload, int quiet, int *notify);
+
+/* Write up to len bytes of data as DATA frames of at most max_payload
+ * bytes each, while they fit (a piece no smaller than min(rest,
+ * min_payload)); the peer is told once, at the end, if it asked.  Returns
+ * the bytes written (> 0), VCHAN_MUX_FULL when not even the first frame
+ * fits (the "tell me on read" request is armed), or a ring error. */
+int vchan_mux_write_data(struct vchan_ring *r, uint32_t stream, const void *data, uint32_t len,
+                         uint32_t min_payload, uint32_t max_payload, int *notify);
 
 /* Look at the next frame without consuming it.
  *

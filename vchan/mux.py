@@ -39,6 +39,14 @@ Frames (vchan/mux.h: 16-byte header, type, stream id, payload length, arg):
             OPEN down: stopped serving, or its stream limit), payload = why.
     GOAWAY  stream 0: the server stops accepting streams on this session
             (its Server was closed); streams already open go on.
+    BLOCKED the sender has data for the stream and no credit left.
+
+Wake-ups.  WINDOW frames are written *quietly* (published without waking the
+peer, vchan_ring_commit_quiet) unless the peer said BLOCKED: a sender with
+credit left finds them when it next looks, and a bulk transfer is spared a
+wake-up of the sender per update.  A BLOCKED frame wakes its receiver, which
+answers with a wake-up at once (a quiet WINDOW may be sitting unseen in the
+sender's ring) and makes its next WINDOW for that stream loud.
 
 Each side's frames go in its own write ring, written whole (header and
 payload in one commit), so the ring's own rules (indexes validated, notify
@@ -77,18 +85,19 @@ __all__ = ["Session", "StreamTransport"]
 
 log = logging.getLogger("vchan")
 
-HELLO, OPEN, DATA, WINDOW, EOF, CLOSE, RESET, GOAWAY = range(1, 9)
+HELLO, OPEN, DATA, WINDOW, EOF, CLOSE, RESET, GOAWAY, BLOCKED = range(1, 10)
 _NAMES = {HELLO: "HELLO", OPEN: "OPEN", DATA: "DATA", WINDOW: "WINDOW", EOF: "EOF",
-          CLOSE: "CLOSE", RESET: "RESET", GOAWAY: "GOAWAY"}
+          CLOSE: "CLOSE", RESET: "RESET", GOAWAY: "GOAWAY", BLOCKED: "BLOCKED"}
 RESET_REFUSED = 1
 
 VERSION = 1
 HEADER: int = lib.VCHAN_MUX_HEADER
-MAX_FRAME = 256 * 1024          # payload bytes per DATA frame
+MAX_FRAME = 1 << 20             # payload bytes per DATA frame (cut to the ring)
 MAX_CONTROL = 1024              # payload bytes of any other frame
-DEFAULT_WINDOW = 1 << 20        # per stream, each way: one full ring of credit
+DEFAULT_WINDOW = 4 << 20        # per stream, each way: four full rings of credit
 MAX_STREAMS = 65536             # streams a session accepts at once, by default
 READ_BUDGET = 1 << 20           # bytes read per look before yielding to the loop
+QUANTUM = 1 << 20               # bytes a stream writes in its turn before the next one
 MIN_CHUNK = 4096                # smallest piece of a larger write worth a frame
 _MAX_CREDIT = (1 << 31) - 1
 _HELLO_BODY = struct.Struct("<II")
@@ -150,7 +159,8 @@ class Session:
         self.streams: dict[int, StreamTransport] = {}
         self._next_id = 1               # client: the next stream id it opens
         self._last_opened = 0           # server: the highest id opened so far
-        self._ctl: deque[tuple[int, int, int, int, bytes]] = deque()
+        self._ctl: deque[tuple[int, int, int, int, bytes, bool]] = deque()
+        self._force_notify = False      # wake the peer even if it did not ask
         self._ready: deque[StreamTransport] = deque()
         self.draining = False           # no new streams (GOAWAY sent or received)
         self.closed = False
@@ -178,8 +188,11 @@ class Session:
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if not getattr(self, "closed", True):
             _warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            # Unreachable, so its event hub is too (the hub holds every
+            # registered session): only the ring is ours to let go of.
+            self.closed = True
             with contextlib.suppress(Exception):
-                self._teardown()
+                self._endpoint.close()
 
     # -- the client's side -------------------------------------------------------
 
@@ -227,8 +240,9 @@ class Session:
 
     # -- sending ------------------------------------------------------------------
 
-    def _send_control(self, kind: int, flags: int, sid: int, arg: int, payload: bytes) -> None:
-        self._ctl.append((kind, flags, sid, arg, payload[:self._max_control]))
+    def _send_control(self, kind: int, flags: int, sid: int, arg: int, payload: bytes,
+                      quiet: bool = False) -> None:
+        self._ctl.append((kind, flags, sid, arg, payload[:self._max_control], quiet))
 
     def _kick(self) -> None:
         """Write what is queued now; the peer is woken if it asked."""
@@ -245,19 +259,12 @@ class Session:
 
     def _write_direct(self, stream: StreamTransport, data: Any, n: int) -> int:
         """Write up to ``n`` bytes of ``data`` as DATA frames now; bytes written."""
-        r, notify, sid, maxp = self._r, self._notify, stream.stream_id, self._max_out
-        done = 0
-        buf = ffi.from_buffer(data)
-        while done < n:
-            k = lib.vchan_mux_write(r, DATA, 0, sid, 0, buf + done, n - done,
-                                    min(n - done, self._min_chunk), maxp, notify)
-            if k < 0:
-                if k == _FULL:
-                    break
-                raise _ring_error(k, "write")
-            done += k
+        k = lib.vchan_mux_write_data(self._r, stream.stream_id, ffi.from_buffer(data), n,
+                                     self._min_chunk, self._max_out, self._notify)
+        if k < 0 and k != _FULL:
+            raise _ring_error(k, "write")
         self._flush_notify()
-        return done
+        return max(k, 0)
 
     def _want_send(self, stream: StreamTransport) -> None:
         if not stream._queued:
@@ -267,9 +274,9 @@ class Session:
     def _flush_control(self) -> bool:
         r, notify, ctl = self._r, self._notify, self._ctl
         while ctl:
-            kind, flags, sid, arg, payload = ctl[0]
-            k = lib.vchan_mux_write(r, kind, flags, sid, arg, payload, len(payload),
-                                    len(payload), self._max_control, notify)
+            kind, flags, sid, arg, payload, quiet = ctl[0]
+            k = lib.vchan_mux_write_ex(r, kind, flags, sid, arg, payload, len(payload),
+                                       len(payload), self._max_control, quiet, notify)
             if k < 0:
                 if k == _FULL:
                     return False
@@ -280,17 +287,19 @@ class Session:
     def _flush(self) -> None:
         if self.closed or not self._flush_control():
             return
-        r, notify, ready, maxp = self._r, self._notify, self._ready, self._max_out
+        r, notify, ready = self._r, self._notify, self._ready
         while ready:
             stream = ready[0]
             buf = stream._buffer
-            n = min(len(buf), stream._credit)
+            # A turn is up to QUANTUM bytes (several frames in one call, one
+            # trim of the buffer), then the next stream's.
+            n = min(len(buf), stream._credit, QUANTUM)
             if n <= 0 or stream._closed:
                 ready.popleft()
                 stream._queued = False
                 continue
-            k = lib.vchan_mux_write(r, DATA, 0, stream.stream_id, 0, ffi.from_buffer(buf), n,
-                                    min(n, self._min_chunk), maxp, notify)
+            k = lib.vchan_mux_write_data(r, stream.stream_id, ffi.from_buffer(buf), n,
+                                         self._min_chunk, self._max_out, notify)
             if k < 0:
                 if k == _FULL:
                     return
@@ -302,13 +311,16 @@ class Session:
                 ready.append(stream)        # its turn again after the others
             else:
                 stream._queued = False
+                if buf:
+                    stream._out_of_credit()
             stream._sent()
             if self.closed or (self._ctl and not self._flush_control()):
                 return
 
     def _flush_notify(self) -> None:
-        if self._notify[0]:
+        if self._notify[0] or self._force_notify:
             self._notify[0] = 0
+            self._force_notify = False
             try:
                 self._endpoint.notify()
             except OSError as exc:
@@ -433,7 +445,7 @@ class Session:
             return
         stream = self.streams.get(sid)
         if stream is None:
-            if kind not in (WINDOW, EOF, CLOSE, RESET):
+            if kind not in (WINDOW, EOF, CLOSE, RESET, BLOCKED):
                 raise _protocol_error(f"unknown frame type {kind}")
             self._unknown_stream(sid, kind)
             return
@@ -441,8 +453,15 @@ class Session:
             if arg == 0 or stream._credit + arg > _MAX_CREDIT:
                 raise _protocol_error(f"window update of {arg} for stream {sid}")
             stream._credit += arg
+            stream._blocked_sent = False
             if stream._buffer:
                 self._want_send(stream)
+        elif kind == BLOCKED:
+            # The peer has data for this stream and no credit: the next
+            # WINDOW must wake it, and so must this look (a quiet WINDOW may
+            # be in its ring already, unseen).
+            stream._peer_blocked = True
+            self._force_notify = True
         elif kind == EOF:
             stream._peer_eof(closed=False)
         elif kind == CLOSE:
@@ -600,6 +619,8 @@ class StreamTransport(WriteFlowControl, asyncio.Transport):
         self._credit = session.peer_window if session._hello_seen else DEFAULT_WINDOW
         self._recv_credit = session.window
         self._unacked = 0               # bytes taken by the protocol, credit not yet returned
+        self._peer_blocked = False      # the peer waits for our credit (it said BLOCKED)
+        self._blocked_sent = False      # we said BLOCKED and wait for the peer's credit
         self._rbuf: deque[bytes] = deque()
         self._conn_lost = 0
         self._closing = False
@@ -759,11 +780,16 @@ class StreamTransport(WriteFlowControl, asyncio.Transport):
             self._fatal_error(exc, "Fatal error: protocol callback failed.")
 
     def _consumed(self, n: int) -> None:
-        """The protocol took ``n`` bytes: return credit once a quarter window is due."""
+        """The protocol took ``n`` bytes: return credit once half a window is due."""
         self._unacked += n
         session = self._session
-        if self._unacked >= session.window >> 2 and not self._peer_closed:
-            session._send_control(WINDOW, 0, self.stream_id, 0 + self._unacked, b"")
+        if self._unacked >= session.window >> 1 and not self._peer_closed:
+            # Quiet unless the peer said it is blocked: a sender that still
+            # has credit picks the update up when it next looks, and a busy
+            # pair of processes is spared a wake-up per update.
+            session._send_control(WINDOW, 0, self.stream_id, self._unacked, b"",
+                                  quiet=not self._peer_blocked)
+            self._peer_blocked = False
             self._recv_credit += self._unacked
             self._unacked = 0
 
@@ -844,6 +870,9 @@ class StreamTransport(WriteFlowControl, asyncio.Transport):
         self._buffer.extend(data)
         if self._credit > 0:
             session._want_send(self)
+        else:
+            self._out_of_credit()
+            session._kick()
         self._maybe_pause_protocol()
 
     def writelines(self, list_of_data: Any) -> None:
@@ -863,6 +892,12 @@ class StreamTransport(WriteFlowControl, asyncio.Transport):
         self._eof_sent = True
         self._session._send_control(EOF, 0, self.stream_id, 0, b"")
         self._session._kick()
+
+    def _out_of_credit(self) -> None:
+        """Data waits and the credit is spent: tell the peer (once per wait)."""
+        if not self._blocked_sent and not self._conn_lost:
+            self._blocked_sent = True
+            self._session._send_control(BLOCKED, 0, self.stream_id, 0, b"")
 
     def _sent(self) -> None:
         """Some of our buffer went into the ring."""
@@ -945,10 +980,11 @@ class StreamTransport(WriteFlowControl, asyncio.Transport):
 def _unpack(a: Any, alen: int, b: Any, blen: int, skip: int) -> bytes:
     """A payload's bytes from its two pieces of the ring, after the first ``skip``."""
     if skip < alen:
-        data: bytes = ffi.unpack(ffi.cast("char *", a) + skip, alen - skip)
-        if blen:
-            data += ffi.unpack(ffi.cast("char *", b), blen)
-        return data
+        if not blen:
+            return ffi.unpack(ffi.cast("char *", a) + skip, alen - skip)  # type: ignore[no-any-return]
+        # Wrapped: one copy of each piece into the result.
+        return b"".join((ffi.buffer(ffi.cast("char *", a) + skip, alen - skip),
+                         ffi.buffer(b, blen)))
     return ffi.unpack(ffi.cast("char *", b) + (skip - alen), blen - (skip - alen))  # type: ignore[no-any-return]
 
 

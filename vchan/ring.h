@@ -196,6 +196,9 @@ int vchan_ring_peek_min(struct vchan_ring *r, size_t want, const uint8_t **a, ui
 int vchan_ring_reserve(struct vchan_ring *r, uint8_t **a, uint32_t *alen,
                        uint8_t **b, uint32_t *blen);
 int vchan_ring_commit(struct vchan_ring *r, uint32_t n, int *notify);
+/* vchan_ring_commit without waking the peer, even if it asked: for data
+ * the peer needs only when something else wakes it. */
+int vchan_ring_commit_quiet(struct vchan_ring *r, uint32_t n);
 /* vchan_ring_reserve, arming the wake-up only when less than want bytes
  * are free (a writer that needs room for a whole frame). */
 int vchan_ring_reserve_min(struct vchan_ring *r, size_t want, uint8_t **a, uint32_t *alen,

@@ -18,6 +18,7 @@ server and client do::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -366,6 +367,21 @@ class Ring:
         """Mark this side closed (live byte 0); the caller then notifies."""
         lib.vchan_ring_close(self._r)
         self._notify[0] = 1
+
+    def release(self) -> None:
+        """Let go of the ring's memory (once it is unmapped: never use the ring again).
+
+        The C views go first, then the buffers they view, in that order: left
+        to the garbage collector, a cycle could free them the other way round.
+        """
+        buffers, self._buffers = self._buffers, ()
+        for b in buffers:
+            if isinstance(b, ffi.CData) and b != ffi.NULL:
+                ffi.release(b)
+        for b in buffers:
+            if isinstance(b, memoryview):
+                with contextlib.suppress(BufferError):
+                    b.release()
 
     def __repr__(self) -> str:
         role = "server" if self.is_server else "client"

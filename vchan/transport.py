@@ -333,10 +333,12 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if not getattr(self, "_closed", True):
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
-            # Late (at exit the loop's event channel may be gone already):
-            # release what can be released, quietly.
+            # Unreachable, so its event hub is too (the hub holds every
+            # registered transport), and may be finalized already: only the
+            # ring is ours to let go of.
+            self._closed = True
             with contextlib.suppress(Exception):
-                self._teardown()
+                self._endpoint.close()
 
     # -- protocol -------------------------------------------------------------
 

@@ -46,8 +46,10 @@ def gntalloc_limit() -> int | str:
     """This domain's gntalloc limit, or why it cannot be read."""
     try:
         return int(GNTALLOC_LIMIT.read_text().strip())
-    except (OSError, ValueError) as exc:
-        return f"unreadable: {type(exc).__name__}: {exc}"
+    except OSError as exc:
+        return f"unreadable: {type(exc).__name__}: {exc.strerror}"
+    except ValueError as exc:
+        return f"unreadable: {exc}"
 
 
 def _ms(seconds: float) -> float:
@@ -231,11 +233,17 @@ async def many_client(args: argparse.Namespace) -> int:
     def failed(exc: BaseException) -> None:
         errors.append(f"{type(exc).__name__}: {exc}"[:200])
 
+    first: list[float] = []
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        pair = await vchan.open_connection(args.domid, _port(args.port), timeout=args.deadline)
+        if not first:
+            first.append(time.monotonic())
+        return pair
+
     started = time.monotonic()
     async with asyncio.timeout(args.deadline):
-        opened = await asyncio.gather(
-            *(vchan.open_connection(args.domid, _port(args.port), timeout=args.deadline)
-              for _ in range(n)), return_exceptions=True)
+        opened = await asyncio.gather(*(connect() for _ in range(n)), return_exceptions=True)
         t_open = time.monotonic()
         pairs: list[tuple[int, asyncio.StreamReader, asyncio.StreamWriter]] = []
         for i, got in enumerate(opened):
@@ -283,6 +291,7 @@ async def many_client(args: argparse.Namespace) -> int:
            closed=closed, errors=len(errors), first_error=errors[0] if errors else None,
            sessions=len(sessions) - (1 if None in sessions.values() else 0),
            dedicated=dedicated, ring_sizes=sizes,
+           first_open_s=round(first[0] - started, 3) if first else None,
            open_s=round(t_open - started, 3), echo_s=round(t_echo - t_open, 3),
            close_s=round(t_close - t_echo, 3), total_s=round(t_close - started, 3),
            gntalloc_limit=gntalloc_limit())
@@ -314,37 +323,46 @@ async def setup_client(args: argparse.Namespace) -> int:
                                                timeout=args.deadline, dedicated=True)
         return await vchan.open_connection(args.domid, _port(args.port), timeout=args.deadline)
 
-    async def once() -> float:
-        t = time.perf_counter()
+    async def once() -> tuple[float, float, float]:
+        t0 = time.perf_counter()
         reader, writer = await connect()
+        t1 = time.perf_counter()
         writer.write(b"Px")                 # bench-server's echo mode, then the byte
         if await reader.readexactly(1) != b"x":
             raise AssertionError("the echoed byte differs")
+        t2 = time.perf_counter()
         writer.close()
         await writer.wait_closed()
-        return time.perf_counter() - t
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
 
     async with asyncio.timeout(args.deadline):
         first = None
         give_up = time.monotonic() + min(60.0, args.deadline / 2)
         while first is None:            # the server (or the bridge) may need a moment
             try:
-                first = await once()
+                first = sum(await once())
             except OSError as exc:
                 if time.monotonic() > give_up:
                     raise
                 report(event="retry", error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(1)
-        times = []
+        phases: list[tuple[float, float, float]] = []
         started = time.perf_counter()
         for _ in range(args.count):
-            times.append(await once())
+            phases.append(await once())
         total = time.perf_counter() - started
-    times.sort()
+    times = sorted(sum(p) for p in phases)
+
+    def spread(values: list[float]) -> list[float]:
+        """p50, p90 and max in ms."""
+        values = sorted(values)
+        return [_ms(_quantile(values, 0.5)), _ms(_quantile(values, 0.9)), _ms(values[-1])]
+
     report(result="setup", kind=kind, count=args.count, seconds=round(total, 3),
            per_s=round(args.count / total, 1), first_ms=_ms(first),
            p50_ms=_ms(_quantile(times, 0.5)), p90_ms=_ms(_quantile(times, 0.9)),
-           max_ms=_ms(times[-1]))
+           max_ms=_ms(times[-1]), connect_ms=spread([p[0] for p in phases]),
+           echo_ms=spread([p[1] for p in phases]), close_ms=spread([p[2] for p in phases]))
     return 0
 
 
@@ -456,11 +474,13 @@ async def bench_server(args: argparse.Namespace) -> int:
             while await reader.read(1 << 18):
                 pass
             writer.write(b"K")
+            await writer.drain()
         else:
+            # Echo until EOF.  No drain after it: a vchan peer that closed
+            # (rather than half-closed) is gone by then, and drain() would raise.
             while chunk := await reader.read(65536):
                 writer.write(chunk)
                 await writer.drain()
-        await writer.drain()
         writer.close()
 
     server: Any
@@ -506,6 +526,43 @@ async def bench_client(args: argparse.Namespace) -> int:
            rtt_p90_us=round(rtts[int(len(rtts) * 0.9)] * 1e6, 1))
     return 0
 
+
+
+# -- XenStore requests in flight together -------------------------------------------------
+
+
+async def xenstore_pipeline(args: argparse.Namespace) -> int:
+    """vchan's asyncio XenStore client with two requests in flight at once, ``--rounds``
+    times: READ of ``data/pp/a`` and ``data/pp/b`` (same length, values ``A`` and
+    ``B``), then DIRECTORY ``data/pp`` with READ ``data/pp/a``.  Counts wrong answers
+    and errors (in a domU the client is on ``/dev/xen/xenbus``)."""
+    from vchan.xenstore import XenStore
+
+    wrong = 0
+    errors: dict[str, int] = {}
+    samples: list[str] = []
+    async with await XenStore.open() as xs:
+        await xs.write("data/pp/a", "A")
+        await xs.write("data/pp/b", "B")
+        for _ in range(args.rounds):
+            got = await asyncio.gather(xs.read("data/pp/a"), xs.read("data/pp/b"),
+                                       return_exceptions=True)
+            listing = await asyncio.gather(xs.directory("data/pp"), xs.read("data/pp/a"),
+                                           return_exceptions=True)
+            for value, want in zip([*got, *listing], [b"A", b"B", ["a", "b"], b"A"],
+                                   strict=True):
+                if isinstance(value, BaseException):
+                    name = errno.errorcode.get(getattr(value, "errno", 0) or 0,
+                                               type(value).__name__)
+                    errors[name] = errors.get(name, 0) + 1
+                elif (sorted(value) if isinstance(value, list) else value) != want:
+                    wrong += 1
+                    if len(samples) < 3:
+                        samples.append(f"{want!r} -> {value!r}")
+        path = xs.path
+    report(result="pipeline", path=path, rounds=args.rounds, requests=args.rounds * 4,
+           wrong=wrong, errors=errors, samples=samples)
+    return 0
 
 
 # -- the C peer's helpers -------------------------------------------------------------------
@@ -590,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--length", type=int, default=16)
     p.add_argument("--write", default="", help="hex bytes to write at offset 0 once mapped")
     sub.add_parser("xenstore-check")
+    p = sub.add_parser("xenstore-pipeline")
+    p.add_argument("--rounds", type=int, default=200)
     p = sub.add_parser("unix-echo")
     p.add_argument("path")
     p = sub.add_parser("bench-server")
@@ -625,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
         return grant_map(args)
     if role == "xenstore-check":
         return xenstore_check(args)
+    if role == "xenstore-pipeline":
+        return asyncio.run(xenstore_pipeline(args))
     if role == "bench-server":
         return asyncio.run(bench_server(args))
     if role == "bench-client":

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import threading
 import time
@@ -192,37 +193,88 @@ def test_a_thousand_concurrent_connections_domu_to_domu(domus: tuple[Domu, Domu]
     _check_limit("the server's domU", served["gntalloc_limit"])
 
 
+#: The library bug the rig found (docs/xen-rig.md, "Found on real Xen"): vchan's asyncio
+#: XenStore client keeps several requests in flight on /dev/xen/xenbus, whose Linux driver
+#: may send a request with the payload of the one written after it.
+XENBUS_PIPELINING = ("vchan's asyncio XenStore client pipelines requests on /dev/xen/xenbus: "
+                     "a request can go out with the next one's payload (wrong answers, "
+                     "EINVAL; a domU's listener dies)")
+SETUP_REPEAT = 3
+SETUP_LINE = "dom0 -> domU, connection set-up (connect + 1 byte echoed + close)"
+
+
 @pytest.mark.timeout(900)
 def test_connection_setup_rate_vchan_and_tcp_dom0_to_a_domu(domus: tuple[Domu, Domu]) -> None:
     """Sequential connect + one byte echoed + close, the same asyncio server
-    (``bench-server``) over vchan and over TCP on xenbr0.  Timing under TCG
-    means little as an absolute: recorded, not asserted."""
+    (``bench-server``) over vchan and over TCP on xenbr0, alternating, three runs of
+    each.  Timing under TCG means little as an absolute: recorded, not asserted."""
     a, _ = domus
     port = next(_ports)
     tcp = f"10.99.0.{10 + a.domid}:5002"
     servers = [a.spawn("--deadline", 900, "bench-server", "vchan", port, "--peers", 0),
                a.spawn("--deadline", 900, "bench-server", "tcp", 5002)]
-    variants: list[tuple[str, list[str | int]]] = [
-        ("vchan", ["--count", SETUP_COUNT]),
-        ("tcp", ["--count", SETUP_COUNT, "--tcp", tcp]),
-        ("vchan-dedicated", ["--count", SETUP_COUNT_DEDICATED, "--dedicated"]),
-    ]
-    runs: dict[str, dict[str, Any]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {"vchan": [], "tcp": []}
     try:
         for server in servers:
             server.wait_for("listening")
-        for kind, extra in variants:
-            with local("--deadline", 600, "setup-client", a.domid, port, *extra) as client:
-                done = client.wait(660)
-            assert done.rc == 0, done.out
-            runs[kind] = done.last
+        for _ in range(SETUP_REPEAT):
+            for kind, extra in (("vchan", []), ("tcp", ["--tcp", tcp])):
+                with local("--deadline", 300, "setup-client", a.domid, port,
+                           "--count", SETUP_COUNT, *extra) as client:
+                    done = client.wait(360)
+                assert done.rc == 0, done.out
+                runs[kind].append(done.last)
     finally:
         for server in servers:
             server.kill()
-    _record("dom0 -> domU, connection set-up (connect + 1 byte echoed + close)", **runs)
-    assert runs["vchan"]["count"] == runs["tcp"]["count"] == SETUP_COUNT
-    assert runs["vchan-dedicated"]["count"] == SETUP_COUNT_DEDICATED
-    assert runs["vchan"]["kind"] == "vchan" and runs["tcp"]["kind"] == "tcp"
+        _record(SETUP_LINE, **runs, median={
+            kind: {key: statistics.median(r[key] for r in results)
+                   for key in ("per_s", "p50_ms", "p90_ms")}
+            for kind, results in runs.items() if results})
+    for kind in ("vchan", "tcp"):
+        assert [r["count"] for r in runs[kind]] == [SETUP_COUNT] * SETUP_REPEAT
+        assert all(r["kind"] == kind for r in runs[kind])
+
+
+@pytest.mark.timeout(600)
+def test_dedicated_ring_setup_rate_dom0_to_a_domu(domus: tuple[Domu, Domu]) -> None:
+    """As above with a ring of its own per connection (``dedicated=True``): a XenStore
+    rendezvous each time, as before sessions.  xfails when the domU's listener died of
+    the XenStore bug (``XENBUS_PIPELINING``)."""
+    a, _ = domus
+    port = next(_ports)
+    server = a.spawn("--deadline", 600, "bench-server", "vchan", port, "--peers", 0)
+    try:
+        server.wait_for("listening")
+        with local("--deadline", 180, "setup-client", a.domid, port,
+                   "--count", SETUP_COUNT_DEDICATED, "--dedicated") as client:
+            done = client.wait(240)
+        served = server.poll_output()
+    finally:
+        server.kill()
+    if done.rc != 0:
+        _record("dom0 -> domU, dedicated rings: connection set-up",
+                failed=done.out[-600:], server=served[-600:])
+        if "xenstore" in served and "EINVAL" in served:   # its listener task died
+            pytest.xfail(XENBUS_PIPELINING)
+    assert done.rc == 0, f"{done.out}\nserver:\n{served}"
+    _record("dom0 -> domU, dedicated rings: connection set-up", **done.last)
+    assert done.last["count"] == SETUP_COUNT_DEDICATED
+
+
+def test_pipelined_xenstore_requests_in_a_domu_and_in_dom0(domus: tuple[Domu, Domu]) -> None:
+    """Two requests in flight at once, 500 times each way: right answers over
+    xenstored's socket (dom0); over /dev/xen/xenbus (a domU) xfails when an answer
+    was wrong or a request refused (``XENBUS_PIPELINING``)."""
+    a, _ = domus
+    domu = a.run("xenstore-pipeline", "--rounds", 500, timeout=400).last
+    with local("xenstore-pipeline", "--rounds", 500) as job:
+        dom0 = job.wait(400).last
+    _record("XenStore requests two at a time", domU=domu, dom0=dom0)
+    assert dom0["path"] != "/dev/xen/xenbus" and domu["path"] == "/dev/xen/xenbus"
+    assert dom0["wrong"] == 0 and not dom0["errors"], dom0
+    if domu["wrong"] or domu["errors"]:
+        pytest.xfail(f"{XENBUS_PIPELINING}: {domu}")
 
 
 # -- grants ---------------------------------------------------------------------------------

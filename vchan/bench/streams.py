@@ -86,7 +86,7 @@ RECEIVERS = ("streams", "protocol", "buffered")
 CASES = ("bulk", "pingpong", "connections", "setup")
 DIRECTIONS = ("one", "both")
 READ_SIZE = 1 << 20                 # reader.read() size and the BufferedProtocol's buffer
-BACKLOG = 1024                      # listen backlog: many connections arrive at once
+BACKLOG = 4096                      # listen backlog (Linux's somaxconn): many arrive at once
 VCHAN_SERVER_DOMID = 1
 VCHAN_CLIENT_DOMID = 2
 
@@ -492,7 +492,8 @@ async def _connect(cmd: Json) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
         import vchan
 
         return await vchan.open_connection(address["domid"], address["port"],
-                                           timeout=cmd["timeout"])
+                                           timeout=cmd["timeout"],
+                                           dedicated=cmd.get("dedicated", False))
     if transport == "unix":
         return await asyncio.open_unix_connection(address["path"])
     reader, writer = await asyncio.open_connection(address["host"], address["port"])
@@ -536,7 +537,15 @@ async def client_connections(cmd: Json) -> Json:
             return await _connect(cmd)
 
     t0 = time.perf_counter()
-    results = await asyncio.gather(*(open_one() for _ in range(n)), return_exceptions=True)
+    # Bounded: a transport that stalls (a full listen backlog) is a failed
+    # measurement, not a hung run.
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(open_one() for _ in range(n)), return_exceptions=True),
+            60 + n * 5e-3)
+    except TimeoutError:
+        raise BenchError(f"{n} connections did not all open within {60 + n * 5e-3:.0f} s") \
+            from None
     conns = [r for r in results if not isinstance(r, BaseException)]
     errors = [r for r in results if isinstance(r, BaseException)]
     try:
@@ -744,8 +753,9 @@ class Runner:
     """The two children, and one measurement at a time between them."""
 
     def __init__(self, server_env: dict[str, str], client_env: dict[str, str], tmp: Path,
-                 vchan_peer: int | None, timeout: float) -> None:
+                 vchan_peer: int | None, timeout: float, dedicated: bool = False) -> None:
         self.envs = {"server": server_env, "client": client_env}
+        self.dedicated = dedicated
         self.tmp = tmp
         self.vchan_peer = vchan_peer
         self.timeout = timeout
@@ -783,6 +793,7 @@ class Runner:
         """One measurement: (server result, client result)."""
         self.count += 1
         common = {"case": case, "transport": transport, "loop": loop,
+                  "dedicated": self.dedicated,
                   "timeout": self.timeout, **params}
         listen = dict(common, port=f"bench-{os.getpid()}-{self.count}", peer=self.vchan_peer,
                       path=str(self.tmp / f"s{self.count}.sock"))
@@ -1029,6 +1040,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="event loops: asyncio,uvloop (default both)")
     parser.add_argument("--transports", type=_choices(TRANSPORTS), default=list(TRANSPORTS),
                         help="vchan,unix,tcp (default all three)")
+    parser.add_argument("--vchan-connections", choices=("session", "dedicated"),
+                        default="session",
+                        help="vchan clients open streams of their session (default), or "
+                             "each connection with a ring of its own (dedicated=True), "
+                             "as before sessions")
     parser.add_argument("--bytes", type=parse_size, default=None,
                         help="bytes per bulk run, e.g. 512M (default 512 MiB, --quick 64 MiB; "
                              "small writes send fewer, see --max-writes)")
@@ -1161,7 +1177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "memcpy": {"bytes_per_s": memcpy_bandwidth(), "block_bytes": 64 << 20},
         }
         plan = plan_runs(args)
-        runner = Runner(server_env, client_env, tmp, vchan_peer, args.timeout)
+        runner = Runner(server_env, client_env, tmp, vchan_peer, args.timeout,
+                        dedicated=args.vchan_connections == "dedicated")
         results.update(execute(runner, plan, args.repeat))
         results["settings"] = {
             "quick": args.quick,
@@ -1176,6 +1193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "default_ring_size": args.default_ring,
             "connection_counts": args.connection_counts,
             "connection_bytes": args.connection_bytes, "setup_count": args.setup_count,
+            "vchan_connections": args.vchan_connections,
             "repeat": args.repeat,
             "timeout_seconds": args.timeout,
             "vchan_domains": ({"server": VCHAN_SERVER_DOMID, "client": VCHAN_CLIENT_DOMID}
