@@ -1,8 +1,10 @@
-"""Write flow control shared by vchan's transports (asyncio's _FlowControlMixin).
+"""What vchan's two transports share: write flow control and transport state.
 
-Copied in behaviour, not imported: asyncio's private helpers move between
-Python versions.  A transport using this mixin defines
-``get_write_buffer_size()`` and sets ``_loop`` and ``_protocol``.
+Flow control is asyncio's _FlowControlMixin, copied in behaviour, not
+imported: asyncio's private helpers move between Python versions.
+:class:`VchanTransport` (a connection on a ring of its own) and
+:class:`~vchan.mux.StreamTransport` (a stream of a session) derive from
+:class:`TransportBase`.
 """
 
 from __future__ import annotations
@@ -66,3 +68,56 @@ class WriteFlowControl:
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         self._set_write_buffer_limits(high=high, low=low)
         self._maybe_pause_protocol()
+
+
+class TransportBase(WriteFlowControl, asyncio.Transport):
+    """State and accessors common to vchan's transports.
+
+    A subclass sets ``_buffer`` (bytes accepted, not yet in the ring),
+    ``_closing``, ``_closed``, ``_paused``, ``_extra`` and ``_protocol``.
+    """
+
+    _buffer: bytearray
+    _closing: bool
+    _closed: bool
+    _paused: bool
+    _extra: dict[str, Any]
+
+    def _repr_info(self) -> list[str]:
+        """What the repr says after the class name (subclasses add to it)."""
+        return []
+
+    def __repr__(self) -> str:
+        info = [self.__class__.__name__, *self._repr_info()]
+        if self._closed:
+            info.append("closed")
+        elif self._closing:
+            info.append("closing")
+        peer = self._extra.get("peername")
+        if peer is not None:
+            info.append(f"peer={peer}")
+        if not self._closed:
+            info.append("paused" if self._paused else "reading")
+            info.append(f"write_buffer={len(self._buffer)}")
+        return "<{}>".format(" ".join(info))
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol  # type: ignore[no-any-return]
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def is_reading(self) -> bool:
+        return not self._paused and not self._closing
+
+    def pause_reading(self) -> None:
+        if self._closing or self._paused:
+            return
+        self._paused = True
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes accepted by write() that are not in the ring yet."""
+        return len(self._buffer)
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))

@@ -75,7 +75,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ._flow import WriteFlowControl
+from ._flow import TransportBase
 from ._native import ffi, lib
 from .endpoint import Endpoint
 from .errors import LocalProtocolError, RemoteProtocolError
@@ -259,8 +259,8 @@ class Session:
 
     def _write_direct(self, stream: StreamTransport, data: Any, n: int) -> int:
         """Write up to ``n`` bytes of ``data`` as DATA frames now; bytes written."""
-        k = lib.vchan_mux_write_data(self._r, stream.stream_id, ffi.from_buffer(data), n,
-                                     self._min_chunk, self._max_out, self._notify)
+        k: int = lib.vchan_mux_write_data(self._r, stream.stream_id, ffi.from_buffer(data), n,
+                                          self._min_chunk, self._max_out, self._notify)
         if k < 0 and k != _FULL:
             raise _ring_error(k, "write")
         self._flush_notify()
@@ -590,7 +590,7 @@ class Session:
                 self._on_close(self)
 
 
-class StreamTransport(WriteFlowControl, asyncio.Transport):
+class StreamTransport(TransportBase):
     """An asyncio transport over one stream of a vchan :class:`Session`.
 
     It behaves as :class:`vchan.VchanTransport` does (and so as a socket
@@ -642,19 +642,8 @@ class StreamTransport(WriteFlowControl, asyncio.Transport):
         if waiter is not None:
             self._loop.call_soon(_set_result_unless_cancelled, waiter, None)
 
-    def __repr__(self) -> str:
-        info = [self.__class__.__name__, f"stream={self.stream_id}"]
-        if self._closed:
-            info.append("closed")
-        elif self._closing:
-            info.append("closing")
-        peer = self._extra.get("peername")
-        if peer is not None:
-            info.append(f"peer={peer}")
-        if not self._closed:
-            info.append("paused" if self._paused else "reading")
-            info.append(f"write_buffer={len(self._buffer)}")
-        return "<{}>".format(" ".join(info))
+    def _repr_info(self) -> list[str]:
+        return [f"stream={self.stream_id}"]
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if not getattr(self, "_closed", True):
@@ -671,9 +660,6 @@ class StreamTransport(WriteFlowControl, asyncio.Transport):
         self._buffered_protocol = isinstance(protocol, asyncio.BufferedProtocol)
         self._protocol = protocol
 
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._protocol  # type: ignore[no-any-return]
-
     def _connection_made(self) -> None:
         if self._protocol is None or self._conn_lost:
             return
@@ -681,17 +667,6 @@ class StreamTransport(WriteFlowControl, asyncio.Transport):
         self._made = True
         if self._rbuf or self._peer_eof_pending:
             self._loop.call_soon(self._drain_rbuf)
-
-    def is_closing(self) -> bool:
-        return self._closing
-
-    def is_reading(self) -> bool:
-        return not self._paused and not self._closing
-
-    def pause_reading(self) -> None:
-        if self._closing or self._paused:
-            return
-        self._paused = True
 
     def resume_reading(self) -> None:
         if self._closing or not self._paused:
@@ -837,10 +812,6 @@ class StreamTransport(WriteFlowControl, asyncio.Transport):
 
     # -- writing --------------------------------------------------------------------
 
-    def get_write_buffer_size(self) -> int:
-        """Bytes accepted by write() that are not in the ring yet."""
-        return len(self._buffer)
-
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"data argument must be a bytes-like object, "
@@ -874,9 +845,6 @@ class StreamTransport(WriteFlowControl, asyncio.Transport):
             self._out_of_credit()
             session._kick()
         self._maybe_pause_protocol()
-
-    def writelines(self, list_of_data: Any) -> None:
-        self.write(b"".join(list_of_data))
 
     def can_write_eof(self) -> bool:
         return True

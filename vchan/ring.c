@@ -661,7 +661,7 @@ int vchan_ring_reserve_min(struct vchan_ring *r, size_t want, uint8_t **a, uint3
     return (int)space;
 }
 
-int vchan_ring_commit(struct vchan_ring *r, uint32_t n, int *notify)
+static int commit(struct vchan_ring *r, uint32_t n, int *notify)
 {
     int rc = write_check(r);
 
@@ -673,26 +673,25 @@ int vchan_ring_commit(struct vchan_ring *r, uint32_t n, int *notify)
     if (n == 0)
         return 0;
     r->wr.own += n;
-    publish_prod(r, notify);
+    if (notify) {
+        publish_prod(r, notify);
+    } else {
+        /* Quiet: publish without looking at the peer's request, which stays
+         * armed for the next ordinary write (that wakes the peer for both). */
+        vchan_wmb();    /* write data /then/ publish the index */
+        store_index(r->wr.prod, r->wr.own);
+    }
     return (int)n;
+}
+
+int vchan_ring_commit(struct vchan_ring *r, uint32_t n, int *notify)
+{
+    return commit(r, n, notify);
 }
 
 int vchan_ring_commit_quiet(struct vchan_ring *r, uint32_t n)
 {
-    int rc = write_check(r);
-
-    if (rc)
-        return rc;
-    if (n > r->wr.size - (r->wr.own - r->wr.peer))
-        return VCHAN_EINVAL;
-    if (n == 0)
-        return 0;
-    r->wr.own += n;
-    /* Publish without looking at the peer's request: it stays armed for
-     * the next ordinary write, which wakes the peer for both. */
-    vchan_wmb();    /* write data /then/ publish the index */
-    store_index(r->wr.prod, r->wr.own);
-    return (int)n;
+    return commit(r, n, NULL);
 }
 
 int vchan_ring_recv(struct vchan_ring *r, void *buf, size_t len, int *notify)

@@ -35,7 +35,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any, Literal, Protocol
 
-from ._flow import WriteFlowControl
+from ._flow import TransportBase
 from ._native import ffi, lib
 from .devices import EventChannel
 from .endpoint import Endpoint
@@ -265,7 +265,7 @@ SPLICE_ERROR = 4    # the transport is closing with an error
 _AGAIN = {errno.EAGAIN, errno.EWOULDBLOCK}
 
 
-class VchanTransport(WriteFlowControl, asyncio.Transport):
+class VchanTransport(TransportBase):
     """An asyncio transport over one libxenvchan connection."""
 
     max_size = 256 * 1024       # bytes handed to the protocol per loop iteration
@@ -316,20 +316,6 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
         if waiter is not None:
             loop.call_soon(_set_result_unless_cancelled, waiter, None)
 
-    def __repr__(self) -> str:
-        info = [self.__class__.__name__]
-        if self._closed:
-            info.append("closed")
-        elif self._closing:
-            info.append("closing")
-        peer = self._extra.get("peername")
-        if peer is not None:
-            info.append(f"peer={peer}")
-        if not self._closed:
-            info.append("paused" if self._paused else "reading")
-            info.append(f"write_buffer={len(self._buffer)}")
-        return "<{}>".format(" ".join(info))
-
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if not getattr(self, "_closed", True):
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
@@ -357,30 +343,12 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
             self._read_into = self._read__data_received
         self._protocol = protocol
 
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._protocol  # type: ignore[no-any-return]
-
-    def is_closing(self) -> bool:
-        return self._closing
-
-    def is_reading(self) -> bool:
-        return not self._paused and not self._closing
-
-    def pause_reading(self) -> None:
-        if self._closing or self._paused:
-            return
-        self._paused = True
-
     def resume_reading(self) -> None:
         if self._closing or not self._paused:
             return
         self._paused = False
         # Nothing will wake us for data already in the ring: look now.
         self._loop.call_soon(self._on_event)
-
-    def get_write_buffer_size(self) -> int:
-        """Bytes accepted by write() that are not in the ring yet."""
-        return len(self._buffer)
 
     # -- writing --------------------------------------------------------------
 
@@ -412,9 +380,6 @@ class VchanTransport(WriteFlowControl, asyncio.Transport):
             data = memoryview(data)[n:]
         self._buffer.extend(data)
         self._maybe_pause_protocol()
-
-    def writelines(self, list_of_data: Any) -> None:
-        self.write(b"".join(list_of_data))
 
     def write_eof(self) -> None:
         if self._closing or self._eof:

@@ -532,36 +532,41 @@ async def bench_client(args: argparse.Namespace) -> int:
 
 
 async def xenstore_pipeline(args: argparse.Namespace) -> int:
-    """vchan's asyncio XenStore client with two requests in flight at once, ``--rounds``
-    times: READ of ``data/pp/a`` and ``data/pp/b`` (same length, values ``A`` and
-    ``B``), then DIRECTORY ``data/pp`` with READ ``data/pp/a``.  Counts wrong answers
-    and errors (in a domU the client is on ``/dev/xen/xenbus``)."""
+    """vchan's asyncio XenStore client with several requests in flight at once,
+    ``--rounds`` times: READs of ``data/pp/k0`` .. ``k<width-1>`` (same length, values
+    ``v0`` ..), then DIRECTORY ``data/pp`` with a READ of ``data/pp/k0``.  Counts wrong
+    answers and errors (in a domU the client is on ``/dev/xen/xenbus``)."""
     from vchan.xenstore import XenStore
 
+    keys = [f"data/pp/k{i}" for i in range(args.width)]
+    values = [f"v{i}".encode() for i in range(args.width)]
     wrong = 0
     errors: dict[str, int] = {}
     samples: list[str] = []
     async with await XenStore.open() as xs:
-        await xs.write("data/pp/a", "A")
-        await xs.write("data/pp/b", "B")
+        for key, initial in zip(keys, values, strict=True):
+            await xs.write(key, initial)
         for _ in range(args.rounds):
-            got = await asyncio.gather(xs.read("data/pp/a"), xs.read("data/pp/b"),
-                                       return_exceptions=True)
-            listing = await asyncio.gather(xs.directory("data/pp"), xs.read("data/pp/a"),
+            got = await asyncio.gather(*(xs.read(k) for k in keys), return_exceptions=True)
+            listing = await asyncio.gather(xs.directory("data/pp"), xs.read(keys[0]),
                                            return_exceptions=True)
-            for value, want in zip([*got, *listing], [b"A", b"B", ["a", "b"], b"A"],
-                                   strict=True):
+            wanted: list[Any] = [*values, sorted(k.rsplit("/", 1)[1] for k in keys), values[0]]
+            for asked, value, want in zip([*keys, "data/pp (directory)", keys[0]],
+                                          [*got, *listing], wanted, strict=True):
                 if isinstance(value, BaseException):
                     name = errno.errorcode.get(getattr(value, "errno", 0) or 0,
                                                type(value).__name__)
                     errors[name] = errors.get(name, 0) + 1
+                    if len(samples) < 3:
+                        samples.append(f"{asked}: {name}")
                 elif (sorted(value) if isinstance(value, list) else value) != want:
                     wrong += 1
                     if len(samples) < 3:
-                        samples.append(f"{want!r} -> {value!r}")
+                        samples.append(f"{asked}: {value!r}")
         path = xs.path
-    report(result="pipeline", path=path, rounds=args.rounds, requests=args.rounds * 4,
-           wrong=wrong, errors=errors, samples=samples)
+    report(result="pipeline", path=path, rounds=args.rounds,
+           requests=args.rounds * (args.width + 2), wrong=wrong, errors=errors,
+           samples=samples)
     return 0
 
 
@@ -649,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("xenstore-check")
     p = sub.add_parser("xenstore-pipeline")
     p.add_argument("--rounds", type=int, default=200)
+    p.add_argument("--width", type=int, default=8, help="READs in flight at once")
     p = sub.add_parser("unix-echo")
     p.add_argument("path")
     p = sub.add_parser("bench-server")
