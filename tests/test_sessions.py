@@ -263,3 +263,59 @@ async def test_server_close_keeps_open_connections(sim_dir: Path) -> None:
     await writer.wait_closed()
     await asyncio.wait_for(server.wait_closed(), 5)
     await close_sessions()
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_others(sim_dir: Path) -> None:
+    """Clients sharing a XenStore watch each get their own TimeoutError, never
+    another's CancelledError (dedicated connections share watches, not a task)."""
+    own = vchan.own_domid()
+    port = f"nobody-{os.getpid()}"
+    results = await asyncio.gather(
+        *(vchan.open_connection(own, port, timeout=0.05 + 0.01 * (i % 20), dedicated=True)
+          for i in range(100)),
+        return_exceptions=True)
+    assert all(isinstance(r, TimeoutError) for r in results), \
+        {type(r).__name__ for r in results}
+
+
+async def test_a_cancelled_watch_registration_is_retried_by_the_others() -> None:
+    """The subscriber registering a shared watch is cancelled (its own timeout):
+    the others waiting for that registration register it themselves."""
+    from vchan.listener import WatchRegistry
+
+    gate = asyncio.Event()
+    calls: list[str] = []
+
+    class FakeWatch:
+        def __aiter__(self) -> FakeWatch:
+            return self
+
+        async def __anext__(self) -> None:
+            await asyncio.Event().wait()
+
+        async def close(self) -> None:
+            pass
+
+    class FakeXs:
+        async def watch(self, path: str) -> FakeWatch:
+            calls.append(path)
+            if len(calls) == 1:
+                await gate.wait()           # the first registration hangs
+            return FakeWatch()
+
+    registry = WatchRegistry(FakeXs())  # type: ignore[arg-type]
+
+    async def subscriber() -> str:
+        async with registry.watching("/p"):
+            return "watching"
+
+    first = asyncio.ensure_future(subscriber())
+    await asyncio.sleep(0)                  # first is registering
+    others = [asyncio.ensure_future(subscriber()) for _ in range(5)]
+    await asyncio.sleep(0)
+    first.cancel()
+    results = await asyncio.wait_for(asyncio.gather(*others, return_exceptions=True), 5)
+    assert results == ["watching"] * 5
+    assert len(calls) >= 2                  # somebody registered it again
+    with pytest.raises(asyncio.CancelledError):
+        await first

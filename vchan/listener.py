@@ -199,14 +199,17 @@ class WatchRegistry:
         subs = self._subs.setdefault(path, set())
         subs.add(changed)
         try:
-            starting = self._starting.get(path)
-            if path not in self._tasks:
+            while path not in self._tasks:
+                starting = self._starting.get(path)
                 if starting is None:
                     # The first subscriber registers the watch; the others
                     # that arrive meanwhile wait for it rather than add more.
                     starting = self._starting[path] = asyncio.get_running_loop().create_future()
                     try:
                         watch = await self.xs.watch(path)
+                    except asyncio.CancelledError:
+                        starting.cancel()           # its own cancellation: the others retry
+                        raise
                     except BaseException as exc:
                         starting.set_exception(exc)
                         starting.exception()        # retrieved: the others re-raise it
@@ -216,8 +219,14 @@ class WatchRegistry:
                     self._tasks[path] = asyncio.get_running_loop().create_task(
                         self._pump(path, watch), name=f"vchan watch {path}")
                     starting.set_result(None)
-                else:
+                    break
+                try:
                     await asyncio.shield(starting)
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if starting.cancelled() and task is not None and not task.cancelling():
+                        continue        # the subscriber registering it was cancelled, not us
+                    raise
             yield changed
         finally:
             subs.discard(changed)
