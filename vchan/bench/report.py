@@ -370,6 +370,46 @@ def check_targets(results: Json) -> list[Json]:
                                f"{base}; error: {row.get('error') or 'unknown'}"))
         else:
             out.append(_target(name, memory, None, f"{base}; the row has no ok flag"))
+
+    # Issue #13: connection setup and many connections.
+    setup = _rows(results, "setup")
+    for loop in loops:
+        vrow = _find(setup, transport="vchan", loop=loop)
+        trow = _find(setup, transport="tcp", loop=loop)
+        vr, tr = _get(vrow, "connections_per_s"), _get(trow, "connections_per_s")
+        p50 = _get(vrow, "p50_us")
+        name = f"Setup ({loop}): vchan connections/s >= TCP loopback, p50 < 150 us"
+        if vr is None or tr is None or p50 is None:
+            out.append(_target(name, "-", None, "no vchan and TCP setup measurements"))
+        else:
+            out.append(_target(
+                name, f"{vr / tr:.2f}x ({vr:,.0f} vs {tr:,.0f} /s), p50 {_us(p50)} us",
+                vr >= tr and p50 < 150,
+                "connect + 1 byte echoed + close, one after another"))
+    for loop in loops:
+        row = _find(conns, transport="vchan", connections=TARGET_CONNECTIONS, loop=loop)
+        seconds = _get(row, "connect_seconds") if row is not None else None
+        name = f"{TARGET_CONNECTIONS:,} vchan connections opened at once in < 1 s ({loop})"
+        if seconds is None:
+            out.append(_target(name, "-", None, "no measurement"))
+        else:
+            out.append(_target(name, f"{_fmt(seconds, '.3f')} s", seconds < 1.0,
+                               "all opened concurrently by one client process"))
+    counts: set[int] = {r["connections"] for r in conns
+                        if isinstance(r.get("connections"), int) and r["connections"] >= 10}
+    for n in sorted(counts):
+        for loop in loops:
+            v = _get(_find(conns, transport="vchan", connections=n, loop=loop), "bytes_per_s")
+            u = _get(_find(conns, transport="unix", connections=n, loop=loop), "bytes_per_s")
+            name = f"{n:,} connections ({loop}): vchan aggregate >= Unix sockets"
+            if v is None:
+                out.append(_target(name, "-", None, "no vchan measurement"))
+            elif u is None:
+                out.append(_target(name, f"{fmt_mbps(v)} MB/s; Unix sockets failed or not run",
+                                   None, "nothing to compare with"))
+            else:
+                out.append(_target(name, f"{v / u:.2f}x ({fmt_mbps(v)} vs {fmt_mbps(u)} MB/s)",
+                                   v >= u, "aggregate MB/s of all connections at once"))
     return out
 
 
