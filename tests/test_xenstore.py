@@ -800,6 +800,7 @@ class FakeXenbus:
         self.path = os.ttyname(slave)
         self._slave = slave
         self.requests = 0
+        self.max_unanswered = 0
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -813,6 +814,9 @@ class FakeXenbus:
             if not data:
                 return
             buf += data
+            # Whole requests that arrived before we answered any: the device
+            # would have overwritten all but the last one's payload.
+            self.max_unanswered = max(self.max_unanswered, _count_whole(buf))
             while len(buf) >= HDR.size:
                 mtype, req_id, tx_id, length = HDR.unpack_from(buf)
                 if len(buf) < HDR.size + length:
@@ -831,6 +835,37 @@ class FakeXenbus:
         os.close(self._slave)
         os.close(self.master)
         self._thread.join(5)
+
+
+def _count_whole(buf: bytes) -> int:
+    n = at = 0
+    while len(buf) - at >= HDR.size:
+        length = HDR.unpack_from(buf, at)[3]
+        if len(buf) - at < HDR.size + length:
+            break
+        at += HDR.size + length
+        n += 1
+    return n
+
+
+@pytest.mark.asyncio
+async def test_xenbus_gets_one_request_at_a_time() -> None:
+    """Linux's xenbus device holds one request's payload per open file until it
+    is sent: a second one written meanwhile replaces it (wrong answers on real
+    Xen).  So on a character device requests wait for the previous reply."""
+    dev = FakeXenbus()
+    try:
+        async with await XenStore.open(dev.path) as xs:
+            got = await asyncio.gather(*(xs.read(f"/n{i}") for i in range(200)))
+            assert got == [f"value-of:/n{i}".encode() for i in range(200)]
+            # A caller that gives up does not let the next request overtake its own.
+            slow = asyncio.ensure_future(xs.read("/gives-up"))
+            await asyncio.sleep(0)
+            slow.cancel()
+            assert await xs.read("/after") == b"value-of:/after"
+        assert dev.max_unanswered == 1
+    finally:
+        dev.close()
 
 
 @pytest.mark.asyncio

@@ -426,6 +426,12 @@ def _forget_watch(table: dict[str, list[W]], w: W) -> None:
 class XenStore:
     """An asyncio XenStore connection; many requests may be in flight at once.
 
+    (On a socket.  On ``/dev/xen/xenbus`` one at a time, as libxenstore
+    does: Linux's xenbus device keeps a request's payload in one buffer per
+    open file until its thread has sent it, so a second request written
+    meanwhile replaces the first one's payload -- seen on real Xen as wrong
+    answers and EINVAL.)
+
     Open with ``await XenStore.open()`` (or ``async with await
     XenStore.open() as xs``) and close with :meth:`close`.
     """
@@ -444,6 +450,8 @@ class XenStore:
         self._writing = False
         self._req_ids = itertools.count(1)
         self._error: ConnectionError | None = None
+        # The xenbus device: the request in flight, if any (see the class doc).
+        self._one_at_a_time = None if endpoint.is_socket else asyncio.Lock()
         self._closed = False
         self._fd = endpoint.fd
         # The loop holds only a weak reference: a leaked connection is
@@ -632,11 +640,24 @@ class XenStore:
     async def _request(self, op: Op, payload: bytes, what: str, tx: int = 0) -> bytes:
         self._check_open()
         _check_size(op, what, payload)
-        req_id = self._next_req_id()
-        fut: asyncio.Future[tuple[int, bytes]] = self._loop.create_future()
-        self._pending[req_id] = (fut, op, what)
-        self._write(HEADER.pack(op, req_id, tx, len(payload)) + payload)
-        _, reply = await fut
+        lock = self._one_at_a_time
+        if lock is not None:
+            await lock.acquire()
+        try:
+            self._check_open()
+            req_id = self._next_req_id()
+            fut: asyncio.Future[tuple[int, bytes]] = self._loop.create_future()
+            self._pending[req_id] = (fut, op, what)
+            self._write(HEADER.pack(op, req_id, tx, len(payload)) + payload)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        if lock is not None:
+            # Released once the reply is in, even if our caller gives up
+            # before: until then the device still holds this request.
+            fut.add_done_callback(lambda _: lock.release())
+        _, reply = await asyncio.shield(fut) if lock is not None else await fut
         return reply
 
     # -- operations ------------------------------------------------------------

@@ -193,7 +193,7 @@ def test_a_thousand_concurrent_connections_domu_to_domu(domus: tuple[Domu, Domu]
     _check_limit("the server's domU", served["gntalloc_limit"])
 
 
-#: The library bug the rig found (docs/xen-rig.md, "Found on real Xen"): vchan's asyncio
+#: The library bug the rig found (docs/xen-rig.md, "1,000 connections ..."): vchan's asyncio
 #: XenStore client keeps several requests in flight on /dev/xen/xenbus, whose Linux driver
 #: may send a request with the payload of the one written after it.
 XENBUS_PIPELINING = ("vchan's asyncio XenStore client pipelines requests on /dev/xen/xenbus: "
