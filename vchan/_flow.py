@@ -10,7 +10,14 @@ imported: asyncio's private helpers move between Python versions.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
+
+from .errors import LocalProtocolError
+
+log = logging.getLogger("vchan")
+
+_LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
 
 
 class WriteFlowControl:
@@ -82,6 +89,9 @@ class TransportBase(WriteFlowControl, asyncio.Transport):
     _closed: bool
     _paused: bool
     _extra: dict[str, Any]
+    _user_closed: bool
+    _eof: bool
+    _conn_lost: int
 
     def _repr_info(self) -> list[str]:
         """What the repr says after the class name (subclasses add to it)."""
@@ -121,3 +131,29 @@ class TransportBase(WriteFlowControl, asyncio.Transport):
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
+
+    def _accepts_write(self, data: Any, lost: bool) -> bool:
+        """Check a write() call; False when there is nothing to send (no data,
+        or the connection is ``lost``: counted and, after a few, logged)."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"data argument must be a bytes-like object, "
+                            f"not {type(data).__name__!r}")
+        if self._user_closed:
+            raise LocalProtocolError("write() after close() or abort() on a vchan transport")
+        if self._eof:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if not data:
+            return False
+        if lost:
+            if self._conn_lost >= _LOG_THRESHOLD_FOR_CONNLOST_WRITES:
+                log.warning("vchan write() after the connection was lost")
+            self._conn_lost += 1
+            return False
+        return True
+
+    def close(self) -> None:
+        self._user_closed = True
+        self._close()
+
+    def _close(self) -> None:
+        raise NotImplementedError

@@ -78,7 +78,7 @@ from typing import Any
 from ._flow import TransportBase
 from ._native import ffi, lib
 from .endpoint import Endpoint
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import RemoteProtocolError
 from .ring import NOTIFY_CLOSED, NOTIFY_HELLO, strerror
 
 __all__ = ["Session", "StreamTransport"]
@@ -813,19 +813,7 @@ class StreamTransport(TransportBase):
     # -- writing --------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise TypeError(f"data argument must be a bytes-like object, "
-                            f"not {type(data).__name__!r}")
-        if self._user_closed:
-            raise LocalProtocolError("write() after close() or abort() on a vchan transport")
-        if self._eof:
-            raise RuntimeError("Cannot call write() after write_eof()")
-        if not data:
-            return
-        if self._conn_lost or self._peer_closed:
-            if self._conn_lost >= 5:
-                log.warning("vchan write() after the connection was lost")
-            self._conn_lost += 1
+        if not self._accepts_write(data, bool(self._conn_lost or self._peer_closed)):
             return
         session = self._session
         if not self._buffer and self._credit > 0 and session._idle():
@@ -878,10 +866,6 @@ class StreamTransport(TransportBase):
             self._send_close()
 
     # -- closing --------------------------------------------------------------------
-
-    def close(self) -> None:
-        self._user_closed = True
-        self._close()
 
     def _close(self) -> None:
         if self._closing:

@@ -46,7 +46,6 @@ __all__ = ["SpliceProtocol", "VchanTransport"]
 
 log = logging.getLogger("vchan")
 
-_LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
 _REMOTE_CODES = {lib.VCHAN_EINDEX, lib.VCHAN_EORDER, lib.VCHAN_ELIVE}
 
 
@@ -353,19 +352,7 @@ class VchanTransport(TransportBase):
     # -- writing --------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise TypeError(f"data argument must be a bytes-like object, "
-                            f"not {type(data).__name__!r}")
-        if self._user_closed:
-            raise LocalProtocolError("write() after close() or abort() on a vchan transport")
-        if self._eof:
-            raise RuntimeError("Cannot call write() after write_eof()")
-        if not data:
-            return
-        if self._conn_lost:
-            if self._conn_lost >= _LOG_THRESHOLD_FOR_CONNLOST_WRITES:
-                log.warning("vchan write() after the connection was lost")
-            self._conn_lost += 1
+        if not self._accepts_write(data, bool(self._conn_lost)):
             return
         if not self._buffer:
             # Straight into the ring: no copy into our buffer, no syscall
@@ -636,10 +623,6 @@ class VchanTransport(TransportBase):
             self._close()
 
     # -- closing --------------------------------------------------------------
-
-    def close(self) -> None:
-        self._user_closed = True
-        self._close()
 
     def _close(self) -> None:
         if self._closing:
