@@ -611,6 +611,53 @@ def test_transaction_and_watch_quotas(sim_dir: Path, domains: Domains) -> None:
     assert d("len([xs.transaction().start() for _ in range(3)])") == 3
 
 
+def _usage(sim_dir: Path, domid: int) -> dict[str, int]:
+    usage = sim.control({"cmd": "status"}, sim_dir)["xenstore"]["usage"]
+    return dict(usage.get(str(domid), {"nodes": 0, "watches": 0, "transactions": 0}))
+
+
+def test_watch_and_transaction_quotas_count_the_whole_domain(
+        sim_dir: Path, domains: Domains) -> None:
+    """xenstored charges a domain, not a connection: more connections (here two
+    processes of one domain, and a second connection in one of them) give no
+    more watches or transactions (issue 14: one domU held 2,560 watches over
+    20 connections)."""
+    a = domains.start()
+    b = domains.start(a.domid)
+    assert a("ws = [xs.watch(f'data/a{i}') for i in range(100)]; len(ws)") == 100
+    assert b("ws = [xs.watch(f'data/b{i}') for i in range(27)]; len(ws)") == 27
+    assert b("xs2 = XenStoreSync(); w2 = xs2.watch('data/b-last'); 1") == 1    # the 128th
+    for proc, code in ((a, "xs.watch('data/a-more')"), (b, "xs.watch('data/b-more')"),
+                       (b, "xs2.watch('data/b-more')")):
+        with pytest.raises(AgentError) as over:
+            proc(code)
+        assert over.value.errno == errno.ENOSPC, over.value.message
+    assert _usage(sim_dir, a.domid)["watches"] == 128
+    # Given back by one connection, usable by another; gone with a process.
+    a("ws.pop().close()")
+    assert b("w3 = xs2.watch('data/b-again'); 1") == 1
+    b("w2.close(); w3.close(); xs2.close()")
+    a("for w in ws: w.close()")
+    assert _usage(sim_dir, a.domid)["watches"] == 27
+
+    assert a("txs = [xs.transaction().start() for _ in range(6)]; len(txs)") == 6
+    assert b("txs = [xs.transaction().start() for _ in range(4)]; len(txs)") == 4
+    for proc in (a, b):
+        with pytest.raises(AgentError) as over:
+            proc("xs.transaction().start()")
+        assert over.value.errno == errno.ENOSPC, over.value.message
+    assert _usage(sim_dir, a.domid)["transactions"] == 10
+    b.close()                               # its watches and transactions go with it
+    deadline = time.monotonic() + 5
+    while _usage(sim_dir, a.domid) != {**_usage(sim_dir, a.domid), "watches": 0,
+                                       "transactions": 6}:
+        assert time.monotonic() < deadline, _usage(sim_dir, a.domid)
+        time.sleep(0.01)
+    assert a("t = xs.transaction().start(); t.abort(); 1") == 1
+    a("for t in txs: t.abort()")
+    assert _usage(sim_dir, a.domid)["transactions"] == 0
+
+
 def test_node_quotas(sim_dir: Path, domains: Domains) -> None:
     d = domains.start()
     with pytest.raises(AgentError) as size:

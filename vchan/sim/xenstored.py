@@ -48,8 +48,10 @@ elsewhere are removed (as xenstored does without ``--keep-orphans``), then
 ``@releaseDomain`` fires.
 
 Quotas apply to unprivileged domains only: nodes owned, watches and open
-transactions per domain, nodes touched per transaction, entries per node,
-node size and path length; ENOSPC (EINVAL for a path) beyond them.
+transactions per domain (summed over all the domain's connections, as
+xenstored counts them: a domain does not get more by opening more
+connections), nodes touched per transaction, entries per node, node size
+and path length; ENOSPC (EINVAL for a path) beyond them.
 """
 
 from __future__ import annotations
@@ -79,11 +81,12 @@ DOMID_SELF = 0x7FF0
 DOMID_ANY = 0x7FF5
 DOMID_FIRST_RESERVED = 0x7FF0
 
-#: xenstored's default hard quotas (tools/xenstored/domain.c).  0 disables one.
+#: xenstored's default hard quotas (Xen 4.17: tools/xenstore/xenstored_core.c;
+#: 4.18 on: tools/xenstored/domain.c, the same numbers).  0 disables one.
 DEFAULT_QUOTAS: dict[str, int] = {
     "nodes": 1000,              # nodes a domain may own
-    "watches": 128,             # watches a domain may hold
-    "transactions": 10,         # transactions a domain may have open
+    "watches": 128,             # watches a domain may hold, over all its connections
+    "transactions": 10,         # transactions a domain may have open, over all its connections
     "transaction-nodes": 1024,  # distinct nodes one transaction may touch
     "node-permissions": 5,      # permission entries per node
     "node-size": 2048,          # bytes a node may take (header, entries, value, child names)
@@ -407,6 +410,10 @@ class XenStored:
         self.gen = 0
         self.conns: dict[Conn, None] = {}       # ordered: events go out in connection order
         self.per_domain: Counter[int] = Counter()
+        # Watches and open transactions per domain, over all its connections:
+        # the quotas are per domain, as in xenstored (struct domain's acc[]).
+        self.watch_count: Counter[int] = Counter()
+        self.tx_count: Counter[int] = Counter()
         self.introduced: set[int] = set()
         self.quotas = dict(DEFAULT_QUOTAS)
         self.requests: dict[int, int] = {}     # requests handled, per domain
@@ -497,14 +504,48 @@ class XenStored:
         if conn not in self.conns:
             return
         del self.conns[conn]
-        conn.watches.clear()
-        conn.txs.clear()
+        self.drop_watches(conn)
+        self.drop_transactions(conn)
         conn.transport = None
         self.per_domain[conn.domid] -= 1
         if self.per_domain[conn.domid] <= 0:
             del self.per_domain[conn.domid]
             if not self._stopping:
                 self._presence(conn.domid, False)
+
+    # -- per-domain accounting of watches and transactions ------------------------
+
+    @staticmethod
+    def _uncount(counter: Counter[int], domid: int, n: int) -> None:
+        left = counter[domid] - n
+        if left > 0:
+            counter[domid] = left
+        else:
+            del counter[domid]
+
+    def add_watch(self, conn: Conn, watch: WatchEntry) -> None:
+        conn.watches.append(watch)
+        self.watch_count[conn.domid] += 1
+
+    def remove_watch(self, conn: Conn, watch: WatchEntry) -> None:
+        conn.watches.remove(watch)
+        self._uncount(self.watch_count, conn.domid, 1)
+
+    def drop_watches(self, conn: Conn) -> None:
+        self._uncount(self.watch_count, conn.domid, len(conn.watches))
+        conn.watches.clear()
+
+    def add_transaction(self, conn: Conn, tx: Tx) -> None:
+        conn.txs[tx.id] = tx
+        self.tx_count[conn.domid] += 1
+
+    def end_transaction(self, conn: Conn, tx: Tx) -> None:
+        del conn.txs[tx.id]
+        self._uncount(self.tx_count, conn.domid, 1)
+
+    def drop_transactions(self, conn: Conn) -> None:
+        self._uncount(self.tx_count, conn.domid, len(conn.txs))
+        conn.txs.clear()
 
     def _own_presence(self, domid: int, present: bool) -> None:
         if present:
@@ -582,8 +623,8 @@ class XenStored:
             return
         self.introduced.discard(domid)
         for conn in [c for c in self.conns if c.domid == domid]:
-            conn.watches.clear()
-            conn.txs.clear()
+            self.drop_watches(conn)
+            self.drop_transactions(conn)
         home = f"/local/domain/{domid}"
         if home in self.nodes:
             self._rm_subtree(self.root_view, home)
@@ -803,6 +844,12 @@ class XenStored:
             "connections": {str(d): n for d, n in sorted(self.per_domain.items())},
             "watches": sum(len(c.watches) for c in self.conns),
             "transactions": sum(len(c.txs) for c in self.conns),
+            # What each domain is charged against its quotas (domain 0 too,
+            # though it has none).
+            "usage": {str(d): {"nodes": self.owned[d], "watches": self.watch_count[d],
+                               "transactions": self.tx_count[d]}
+                      for d in sorted(set(self.per_domain) | set(self.watch_count)
+                                      | set(self.tx_count))},
             "introduced": sorted(self.introduced),
             "quotas": dict(self.quotas),
             "requests": {str(d): n for d, n in sorted(self.requests.items())},
@@ -931,10 +978,10 @@ class XenStored:
         if any(w.path == name and w.token == token for w in conn.watches):
             raise XsError(errno.EEXIST)
         limit = self.quota("watches", conn)
-        if limit and len(conn.watches) >= limit:
+        if limit and self.watch_count[conn.domid] >= limit:
             raise XsError(errno.ENOSPC, f"domain {conn.domid} has too many watches")
         w = WatchEntry(name, token, depth, len(conn.home) + 1 if relative else 0)
-        conn.watches.append(w)
+        self.add_watch(conn, w)
         conn.send(req.type, req.req_id, req.tx_id, OK)
         conn.send_event(w.event_path(name), token)     # every new watch fires once
         return None
@@ -947,7 +994,7 @@ class XenStored:
         name = self.canonicalize(conn, args[0], True)
         for w in conn.watches:
             if w.path == name and w.token == args[1]:
-                conn.watches.remove(w)
+                self.remove_watch(conn, w)
                 return OK
         raise XsError(errno.ENOENT)
 
@@ -956,13 +1003,13 @@ class XenStored:
         if req.tx is not None:
             raise XsError(errno.EBUSY, "no nested transactions")
         limit = self.quota("transactions", conn)
-        if limit and len(conn.txs) >= limit:
+        if limit and self.tx_count[conn.domid] >= limit:
             raise XsError(errno.ENOSPC, f"domain {conn.domid} has too many transactions")
         while conn.next_tx == 0 or conn.next_tx in conn.txs:
             conn.next_tx = (conn.next_tx + 1) & 0xFFFFFFFF
         tx_id = conn.next_tx
         conn.next_tx = (conn.next_tx + 1) & 0xFFFFFFFF
-        conn.txs[tx_id] = Tx(self, conn, tx_id)
+        self.add_transaction(conn, Tx(self, conn, tx_id))
         return str(tx_id).encode() + b"\0"
 
     def op_transaction_end(self, req: Request) -> bytes:
@@ -972,7 +1019,7 @@ class XenStored:
         tx = req.tx
         if tx is None:
             raise XsError(errno.ENOENT, "not in a transaction")
-        del req.conn.txs[tx.id]         # gone whatever the outcome
+        self.end_transaction(req.conn, tx)      # gone whatever the outcome
         if arg == "T":
             tx.commit()
         return OK
@@ -986,8 +1033,8 @@ class XenStored:
         return b"T\0" if domid == DOMID_SELF or domid in self.introduced else b"F\0"
 
     def op_reset_watches(self, req: Request) -> bytes:
-        req.conn.watches.clear()
-        req.conn.txs.clear()
+        self.drop_watches(req.conn)
+        self.drop_transactions(req.conn)
         return OK
 
     def op_control(self, req: Request) -> bytes:
@@ -1019,10 +1066,9 @@ class XenStored:
         domid = _parse_domid(params[0]) if len(params) == 1 else -1
         if domid < 0:
             raise XsError(errno.EINVAL)
-        conns = [c for c in self.conns if c.domid == domid]
         return (f"{'nodes':<20}{self.owned[domid]}\n"
-                f"{'watches':<20}{sum(len(c.watches) for c in conns)}\n"
-                f"{'transactions':<20}{sum(len(c.txs) for c in conns)}\n")
+                f"{'watches':<20}{self.watch_count[domid]}\n"
+                f"{'transactions':<20}{self.tx_count[domid]}\n")
 
     def op_unsupported(self, req: Request) -> bytes:
         raise XsError(errno.ENOSYS, "not emulated")
