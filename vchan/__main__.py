@@ -38,13 +38,23 @@ def _sim(args: argparse.Namespace) -> int:
 
     directory = sim.state_dir()
     if args.sim_command == "start":
+        running = sim.is_running(directory)
+        if args.bind_domains is not None:
+            _install_policy(args.bind_domains, directory, running)
         if args.foreground:
             from .sim.hypervisor import main as run
 
             return run(["--dir", str(directory)])
-        running = sim.is_running(directory)
         sim.ensure_running(directory)
         print(f"emulator {'already running' if running else 'started'} in {directory}")
+        policy = sim.control({"cmd": "status"}, directory).get("policy")
+        if policy:
+            print(f"domains bound to users by {policy['file']}:")
+            for rule in policy["rules"] or ["(no domain for anyone)"]:
+                print(f"  {rule}")
+        else:
+            print("any process that reaches it may claim any domain "
+                  "(--bind-domains POLICY binds domains to users)")
         return 0
     if args.sim_command == "stop":
         stopped = sim.stop(directory)
@@ -57,6 +67,9 @@ def _sim(args: argparse.Namespace) -> int:
             return 0
         print(f"emulator pid {info['pid']} in {info['dir']}, grant limit "
               f"{info['grant_limit']} pages per domain")
+        policy = info.get("policy")
+        print(f"domains bound to users by {policy['file']}: " + "; ".join(policy["rules"])
+              if policy else "domains: any process that reaches the emulator may claim any")
         print(f"{'domain':>6}  {'alive':5}  {'handles':>7}  {'granted':>7}  {'shares':>6}  "
               f"{'maps':>5}  {'ports':>5}  processes")
         for d in info["domains"]:
@@ -82,6 +95,28 @@ def _sim(args: argparse.Namespace) -> int:
     if args.sim_command == "run":
         return _sim_run(args.domid, args.command, directory)
     raise UsageError("vchan sim: say start, stop, status, set or run (see vchan sim --help)")
+
+
+def _install_policy(source: str, directory: Path, running: bool) -> None:
+    """``vchan sim start --bind-domains FILE|off``: the policy of ``directory``."""
+    from .sim import policy
+
+    current = policy.path_in(directory)
+    if running:
+        same = source == "off" and not current.exists()
+        if source != "off":
+            try:
+                same = current.exists() and Path(source).read_bytes() == current.read_bytes()
+            except OSError:
+                same = False
+        if not same:
+            raise UsageError(f"the emulator already runs in {directory}: its domain policy "
+                             "is read when it starts (vchan sim stop, then start again)")
+        return
+    try:
+        policy.install(directory, None if source == "off" else Path(source))
+    except policy.PolicyError as exc:
+        raise UsageError(f"--bind-domains: {exc}") from None
 
 
 def _sim_ls(path: str, directory: Path) -> int:
@@ -170,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     simsub = simp.add_subparsers(dest="sim_command", metavar="ACTION")
     start = simsub.add_parser("start", help="start the emulator (if it is not running)")
     start.add_argument("--foreground", action="store_true", help="run in this process")
+    start.add_argument(
+        "--bind-domains", metavar="POLICY",
+        help="bind domains to users: POLICY is a file of lines 'DOMAINS USERS' (e.g. "
+             "'1-4 bob,1005', '* alice'); a process may then claim only the domains its "
+             "uid is given (checked with SO_PEERCRED).  Kept in the state directory for "
+             "later starts; 'off' removes it.  See README, 'What the emulator protects'")
     simsub.add_parser("stop", help="stop the emulator")
     lsp = simsub.add_parser("ls", help="the XenStore tree (as xenstore-ls shows it)",
                             epilog="examples:\n  vchan sim ls\n  vchan sim ls /local/domain/1",

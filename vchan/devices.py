@@ -57,8 +57,11 @@ class _Handle:
         self._dev: Any = None
         self.backend = backend or get_backend()
         dev = ffi.new("struct vk_dev *")
-        _check(lib.vk_open(dev, self.backend.ops, self._kind, self.backend.domid or 0),
-               f"open {_KIND_NAMES[self._kind]} ({self.backend.name} backend)")
+        what = f"open {_KIND_NAMES[self._kind]} ({self.backend.name} backend)"
+        rc = lib.vk_open(dev, self.backend.ops, self._kind, self.backend.domid or 0)
+        if rc == -errno.EACCES and self.backend.name == "sim":
+            raise PermissionError(errno.EACCES, f"{what}: {_sim_refusal(self.backend)}")
+        _check(rc, what)
         self._dev = dev
 
     @property
@@ -291,6 +294,18 @@ class EventChannel(_Handle):
     def fileno(self) -> int:
         """The descriptor to poll: readable while a port is pending."""
         return _check(lib.vk_fd(self._live("fileno")), "fileno")
+
+
+def _sim_refusal(backend: Backend) -> str:
+    """Why the emulator will not let this process be its domain (its policy says)."""
+    from . import sim
+
+    domid = backend.domid or 0
+    try:
+        answer = sim.control({"cmd": "may-claim", "domid": domid}, backend.sim_dir)
+    except (OSError, sim.SimError):
+        answer = {}
+    return str(answer.get("why") or f"the emulator refused this process domain {domid}")
 
 
 def _check_count(count: int, what: str) -> None:

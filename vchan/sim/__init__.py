@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -83,7 +84,9 @@ def _rpc(sock: socket.socket, op: int, payload: bytes) -> bytes:
         raise SimError("the emulator closed the connection")
     status, length = _REPLY.unpack_from(reply)
     if status < 0:
-        raise OSError(-status, f"emulator: {os.strerror(-status)}")
+        # Control commands say why they failed; other requests only how.
+        why = reply[_REPLY.size:_REPLY.size + length].decode("utf-8", "replace")
+        raise OSError(-status, f"emulator: {why or os.strerror(-status)}")
     return reply[_REPLY.size:_REPLY.size + length]
 
 
@@ -108,13 +111,32 @@ def control(command: dict[str, Any], directory: Path | None = None) -> dict[str,
     return answer
 
 
+def _check_default_dir(directory: Path) -> None:
+    """The default state directory must be ours: under /tmp another user could
+    make it first and serve a daemon of theirs there, which would then see every
+    page this user's processes share."""
+    try:
+        st = directory.lstat()
+    except FileNotFoundError:
+        return
+    uid = os.getuid()
+    if st.st_uid != uid or not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o022:
+        raise SimError(f"the emulator's default state directory {directory} is not a directory "
+                       f"of yours (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}): "
+                       "refusing to use it, as another user could be serving there; remove "
+                       "it or set VCHAN_SIM_DIR")
+
+
 def ensure_running(directory: Path | None = None, timeout: float = 10.0) -> Path:
     """Start the daemon for ``directory`` unless one already runs there.
 
     Safe to call from many processes at once: a lock file serialises the
     start, and the daemon itself holds a lock for its lifetime.
     """
+    default = directory is None and not os.environ.get("VCHAN_SIM_DIR")
     directory = directory or state_dir()
+    if default:
+        _check_default_dir(directory)
     if is_running(directory):
         return directory
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)

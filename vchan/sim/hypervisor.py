@@ -27,6 +27,11 @@ Rules it keeps, those of the gntalloc / gntdev / evtchn design:
   daemon or to its XenStore socket (domain 0 always exists).
 * XenStore: the emulated xenstored (:mod:`vchan.sim.xenstored`) runs in this
   daemon's loop, one socket per domain under ``DIR/xenstore/``.
+* Who may be which domain: anyone who reaches the sockets, unless
+  ``DIR/domains.policy`` binds domains to users (:mod:`vchan.sim.policy`);
+  then each connection's uid, as the kernel reports it (SO_PEERCRED),
+  decides which domain it may claim, and only the emulator's own user (or
+  root) may change or stop it.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ from pathlib import Path
 from typing import Any
 
 from . import DEFAULT_GRANT_LIMIT, VS_VERSION
+from . import policy as domain_policy
+from .policy import Policy, PolicyError, describe_uid, peer_credentials
 from .xenstored import XenStored, XsError
 
 log = logging.getLogger("vchan.sim")
@@ -188,6 +195,7 @@ class Conn:
     domid: int = -1
     kind: int = -1
     pid: int = 0
+    uid: int = -1               # of the connecting process, as the kernel says
 
 
 class Hypervisor:
@@ -206,6 +214,8 @@ class Hypervisor:
         self.stopping: asyncio.Event | None = None
         self.listener: socket.socket | None = None
         self.xenstored: XenStored | None = None
+        self.policy: Policy | None = None
+        self.owner = os.getuid()
 
     # -- tables -----------------------------------------------------------
 
@@ -277,6 +287,8 @@ class Hypervisor:
                 return
             sock.setblocking(False)
             conn = Conn(sock)
+            with contextlib.suppress(OSError):
+                conn.pid, conn.uid, _gid = peer_credentials(sock)
             self.conns.add(conn)
             self.loop.add_reader(sock.fileno(), self.on_message, conn)
 
@@ -313,15 +325,18 @@ class Hypervisor:
             payload = self.dispatch(conn, op, body, reply_fds, close_after)
             status = 0
         except Exception as exc:
+            why = b""
             if isinstance(exc, Fail):
                 status = -exc.errno
                 log.debug("domain %d: request failed: %s", conn.domid, exc)
+                if data[:4] == struct.pack("<I", VS_CONTROL):
+                    why = str(exc).encode()[:4096]      # control answers say why
             elif isinstance(exc, struct.error | ValueError):
                 status = -errno.EINVAL      # a malformed request
             else:
                 log.exception("request failed")
                 status = -errno.EIO
-            payload = b""
+            payload = why
             for fd in close_after:
                 os.close(fd)
             reply_fds, close_after = [], []
@@ -365,7 +380,10 @@ class Hypervisor:
                 raise Fail(errno.EPROTONOSUPPORT, f"protocol version {version}")
             if domid >= DOMID_FIRST_RESERVED or kind > KIND_EVTCHN:
                 raise Fail(errno.EINVAL)
-            conn.domid, conn.kind, conn.pid = domid, kind, pid
+            if kind != KIND_CONTROL:
+                self.check_claim(conn, domid)
+            conn.domid, conn.kind = domid, kind
+            conn.pid = conn.pid or pid      # the kernel's word over the client's
             if kind != KIND_CONTROL:
                 dom = self.domain(domid)
                 was_alive = dom.alive
@@ -373,7 +391,7 @@ class Hypervisor:
                 self._alive_changed(dom, was_alive)
             return struct.pack("<I", VS_VERSION)
         if op == VS_CONTROL:
-            return json.dumps(self.control(json.loads(body or b"{}"))).encode()
+            return json.dumps(self.control(json.loads(body or b"{}"), conn)).encode()
         handler = {
             VS_GNT_SHARE: (KIND_GNTSHR, self.share),
             VS_GNT_MAP: (KIND_GNTTAB, self.map),
@@ -589,10 +607,42 @@ class Hypervisor:
         os.close(p.tx)
         self._gc_domain(p.domain)
 
+    # -- who may be which domain (vchan/sim/policy.py) ----------------------
+
+    def why_not(self, uid: int, domid: int) -> str | None:
+        """None if a process of ``uid`` may claim ``domid``; else why not."""
+        if self.policy is None:
+            return None
+        return self.policy.why_not(domid, uid)
+
+    def check_claim(self, conn: Conn, domid: int) -> None:
+        why = self.why_not(conn.uid, domid)
+        if why is not None:
+            log.warning("refused: pid %d claimed %s", conn.pid, why)
+            raise Fail(errno.EACCES, why)
+
+    def _check_admin(self, conn: Conn | None, what: str) -> None:
+        if conn is None or self.policy is None or conn.uid in (self.owner, 0):
+            return
+        raise Fail(errno.EPERM, f"{what!r} is for {describe_uid(self.owner)}, who runs the "
+                                f"emulator, and root; this process runs as "
+                                f"{describe_uid(conn.uid)}")
+
     # -- control ----------------------------------------------------------
 
-    def control(self, cmd: dict[str, Any]) -> dict[str, Any]:
+    def control(self, cmd: dict[str, Any], conn: Conn | None = None) -> dict[str, Any]:
+        """Run a control command (``conn``: who asks; None for the daemon itself)."""
         what = cmd.get("cmd")
+        if what in ("set", "stop"):
+            self._check_admin(conn, str(what))
+        if what == "may-claim":
+            domid = cmd.get("domid")
+            if not isinstance(domid, int) or isinstance(domid, bool) or \
+                    not 0 <= domid < DOMID_FIRST_RESERVED:
+                raise Fail(errno.EINVAL, "may-claim needs a domid in 0..32751")
+            uid = conn.uid if conn is not None else self.owner
+            why = self.why_not(uid, domid)
+            return {"domid": domid, "uid": uid, "allowed": why is None, "why": why}
         if what == "status":
             return self.status()
         if what == "domains":
@@ -619,6 +669,8 @@ class Hypervisor:
             if not isinstance(domid, int) or isinstance(domid, bool) or \
                     not 0 <= domid < DOMID_FIRST_RESERVED or self.xenstored is None:
                 raise Fail(errno.EINVAL, "xenstore-socket needs a domid in 0..32751")
+            if conn is not None:
+                self.check_claim(conn, domid)
             return {"domid": domid, "path": str(self.xenstored.socket_for(domid))}
         if what == "stop":
             assert self.loop is not None and self.stopping is not None
@@ -652,9 +704,16 @@ class Hypervisor:
             "maps": len(self.maps),
             "open_fds": len(os.listdir("/proc/self/fd")),
             "xenstore": self.xenstored.status() if self.xenstored else None,
+            "policy": None if self.policy is None else {
+                "file": self.policy.source, "rules": self.policy.describe()},
         }
 
     # -- main -------------------------------------------------------------
+
+    def _open_to_others(self) -> bool:
+        """Whether the policy gives domains to users other than ours (then
+        the sockets must let them in, and the policy decides per connection)."""
+        return self.policy is not None and bool(self.policy.uids() - {self.owner})
 
     async def serve(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -664,14 +723,19 @@ class Hypervisor:
             path.unlink()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         listener.bind(str(path))
-        os.chmod(path, 0o600)
+        shared = self._open_to_others()
+        os.chmod(path, 0o666 if shared else 0o600)
+        if shared:
+            os.chmod(self.dir, 0o711)       # reachable, not listable
         listener.listen(512)
         listener.setblocking(False)
         self.listener = listener
         self.loop.add_reader(listener.fileno(), self.accept)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stopping.set)
-        self.xenstored = XenStored(self.dir, self.xenstore_presence)
+        self.xenstored = XenStored(self.dir, self.xenstore_presence,
+                                   admit=self.why_not if self.policy else None,
+                                   shared=shared)
         await self.xenstored.start()
         log.info("emulator %d serving on %s", os.getpid(), path)
         try:
@@ -705,6 +769,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     directory: Path = args.dir or state_dir()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        policy = domain_policy.load(directory)
+    except PolicyError as exc:
+        print(f"vchan emulator: {exc}", file=sys.stderr)
+        return 1
     if args.daemonize:
         if os.fork():
             os._exit(0)
@@ -718,7 +787,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vchan emulator: another daemon already runs in {directory}", file=sys.stderr)
         return 1
     _raise_fd_limit()
-    asyncio.run(Hypervisor(directory).serve())
+    hypervisor = Hypervisor(directory)
+    hypervisor.policy = policy
+    if policy is not None:
+        log.info("domains bound to users by %s: %s", policy.source,
+                 "; ".join(policy.describe()) or "no domain for anyone")
+    asyncio.run(hypervisor.serve())
     return 0
 
 

@@ -63,6 +63,7 @@ import logging
 import os
 import re
 import socket
+import struct
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -400,11 +401,21 @@ class XenStored:
     """The store, the watches and the per-domain sockets."""
 
     def __init__(self, directory: Path,
-                 presence: Callable[[int, bool], None] | None = None) -> None:
+                 presence: Callable[[int, bool], None] | None = None, *,
+                 admit: Callable[[int, int], str | None] | None = None,
+                 shared: bool = False) -> None:
         """``presence(domid, present)`` is called when a domain's first XenStore
         connection opens and its last closes; without it, that alone decides
-        whether the domain exists."""
+        whether the domain exists.
+
+        ``admit(uid, domid)`` says why a process of ``uid`` (SO_PEERCRED) may
+        not be domain ``domid`` -- its connection to that domain's socket is
+        then closed at once -- or None to let it in.  ``shared``: the
+        sockets are for every user (0666, directory 0711); ``admit`` decides.
+        """
         self.dir = directory / "xenstore"
+        self._admit = admit
+        self._shared = shared
         self.nodes: dict[str, Node] = {}
         self.owned: Counter[int] = Counter()
         self.gen = 0
@@ -432,6 +443,7 @@ class XenStored:
         """Serve domain 0's socket (others are made as domains appear)."""
         self._loop = asyncio.get_running_loop()
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o711 if self._shared else 0o700)
         self.introduce(0)
 
     async def stop(self) -> None:
@@ -469,7 +481,7 @@ class XenStored:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(str(path))
-            os.chmod(path, 0o600)
+            os.chmod(path, 0o666 if self._shared else 0o600)
             sock.listen(256)        # connections wait here until the server runs
             sock.setblocking(False)
         except BaseException:
@@ -495,10 +507,26 @@ class XenStored:
         if self._stopping:
             conn.close()
             return
+        if self._admit is not None:
+            why = self._why_not(conn)
+            if why is not None:
+                log.warning("xenstore: refused a connection: %s", why)
+                conn.close()
+                return
         self.conns[conn] = None
         self.per_domain[conn.domid] += 1
         if self.per_domain[conn.domid] == 1:
             self._presence(conn.domid, True)
+
+    def _why_not(self, conn: Conn) -> str | None:
+        assert self._admit is not None and conn.transport is not None
+        sock = conn.transport.get_extra_info("socket")
+        try:
+            _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        except (OSError, AttributeError):
+            return f"domain {conn.domid}: the peer's credentials cannot be read"
+        return self._admit(uid, conn.domid)
 
     def conn_lost(self, conn: Conn) -> None:
         if conn not in self.conns:
