@@ -11,9 +11,11 @@ from TCP to vchan by changing one call::
 
 from __future__ import annotations
 
+from .client import create_connection
 from .errors import LocalProtocolError, NoSuchDomainError, RemoteProtocolError, VchanError
+from .server import Server, create_server
 from .streams import open_connection, start_server
-from .transport import Server, VchanTransport, create_connection, create_server
+from .transport import VchanTransport
 from .vchan import Vchan, own_domid
 
 __all__ = [

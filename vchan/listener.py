@@ -50,6 +50,13 @@ Waiting.  A client whose server is not there yet waits on a XenStore watch
 (never polling XenStore) up to its timeout, and checks once a second that
 the server's domain still exists (binding an event channel to a missing
 domain fails with ESRCH; that is how Xen answers "no such domain").
+
+Both sides of the meeting are in this module.  Client: :func:`client_connect`
+(steps 1 and 3; the XenStore part is :func:`vchan.handshake.client_rendezvous`).
+Server: :func:`parse_request` and :func:`publish` (step 2, and raw mode's
+publication), :func:`refuse` (step 2's error) and :func:`wait_client` (step
+4); :class:`vchan.server.Server` drives them (it watches the request
+directories, and removes what it published).
 """
 
 from __future__ import annotations
@@ -60,14 +67,18 @@ import re
 import secrets
 import weakref
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import handshake
 from .devices import EventChannel
 from .endpoint import Endpoint, check_ring_size
 from .errors import NoSuchDomainError, VchanError
 from .handshake import request_dir, run_async, vchan_path
-from .xenstore import XenStore
+from .ring import LIVE_WAITING
+from .xenstore import Perm, XenStore
+
+if TYPE_CHECKING:
+    from .hub import _EventHub
 
 __all__ = [
     "Port",
@@ -76,8 +87,12 @@ __all__ = [
     "check_port",
     "client_connect",
     "domain_exists",
+    "parse_request",
+    "publish",
+    "refuse",
     "request_dir",
     "vchan_path",
+    "wait_client",
 ]
 
 Port = int | str
@@ -88,18 +103,6 @@ _NONCE = re.compile(r"^[0-9a-f]{16,64}$")
 # (2,048 bytes by default): a request directory holds about a hundred
 # 16-character nonces.  Keep each process well below that per address.
 MAX_PENDING_PER_ADDRESS = 32
-_pending: weakref.WeakKeyDictionary[XenStore, dict[tuple[int, str], asyncio.Semaphore]] = \
-    weakref.WeakKeyDictionary()
-
-
-def _pending_slots(xs: XenStore, key: tuple[int, str]) -> asyncio.Semaphore:
-    table = _pending.get(xs)
-    if table is None:
-        table = _pending[xs] = {}
-    slots = table.get(key)
-    if slots is None:
-        slots = table[key] = asyncio.Semaphore(MAX_PENDING_PER_ADDRESS)
-    return slots
 
 
 def check_port(port: Any) -> str:
@@ -161,13 +164,6 @@ def tx_slots(xs: XenStore) -> asyncio.Semaphore:
     if slots is None:
         slots = _tx_slots[xs] = asyncio.Semaphore(_TX_PER_CONNECTION)
     return slots
-
-
-async def publish(xs: XenStore, path: str, ring_ref: int, evtchn_port: int, own: int,
-                  peer: int, *, session: bool = False) -> None:
-    """Write ring-ref and event-channel in one transaction (libxenvchan's way)."""
-    await run_async(handshake.publish(path, ring_ref, evtchn_port, own, peer, session=session),
-                    xs, tx_slots=tx_slots(xs))
 
 
 async def remove_if_empty(xs: XenStore, path: str) -> None:
@@ -252,6 +248,24 @@ class WatchRegistry:
                 await watch.close()
 
 
+# -- client side -----------------------------------------------------------------------
+
+
+_pending: weakref.WeakKeyDictionary[XenStore, dict[tuple[int, str], asyncio.Semaphore]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _pending_slots(xs: XenStore, key: tuple[int, str]) -> asyncio.Semaphore:
+    table = _pending.get(xs)
+    if table is None:
+        table = _pending[xs] = {}
+    slots = table.get(key)
+    if slots is None:
+        slots = table[key] = asyncio.Semaphore(MAX_PENDING_PER_ADDRESS)
+    return slots
+
+
+
 async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChannel, *,
                          own: int, server: int, port: str, read_min: int, write_min: int,
                          timeout: float | None,
@@ -315,6 +329,17 @@ async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChan
                                                  nonce=nonce), xs, tx_slots=tx_slots(xs))
 
 
+# -- server side -----------------------------------------------------------------------
+
+
+async def publish(xs: XenStore, path: str, ring_ref: int, evtchn_port: int, own: int,
+                  peer: int, *, session: bool = False) -> None:
+    """Write ring-ref and event-channel in one transaction (libxenvchan's way)."""
+    await run_async(handshake.publish(path, ring_ref, evtchn_port, own, peer, session=session),
+                    xs, tx_slots=tx_slots(xs))
+
+
+
 def parse_request(value: bytes) -> tuple[int, int, bool]:
     """The ring sizes a client asked for, from the server's point of view.
 
@@ -337,3 +362,40 @@ def parse_request(value: bytes) -> tuple[int, int, bool]:
 def is_nonce(name: str) -> bool:
     return bool(_NONCE.match(name))
 
+
+async def refuse(xs: XenStore, path: str, why: str, own: int, peer: int) -> None:
+    """Answer a request with ``path/error`` (best effort: the client times out)."""
+    with contextlib.suppress(OSError):
+        await xs.write(f"{path}/error", why)
+        await xs.set_perms(f"{path}/error", [Perm(own, "n"), Perm(peer, "r")])
+
+
+async def wait_client(hub: _EventHub, endpoint: Any, timeout: float,
+                      then: Callable[[], None] | None = None) -> bool:
+    """Wait until the client marks itself live (it sends an event then).
+
+    ``then``: the port's handler once connected (else the port is left
+    without one).
+    """
+    changed = asyncio.Event()
+    hub.register(endpoint.port, changed.set)
+    connected = False
+    try:
+        async def client_live() -> bool:
+            while True:
+                live = endpoint.ring.peer_live()
+                if live != LIVE_WAITING:
+                    return bool(live)
+                await changed.wait()
+                changed.clear()
+
+        try:
+            connected = await asyncio.wait_for(client_live(), timeout)
+        except TimeoutError:
+            connected = False
+        return connected
+    finally:
+        if connected and then is not None:
+            hub.handlers[endpoint.port] = then
+        else:
+            hub.handlers.pop(endpoint.port, None)

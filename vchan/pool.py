@@ -112,8 +112,8 @@ class SessionPool:
 
     async def _rendezvous(self, key: tuple[int, str], timeout: float | None,
                           ) -> tuple[Endpoint, str]:
+        from .hub import _loop_state, event_hub
         from .listener import client_connect
-        from .transport import _loop_state, event_hub
 
         domid, port = key
         hub = event_hub(self.loop)

@@ -15,7 +15,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .transport import Peers, Server, create_connection, create_server
+from .client import create_connection
+from .server import Peers, Server, create_server
 
 __all__ = ["open_connection", "start_server"]
 

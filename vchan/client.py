@@ -1,0 +1,120 @@
+"""Connecting to a vchan server: :func:`create_connection`.
+
+A connection is either a stream of the loop's session with the server's
+port (:mod:`vchan.pool`, :mod:`vchan.mux`) or a libxenvchan ring of its
+own, met through XenStore (the client side of the meeting is
+:func:`vchan.listener.client_connect`) and served by a
+:class:`~vchan.transport.VchanTransport`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from .endpoint import DEFAULT_RING_SIZE, Endpoint, check_ring_size
+from .hub import _loop_state, event_hub
+from .transport import SpliceProtocol, VchanTransport
+
+__all__ = ["create_connection"]
+
+
+def _ring_sizes(read_min: int | None, write_min: int | None) -> tuple[int, int]:
+    """Checked ring sizes (also the server's); None is the default size."""
+    r = DEFAULT_RING_SIZE if read_min is None else check_ring_size(read_min, "read_min")
+    w = DEFAULT_RING_SIZE if write_min is None else check_ring_size(write_min, "write_min")
+    return r, w
+
+
+async def create_connection(
+    protocol_factory: Callable[[], asyncio.BaseProtocol], domid: int, port: int | str, *,
+    timeout: float | None = None, read_min: int | None = None, write_min: int | None = None,
+    dedicated: bool | None = None,
+) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+    """Connect to vchan port ``port`` of domain ``domid``.
+
+    Waits for the server (on a XenStore watch) up to ``timeout`` seconds
+    (None: as long as the server's domain exists).  Reaches listener servers
+    (many clients per port) and raw libxenvchan servers alike.
+
+    By default the connection is a stream of this event loop's session with
+    the server's port (:mod:`vchan.mux`): the first connection meets the
+    server through XenStore, every later one costs one frame on the
+    session's ring, and all of them share its grants.  ``dedicated=True``
+    (implied by ``read_min`` / ``write_min``) gives the connection a
+    libxenvchan ring of its own instead, as a
+    :class:`~vchan.proxy.SocketSplice` needs; ``read_min`` / ``write_min``
+    then ask a listener for ring sizes (bytes, up to 1 MiB each; left out,
+    the server chooses).  A raw server decides its sizes itself.
+
+    Raises :class:`vchan.NoSuchDomainError` if the domain does not exist (or
+    goes away), :class:`TimeoutError` when no server appears in time, and
+    :class:`ConnectionRefusedError` when the server turns the request down.
+    """
+    from .listener import check_domid, check_port, client_connect
+
+    check_domid(domid)
+    port_s = check_port(port)
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
+    if dedicated is None:
+        dedicated = read_min is not None or write_min is not None
+    elif not dedicated and (read_min is not None or write_min is not None):
+        raise ValueError("read_min/write_min size a dedicated ring: not with dedicated=False")
+    # Sizes not given are the server's choice (0 in the request).
+    read_min, write_min = _ring_sizes(read_min or 0, write_min or 0)
+    loop = asyncio.get_running_loop()
+    hub = event_hub(loop)
+    hub.hold()
+    try:
+        endpoint: Endpoint | None = None
+        if not dedicated:
+            from .pool import session_pool
+
+            pool = session_pool(loop)
+            got = await pool.connect(domid, port_s, timeout)
+            if isinstance(got, tuple):
+                endpoint = got[0]
+                own = pool.own
+            else:
+                return await _open_stream(got, protocol_factory, domid, port)
+        if endpoint is None:
+            async with _loop_state() as state:
+                assert state.own is not None
+                endpoint, _mode = await client_connect(
+                    state.xs, state.watches, hub.evtchn, own=state.own, server=domid,
+                    port=port_s, read_min=read_min, write_min=write_min, timeout=timeout)
+                own = state.own
+        protocol = protocol_factory()
+        waiter = loop.create_future()
+        transport = VchanTransport(loop, endpoint, protocol, hub, waiter=waiter, extra={
+            "peername": (domid, port), "sockname": (own, port)})
+        try:
+            await waiter
+        except BaseException:
+            transport.close()
+            raise
+        return transport, protocol
+    finally:
+        hub.unhold()
+
+
+async def _open_stream(session: Any, protocol_factory: Callable[[], asyncio.BaseProtocol],
+                       domid: int, port: int | str) -> tuple[Any, asyncio.BaseProtocol]:
+    """A new connection as a stream of ``session``: no XenStore, no round trip."""
+    from .listener import check_port
+
+    protocol = protocol_factory()
+    if isinstance(protocol, SpliceProtocol):
+        raise TypeError("a SpliceProtocol needs a ring of its own: pass read_min/write_min "
+                        "to create_connection for a dedicated connection")
+    waiter = asyncio.get_running_loop().create_future()
+    transport = session.open_stream(check_port(port), protocol, waiter=waiter, extra={
+        "peername": (domid, port), "sockname": (session.own, port)})
+    try:
+        await waiter
+    except BaseException:
+        transport.abort()
+        raise
+    return transport, protocol

@@ -1,0 +1,306 @@
+"""What the vchan connections of one event loop share.
+
+:class:`_EventHub`: one event-channel handle per event loop, watched with
+``loop.add_reader``.  Every transport and session of the loop registers its
+local port with it; one call takes every fired port and hands each to its
+handler.  It also watches that the peer domains still exist (a destroyed
+domain sends no unmap notification).
+
+:class:`_LoopState`: one XenStore connection per event loop (with one watch
+per path, however many waiters), for the clients' rendezvous and the
+servers, closed once nothing has used it for a short while.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import weakref
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from ._native import ffi, lib
+from .devices import EventChannel
+
+log = logging.getLogger("vchan")
+
+
+# -- the loop's event hub --------------------------------------------------------------
+
+
+class _PeerWatcher(Protocol):
+    """What the hub tells when a peer domain is found gone (a transport, a session)."""
+
+    def _peer_domain_gone(self, domid: int) -> None: ...
+
+
+class _EventHub:
+    """The event-channel handle of one event loop, shared by its transports.
+
+    It also watches that the peer domains of its transports still exist: a
+    domain destroyed outright (``xl destroy``) runs no kernel to perform its
+    unmap notifications, so nothing would ever tell us.  Every
+    ``LIVENESS_INTERVAL`` seconds each distinct peer domain is asked for
+    (binding an event channel to a missing domain fails with ESRCH).
+
+    A destroyed domain whose pages we still map lingers as a dying zombie
+    that the hypervisor answers for like a live one; the toolstack removes
+    its XenStore home (``/local/domain/<id>``) at once, though.  So a domain
+    that may read other domains' homes (dom0) also looks there, without
+    blocking the loop: a missing home is a domain gone.  Where XenStore
+    refuses (an unprivileged domU), only the hypervisor's answer counts.
+    """
+
+    LIVENESS_INTERVAL = 0.5
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.evtchn = EventChannel()
+        self.handlers: dict[int, Callable[[], None]] = {}
+        self.holds = 0
+        self.fd = self.evtchn.fileno()
+        self.peers: dict[int, set[_PeerWatcher]] = {}
+        self._liveness: asyncio.TimerHandle | None = None
+        self._homes: asyncio.Task[None] | None = None
+        self._homes_readable = True     # False once XenStore refuses us a peer's home
+        self._own: int | None = None
+        self._dev = self.evtchn._dev
+        self._ports = ffi.new("uint32_t[64]")
+        loop.add_reader(self.fd, self._dispatch)
+
+    def watch_peer(self, domid: int, transport: _PeerWatcher) -> None:
+        self.peers.setdefault(domid, set()).add(transport)
+        if self._liveness is None:
+            self._liveness = self.loop.call_later(self.LIVENESS_INTERVAL, self._check_peers)
+
+    def unwatch_peer(self, domid: int, transport: _PeerWatcher) -> None:
+        watchers = self.peers.get(domid)
+        if watchers is not None:
+            watchers.discard(transport)
+            if not watchers:
+                del self.peers[domid]
+        if not self.peers and self._liveness is not None:
+            self._liveness.cancel()
+            self._liveness = None
+
+    def _check_peers(self) -> None:
+        from .listener import domain_exists
+
+        self._liveness = None
+        if self.evtchn.closed:
+            return
+        for domid in list(self.peers):
+            try:
+                gone = not domain_exists(self.evtchn, domid)
+            except OSError:
+                continue
+            if gone:
+                self._domain_gone(domid)
+        if (self._homes_readable and self._homes is None
+                and any(domid != self._own for domid in self.peers)):
+            self._homes = self.loop.create_task(self._check_homes(),
+                                                name="vchan peer domain homes")
+        if self.peers:
+            self._liveness = self.loop.call_later(self.LIVENESS_INTERVAL, self._check_peers)
+
+    def _domain_gone(self, domid: int) -> None:
+        for transport in list(self.peers.get(domid, ())):
+            transport._peer_domain_gone(domid)
+
+    async def _check_homes(self) -> None:
+        """Whether each peer domain still has its XenStore home (dom0 may look)."""
+        try:
+            async with _loop_state() as state:
+                self._own = state.own
+                for domid in list(self.peers):
+                    if domid == state.own or domid not in self.peers:
+                        continue
+                    try:
+                        await state.xs.read(f"/local/domain/{domid}")
+                    except FileNotFoundError:
+                        if not self.evtchn.closed:
+                            self._domain_gone(domid)
+                    except PermissionError:
+                        self._homes_readable = False    # not privileged: never again
+                        return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:    # XenStore unavailable or closing: next round
+            if self.loop.get_debug():
+                log.debug("vchan: could not look at peer domains' homes: %r", exc)
+        finally:
+            if self._homes is asyncio.current_task():
+                self._homes = None
+
+    def register(self, port: int, handler: Callable[[], None]) -> None:
+        self.handlers[port] = handler
+
+    def unregister(self, port: int) -> None:
+        self.handlers.pop(port, None)
+        self._close_if_unused()
+
+    def hold(self) -> None:
+        """Keep the hub open while something is being set up on it."""
+        self.holds += 1
+
+    def unhold(self) -> None:
+        self.holds -= 1
+        self._close_if_unused()
+
+    def _close_if_unused(self) -> None:
+        if not self.handlers and self.holds <= 0:
+            self.close()
+
+    def close(self) -> None:
+        if _hubs.get(self.loop) is self:
+            del _hubs[self.loop]
+        if self._liveness is not None:
+            self._liveness.cancel()
+            self._liveness = None
+        if self._homes is not None:
+            self._homes.cancel()
+            self._homes = None
+        if not self.evtchn.closed:
+            if not self.loop.is_closed():
+                self.loop.remove_reader(self.fd)
+            self.evtchn.close()
+
+    def _dispatch(self) -> None:
+        # One call takes every fired port and unmasks it: an event from now
+        # on fires again, and each handler looks at its ring after this.
+        ports = self._ports
+        handlers = self.handlers
+        while not self.evtchn.closed:     # a handler may have closed us
+            n = lib.vk_take_events(self._dev, ports, 64)
+            if n <= 0:
+                if n < 0:
+                    log.error("vchan event channel failed: %s", os.strerror(-n))
+                return
+            for i in range(n):
+                handler = handlers.get(ports[i])
+                if handler is not None:
+                    handler()
+            if n < 64:
+                return
+
+
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _EventHub] = \
+    weakref.WeakKeyDictionary()
+
+
+def event_hub(loop: asyncio.AbstractEventLoop) -> _EventHub:
+    """The loop's event hub, created on first use."""
+    hub = _hubs.get(loop)
+    if hub is None or hub.evtchn.closed:
+        hub = _hubs[loop] = _EventHub(loop)
+    return hub
+
+
+# -- the loop's XenStore connection ----------------------------------------------------
+
+
+class _LoopState:
+    """What the vchan connections of one event loop share.
+
+    One XenStore connection (with one watch per path, however many waiters)
+    and one event-channel hub.  The XenStore connection is owned by a task,
+    so that ``asyncio.run()`` closes it when the loop ends; it is also closed
+    after a short idle period with no connection being set up and no server
+    (and, where peers' homes are readable, no connection to another domain
+    whose home the event hub's liveness probe reads).
+    """
+
+    IDLE_CLOSE = 2.0
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.users = 0
+        self.xs: Any = None
+        self.watches: Any = None
+        self.own: int | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._stop = asyncio.Event()
+        self._idle: asyncio.TimerHandle | None = None
+        self._owner: asyncio.Task[None] | None = None
+
+    async def acquire(self) -> _LoopState:
+        self.users += 1
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        try:
+            if self._ready is None:
+                self._ready = self.loop.create_future()
+                self._owner = self.loop.create_task(self._own(), name="vchan xenstore")
+            await asyncio.shield(self._ready)
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0 and self._idle is None and not self.loop.is_closed():
+            self._idle = self.loop.call_later(self.IDLE_CLOSE, self._stop_if_idle)
+
+    def _stop_if_idle(self) -> None:
+        self._idle = None
+        if self.users == 0:
+            self._stop.set()
+
+    async def _own(self) -> None:
+        from .listener import WatchRegistry
+        from .xenstore import XenStore
+
+        assert self._ready is not None
+        try:
+            self.xs = await XenStore.open()
+            self.watches = WatchRegistry(self.xs)
+            self.own = await own_domid_async(self.xs)
+        except BaseException as exc:
+            if self.xs is not None:
+                await self.xs.close()
+            self._ready.set_exception(exc)
+            _states.pop(self.loop, None)
+            return
+        self._ready.set_result(None)
+        try:
+            await self._stop.wait()
+        finally:
+            if _states.get(self.loop) is self:
+                del _states[self.loop]
+            await self.xs.close()
+
+
+_states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = \
+    weakref.WeakKeyDictionary()
+
+
+def _state_of(loop: asyncio.AbstractEventLoop) -> _LoopState:
+    """The loop's shared state (not acquired), made anew if it is stopping."""
+    state = _states.get(loop)
+    if state is None or state._stop.is_set():
+        state = _states[loop] = _LoopState(loop)
+    return state
+
+
+@contextlib.asynccontextmanager
+async def _loop_state() -> AsyncIterator[_LoopState]:
+    state = _state_of(asyncio.get_running_loop())
+    await state.acquire()
+    try:
+        yield state
+    finally:
+        state.release()
+
+
+async def own_domid_async(xs: Any) -> int:
+    """This process's domain id (the emulator's VCHAN_DOMID, or XenStore's domid)."""
+    from .backend import get_backend
+
+    backend = get_backend()
+    if backend.domid is not None:
+        return backend.domid
+    return int(await xs.read("domid"))

@@ -1,0 +1,546 @@
+"""Serving vchan: :func:`create_server` and :class:`Server`.
+
+A server watches, for each peer domain, the directory where that domain's
+clients ask for connections (listener mode), or publishes one libxenvchan
+ring at a time (raw mode).  For each request it sets up a ring, publishes it
+and waits for the client; the steps of that meeting, and the client's side
+of it, are in :mod:`vchan.listener`.  A client that asked for a session gets
+one ring for all its connections (:mod:`vchan.mux`); any other ring becomes
+a :class:`~vchan.transport.VchanTransport`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Collection
+from typing import Any, Literal
+
+from .client import _ring_sizes
+from .endpoint import Endpoint
+from .errors import VchanError
+from .hub import _EventHub, _LoopState, _state_of, event_hub
+from .listener import (
+    MAX_PENDING_PER_ADDRESS,
+    check_domid,
+    check_port,
+    is_nonce,
+    parse_request,
+    publish,
+    refuse,
+    remove_if_empty,
+    request_dir,
+    vchan_path,
+    wait_client,
+)
+from .transport import VchanTransport
+
+__all__ = ["Peers", "Server", "create_server"]
+
+Peers = int | Collection[int] | Literal["any"]
+
+
+class Server(asyncio.AbstractServer):
+    """A vchan server: what ``asyncio.Server`` is for TCP.
+
+    ``close()`` stops accepting; connections already made stay open and
+    ``wait_closed()`` waits for them too (as asyncio does since 3.12).
+    ``addresses`` lists the ``(domid, port)`` it serves.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 protocol_factory: Callable[[], asyncio.BaseProtocol], port: int | str,
+                 port_s: str, peers: Peers, *, raw: bool, read_min: int, write_min: int,
+                 accept_timeout: float, shrink: bool = True, sessions: bool = True) -> None:
+        self._loop = loop
+        self._factory = protocol_factory
+        self._port = port
+        self._port_s = port_s
+        self._peers = peers
+        self._raw = raw
+        self._read_min = read_min
+        self._write_min = write_min
+        self._accept_timeout = accept_timeout
+        self._shrink = shrink               # default sizes: smaller rings beat no ring
+        self._sessions = sessions           # grant sessions to clients that ask
+        self._sessions_open: set[Any] = set()
+        self._refused: set[tuple[int, str]] = set()
+        self._serving = False
+        self._closed = False
+        self._state: _LoopState | None = None
+        self._hub: _EventHub | None = None
+        self._hub_held = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._transports: set[asyncio.Transport] = set()
+        self._pending: set[Any] = set()         # endpoints not yet connected
+        self._watched: dict[int, asyncio.Task[None]] = {}
+        self._seen: dict[int, set[str]] = {}
+        self._accept_slots: dict[int, asyncio.Semaphore] = {}
+        self._serving_forever: asyncio.Future[None] | None = None
+        self._all_closed = asyncio.Event()
+        self._all_closed.set()
+        self.own: int | None = None
+
+    def __repr__(self) -> str:
+        mode = "raw" if self._raw else "listener"
+        state = "serving" if self._serving else ("closed" if self._closed else "idle")
+        return (f"<vchan.Server {mode} port={self._port!r} peers={self._peers!r} {state} "
+                f"connections={len(self._transports)}>")
+
+    @property
+    def addresses(self) -> list[tuple[int, int | str]]:
+        """The (domid, port) addresses this server serves."""
+        return [] if self.own is None else [(self.own, self._port)]
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    async def start_serving(self) -> None:
+        if self._serving:
+            return
+        if self._closed:
+            raise RuntimeError("the vchan server is closed")
+        state = _state_of(self._loop)
+        await state.acquire()
+        self._state = state
+        self.own = state.own
+        self._hub = event_hub(self._loop)
+        self._hub.hold()
+        self._hub_held = True
+        self._serving = True
+        try:
+            for peer in await self._initial_peers():
+                self._watch_peer(peer)
+            if self._peers == "any":
+                self._spawn(self._follow_domains())
+        except BaseException:
+            self.close()
+            raise
+
+    async def _initial_peers(self) -> list[int]:
+        if self._peers == "any":
+            return await self._list_domains()
+        if isinstance(self._peers, int):
+            return [check_domid(self._peers, "peers")]
+        return sorted({check_domid(p, "peers") for p in self._peers})
+
+    async def _list_domains(self) -> list[int]:
+        assert self._state is not None
+        try:
+            names = await self._state.xs.directory("/local/domain")
+        except PermissionError:
+            raise PermissionError(
+                "peers='any' needs to list /local/domain, which only a privileged domain "
+                "(dom0) may do: name the peer domains instead") from None
+        return sorted(int(n) for n in names if n.isdigit() and int(n) != self.own)
+
+    async def _follow_domains(self) -> None:
+        assert self._state is not None
+        async with self._state.watches.watching("@introduceDomain") as intro, \
+                self._state.watches.watching("@releaseDomain") as release:
+            while self._serving:
+                await _either(intro, release)
+                intro.clear()
+                release.clear()
+                current = set(await self._list_domains())
+                for peer in current - set(self._watched):
+                    self._watch_peer(peer)
+                for peer in set(self._watched) - current:
+                    self._watched.pop(peer).cancel()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and self._serving:
+            self._loop.call_exception_handler({
+                "message": "vchan server task failed", "exception": exc, "server": self})
+
+    def _watch_peer(self, peer: int) -> None:
+        if peer in self._watched:
+            return
+        coro = self._serve_raw(peer) if self._raw else self._serve_listener(peer)
+        self._watched[peer] = self._spawn(coro)
+
+    # -- listener mode --------------------------------------------------------
+
+    async def _serve_listener(self, peer: int) -> None:
+        assert self._state is not None and self.own is not None
+        reqdir = request_dir(peer, self.own, self._port_s)
+        seen = self._seen.setdefault(peer, set())
+        async with self._state.watches.watching(reqdir) as changed:
+            while self._serving:
+                await changed.wait()
+                changed.clear()
+                try:
+                    names = await self._state.xs.directory(reqdir)
+                except (FileNotFoundError, PermissionError):
+                    names = []
+                current = {n for n in names if is_nonce(n)}
+                for nonce in seen - current:
+                    # A refused client withdrew its request: our answer goes too
+                    # (left behind, answers would fill the port's directory).
+                    if (peer, nonce) in self._refused:
+                        self._refused.discard((peer, nonce))
+                        self._spawn(self._forget_refusal(peer, nonce))
+                seen &= current             # forget requests their clients removed
+                for nonce in current - seen:
+                    seen.add(nonce)
+                    self._spawn(self._accept_limited(peer, nonce, f"{reqdir}/{nonce}"))
+
+    async def _forget_refusal(self, peer: int, nonce: str) -> None:
+        assert self._state is not None and self.own is not None
+        base = vchan_path(self.own, peer, self._port_s)
+        with contextlib.suppress(OSError):
+            await self._state.xs.rm(f"{base}/{nonce}")
+            await remove_if_empty(self._state.xs, base)
+
+    async def _accept_limited(self, peer: int, nonce: str, request: str) -> None:
+        # Pending rings of one peer live in one XenStore directory, whose
+        # size is limited: publish a bounded number at a time.
+        slots = self._accept_slots.get(peer)
+        if slots is None:
+            slots = self._accept_slots[peer] = asyncio.Semaphore(MAX_PENDING_PER_ADDRESS)
+        async with slots:
+            await self._accept(peer, nonce, request)
+
+    async def _accept(self, peer: int, nonce: str, request: str) -> None:
+        assert self._state is not None and self._hub is not None and self.own is not None
+        xs = self._state.xs
+        try:
+            value = await xs.read(request)
+        except (FileNotFoundError, PermissionError):
+            return                          # withdrawn already
+        path = f"{vchan_path(self.own, peer, self._port_s)}/{nonce}"
+        try:
+            read_min, write_min, session = parse_request(value)
+            session = session and self._sessions
+            if read_min or write_min or not self._shrink:
+                # Sizes somebody asked for: those or an error naming the limit.
+                endpoint = Endpoint.serve(peer, read_min=read_min or self._read_min,
+                                          write_min=write_min or self._write_min,
+                                          evtchn=self._hub.evtchn)
+            else:
+                endpoint = Endpoint.serve_shrinking(peer, read_min=self._read_min,
+                                                    write_min=self._write_min,
+                                                    evtchn=self._hub.evtchn)
+            if session:
+                await self._connect_session(endpoint, peer, path)
+            else:
+                await self._connect(endpoint, peer, path, publish_at=path)
+        except (OSError, VchanError) as exc:
+            # Tell the client at once rather than let it wait for its timeout;
+            # the answer goes once the client withdraws its request.
+            if self._serving:
+                self._refused.add((peer, nonce))
+                await refuse(xs, path, str(exc), self.own, peer)
+            if not isinstance(exc, OSError):
+                raise
+
+    async def _connect_session(self, endpoint: Any, peer: int, path: str) -> None:
+        """Publish a session ring; once the client is there, it opens streams."""
+        from .mux import Session
+
+        assert self._state is not None and self._hub is not None and self.own is not None
+        try:
+            session = Session(self._loop, endpoint, self._hub, is_server=True, own=self.own,
+                              peer=peer, accept=self._accept_stream,
+                              on_close=self._session_closed)
+        except BaseException:
+            endpoint.close()
+            raise
+        self._pending.add(session)
+        try:
+            await publish(self._state.xs, path, endpoint.ring_ref, endpoint.port, self.own,
+                          peer, session=True)
+            connected = await wait_client(self._hub, endpoint, self._accept_timeout,
+                                          then=session._on_event)
+        except BaseException:
+            self._pending.discard(session)
+            session.close()
+            with contextlib.suppress(OSError):
+                await self._state.xs.rm(path)
+            raise
+        self._pending.discard(session)
+        with contextlib.suppress(OSError):
+            await self._state.xs.rm(path)
+        if not connected or not self._serving:
+            session.close()
+            return
+        self._sessions_open.add(session)
+        self._all_closed.clear()
+        session._on_event()         # the client may have opened streams already
+
+    def _accept_stream(self, session: Any, stream_id: int, port: str) -> Any:
+        """A client opened a stream on one of our sessions: a new connection."""
+        from .mux import StreamTransport
+
+        if not self._serving:
+            return "the vchan server is no longer serving"
+        if port != self._port_s:
+            return f"no vchan server for port {port} on this session"
+        try:
+            protocol = self._factory()
+        except Exception as exc:
+            self._loop.call_exception_handler({
+                "message": "vchan server: protocol factory failed", "exception": exc,
+                "server": self})
+            return f"the vchan server failed to make a protocol: {exc!r}"
+        holder: list[Any] = []
+
+        def closed() -> None:
+            self._transports.discard(holder[0])
+            self._maybe_all_closed()
+
+        transport = StreamTransport(session, stream_id, protocol, extra={
+            "peername": (session.peer, self._port), "sockname": (self.own, self._port)},
+            on_close=closed)
+        holder.append(transport)
+        self._transports.add(transport)
+        self._all_closed.clear()
+        return transport
+
+    def _session_closed(self, session: Any) -> None:
+        self._sessions_open.discard(session)
+        self._pending.discard(session)
+        self._maybe_all_closed()
+
+    def _maybe_all_closed(self) -> None:
+        if not self._transports and not self._pending and not self._sessions_open:
+            self._all_closed.set()
+
+    async def _connect(self, endpoint: Any, peer: int, path: str, *, publish_at: str,
+                       keep_path: bool = False) -> VchanTransport | None:
+        """Publish a ring, wait for the client, hand it to a new protocol."""
+        assert self._state is not None and self._hub is not None and self.own is not None
+        self._pending.add(endpoint)
+        try:
+            await publish(self._state.xs, publish_at, endpoint.ring_ref, endpoint.port,
+                          self.own, peer)
+            connected = await wait_client(self._hub, endpoint, self._accept_timeout)
+        except BaseException:
+            self._pending.discard(endpoint)
+            endpoint.close()
+            with contextlib.suppress(OSError):
+                await self._state.xs.rm(path)
+            raise
+        self._pending.discard(endpoint)
+        if not keep_path:
+            with contextlib.suppress(OSError):
+                await self._state.xs.rm(path)
+        if not connected or not self._serving:
+            endpoint.close()
+            if keep_path:
+                with contextlib.suppress(OSError):
+                    await self._state.xs.rm(path)
+            return None
+        return self._make_transport(endpoint, peer, path if keep_path else None)
+
+    def _make_transport(self, endpoint: Any, peer: int, xs_path: str | None) -> VchanTransport:
+        try:
+            protocol = self._factory()
+        except BaseException:
+            endpoint.close()
+            raise
+        holder: list[VchanTransport] = []
+
+        def closed() -> None:
+            self._transports.discard(holder[0])
+            if xs_path is not None:
+                self._cleanup_path(xs_path, peer)
+            self._maybe_all_closed()
+
+        transport = VchanTransport(self._loop, endpoint, protocol, self._hub,  # type: ignore[arg-type]
+                                   extra={"peername": (peer, self._port),
+                                          "sockname": (self.own, self._port)},
+                                   on_close=closed)
+        holder.append(transport)
+        self._transports.add(transport)
+        self._all_closed.clear()
+        return transport
+
+    def _cleanup_path(self, path: str, peer: int) -> None:
+        """A raw connection ended: remove its path, serve the next client."""
+        state = self._state
+        if state is None or state._stop.is_set():
+            return
+
+        async def cleanup() -> None:
+            with contextlib.suppress(OSError):
+                await state.xs.rm(path)
+            if self._serving:
+                self._watched.pop(peer, None)
+                self._watch_peer(peer)
+
+        self._spawn(cleanup())
+
+    # -- raw mode -------------------------------------------------------------
+
+    async def _serve_raw(self, peer: int) -> None:
+        assert self._hub is not None and self.own is not None
+        path = vchan_path(self.own, peer, self._port_s)
+        while self._serving:
+            try:
+                endpoint = Endpoint.serve(peer, read_min=self._read_min,
+                                          write_min=self._write_min, evtchn=self._hub.evtchn)
+            except ProcessLookupError:
+                # A raw ring is made for one peer domain, which must exist:
+                # wait for it to come up.
+                await self._wait_for_domain(peer)
+                continue
+            transport = await self._connect(endpoint, peer, path, publish_at=path,
+                                            keep_path=True)
+            if transport is not None:
+                return      # one connection at a time: closing it serves the next
+
+    async def _wait_for_domain(self, peer: int) -> None:
+        # Looked up when called, so that a replacement counts (tests make one).
+        from .listener import domain_exists
+
+        assert self._state is not None and self._hub is not None
+        async with self._state.watches.watching("@introduceDomain") as changed:
+            while not domain_exists(self._hub.evtchn, peer):
+                changed.clear()
+                # The watch may not be ours to see (unprivileged domains):
+                # look again every second regardless.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), 1.0)
+
+    # -- closing --------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop accepting connections (open ones are not touched)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._serving = False
+        for task in list(self._tasks):
+            task.cancel()
+        for endpoint in list(self._pending):
+            endpoint.close()
+        self._pending.clear()
+        for session in list(self._sessions_open):
+            session.goaway()        # open streams go on; the session ends with them
+        if self._serving_forever is not None and not self._serving_forever.done():
+            self._serving_forever.cancel()
+        if self._hub is not None and self._hub_held:
+            self._hub_held = False
+            self._hub.unhold()      # our transports hold the hub themselves
+        self._maybe_all_closed()
+
+    def close_clients(self) -> None:
+        """Close every connection this server accepted."""
+        for transport in list(self._transports):
+            transport.close()
+
+    def abort_clients(self) -> None:
+        """Abort every connection this server accepted."""
+        for transport in list(self._transports):
+            transport.abort()
+
+    async def wait_closed(self) -> None:
+        if not self._closed:
+            raise RuntimeError("wait_closed() before close()")
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Path clean-ups need XenStore: release it only after them.
+        await self._all_closed.wait()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._state is not None:
+            if not self._raw and self.own is not None:
+                # The port's directory for each peer, once its connections'
+                # rings are gone (a domain serving many ports in turn must
+                # not fill its XenStore node quota).
+                for peer in sorted(self._seen):
+                    with contextlib.suppress(OSError):
+                        await remove_if_empty(self._state.xs,
+                                              vchan_path(self.own, peer, self._port_s))
+            self._state.release()
+            self._state = None
+
+    async def serve_forever(self) -> None:
+        if self._serving_forever is not None:
+            raise RuntimeError(f"server {self!r} is already being awaited on serve_forever()")
+        if self._closed:
+            raise RuntimeError(f"server {self!r} is closed")
+        await self.start_serving()
+        self._serving_forever = self._loop.create_future()
+        try:
+            await self._serving_forever
+        except asyncio.CancelledError:
+            try:
+                self.close()
+                await self.wait_closed()
+            finally:
+                raise
+        finally:
+            self._serving_forever = None
+
+
+async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
+async def create_server(
+    protocol_factory: Callable[[], asyncio.BaseProtocol], port: int | str, *,
+    peers: Peers, raw: bool = False, read_min: int | None = None,
+    write_min: int | None = None, accept_timeout: float = 30.0, start_serving: bool = True,
+    sessions: bool = True,
+) -> Server:
+    """Serve vchan port ``port`` to the domains in ``peers``.
+
+    ``peers`` is one domid, a collection of domids, or ``"any"`` (follows
+    domains as they come and go; needs a privileged domain).  In listener
+    mode (the default) any number of clients of each peer may connect at
+    once, each on its own libxenvchan ring; ``raw=True`` serves exactly one
+    plain libxenvchan connection at a time on the path, for C peers
+    (``peers`` must then be one domid).  ``read_min`` / ``write_min`` are
+    this server's ring sizes in bytes (clients may ask for others).  Left
+    out, rings are 1 MiB each way, and smaller ones when the domain runs
+    short of grants; given, they are kept, or the connection is refused
+    with the grant limit named.
+
+    A client that asks for a session (vchan clients do by default) gets one
+    ring for all its connections to this port (:mod:`vchan.mux`);
+    ``sessions=False`` gives every connection a ring of its own, as a
+    :class:`~vchan.proxy.SocketSplice` protocol needs.
+    """
+    port_s = check_port(port)
+    if peers != "any":
+        if isinstance(peers, int):
+            check_domid(peers, "peers")
+        elif isinstance(peers, Collection) and not isinstance(peers, str | bytes):
+            if not peers:
+                raise ValueError("peers must name at least one domain")
+            for p in peers:
+                check_domid(p, "peers")
+        else:
+            raise TypeError("peers must be a domid, a collection of domids or 'any'")
+    if raw and not isinstance(peers, int):
+        raise ValueError("raw=True serves one libxenvchan client: peers must be one domid")
+    if accept_timeout <= 0:
+        raise ValueError(f"accept_timeout must be > 0, got {accept_timeout}")
+    shrink = read_min is None and write_min is None
+    read_min, write_min = _ring_sizes(read_min, write_min)
+    server = Server(asyncio.get_running_loop(), protocol_factory, port, port_s, peers, raw=raw,
+                    read_min=read_min, write_min=write_min, accept_timeout=accept_timeout,
+                    shrink=shrink, sessions=sessions)
+    if start_serving:
+        await server.start_serving()
+    return server
