@@ -72,7 +72,7 @@ class Server(asyncio.AbstractServer):
         self._hub_held = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._transports: set[asyncio.Transport] = set()
-        self._pending: set[Any] = set()         # endpoints not yet connected
+        self._pending: set[Any] = set()         # endpoints, sessions not yet connected
         self._watched: dict[int, asyncio.Task[None]] = {}
         self._seen: dict[int, set[str]] = {}
         self._accept_slots: dict[int, asyncio.Semaphore] = {}
@@ -237,7 +237,7 @@ class Server(asyncio.AbstractServer):
             if session:
                 await self._connect_session(endpoint, peer, path)
             else:
-                await self._connect(endpoint, peer, path, publish_at=path)
+                await self._connect(endpoint, peer, path)
         except (OSError, VchanError) as exc:
             # Tell the client at once rather than let it wait for its timeout;
             # the answer goes once the client withdraws its request.
@@ -251,7 +251,7 @@ class Server(asyncio.AbstractServer):
         """Publish a session ring; once the client is there, it opens streams."""
         from .mux import Session
 
-        assert self._state is not None and self._hub is not None and self.own is not None
+        assert self._hub is not None and self.own is not None
         try:
             session = Session(self._loop, endpoint, self._hub, is_server=True, own=self.own,
                               peer=peer, accept=self._accept_stream,
@@ -259,27 +259,53 @@ class Server(asyncio.AbstractServer):
         except BaseException:
             endpoint.close()
             raise
-        self._pending.add(session)
-        try:
-            await publish(self._state.xs, path, endpoint.ring_ref, endpoint.port, self.own,
-                          peer, session=True)
-            connected = await wait_client(self._hub, endpoint, self._accept_timeout,
-                                          then=session._on_event)
-        except BaseException:
-            self._pending.discard(session)
-            session.close()
-            with contextlib.suppress(OSError):
-                await self._state.xs.rm(path)
-            raise
-        self._pending.discard(session)
-        with contextlib.suppress(OSError):
-            await self._state.xs.rm(path)
-        if not connected or not self._serving:
-            session.close()
+        if not await self._meet(session, endpoint, peer, path, session=True,
+                                then=session._on_event):
             return
         self._sessions_open.add(session)
         self._all_closed.clear()
         session._on_event()         # the client may have opened streams already
+
+    async def _connect(self, endpoint: Any, peer: int, path: str, *,
+                       keep_path: bool = False) -> VchanTransport | None:
+        """Publish a ring, wait for the client, hand it to a new protocol."""
+        if not await self._meet(endpoint, endpoint, peer, path, keep_path=keep_path):
+            return None
+        return self._make_transport(endpoint, peer, path if keep_path else None)
+
+    async def _meet(self, held: Any, endpoint: Any, peer: int, path: str, *,
+                    session: bool = False, then: Callable[[], None] | None = None,
+                    keep_path: bool = False) -> bool:
+        """Publish ``endpoint``'s ring at ``path``; whether the client came.
+
+        ``held`` is what the ring will carry (the endpoint itself or a
+        session over it): pending meanwhile, closed unless the client came
+        while we still serve.  ``path`` is removed once the meeting is over,
+        or with ``keep_path`` (raw mode) only if the client did not come.
+        """
+        assert self._state is not None and self._hub is not None and self.own is not None
+        self._pending.add(held)
+        try:
+            await publish(self._state.xs, path, endpoint.ring_ref, endpoint.port, self.own,
+                          peer, session=session)
+            connected = await wait_client(self._hub, endpoint, self._accept_timeout, then=then)
+        except BaseException:
+            self._pending.discard(held)
+            held.close()
+            with contextlib.suppress(OSError):
+                await self._state.xs.rm(path)
+            raise
+        self._pending.discard(held)
+        if not keep_path:
+            with contextlib.suppress(OSError):
+                await self._state.xs.rm(path)
+        if connected and self._serving:
+            return True
+        held.close()
+        if keep_path:
+            with contextlib.suppress(OSError):
+                await self._state.xs.rm(path)
+        return False
 
     def _accept_stream(self, session: Any, stream_id: int, port: str) -> Any:
         """A client opened a stream on one of our sessions: a new connection."""
@@ -318,33 +344,6 @@ class Server(asyncio.AbstractServer):
     def _maybe_all_closed(self) -> None:
         if not self._transports and not self._pending and not self._sessions_open:
             self._all_closed.set()
-
-    async def _connect(self, endpoint: Any, peer: int, path: str, *, publish_at: str,
-                       keep_path: bool = False) -> VchanTransport | None:
-        """Publish a ring, wait for the client, hand it to a new protocol."""
-        assert self._state is not None and self._hub is not None and self.own is not None
-        self._pending.add(endpoint)
-        try:
-            await publish(self._state.xs, publish_at, endpoint.ring_ref, endpoint.port,
-                          self.own, peer)
-            connected = await wait_client(self._hub, endpoint, self._accept_timeout)
-        except BaseException:
-            self._pending.discard(endpoint)
-            endpoint.close()
-            with contextlib.suppress(OSError):
-                await self._state.xs.rm(path)
-            raise
-        self._pending.discard(endpoint)
-        if not keep_path:
-            with contextlib.suppress(OSError):
-                await self._state.xs.rm(path)
-        if not connected or not self._serving:
-            endpoint.close()
-            if keep_path:
-                with contextlib.suppress(OSError):
-                    await self._state.xs.rm(path)
-            return None
-        return self._make_transport(endpoint, peer, path if keep_path else None)
 
     def _make_transport(self, endpoint: Any, peer: int, xs_path: str | None) -> VchanTransport:
         try:
@@ -398,8 +397,7 @@ class Server(asyncio.AbstractServer):
                 # wait for it to come up.
                 await self._wait_for_domain(peer)
                 continue
-            transport = await self._connect(endpoint, peer, path, publish_at=path,
-                                            keep_path=True)
+            transport = await self._connect(endpoint, peer, path, keep_path=True)
             if transport is not None:
                 return      # one connection at a time: closing it serves the next
 
