@@ -481,6 +481,95 @@ def test_take_refuses_pieces_that_do_not_add_up() -> None:
     assert pair.server.data_ready() == HEADER + 3        # not consumed
 
 
+def take_run(reader: Reader, *, credit: int = NO_LIMIT, room: int = 1 << 16,
+             max_payload: int = NO_LIMIT) -> tuple[int, bytes]:
+    """vchan_mux_take_run on the frame ``reader`` just peeked: (rc, bytes copied)."""
+    buf = ffi.new("char[]", room)
+    rc = lib.vchan_mux_take_run(reader.ring._r, reader.f, reader.pa[0], reader.alen[0],
+                                reader.pb[0], reader.blen[0], max_payload, credit, buf, room,
+                                reader.ring._notify)
+    return int(rc), ffi.unpack(buf, max(int(rc), 0))
+
+
+def test_take_run_takes_the_streams_next_frames_and_stops_at_anything_else() -> None:
+    pair = Pair(12, 12)
+    for frame in (Frame(DATA, 0, 1, 0, b"ab"), Frame(DATA, 0, 1, 0, b""),
+                  Frame(DATA, 0, 1, 0, b"cde"), Frame(DATA, 0, 2, 0, b"other stream"),
+                  Frame(DATA, 0, 1, 0, b"f"), Frame(EOF, 0, 1, 0, b""),
+                  Frame(DATA, 0, 1, 0, b"g"), Frame(DATA, 1, 1, 0, b"flagged")):
+        assert mux_write(pair.client, frame) == len(frame.payload)
+    reader = Reader(pair.server)
+    got = []
+    while reader.peek() == 1:
+        if reader.f.type != DATA:
+            got.append(("ctl", reader.take()[1]))
+            continue
+        rc, data = take_run(reader)
+        assert rc == len(data)
+        got.append((reader.f.stream, data))
+    assert got == [(1, b"abcde"), (2, b"other stream"), (1, b"f"), ("ctl", b""),
+                   (1, b"g"), (1, b"flagged")]
+    assert pair.server.data_ready() == 0
+
+
+def test_take_run_stops_where_the_buffer_or_the_credit_would_be_exceeded() -> None:
+    pair = Pair(12, 12)
+    for _ in range(6):
+        assert mux_write(pair.client, Frame(DATA, 0, 3, 0, b"x" * 100)) == 100
+    reader = Reader(pair.server)
+    assert reader.peek() == 1
+    assert take_run(reader, room=250) == (200, b"x" * 200)       # a third would not fit
+    assert reader.peek() == 1
+    assert take_run(reader, credit=299) == (200, b"x" * 200)     # nor within the credit
+    assert reader.peek() == 1
+    assert take_run(reader, room=99) == (lib.VCHAN_EINVAL, b"")  # the first must fit
+    assert take_run(reader, credit=99)[0] == lib.VCHAN_EINVAL
+    assert pair.server.data_ready() == 2 * (HEADER + 100)        # nothing taken
+    assert take_run(reader) == (200, b"x" * 200)
+    assert pair.server.data_ready() == 0
+
+
+def test_take_run_leaves_a_broken_or_half_frame_to_the_next_peek() -> None:
+    pair = Pair(12, 12)
+    assert mux_write(pair.client, Frame(DATA, 0, 1, 0, b"good")) == 4
+    raw = header(DATA, 1, 5000) + b"y" * 10                      # too long, and half there
+    assert pair.client.write(raw) == len(raw)
+    reader = Reader(pair.server)
+    assert reader.peek(max_payload=4096) == 1
+    assert take_run(reader, max_payload=4096) == (4, b"good")
+    assert reader.peek(max_payload=4096) == EFRAME               # judged by the caller
+    assert pair.server.data_ready() == len(raw)
+
+
+def test_take_run_copies_frames_wrapping_the_end_of_the_ring() -> None:
+    pair = Pair(10, 11)
+    assert pair.client.write_size == 1024
+    advance(pair, 1000)
+    data = payload_of(900, 12)
+    for i in range(0, 900, 300):
+        assert mux_write(pair.client, Frame(DATA, 0, 9, 0, data[i:i + 300])) == 300
+    reader = Reader(pair.server)
+    assert reader.peek() == 1
+    assert take_run(reader) == (900, data)
+
+
+def test_write_data_stops_after_the_frame_the_reader_waits_for() -> None:
+    """The reader found the ring empty and asked to be woken: the writer gets
+    back control after the first frame, wakes it, then writes the rest."""
+    pair = Pair(14, 14)
+    reader = Reader(pair.server)
+    assert reader.peek() == 0                                   # empty: wake-up armed
+    data = payload_of(10_000, 13)
+    notify = pair.client._notify
+    notify[0] = 0
+    k = lib.vchan_mux_write_data(pair.client._r, 4, data, len(data), 100, 1000, notify)
+    assert (k, notify[0]) == (1000, 1)
+    notify[0] = 0
+    k2 = lib.vchan_mux_write_data(pair.client._r, 4, data[k:], len(data) - k, 100, 1000,
+                                  notify)
+    assert (k2, notify[0]) == (len(data) - k, 0)                # nobody waits: all at once
+
+
 def test_a_corrupt_producer_index_is_a_ring_error_not_a_frame() -> None:
     pair = Pair(10, 11)
     assert mux_write(pair.client, Frame(DATA, 0, 1, 0, b"abc")) == 3
@@ -1153,6 +1242,136 @@ async def test_buffered_protocol_stream_gets_every_byte_through_a_small_buffer(
         await asyncio.wait_for(sink.eof.wait(), 20)
         assert len(sink.data) == len(data)
         assert sink.data == data
+
+
+class Counter(asyncio.Protocol):
+    """Counts data_received() calls and keeps what they brought."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.calls = 0
+        self.types: set[type] = set()
+        self.transport: Any = None
+        self.changed = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.calls += 1
+        self.types.add(type(data))
+        self.data += data
+        self.changed.set()
+
+    async def wait_for_bytes(self, n: int, timeout: float = 10) -> None:
+        async def until() -> None:
+            while len(self.data) < n:
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(until(), timeout)
+
+
+async def test_small_writes_reach_a_protocol_in_few_data_received_calls(
+        sim_dir: Path) -> None:
+    """Small frames that are in the ring together are read in one copy: one
+    data_received() of bytes for many writes, in order."""
+    own = vchan.own_domid()
+    counters: list[Counter] = []
+
+    def factory() -> Counter:
+        counters.append(Counter())
+        return counters[-1]
+
+    port = f"mux-{next(_ports)}"
+    server = await vchan.create_server(factory, port, peers=own)
+    try:
+        _, writer = await vchan.open_connection(own, port, timeout=10)
+        try:
+            pieces = [payload_of(random.Random(i).randint(1, 200), i) for i in range(3000)]
+            for piece in pieces:            # no await: every one is a frame in the ring
+                writer.write(piece)
+            expected = b"".join(pieces)
+            await asyncio.wait_for(_until(lambda: bool(counters)), 5)
+            await counters[0].wait_for_bytes(len(expected))
+            assert counters[0].data == expected
+            assert counters[0].types == {bytes}
+            assert counters[0].calls <= len(pieces) // 20, counters[0].calls
+        finally:
+            writer.transport.abort()
+            for c in counters:
+                c.transport.abort()
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
+
+
+async def _until(cond: Any, step: float = 0.005) -> None:
+    while not cond():
+        await asyncio.sleep(step)
+
+
+async def test_small_writes_reach_a_buffered_protocol_in_few_calls(sim_dir: Path) -> None:
+    async with buffered_stream(1 << 16) as (sink, writer):
+        pieces = [payload_of(random.Random(i).randint(1, 300), i) for i in range(3000)]
+        for piece in pieces:
+            writer.write(piece)
+        expected = b"".join(pieces)
+        await sink.wait_for_bytes(len(expected))
+        assert sink.data == expected
+        updates = sum(1 for name, _ in sink.calls if name == "buffer_updated")
+        assert updates <= len(pieces) // 20, updates
+
+
+async def test_a_large_bytes_write_is_queued_without_a_copy(sim_dir: Path) -> None:
+    """What does not fit in the ring waits as the caller's own bytes object; a
+    bytearray is copied (the caller may change it after write())."""
+    async with served(1) as s:
+        conn = s.conns[0]
+        transport = conn.client.transport
+        conn.server.transport.pause_reading()
+        big = payload_of(3 << 20, 90)
+        transport.write(big)
+        queue = transport._buffer
+        assert len(queue) > 0
+        assert all(isinstance(c, memoryview) and c.obj is big for c in queue._chunks)
+        mutable = bytearray(payload_of(100_000, 91))
+        sent = bytes(mutable)
+        transport.write(mutable)
+        mutable[:] = b"\0" * len(mutable)
+        conn.server.transport.resume_reading()
+        got = await asyncio.wait_for(conn.server.reader.readexactly(len(big) + len(sent)), 20)
+        assert got == big + sent
+
+
+def test_write_queue_keeps_order_shares_large_bytes_and_gathers_small_writes() -> None:
+    from vchan._flow import WriteQueue
+
+    q = WriteQueue()
+    big = payload_of(WriteQueue.SHARE_MIN + 100, 1)
+    q.extend(b"ab")
+    q.extend(bytearray(b"cd"))
+    q.extend(memoryview(b"e"))
+    q.extend(big)
+    q.extend(memoryview(big)[10:])              # the rest of a bytes object: shared too
+    q.extend(b"")
+    assert len(q) == 5 + len(big) + len(big) - 10
+    chunks = list(q._chunks)
+    assert bytes(chunks[0]) == b"abcde"         # small writes: one piece
+    assert chunks[1].obj is big and chunks[2].obj is big  # type: ignore[union-attr]
+    out = bytearray()
+    while q:
+        head = q.head()
+        k = min(len(head), 7777)
+        out += bytes(head[:k])
+        q.advance(k)
+    assert out == b"abcde" + big + big[10:]
+    assert len(q) == 0 and not q
+    q.extend(bytearray(WriteQueue.TAIL_MAX))
+    q.extend(b"x")                              # a full piece is not grown
+    assert len(q._chunks) == 2
+    q.clear()
+    assert not q and len(q._chunks) == 0
 
 
 # -- small session rings ------------------------------------------------------------------------

@@ -10,7 +10,9 @@ imported: asyncio's private helpers move between Python versions.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+from collections.abc import Sized
 from typing import Any
 
 from .errors import LocalProtocolError
@@ -77,6 +79,68 @@ class WriteFlowControl:
         self._maybe_pause_protocol()
 
 
+class WriteQueue:
+    """Bytes accepted by ``write()`` and not yet in the ring, in order.
+
+    A large ``bytes`` write is kept as it is (it cannot change under us):
+    no copy into a buffer, no copy when the front of it leaves.  Smaller or
+    mutable writes are copied into bytearrays of at most ``TAIL_MAX`` bytes,
+    small writes one after another into the same one, so that they leave as
+    one frame.
+    """
+
+    SHARE_MIN = 16384               # bytes objects this large are kept, not copied
+    TAIL_MAX = 262144               # copied writes gather into pieces this large
+
+    __slots__ = ("_chunks", "_size")
+
+    def __init__(self) -> None:
+        self._chunks: collections.deque[bytearray | memoryview] = collections.deque()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bool__(self) -> bool:
+        return self._size > 0
+
+    def extend(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data`` (after what is queued)."""
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        n = view.nbytes
+        if not n:
+            return
+        self._size += n
+        if n >= self.SHARE_MIN and isinstance(view.obj, bytes) and view.c_contiguous:
+            self._chunks.append(view.cast("B"))
+            return
+        chunks = self._chunks
+        tail = chunks[-1] if chunks else None
+        if isinstance(tail, bytearray) and len(tail) + n <= self.TAIL_MAX:
+            tail += view
+        else:
+            chunks.append(bytearray(view))
+
+    def head(self) -> bytearray | memoryview:
+        """The first piece of what is queued (not empty; the queue is not)."""
+        return self._chunks[0]
+
+    def advance(self, n: int) -> None:
+        """``n`` bytes of the head piece have left."""
+        head = self._chunks[0]
+        self._size -= n
+        if n >= len(head):
+            self._chunks.popleft()
+        elif isinstance(head, bytearray):
+            del head[:n]
+        else:
+            self._chunks[0] = head[n:]
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._size = 0
+
+
 class TransportBase(WriteFlowControl, asyncio.Transport):
     """State and accessors common to vchan's transports.
 
@@ -84,7 +148,7 @@ class TransportBase(WriteFlowControl, asyncio.Transport):
     ``_closing``, ``_closed``, ``_paused``, ``_extra`` and ``_protocol``.
     """
 
-    _buffer: bytearray
+    _buffer: Sized
     _closing: bool
     _closed: bool
     _paused: bool

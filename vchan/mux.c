@@ -124,6 +124,10 @@ int vchan_mux_write_data(struct vchan_ring *r, uint32_t stream, const void *data
         if (n < 0)
             return n;
         done += (uint32_t)n;
+        /* The reader is waiting for this frame: stop, so that the caller
+         * wakes it now and it copies while we write the next frames. */
+        if (*notify)
+            break;
     }
     return done ? (int)done : VCHAN_MUX_FULL;
 }
@@ -192,4 +196,39 @@ int vchan_mux_take(struct vchan_ring *r, const struct vchan_mux_frame *f, const 
     if (blen)
         memcpy(dst + alen, b, blen);
     return vchan_ring_consume(r, VCHAN_MUX_HEADER + f->length, notify);
+}
+
+int vchan_mux_take_run(struct vchan_ring *r, const struct vchan_mux_frame *f,
+                       const uint8_t *a, uint32_t alen, const uint8_t *b, uint32_t blen,
+                       uint32_t max_payload, uint32_t credit, void *buf, uint32_t len,
+                       int *notify)
+{
+    struct vchan_mux_frame g;
+    uint8_t *dst = buf;
+    uint32_t done;
+    int rc;
+
+    if (f->length > len || f->length > credit)
+        return VCHAN_EINVAL;
+    /* The first frame as the caller saw it (its header is private memory):
+     * taking it is always progress, whatever the peer does meanwhile. */
+    rc = vchan_mux_take(r, f, a, alen, b, blen, dst, notify);
+    if (rc < 0)
+        return rc;
+    done = f->length;
+    while (done < len) {
+        /* A frame that is not whole yet, broken, of another kind or stream,
+         * or too big for what is left is not ours to judge here: the
+         * caller looks at it next. */
+        if (vchan_mux_peek(r, &g, max_payload, &a, &alen, &b, &blen) <= 0)
+            break;
+        if (g.type != f->type || g.stream != f->stream || g.flags != f->flags ||
+            g.length > len - done || g.length > credit - done)
+            break;
+        rc = vchan_mux_take(r, &g, a, alen, b, blen, dst + done, notify);
+        if (rc < 0)
+            return rc;
+        done += g.length;
+    }
+    return (int)done;
 }

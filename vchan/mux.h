@@ -60,7 +60,8 @@ int vchan_mux_write_ex(struct vchan_ring *r, uint8_t type, uint8_t flags, uint32
 
 /* Write up to len bytes of data as DATA frames of at most max_payload
  * bytes each, while they fit (a piece no smaller than min(rest,
- * min_payload)); the peer is told once, at the end, if it asked.  Returns
+ * min_payload)).  Stops after the frame that sets *notify (the peer is
+ * waiting for it: wake it, then call again for the rest).  Returns
  * the bytes written (> 0), VCHAN_MUX_FULL when not even the first frame
  * fits (the "tell me on read" request is armed), or a ring error. */
 int vchan_mux_write_data(struct vchan_ring *r, uint32_t stream, const void *data, uint32_t len,
@@ -81,5 +82,16 @@ int vchan_mux_peek(struct vchan_ring *r, struct vchan_mux_frame *f, uint32_t max
  * it) and consume the frame. */
 int vchan_mux_take(struct vchan_ring *r, const struct vchan_mux_frame *f, const uint8_t *a,
                    uint32_t alen, const uint8_t *b, uint32_t blen, void *buf, int *notify);
+
+/* Take the frame just peeked (as vchan_mux_take) and then every whole
+ * frame after it of the same type, flags and stream, while its payload
+ * fits in what is left of buf's len bytes and of credit: their payloads
+ * end to end in buf, the frames consumed.  Stops quietly at anything else
+ * (the caller's next peek judges it).  Returns the payload bytes copied, or
+ * an error; VCHAN_EINVAL if the first frame does not fit. */
+int vchan_mux_take_run(struct vchan_ring *r, const struct vchan_mux_frame *f,
+                       const uint8_t *a, uint32_t alen, const uint8_t *b, uint32_t blen,
+                       uint32_t max_payload, uint32_t credit, void *buf, uint32_t len,
+                       int *notify);
 
 #endif /* VCHAN_MUX_H */

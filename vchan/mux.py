@@ -59,9 +59,20 @@ the two sides may briefly differ): every stream of the session fails with
 by the kernel) resets every stream; one that closes the session gracefully
 gives each stream EOF, after the data it sent.
 
-Fairness.  Streams with data and credit take turns, a frame each (at most
-``MAX_FRAME`` bytes), after control frames; the reader takes at most
-``READ_BUDGET`` bytes per look before letting the loop run other callbacks.
+Bulk.  A frame is taken out of the ring whole, so a frame as large as the
+ring would make the writer wait for the reader's whole copy and the reader
+for the writer's: DATA frames are at most a quarter of the ring, and each
+side wakes the other as soon as it is worth it (the writer after the frame
+a waiting reader wants, the reader once a quarter of the ring is free), so
+that both copy at once.  Frames of one stream that lie in the ring together
+are read in one C call: small ones (under ``GATHER`` bytes) into one
+``data_received()``, any into a ``BufferedProtocol``'s buffer.  Writes wait
+in a :class:`vchan._flow.WriteQueue`, which keeps a large ``bytes`` object
+as it is instead of copying it.
+
+Fairness.  Streams with data and credit take turns of up to ``QUANTUM``
+bytes, after control frames; the reader takes at most ``READ_BUDGET`` bytes
+per look before letting the loop run other callbacks.
 """
 
 from __future__ import annotations
@@ -75,7 +86,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ._flow import TransportBase
+from ._flow import TransportBase, WriteQueue
 from ._native import ffi, lib
 from .endpoint import Endpoint
 from .errors import RemoteProtocolError
@@ -99,6 +110,8 @@ MAX_STREAMS = 65536             # streams a session accepts at once, by default
 READ_BUDGET = 1 << 20           # bytes read per look before yielding to the loop
 QUANTUM = 1 << 20               # bytes a stream writes in its turn before the next one
 MIN_CHUNK = 4096                # smallest piece of a larger write worth a frame
+GATHER = 16384                  # DATA frames smaller than this are read in runs...
+GATHER_MAX = 65536              # ...of up to this many bytes, one data_received()
 _MAX_CREDIT = (1 << 31) - 1
 _HELLO_BODY = struct.Struct("<II")
 _FULL: int = lib.VCHAN_MUX_FULL
@@ -151,7 +164,11 @@ class Session:
         self._r = ring._r
         self._notify = ring._notify
         self._max_in = min(MAX_FRAME, ring.read_size - HEADER)
-        self._max_out = min(MAX_FRAME, ring.write_size - HEADER)
+        # A frame is read whole (its space is given back once it is read):
+        # frames of a quarter of the ring let the reader copy one out while
+        # the writer fills the next.
+        self._max_out = min(MAX_FRAME, ring.write_size - HEADER,
+                            max(ring.write_size // 4, MIN_CHUNK))
         # In-page rings (1 or 2 KiB, when grants run short) must still take
         # a whole frame of each kind.
         self._min_chunk = min(MIN_CHUNK, self._max_out)
@@ -171,6 +188,8 @@ class Session:
         self._pb = ffi.new("const uint8_t **")
         self._alen = ffi.new("uint32_t *")
         self._blen = ffi.new("uint32_t *")
+        self._scratch = ffi.new("char[]", GATHER_MAX)
+        self._wake_after = max(ring.read_size // 4, 1)
         hub.register(endpoint.port, self._on_event)
         hub.watch_peer(peer, self)
         self._send_control(HELLO, 0, 0, VERSION, _HELLO_BODY.pack(window, self.max_streams))
@@ -259,12 +278,19 @@ class Session:
 
     def _write_direct(self, stream: StreamTransport, data: Any, n: int) -> int:
         """Write up to ``n`` bytes of ``data`` as DATA frames now; bytes written."""
-        k: int = lib.vchan_mux_write_data(self._r, stream.stream_id, ffi.from_buffer(data), n,
-                                          self._min_chunk, self._max_out, self._notify)
-        if k < 0 and k != _FULL:
-            raise _ring_error(k, "write")
-        self._flush_notify()
-        return max(k, 0)
+        r, view, done = self._r, ffi.from_buffer(data), 0
+        while done < n:
+            k: int = lib.vchan_mux_write_data(r, stream.stream_id, view + done, n - done,
+                                              self._min_chunk, self._max_out, self._notify)
+            if k < 0:
+                if k != _FULL:
+                    raise _ring_error(k, "write")
+                break
+            done += k
+            # write_data stops once the reader is to be woken: wake it now,
+            # so that it copies out while we write the rest.
+            self._flush_notify()
+        return done
 
     def _want_send(self, stream: StreamTransport) -> None:
         if not stream._queued:
@@ -290,31 +316,44 @@ class Session:
         r, notify, ready = self._r, self._notify, self._ready
         while ready:
             stream = ready[0]
-            buf = stream._buffer
-            # A turn is up to QUANTUM bytes (several frames in one call, one
-            # trim of the buffer), then the next stream's.
-            n = min(len(buf), stream._credit, QUANTUM)
-            if n <= 0 or stream._closed:
+            queue = stream._buffer
+            # A turn is up to QUANTUM bytes (several frames per call), then
+            # the next stream's.
+            budget = min(len(queue), stream._credit, QUANTUM)
+            if budget <= 0 or stream._closed:
                 ready.popleft()
                 stream._queued = False
                 continue
-            k = lib.vchan_mux_write_data(r, stream.stream_id, ffi.from_buffer(buf), n,
-                                         self._min_chunk, self._max_out, notify)
-            if k < 0:
-                if k == _FULL:
-                    return
-                raise _ring_error(k, "write")
-            del buf[:k]
-            stream._credit -= k
+            sent = 0
+            full = False
+            while sent < budget:
+                head = queue.head()
+                m = min(len(head), budget - sent)
+                k = lib.vchan_mux_write_data(r, stream.stream_id, ffi.from_buffer(head), m,
+                                             self._min_chunk, self._max_out, notify)
+                if k < 0:
+                    if k != _FULL:
+                        raise _ring_error(k, "write")
+                    full = True
+                    break
+                queue.advance(k)
+                sent += k
+                if notify[0]:
+                    self._flush_notify()    # the reader waits: it reads while we write
+                    if self.closed:
+                        return
+            stream._credit -= sent
+            if full and not sent:
+                return
             ready.popleft()
-            if buf and stream._credit > 0:
+            if queue and stream._credit > 0:
                 ready.append(stream)        # its turn again after the others
             else:
                 stream._queued = False
-                if buf:
+                if queue:
                     stream._out_of_credit()
             stream._sent()
-            if self.closed or (self._ctl and not self._flush_control()):
+            if full or self.closed or (self._ctl and not self._flush_control()):
                 return
 
     def _flush_notify(self) -> None:
@@ -362,9 +401,15 @@ class Session:
             self._blen
         streams = self.streams
         total = 0
+        woke = 0
         while not self.closed:
             if total >= READ_BUDGET:
                 return True
+            if self._notify[0] and total - woke >= self._wake_after:
+                # The writer waits for space and a good share is free: wake
+                # it now, so that it writes while we read on.
+                woke = total
+                self._flush_notify()
             rc = lib.vchan_mux_peek(r, f, self._max_in, pa, alen, pb, blen)
             if rc <= 0:
                 if rc < 0:
@@ -382,21 +427,27 @@ class Session:
                 if n > stream._recv_credit:
                     raise _protocol_error(f"stream {sid} sent {n} bytes beyond its "
                                           f"credit of {stream._recv_credit}")
+                if stream._can_deliver():
+                    if stream._buffered_protocol:
+                        total += stream._deliver_frames(f, pa[0], alen[0], pb[0], blen[0])
+                        continue
+                    if n < GATHER:
+                        # Small frames: this one and the stream's next ones
+                        # in one copy, one data_received().
+                        k = lib.vchan_mux_take_run(r, f, pa[0], alen[0], pb[0], blen[0],
+                                                   self._max_in, stream._recv_credit,
+                                                   self._scratch, GATHER_MAX, self._notify)
+                        if k < 0:
+                            raise _ring_error(k, "read")
+                        stream._recv_credit -= k
+                        total += k
+                        stream._data(ffi.unpack(self._scratch, k))
+                        continue
                 stream._recv_credit -= n
                 total += n
-                if stream._buffered_protocol and stream._can_deliver():
-                    a, al, b, bl = pa[0], alen[0], pb[0], blen[0]
-                    done = stream._deliver_into(a, al, b, bl)
-                    if self.closed:
-                        return False        # a callback ended the session: ring unmapped
-                    if done < n and not stream._conn_lost:
-                        # Paused mid-frame: the rest waits for resume_reading().
-                        stream._rbuf.append(_unpack(a, al, b, bl, done))
-                    lib.vchan_ring_consume(r, HEADER + n, self._notify)
-                    continue
                 data = _unpack(pa[0], alen[0], pb[0], blen[0], 0)
                 lib.vchan_ring_consume(r, HEADER + n, self._notify)
-                stream._data(data)
+                stream._data(data)          # held if the stream cannot take it now
                 continue
             if n > MAX_CONTROL:
                 raise _protocol_error(f"a {_NAMES.get(kind, kind)} frame of {n} bytes")
@@ -601,6 +652,7 @@ class StreamTransport(TransportBase):
 
     _extra: dict[str, Any]
     _protocol: Any
+    _buffer: WriteQueue
 
     def __init__(self, session: Session, stream_id: int, protocol: asyncio.BaseProtocol, *,
                  extra: dict[str, Any] | None = None,
@@ -614,7 +666,7 @@ class StreamTransport(TransportBase):
         self._extra.setdefault("session", session)
         self._extra.setdefault("endpoint", session._endpoint)   # the ring carrying it
         self._protocol = None
-        self._buffer = bytearray()
+        self._buffer = WriteQueue()
         self._queued = False            # in the session's ready queue
         self._credit = session.peer_window if session._hello_seen else DEFAULT_WINDOW
         self._recv_credit = session.window
@@ -694,36 +746,67 @@ class StreamTransport(TransportBase):
         except BaseException as exc:
             self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
 
-    def _deliver_into(self, a: Any, alen: int, b: Any, blen: int) -> int:
-        """BufferedProtocol: copy a DATA payload from the ring into its buffer.
-
-        Returns the bytes delivered: fewer than the payload when the protocol
-        paused reading (or the stream or its session ended) on the way.
+    def _deliver_frames(self, f: Any, a: Any, alen: int, b: Any, blen: int) -> int:
+        """BufferedProtocol: the DATA frame just peeked (and the stream's whole
+        frames after it, while they fit) straight from the ring into the
+        protocol's buffer; the frames are consumed.  Returns the bytes taken
+        from the ring.  A buffer smaller than the frame takes it in pieces;
+        what is left when the protocol pauses (or the stream ends) on the way
+        waits in ``_rbuf``.
         """
         session = self._session
+        r, notify = session._r, session._notify
+        n: int = f.length
         done = 0
+        self._recv_credit -= n
         try:
+            view = ffi.from_buffer(self._protocol.get_buffer(n), require_writable=True)
+            if not len(view):
+                raise RuntimeError("get_buffer() returned an empty buffer")
+            if len(view) >= n:
+                k: int = lib.vchan_mux_take_run(r, f, a, alen, b, blen, session._max_in,
+                                                self._recv_credit + n, view, len(view),
+                                                notify)
+                if k < 0:
+                    raise _ring_error(k, "read")
+                self._recv_credit -= k - n
+                self._consumed(k)
+                self._protocol.buffer_updated(k)
+                return k
+            # The buffer is smaller than the frame: piece by piece.
             for ptr, length in ((a, alen), (b, blen)):
                 off = 0
                 while off < length:
                     if self._paused or self._conn_lost or session.closed:
-                        return done
-                    buf = self._protocol.get_buffer(length - off)
-                    view = ffi.from_buffer(buf, require_writable=True)
-                    n = min(len(view), length - off)
-                    if n <= 0:
-                        raise RuntimeError("get_buffer() returned an empty buffer")
+                        raise _Stop
+                    if view is None:
+                        view = ffi.from_buffer(self._protocol.get_buffer(length - off),
+                                               require_writable=True)
+                        if not len(view):
+                            raise RuntimeError("get_buffer() returned an empty buffer")
+                    k = min(len(view), length - off)
                     # The buffer may be gone after a callback: copy before it.
-                    ffi.memmove(view, ptr + off, n)
-                    off += n
-                    done += n
-                    self._consumed(n)
-                    self._protocol.buffer_updated(n)
+                    ffi.memmove(view, ptr + off, k)
+                    view = None
+                    off += k
+                    done += k
+                    self._consumed(k)
+                    self._protocol.buffer_updated(k)
+        except _Stop:
+            pass
+        except RemoteProtocolError:
+            raise
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
             self._fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.")
-        return done
+        if session.closed:
+            return n                    # a callback ended the session: ring unmapped
+        if done < n and not self._conn_lost:
+            # Paused mid-frame: the rest waits for resume_reading().
+            self._rbuf.append(_unpack(a, alen, b, blen, done))
+        lib.vchan_ring_consume(r, HEADER + n, notify)
+        return n
 
     def _deliver(self, data: bytes) -> None:
         self._consumed(len(data))
@@ -927,6 +1010,10 @@ class StreamTransport(TransportBase):
             self._protocol = None
             if self._on_close is not None:
                 self._on_close()
+
+
+class _Stop(Exception):
+    """Delivery stops here (paused, closed): the rest of the frame waits."""
 
 
 def _unpack(a: Any, alen: int, b: Any, blen: int, skip: int) -> bytes:

@@ -114,6 +114,7 @@ class VchanTransport(TransportBase):
     max_splice = 1024 * 1024    # bytes spliced each way per loop iteration
     _extra: dict[str, Any]      # asyncio.BaseTransport's extra info
     _protocol: Any
+    _buffer: bytearray
 
     def __init__(self, loop: asyncio.AbstractEventLoop, endpoint: Endpoint,
                  protocol: asyncio.BaseProtocol, hub: _EventHub, *,
