@@ -1344,6 +1344,55 @@ async def test_a_large_bytes_write_is_queued_without_a_copy(sim_dir: Path) -> No
         assert got == big + sent
 
 
+async def test_open_and_first_write_wake_the_server_once(sim_dir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """A new stream's OPEN goes with its first write: one wake-up of the server."""
+    async with served(1) as s:
+        session = s.conns[0].client.session
+        await asyncio.sleep(0.05)                   # both sides idle, waiting
+        wakes = 0
+        notify = session._endpoint.notify
+
+        def counted() -> None:
+            nonlocal wakes
+            wakes += 1
+            notify()
+
+        monkeypatch.setattr(session._endpoint, "notify", counted)
+        _, writer = await vchan.open_connection(s.own, s.port, timeout=10)
+        writer.write(b"hello\n")
+        server_end = await asyncio.wait_for(s.accepted.get(), 5)
+        assert await asyncio.wait_for(server_end.reader.readline(), 5) == b"hello\n"
+        await asyncio.sleep(0.01)                   # the deferred wake-up has run
+        assert wakes == 1
+        writer.transport.abort()
+        server_end.transport.abort()
+
+
+async def test_a_stream_that_writes_nothing_still_reaches_the_server(sim_dir: Path) -> None:
+    """Server speaks first: the OPEN is not left waiting for a client write."""
+    own = vchan.own_domid()
+    port = f"mux-{next(_ports)}"
+
+    async def banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 ready\n")
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server = await vchan.start_server(banner, port, peers=own)
+    try:
+        for _ in range(3):                          # the first through a new session
+            reader, writer = await vchan.open_connection(own, port, timeout=10)
+            assert await asyncio.wait_for(reader.readline(), 5) == b"220 ready\n"
+            writer.close()
+            await writer.wait_closed()
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
+
+
 def test_write_queue_keeps_order_shares_large_bytes_and_gathers_small_writes() -> None:
     from vchan._flow import WriteQueue
 

@@ -103,6 +103,7 @@ int vchan_mux_write_ex(struct vchan_ring *r, uint8_t type, uint8_t flags, uint32
                        uint32_t arg, const void *data, uint32_t len, uint32_t min_payload,
                        uint32_t max_payload, int quiet, int *notify);
 int vchan_ring_commit_quiet(struct vchan_ring *r, uint32_t n);
+int vchan_ring_publish(struct vchan_ring *r, int *notify);
 int vchan_mux_write_data(struct vchan_ring *r, uint32_t stream, const void *data, uint32_t len,
                          uint32_t min_payload, uint32_t max_payload, int *notify);
 int vchan_mux_peek(struct vchan_ring *r, struct vchan_mux_frame *f, uint32_t max_payload,

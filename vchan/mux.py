@@ -46,7 +46,10 @@ peer, vchan_ring_commit_quiet) unless the peer said BLOCKED: a sender with
 credit left finds them when it next looks, and a bulk transfer is spared a
 wake-up of the sender per update.  A BLOCKED frame wakes its receiver, which
 answers with a wake-up at once (a quiet WINDOW may be sitting unseen in the
-sender's ring) and makes its next WINDOW for that stream loud.
+sender's ring) and makes its next WINDOW for that stream loud.  An OPEN is
+*deferred*: a client nearly always writes right after connecting, and that
+write wakes the server for both; if it does not, the wake-up goes two loop
+iterations later (a server that speaks first is not kept waiting).
 
 Each side's frames go in its own write ring, written whole (header and
 payload in one commit), so the ring's own rules (indexes validated, notify
@@ -100,6 +103,7 @@ HELLO, OPEN, DATA, WINDOW, EOF, CLOSE, RESET, GOAWAY, BLOCKED = range(1, 10)
 _NAMES = {HELLO: "HELLO", OPEN: "OPEN", DATA: "DATA", WINDOW: "WINDOW", EOF: "EOF",
           CLOSE: "CLOSE", RESET: "RESET", GOAWAY: "GOAWAY", BLOCKED: "BLOCKED"}
 RESET_REFUSED = 1
+LOUD, QUIET, DEFERRED = 0, 1, 2     # how a control frame wakes the peer (_send_control)
 
 VERSION = 1
 HEADER: int = lib.VCHAN_MUX_HEADER
@@ -176,13 +180,14 @@ class Session:
         self.streams: dict[int, StreamTransport] = {}
         self._next_id = 1               # client: the next stream id it opens
         self._last_opened = 0           # server: the highest id opened so far
-        self._ctl: deque[tuple[int, int, int, int, bytes, bool]] = deque()
+        self._ctl: deque[tuple[int, int, int, int, bytes, int]] = deque()
         self._force_notify = False      # wake the peer even if it did not ask
         self._ready: deque[StreamTransport] = deque()
         self.draining = False           # no new streams (GOAWAY sent or received)
         self.closed = False
         self._error: BaseException | None = None
         self._read_scheduled = False
+        self._wake_pending = False      # a deferred wake-up is on its way (_wake_soon)
         self._frame = ffi.new("struct vchan_mux_frame *")
         self._pa = ffi.new("const uint8_t **")
         self._pb = ffi.new("const uint8_t **")
@@ -241,7 +246,10 @@ class Session:
         sid = self._next_id
         self._next_id += 1
         transport = StreamTransport(self, sid, protocol, extra=extra, waiter=waiter)
-        self._send_control(OPEN, 0, sid, 0, port.encode())
+        # The OPEN wakes the server together with the stream's first write,
+        # which usually follows at once (one wake-up, not two); without one,
+        # two loop iterations later.
+        self._send_control(OPEN, 0, sid, 0, port.encode(), DEFERRED)
         self._kick()
         return transport
 
@@ -260,8 +268,29 @@ class Session:
     # -- sending ------------------------------------------------------------------
 
     def _send_control(self, kind: int, flags: int, sid: int, arg: int, payload: bytes,
-                      quiet: bool = False) -> None:
+                      quiet: int = LOUD) -> None:
+        """Queue a control frame: LOUD wakes the peer if it waits, QUIET never
+        (it looks anyway), DEFERRED two loop iterations later unless another
+        frame woke it first (see open_stream)."""
         self._ctl.append((kind, flags, sid, arg, payload[:self._max_control], quiet))
+
+    def _wake_soon(self) -> None:
+        """Wake the peer (if it asked) two loop iterations from now: after
+        the code that is about to run has had its chance to write."""
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._loop.call_soon(self._loop.call_soon, self._wake_now)
+
+    def _wake_now(self) -> None:
+        self._wake_pending = False
+        if self.closed:
+            return
+        rc = lib.vchan_ring_publish(self._r, self._notify)
+        if rc < 0:
+            if rc in _REMOTE_CODES:
+                self._fail(_ring_error(rc, "write"))
+            return
+        self._flush_notify()
 
     def _kick(self) -> None:
         """Write what is queued now; the peer is woken if it asked."""
@@ -302,12 +331,15 @@ class Session:
         while ctl:
             kind, flags, sid, arg, payload, quiet = ctl[0]
             k = lib.vchan_mux_write_ex(r, kind, flags, sid, arg, payload, len(payload),
-                                       len(payload), self._max_control, quiet, notify)
+                                       len(payload), self._max_control, quiet != LOUD,
+                                       notify)
             if k < 0:
                 if k == _FULL:
                     return False
                 raise _ring_error(k, "write")
             ctl.popleft()
+            if quiet == DEFERRED:
+                self._wake_soon()
         return True
 
     def _flush(self) -> None:
@@ -427,22 +459,21 @@ class Session:
                 if n > stream._recv_credit:
                     raise _protocol_error(f"stream {sid} sent {n} bytes beyond its "
                                           f"credit of {stream._recv_credit}")
-                if stream._can_deliver():
-                    if stream._buffered_protocol:
-                        total += stream._deliver_frames(f, pa[0], alen[0], pb[0], blen[0])
-                        continue
-                    if n < GATHER:
-                        # Small frames: this one and the stream's next ones
-                        # in one copy, one data_received().
-                        k = lib.vchan_mux_take_run(r, f, pa[0], alen[0], pb[0], blen[0],
-                                                   self._max_in, stream._recv_credit,
-                                                   self._scratch, GATHER_MAX, self._notify)
-                        if k < 0:
-                            raise _ring_error(k, "read")
-                        stream._recv_credit -= k
-                        total += k
-                        stream._data(ffi.unpack(self._scratch, k))
-                        continue
+                if stream._buffered_protocol and stream._can_deliver():
+                    total += stream._deliver_frames(f, pa[0], alen[0], pb[0], blen[0])
+                    continue
+                if n < GATHER:
+                    # Small frames: this one and the stream's next ones in
+                    # one copy, one data_received() (or one held piece).
+                    k = lib.vchan_mux_take_run(r, f, pa[0], alen[0], pb[0], blen[0],
+                                               self._max_in, stream._recv_credit,
+                                               self._scratch, GATHER_MAX, self._notify)
+                    if k < 0:
+                        raise _ring_error(k, "read")
+                    stream._recv_credit -= k
+                    total += k
+                    stream._data(ffi.unpack(self._scratch, k))
+                    continue
                 stream._recv_credit -= n
                 total += n
                 data = _unpack(pa[0], alen[0], pb[0], blen[0], 0)
@@ -846,7 +877,7 @@ class StreamTransport(TransportBase):
             # has credit picks the update up when it next looks, and a busy
             # pair of processes is spared a wake-up per update.
             session._send_control(WINDOW, 0, self.stream_id, self._unacked, b"",
-                                  quiet=not self._peer_blocked)
+                                  LOUD if self._peer_blocked else QUIET)
             self._peer_blocked = False
             self._recv_credit += self._unacked
             self._unacked = 0

@@ -694,6 +694,16 @@ int vchan_ring_commit_quiet(struct vchan_ring *r, uint32_t n)
     return commit(r, n, NULL);
 }
 
+int vchan_ring_publish(struct vchan_ring *r, int *notify)
+{
+    int rc = usable(r);
+
+    if (rc)
+        return rc;
+    publish_prod(r, notify);
+    return 0;
+}
+
 int vchan_ring_recv(struct vchan_ring *r, void *buf, size_t len, int *notify)
 {
     int64_t ready;

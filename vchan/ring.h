@@ -199,6 +199,9 @@ int vchan_ring_commit(struct vchan_ring *r, uint32_t n, int *notify);
 /* vchan_ring_commit without waking the peer, even if it asked: for data
  * the peer needs only when something else wakes it. */
 int vchan_ring_commit_quiet(struct vchan_ring *r, uint32_t n);
+/* After quiet commits: wake the peer now if it asked to be woken on write
+ * (*notify set, the request cleared), as an ordinary commit would have. */
+int vchan_ring_publish(struct vchan_ring *r, int *notify);
 /* vchan_ring_reserve, arming the wake-up only when less than want bytes
  * are free (a writer that needs room for a whole frame). */
 int vchan_ring_reserve_min(struct vchan_ring *r, size_t want, uint8_t **a, uint32_t *alen,
