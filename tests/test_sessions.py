@@ -239,6 +239,32 @@ async def test_nothing_leaks_after_ten_thousand_connect_close_cycles(sim_dir: Pa
     assert _domain(st, own)["granted_pages"] == 0, "the idle session kept its grants"
 
 
+async def test_an_idle_session_closes_after_idle_close_and_not_while_busy(
+        sim_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vchan.pool
+
+    monkeypatch.setattr(vchan.pool, "IDLE_CLOSE", 0.3)
+    own = vchan.own_domid()
+    port = f"idle-{os.getpid()}"
+    async with await vchan.start_server(_echo, port, peers=own) as server:
+        await _one_echo(own, port)
+        session = vchan.pool.session_pool(asyncio.get_running_loop()).sessions[(own, port)]
+        for _ in range(6):                  # a connection every 0.1 s: never idle 0.3 s
+            await asyncio.sleep(0.1)
+            await _one_echo(own, port)
+        assert not session.closed
+        reader, writer = await vchan.open_connection(own, port, timeout=5)
+        await asyncio.sleep(0.5)            # a connection held open: not idle
+        assert not session.closed
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.sleep(0.15)
+        assert not session.closed
+        await asyncio.sleep(0.5)
+        assert session.closed, "the session outlived IDLE_CLOSE idle"
+        server.close_clients()
+
+
 # -- failures --------------------------------------------------------------------------
 
 

@@ -94,6 +94,7 @@ from ._native import ffi, lib
 from .endpoint import Endpoint
 from .errors import RemoteProtocolError
 from .ring import NOTIFY_CLOSED, NOTIFY_HELLO, strerror
+from .transport import SpliceProtocol
 
 __all__ = ["Session", "StreamTransport"]
 
@@ -735,8 +736,6 @@ class StreamTransport(TransportBase):
     # -- protocol -------------------------------------------------------------------
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        from .transport import SpliceProtocol
-
         if isinstance(protocol, SpliceProtocol):
             raise TypeError("a SpliceProtocol needs a ring of its own: connect with "
                             "read_min/write_min (a dedicated connection)")

@@ -42,7 +42,11 @@ class SessionPool:
         self.loop = loop
         self.sessions: dict[tuple[int, str], Session] = {}
         self._setups: dict[tuple[int, str], _Setup] = {}
-        self._idle: dict[Session, asyncio.TimerHandle] = {}
+        # Idle sessions: since when (loop time), and the one timer per session
+        # that looks at it (not a timer per connection: a busy session's
+        # timer just finds it busy, or idle for less long, and goes again).
+        self._idle: dict[Session, float] = {}
+        self._timers: dict[Session, asyncio.TimerHandle] = {}
         self._owner: asyncio.Task[None] | None = None
         self.own: int | None = None     # our domain id, once known
 
@@ -145,9 +149,7 @@ class SessionPool:
     # -- idle sessions ----------------------------------------------------------------
 
     def _busy(self, session: Session) -> None:
-        handle = self._idle.pop(session, None)
-        if handle is not None:
-            handle.cancel()
+        self._idle.pop(session, None)
 
     def _on_idle(self, session: Session) -> None:
         """The session has no streams (or takes no new ones)."""
@@ -159,16 +161,29 @@ class SessionPool:
         if session.draining:
             session.close()
             return
-        if session not in self._idle and not self.loop.is_closed():
-            self._idle[session] = self.loop.call_later(IDLE_CLOSE, self._idle_close, session)
+        if session in self._idle or self.loop.is_closed():
+            return
+        self._idle[session] = self.loop.time()
+        if session not in self._timers:
+            self._timers[session] = self.loop.call_later(IDLE_CLOSE, self._idle_check, session)
 
-    def _idle_close(self, session: Session) -> None:
-        self._idle.pop(session, None)
-        if not session.streams:
-            session.close()
+    def _idle_check(self, session: Session) -> None:
+        del self._timers[session]
+        since = self._idle.get(session)
+        if since is None or session.streams or session.closed:
+            return                          # busy: its next idle moment sets a timer
+        left = since + IDLE_CLOSE - self.loop.time()
+        if left > 0:
+            self._timers[session] = self.loop.call_later(left, self._idle_check, session)
+            return
+        del self._idle[session]
+        session.close()
 
     def _closed(self, session: Session) -> None:
         self._busy(session)
+        timer = self._timers.pop(session, None)
+        if timer is not None:
+            timer.cancel()
         key = getattr(session, "key", None)
         if key is not None and self.sessions.get(key) is session:
             del self.sessions[key]

@@ -33,6 +33,7 @@ from .listener import (
     vchan_path,
     wait_client,
 )
+from .mux import Session, StreamTransport
 from .transport import VchanTransport
 
 __all__ = ["Peers", "Server", "create_server"]
@@ -249,8 +250,6 @@ class Server(asyncio.AbstractServer):
 
     async def _connect_session(self, endpoint: Any, peer: int, path: str) -> None:
         """Publish a session ring; once the client is there, it opens streams."""
-        from .mux import Session
-
         assert self._hub is not None and self.own is not None
         try:
             session = Session(self._loop, endpoint, self._hub, is_server=True, own=self.own,
@@ -309,8 +308,6 @@ class Server(asyncio.AbstractServer):
 
     def _accept_stream(self, session: Any, stream_id: int, port: str) -> Any:
         """A client opened a stream on one of our sessions: a new connection."""
-        from .mux import StreamTransport
-
         if not self._serving:
             return "the vchan server is no longer serving"
         if port != self._port_s:
