@@ -5,14 +5,49 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .cli import UsageError, add_commands
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from . import sim
+    from .backend import default_backend_name
     from .demo import run_demo
 
+    # The demo's processes start the emulator if it is not running: stop
+    # what it started (and say so), leave alone what it found.
+    directory = sim.state_dir()
+    started = default_backend_name() == "sim" and not sim.is_running(directory)
+    try:
+        return _run_demo(args, run_demo)
+    finally:
+        if started and sim.is_running(directory):
+            print(_put_away_emulator(directory))
+
+
+def _put_away_emulator(directory: Path) -> str:
+    """Stop the emulator the demo started, unless someone else uses it by now."""
+    import time
+
+    from . import sim
+
+    deadline = time.monotonic() + 2.0
+    while True:     # the demo's processes are gone; the daemon notices at once
+        users = sorted({p for d in sim.control({"cmd": "status"}, directory)["domains"]
+                        for p in d["processes"]})
+        if not users or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    if users:
+        return (f"\nthe emulator the demo started in {directory} is left running: "
+                f"processes {', '.join(map(str, users))} use it (vchan sim stop stops it)")
+    sim.stop(directory)
+    return f"\nstopped the emulator the demo started in {directory}"
+
+
+def _run_demo(args: argparse.Namespace, run_demo: Any) -> int:
     nbytes = int(args.mib * (1 << 20))
     print(f"vchan {__version__}: a server in emulated domain 1 and a client in domain 2;\n"
           f"the client streams {args.mib:g} MiB (SHA-256 checked at both ends), then times "
@@ -80,7 +115,8 @@ def _sim(args: argparse.Namespace) -> int:
     if args.sim_command == "ls":
         return _sim_ls(args.path, directory)
     if args.sim_command == "set":
-        from .sim.xenstored import QUOTA_NAMES
+        from .sim.hypervisor import MAX_GRANT_LIMIT
+        from .sim.xenstored import QUOTA_MAX, QUOTA_NAMES
 
         known = ["grant-limit", *(f"xenstore-quota-{name}" for name in QUOTA_NAMES)]
         if args.key not in known:
@@ -89,6 +125,10 @@ def _sim(args: argparse.Namespace) -> int:
             value = int(args.value)
         except ValueError:
             raise UsageError(f"{args.key} must be a number, got {args.value!r}") from None
+        top = MAX_GRANT_LIMIT if args.key == "grant-limit" else QUOTA_MAX
+        if not 0 <= value <= top:
+            unit = " pages" if args.key == "grant-limit" else ""
+            raise UsageError(f"{args.key} must be in 0..{top}{unit}, got {args.value}")
         answer = sim.control({"cmd": "set", "key": args.key, "value": value}, directory)
         print(f"{args.key} = {answer[args.key]}")
         return 0

@@ -48,6 +48,11 @@ async def create_connection(
     then ask a listener for ring sizes (bytes, up to 1 MiB each; left out,
     the server chooses).  A raw server decides its sizes itself.
 
+    ``timeout=0`` waits for nothing: it connects through a session this
+    loop already holds with the port, or to a raw server published now;
+    otherwise it raises :class:`TimeoutError` saying so (a listener's answer
+    is a round trip away).
+
     Raises :class:`vchan.NoSuchDomainError` if the domain does not exist (or
     goes away), :class:`TimeoutError` when no server appears in time, and
     :class:`ConnectionRefusedError` when the server turns the request down.
@@ -69,10 +74,15 @@ async def create_connection(
     hub.hold()
     try:
         endpoint: Endpoint | None = None
+        pool = None
         if not dedicated:
             from .pool import session_pool
 
             pool = session_pool(loop)
+            held = pool.sessions.get((domid, port_s))
+            if timeout == 0 and (held is None or not held.can_open()):
+                pool = None     # no session to wait for: look once (client_connect)
+        if pool is not None:
             got = await pool.connect(domid, port_s, timeout)
             if isinstance(got, tuple):
                 endpoint = got[0]
@@ -84,7 +94,8 @@ async def create_connection(
                 assert state.own is not None
                 endpoint, _mode = await client_connect(
                     state.xs, state.watches, hub.evtchn, own=state.own, server=domid,
-                    port=port_s, read_min=read_min, write_min=write_min, timeout=timeout)
+                    port=port_s, read_min=read_min, write_min=write_min, timeout=timeout,
+                    session=not dedicated)
                 own = state.own
         protocol = protocol_factory()
         waiter = loop.create_future()

@@ -42,6 +42,7 @@ __all__ = [
     "Answer",
     "client_cleanup",
     "client_rendezvous",
+    "not_ready",
     "publish",
     "remove_if_empty",
     "run_async",
@@ -212,7 +213,7 @@ def write_request(reqdir: str, request: str, own: int, server: int, sizes: str) 
 
 
 def client_rendezvous(*, own: int, server: int, port: str, nonce: str, read_min: int,
-                      write_min: int, session: bool) -> Meeting:
+                      write_min: int, session: bool, wait: bool = True) -> Meeting:
     """A client meeting a raw server, or asking a listener for a ring.
 
     The driver watches ``vchan_path(server, own, port)``; the first
@@ -220,6 +221,10 @@ def client_rendezvous(*, own: int, server: int, port: str, nonce: str, read_min:
     subscribing).  Returns an :class:`Answer`; raises
     ``ConnectionRefusedError`` with the server's reason when it refuses.
     Run :func:`client_cleanup` afterwards, whatever happened.
+
+    ``wait=False`` (a timeout of 0) looks once and asks nobody: the
+    :class:`Answer` of a raw server published now, else None (a listener's
+    answer would be a round trip away).
     """
     base = vchan_path(server, own, port)
     reqdir = request_dir(own, server, port)
@@ -229,6 +234,8 @@ def client_rendezvous(*, own: int, server: int, port: str, nonce: str, read_min:
         raw = yield from read_ring(base)
         if raw is not None:
             return Answer(raw[0], raw[1], "raw")
+        if not wait:
+            return None
         if not requested:
             sizes = f"{read_min} {write_min}" + (" session" if session else "")
             yield from write_request(reqdir, f"{reqdir}/{nonce}", own, server, sizes)
@@ -250,6 +257,15 @@ def client_rendezvous(*, own: int, server: int, port: str, nonce: str, read_min:
         raise ConnectionRefusedError(
             errno.ECONNREFUSED, f"vchan server {server} port {port} refused the "
             f"connection: {error.decode(errors='replace')}")
+
+
+def not_ready(server: int, port: int | str, *, sessions: bool) -> str:
+    """What a client with ``timeout=0`` says when it would have to wait."""
+    ready = "a raw server published now" + \
+        (", or a port this event loop holds a session with" if sessions else "")
+    return (f"no vchan server ready at domain {server} port {port} without waiting: "
+            f"timeout=0 connects only to {ready}; a listener server (vchan's default) "
+            "answers a request, a round trip away: give a timeout > 0")
 
 
 def client_cleanup(*, own: int, server: int, port: str, nonce: str) -> Meeting:

@@ -105,13 +105,30 @@ _NONCE = re.compile(r"^[0-9a-f]{16,64}$")
 MAX_PENDING_PER_ADDRESS = 32
 
 
+#: The largest integer port: libvchan's (Qubes) ports are C ints, and a
+#: port is a XenStore path component, which must stay short.
+PORT_MAX = (1 << 31) - 1
+
+
+def _show_int(n: int) -> str:
+    """``n``, or for a huge one its size (str() of a 5,000-digit int raises)."""
+    if abs(n) < 10**20:
+        return str(n)
+    bits = abs(n).bit_length()
+    digits = f"{len(str(abs(n)))}" if bits < 12000 else f"about {int(bits * 0.30103) + 1}"
+    return f"(a {'negative ' if n < 0 else ''}number of {digits} digits)"
+
+
 def check_port(port: Any) -> str:
-    """Validate a vchan port (an int >= 0 or a short name); its path form."""
+    """Validate a vchan port (an int in 0..PORT_MAX or a short name); its path form.
+
+    Every API and command that takes a port checks it here.
+    """
     if isinstance(port, bool):
         raise TypeError("port must be an int or a str, not bool")
     if isinstance(port, int):
-        if port < 0:
-            raise ValueError(f"port must be >= 0, got {port}")
+        if not 0 <= port <= PORT_MAX:
+            raise ValueError(f"port {_show_int(port)} is out of range 0..{PORT_MAX}")
         return str(port)
     if isinstance(port, str):
         if not _PORT_NAME.match(port):
@@ -279,6 +296,10 @@ async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChan
     for with ``session=True`` and granted: a ring that carries many
     connections, see :mod:`vchan.mux`).  The meeting itself is
     :func:`vchan.handshake.client_rendezvous`, driven here by asyncio.
+
+    ``timeout=0`` looks once and waits for nothing: a raw server published
+    now, or :class:`TimeoutError` saying why not (a listener's answer is a
+    round trip away; no request is written).
     """
     check_ring_size(read_min, "read_min")
     check_ring_size(write_min, "write_min")
@@ -287,6 +308,15 @@ async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChan
     base = vchan_path(server, own, port)
     nonce = secrets.token_hex(8)
     connect = make_endpoint or (lambda ref, p: Endpoint.connect(server, ref, p, evtchn=evtchn))
+    if timeout == 0:
+        look = asyncio.Event()
+        look.set()                      # the meeting's first look is at once
+        answer = await run_async(handshake.client_rendezvous(
+            own=own, server=server, port=port, nonce=nonce, read_min=read_min,
+            write_min=write_min, session=session, wait=False), xs, changed=look)
+        if answer is None:
+            raise TimeoutError(handshake.not_ready(server, port, sessions=session))
+        return connect(answer.ring_ref, answer.port), answer.mode
 
     async def wait() -> tuple[Endpoint, str]:
         async with _pending_slots(xs, (server, port)), watches.watching(base) as changed:

@@ -60,7 +60,10 @@ class Vchan:
         """Publish a raw libxenvchan server for domain ``domid`` and return.
 
         Like ``libxenvchan_server_init``: the client connects later;
-        :meth:`wait_connected` waits for it.
+        :meth:`wait_connected` waits for it.  Raises
+        :class:`~vchan.NoSuchDomainError` if domain ``domid`` does not exist
+        where that is known (the emulator; Xen lets a ring be made for any
+        domain id).
         """
         from .handshake import vchan_path
         from .listener import check_domid, check_port
@@ -70,7 +73,12 @@ class Vchan:
         check_ring_size(read_min, "read_min")
         check_ring_size(write_min, "write_min")
         own = own_domid()
-        endpoint = Endpoint.serve(domid, read_min=read_min, write_min=write_min)
+        try:
+            endpoint = Endpoint.serve(domid, read_min=read_min, write_min=write_min)
+        except ProcessLookupError as exc:
+            raise NoSuchDomainError(f"vchan client domain {domid} does not exist: a raw "
+                                    f"server's ring is for one domain, which must exist "
+                                    f"({exc})") from None
         path = vchan_path(own, domid, port_s)
         try:
             with XenStoreSync() as xs:
@@ -87,10 +95,12 @@ class Vchan:
 
         Blocks up to ``timeout`` seconds (None: as long as the server's
         domain exists) for the server, on a XenStore watch; a listener
-        server gives this connection a ring of its own.  Raises as
-        :func:`vchan.create_connection` does.
+        server gives this connection a ring of its own.  ``timeout=0`` looks
+        once and does not wait: it connects to a raw server published now,
+        else raises :class:`TimeoutError` (a listener's answer is a round
+        trip away).  Raises as :func:`vchan.create_connection` does.
         """
-        from .handshake import client_cleanup, client_rendezvous, vchan_path
+        from .handshake import client_cleanup, client_rendezvous, not_ready, vchan_path
         from .listener import check_domid, check_port, domain_exists
 
         check_domid(domid)
@@ -128,7 +138,9 @@ class Vchan:
                 try:
                     answer = run_sync(client_rendezvous(
                         own=own, server=domid, port=port_s, nonce=nonce, read_min=read_min,
-                        write_min=write_min, session=False), xs, wait=wait)
+                        write_min=write_min, session=False, wait=timeout != 0), xs, wait=wait)
+                    if answer is None:
+                        raise TimeoutError(not_ready(domid, port, sessions=False))
                 finally:
                     watch.close()
                     run_sync(client_cleanup(own=own, server=domid, port=port_s, nonce=nonce),

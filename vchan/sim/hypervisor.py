@@ -67,6 +67,7 @@ PAGE = 4096
 MAX_MSG = 65536
 MAX_FDS = 64
 MAX_PORTS = 4096            # per domain
+MAX_GRANT_LIMIT = (1 << 31) - 1     # gntalloc's limit is a C int
 FIRST_REF = 8               # Xen reserves the first grant entries
 DOMID_FIRST_RESERVED = 0x7FF0
 
@@ -652,8 +653,10 @@ class Hypervisor:
         if what == "set":
             key, value = cmd.get("key"), cmd.get("value")
             if key == "grant-limit":
-                if not isinstance(value, int) or value < 0:
-                    raise Fail(errno.EINVAL, "grant-limit must be an int >= 0")
+                if not isinstance(value, int) or isinstance(value, bool) or \
+                        not 0 <= value <= MAX_GRANT_LIMIT:
+                    raise Fail(errno.EINVAL, f"grant-limit must be a number of pages in "
+                                             f"0..{MAX_GRANT_LIMIT}, got {value!r}")
                 tmp = self.limit_file.with_suffix(".tmp")
                 tmp.write_text(f"{value}\n")
                 tmp.replace(self.limit_file)

@@ -94,6 +94,7 @@ DEFAULT_QUOTAS: dict[str, int] = {
     "path-max": 2048,           # path length below /local/domain/<id>/ (XENSTORE_REL_PATH_MAX)
 }
 QUOTA_NAMES = tuple(DEFAULT_QUOTAS)
+QUOTA_MAX = (1 << 32) - 1       # xenstored keeps them in unsigned ints
 
 #: A client that does not read its replies and events is cut off beyond this.
 MAX_OUTPUT = 16 << 20
@@ -619,8 +620,10 @@ class XenStored:
         if name not in self.quotas:
             raise XsError(errno.EINVAL, f"unknown xenstore quota {name!r} "
                                         f"(known: {', '.join(QUOTA_NAMES)})")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise XsError(errno.EINVAL, f"xenstore quota {name} must be an int >= 0")
+        if isinstance(value, bool) or not isinstance(value, int) or \
+                not 0 <= value <= QUOTA_MAX:
+            raise XsError(errno.EINVAL, f"xenstore quota {name} must be in 0..{QUOTA_MAX}, "
+                                        f"got {value!r}")
         self.quotas[name] = value
         return value
 
