@@ -32,6 +32,12 @@ Rules it keeps, those of the gntalloc / gntdev / evtchn design:
   then each connection's uid, as the kernel reports it (SO_PEERCRED),
   decides which domain it may claim, and only the emulator's own user (or
   root) may change or stop it.
+* Every client is hostile input.  Each request has exactly the length its
+  operation says, and every field is checked before anything is allocated
+  (domain ids, counts, flags, notify offsets inside the mapping, ports bound
+  in the caller's domain): a bad value is answered with an errno
+  (docs/sim-protocol.md, "Validation"), never an exception in the daemon,
+  and a request that fails leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -47,7 +53,6 @@ import itertools
 import json
 import logging
 import os
-import select
 import signal
 import socket
 import struct
@@ -85,6 +90,15 @@ KIND_CONTROL, KIND_GNTSHR, KIND_GNTTAB, KIND_EVTCHN = 0, 1, 2, 3
 _HDR = struct.Struct("<II")
 _REPLY = struct.Struct("<iI")
 _SEG = struct.Struct("<IIIIQ")
+_HELLO = struct.Struct("<IIII")
+_SHARE = struct.Struct("<IIIii")
+_MAP = struct.Struct("<IIii")
+_PAIR = struct.Struct("<II")
+_ID = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+MAX_SHARE_PAGES = (MAX_MSG - 64) // 4   # the refs of one share fit in one reply
+MAX_MAP_PAGES = (MAX_MSG - 64) // 8     # the (domid, ref) pairs fit in one request
+ACCEPT_RETRY = 0.1          # out of descriptors: accept again after this long
 
 
 class Fail(Exception):
@@ -93,6 +107,32 @@ class Fail(Exception):
     def __init__(self, err: int, why: str = "") -> None:
         super().__init__(why or os.strerror(err))
         self.errno = err
+
+
+def _fields(fmt: struct.Struct, body: bytes, what: str) -> tuple[Any, ...]:
+    """The fields of a request body that must be exactly ``fmt`` long."""
+    if len(body) != fmt.size:
+        raise Fail(errno.EINVAL, f"{what}: {len(body)} bytes, expected {fmt.size}")
+    return fmt.unpack(body)
+
+
+def _flag(value: int, what: str) -> bool:
+    if value not in (0, 1):
+        raise Fail(errno.EINVAL, f"{what} must be 0 or 1, got {value}")
+    return bool(value)
+
+
+def _notify_offset(offset: int, npages: int) -> int:
+    """-1 (none) or a byte inside the mapping, as gntalloc's SET_UNMAP_NOTIFY insists."""
+    if offset != -1 and not 0 <= offset < npages * PAGE:
+        raise Fail(errno.EINVAL, f"notify offset {offset} is outside the {npages} pages")
+    return offset
+
+
+def _closing(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 @dataclass(eq=False)
@@ -284,7 +324,16 @@ class Hypervisor:
         while True:
             try:
                 sock, _ = self.listener.accept()
-            except BlockingIOError:
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                # Out of descriptors (EMFILE, ENFILE, ENOBUFS): the listener
+                # stays readable, so stop watching it for a moment rather
+                # than spin; connections wait in the backlog meanwhile.
+                log.warning("cannot accept a connection: %s; retrying in %.1f s",
+                            exc.strerror, ACCEPT_RETRY)
+                self.loop.remove_reader(self.listener.fileno())
+                self.loop.call_later(ACCEPT_RETRY, self._resume_accepting)
                 return
             sock.setblocking(False)
             conn = Conn(sock)
@@ -292,6 +341,12 @@ class Hypervisor:
                 conn.pid, conn.uid, _gid = peer_credentials(sock)
             self.conns.add(conn)
             self.loop.add_reader(sock.fileno(), self.on_message, conn)
+
+    def _resume_accepting(self) -> None:
+        assert self.listener is not None and self.loop is not None
+        if self.listener.fileno() >= 0 and self.stopping is not None \
+                and not self.stopping.is_set():
+            self.loop.add_reader(self.listener.fileno(), self.accept)
 
     def on_message(self, conn: Conn) -> None:
         try:
@@ -332,8 +387,12 @@ class Hypervisor:
                 log.debug("domain %d: request failed: %s", conn.domid, exc)
                 if data[:4] == struct.pack("<I", VS_CONTROL):
                     why = str(exc).encode()[:4096]      # control answers say why
-            elif isinstance(exc, struct.error | ValueError):
+            elif isinstance(exc, struct.error | ValueError | RecursionError):
                 status = -errno.EINVAL      # a malformed request
+            elif isinstance(exc, OSError) and exc.errno:
+                # The daemon itself ran short (EMFILE, ENOMEM...): say so.
+                log.warning("domain %d: request failed: %s", conn.domid, exc)
+                status = -exc.errno
             else:
                 log.exception("request failed")
                 status = -errno.EIO
@@ -376,7 +435,10 @@ class Hypervisor:
     def dispatch(self, conn: Conn, op: int, body: bytes, fds: list[int],
                  close_after: list[int]) -> bytes:
         if op == VS_HELLO:
-            version, domid, kind, pid = struct.unpack_from("<IIII", body)
+            if conn.kind >= 0:
+                # One domain and kind per connection, for its whole life.
+                raise Fail(errno.EISCONN, "HELLO was already sent on this connection")
+            version, domid, kind, pid = _fields(_HELLO, body, "HELLO")
             if version != VS_VERSION:
                 raise Fail(errno.EPROTONOSUPPORT, f"protocol version {version}")
             if domid >= DOMID_FIRST_RESERVED or kind > KIND_EVTCHN:
@@ -392,7 +454,10 @@ class Hypervisor:
                 self._alive_changed(dom, was_alive)
             return struct.pack("<I", VS_VERSION)
         if op == VS_CONTROL:
-            return json.dumps(self.control(json.loads(body or b"{}"), conn)).encode()
+            command = json.loads(body or b"{}")
+            if not isinstance(command, dict):
+                raise Fail(errno.EINVAL, "a control request is a JSON object")
+            return json.dumps(self.control(command, conn)).encode()
         handler = {
             VS_GNT_SHARE: (KIND_GNTSHR, self.share),
             VS_GNT_MAP: (KIND_GNTTAB, self.map),
@@ -411,7 +476,7 @@ class Hypervisor:
     # -- grants -----------------------------------------------------------
 
     def _capture_port(self, dom: Domain, port: int) -> int:
-        if port < 0:
+        if port == -1:
             return -1
         p = dom.ports.get(port)
         if p is None:
@@ -424,21 +489,37 @@ class Hypervisor:
         return r, w
 
     def share(self, conn: Conn, body: bytes, fds: list[int], close_after: list[int]) -> bytes:
-        peer, count, writable, notify_offset, notify_port = struct.unpack_from("<IIIii", body)
+        peer, count, writable, notify_offset, notify_port = _fields(_SHARE, body, "GNT_SHARE")
+        if peer >= DOMID_FIRST_RESERVED:
+            raise Fail(errno.EINVAL, f"no such peer domain id {peer}")
+        if not 0 < count <= MAX_SHARE_PAGES:
+            raise Fail(errno.EINVAL, f"cannot share {count} pages (1..{MAX_SHARE_PAGES})")
+        writable = _flag(writable, "writable")
+        _notify_offset(notify_offset, count)
         dom = self.domain(conn.domid)
-        if count == 0 or count > (MAX_MSG - 64) // 4:
-            raise Fail(errno.EINVAL)
         limit = self.grant_limit()
         if self.granted_pages(dom) + count > limit:
             raise Fail(errno.ENOSPC, f"grant limit {limit} reached")
         notify_tx = self._capture_port(dom, notify_port)
-        memfd = os.memfd_create(f"vchan-d{dom.domid}", os.MFD_CLOEXEC)
-        os.ftruncate(memfd, count * PAGE)
+        try:
+            memfd = os.memfd_create(f"vchan-d{dom.domid}", os.MFD_CLOEXEC)
+        except BaseException:
+            _closing([notify_tx] if notify_tx >= 0 else [])
+            raise
+        try:
+            os.ftruncate(memfd, count * PAGE)
+        except BaseException:
+            _closing([memfd, notify_tx] if notify_tx >= 0 else [memfd])
+            raise
         mem = MemFile(memfd, count, users=1)
-        grants = [Grant(dom.alloc_ref(), dom, peer, bool(writable), mem, i) for i in range(count)]
+        try:
+            token, w = self._new_token(close_after)
+        except BaseException:
+            _closing([memfd, notify_tx] if notify_tx >= 0 else [memfd])
+            raise
+        grants = [Grant(dom.alloc_ref(), dom, peer, writable, mem, i) for i in range(count)]
         for g in grants:
             dom.grants[g.ref] = g
-        token, w = self._new_token(close_after)
         m = Mapping(next(self.ids), dom.domid, True, token, [(mem, i) for i in range(count)],
                     grants, True, notify_offset, notify_tx)
         self._track(m)
@@ -446,10 +527,14 @@ class Hypervisor:
         return struct.pack(f"<Q{count}I", m.id, *(g.ref for g in grants))
 
     def map(self, conn: Conn, body: bytes, fds: list[int], close_after: list[int]) -> bytes:
-        count, writable, notify_offset, notify_port = struct.unpack_from("<IIii", body)
-        if count == 0 or len(body) != 16 + 8 * count:
-            raise Fail(errno.EINVAL)
-        pairs = struct.unpack_from(f"<{2 * count}I", body, 16)
+        if len(body) < _MAP.size:
+            raise Fail(errno.EINVAL, f"GNT_MAP: {len(body)} bytes")
+        count, writable, notify_offset, notify_port = _MAP.unpack_from(body)
+        if not 0 < count <= MAX_MAP_PAGES or len(body) != _MAP.size + _PAIR.size * count:
+            raise Fail(errno.EINVAL, f"GNT_MAP of {count} pages in {len(body)} bytes")
+        writable = _flag(writable, "writable")
+        _notify_offset(notify_offset, count)
+        pairs = struct.unpack_from(f"<{2 * count}I", body, _MAP.size)
         dom = self.domain(conn.domid)
         grants: list[Grant] = []
         for i in range(count):
@@ -481,7 +566,11 @@ class Hypervisor:
         if 1 + len(files) > MAX_FDS or len(segs) >= MAX_FDS:
             raise Fail(errno.E2BIG, "mapping spans too many files")
         notify_tx = self._capture_port(dom, notify_port)
-        token, w = self._new_token(close_after)
+        try:
+            token, w = self._new_token(close_after)
+        except BaseException:
+            _closing([notify_tx] if notify_tx >= 0 else [])
+            raise
         fds.append(w)
         fds.extend(files)
         for g in grants:
@@ -511,14 +600,18 @@ class Hypervisor:
             self.finish(m)
 
     def release(self, conn: Conn, body: bytes, fds: list[int], close_after: list[int]) -> bytes:
-        (map_id,) = struct.unpack_from("<Q", body)
+        (map_id,) = _fields(_ID, body, "GNT_RELEASE")
         m = self.maps.get(map_id)
         if m is None or m.domid != conn.domid:
             return struct.pack("<I", 0)
         # The caller closed its token before asking: if it held the last
-        # copy, EOF is already visible and we settle it now.
-        readable, _, _ = select.select([m.token], [], [], 0)
-        if readable and not os.read(m.token, 64):
+        # copy, EOF is already visible and we settle it now.  (The token is
+        # non-blocking: no select(), which cannot take descriptors >= 1024.)
+        try:
+            eof = not os.read(m.token, 64)
+        except BlockingIOError:
+            eof = False
+        if eof:
             self.finish(m)
             return struct.pack("<I", 1)
         return struct.pack("<I", 0)
@@ -557,22 +650,30 @@ class Hypervisor:
 
     def bind_unbound(self, conn: Conn, body: bytes, fds: list[int],
                      close_after: list[int]) -> bytes:
-        (remote,) = struct.unpack_from("<I", body)
-        if remote == 0x7FF0:    # DOMID_SELF
+        (remote,) = _fields(_U32, body, "EVT_BIND_UNBOUND")
+        if remote == DOMID_FIRST_RESERVED:      # DOMID_SELF
             remote = conn.domid
         if self.alive(remote) is None:
             raise Fail(errno.ESRCH, f"no domain {remote}")
         dom = self.domain(conn.domid)
         port = dom.alloc_port()
         flags = os.EFD_CLOEXEC | os.EFD_NONBLOCK
-        p = Port(port, dom, remote, os.eventfd(0, flags), os.eventfd(0, flags), conn)
+        rx = os.eventfd(0, flags)
+        try:
+            tx = os.eventfd(0, flags)
+        except BaseException:
+            os.close(rx)
+            raise
+        p = Port(port, dom, remote, rx, tx, conn)
         dom.ports[port] = p
         fds.extend([p.rx, p.tx])
         return struct.pack("<I", port)
 
     def bind_interdomain(self, conn: Conn, body: bytes, fds: list[int],
                          close_after: list[int]) -> bytes:
-        remote_domid, remote_port = struct.unpack_from("<II", body)
+        remote_domid, remote_port = _fields(_PAIR, body, "EVT_BIND_INTERDOMAIN")
+        if remote_domid == DOMID_FIRST_RESERVED:    # DOMID_SELF
+            remote_domid = conn.domid
         rdom = self.alive(remote_domid)
         if rdom is None:
             raise Fail(errno.ESRCH, f"no domain {remote_domid}")
@@ -583,7 +684,13 @@ class Hypervisor:
         dom = self.domain(conn.domid)
         port = dom.alloc_port()
         # Our end waits on what the remote signals, and signals what it waits on.
-        p = Port(port, dom, remote_domid, os.dup(rp.tx), os.dup(rp.rx), conn, remote=rp)
+        rx = os.dup(rp.tx)
+        try:
+            tx = os.dup(rp.rx)
+        except BaseException:
+            os.close(rx)
+            raise
+        p = Port(port, dom, remote_domid, rx, tx, conn, remote=rp)
         rp.remote = p
         dom.ports[port] = p
         fds.extend([p.rx, p.tx])
@@ -591,7 +698,7 @@ class Hypervisor:
 
     def unbind_request(self, conn: Conn, body: bytes, fds: list[int],
                        close_after: list[int]) -> bytes:
-        (port,) = struct.unpack_from("<I", body)
+        (port,) = _fields(_U32, body, "EVT_UNBIND")
         p = self.domain(conn.domid).ports.get(port)
         if p is None:
             raise Fail(errno.ENOTCONN, f"port {port} is not bound")
