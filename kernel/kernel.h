@@ -39,6 +39,12 @@ struct vk_dev {
     uint32_t domid;     /* sim: the emulated domain of this process */
     int epfd;           /* sim evtchn: the pollable fd (epoll of port fds) */
     void *priv;         /* backend state */
+    pid_t server;       /* sim: the emulator daemon's pid (SO_PEERCRED), 0 unknown */
+    int failed;         /* sim: -errno once the emulator died (-ECONNRESET), was
+                           stopped (-EHOSTDOWN), stopped answering (-ETIMEDOUT) or
+                           answered garbage (-EBADMSG): every later request fails
+                           so at once (the connection's replies can no longer be
+                           trusted to match its requests) */
 };
 
 #define VK_MAX_VIEWS 8
@@ -123,5 +129,10 @@ int vk_sim_set_socket(const char *path);
  * a control connection of its own.  The reply's JSON text goes to reply,
  * NUL-terminated; returns its length or a negative errno. */
 int vk_sim_control(const char *request, char *reply, size_t cap);
+/* Sim backend: whether the emulator behind handle d is still there, looked
+ * at without a request (its connection at end of file, its process
+ * stopped): 0, or the handle's failure (see vk_dev.failed), which it then
+ * keeps.  Cheap enough to call a few times a second. */
+int vk_sim_check(struct vk_dev *d);
 
 #endif /* VCHAN_KERNEL_H */

@@ -24,6 +24,16 @@
  * (kernel/sim_proto.h, docs/sim-protocol.md).  After fork() a child opens
  * its own connection before its first request, so parent and child never
  * read each other's replies.
+ *
+ * The emulator is a process that can die or be stopped: no request waits
+ * for it without bound.  While a reply is due, the daemon's process (its
+ * pid comes from SO_PEERCRED at connect time) is looked at every
+ * WAIT_SLICE_MS: gone is -ECONNRESET, stopped (SIGSTOP, a debugger) is
+ * -EHOSTDOWN, and no reply within $VCHAN_SIM_TIMEOUT seconds (default 5) is
+ * -ETIMEDOUT.  After any of these (or a malformed reply, -EBADMSG) the
+ * handle keeps that error for good: a late reply could otherwise be taken
+ * for the answer to the next request.  Mappings and eventfds already set up
+ * keep working -- the data path never needed the daemon.
  */
 #define _GNU_SOURCE
 #include "kernel.h"
@@ -35,11 +45,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
+
+#define WAIT_SLICE_MS 20                /* how often a waiting request looks at the daemon */
+#define PF_EXITING 0x4                  /* include/linux/sched.h: the process is exiting */
+#define DEFAULT_TIMEOUT_MS 5000         /* a running daemon that answers nothing for this long */
 
 static char sim_socket[sizeof(((struct sockaddr_un *)0)->sun_path)];
 
@@ -70,6 +86,103 @@ static int default_socket(void)
 }
 
 /* ------------------------------------------------------------------ */
+/* The daemon's health.                                                */
+/* ------------------------------------------------------------------ */
+
+/* The failures of the connection itself (never a status the daemon sends). */
+static int link_failure(int rc)
+{
+    return rc == -ECONNRESET || rc == -EHOSTDOWN || rc == -ETIMEDOUT || rc == -EBADMSG;
+}
+
+static long timeout_ms(void)
+{
+    static long cached = -1;
+    const char *env;
+    char *end;
+    double s;
+
+    if (cached >= 0)
+        return cached;
+    cached = DEFAULT_TIMEOUT_MS;
+    env = getenv("VCHAN_SIM_TIMEOUT");
+    if (env && *env) {
+        s = strtod(env, &end);
+        if (end != env && *end == '\0' && s > 0 && s < 86400)
+            cached = (long)(s * 1000);
+    }
+    return cached;
+}
+
+static long now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* What became of the daemon's process: 0 running (or not known), -EHOSTDOWN
+ * stopped, -ECONNRESET gone.  One read of /proc/<pid>/stat. */
+static int daemon_state(pid_t pid)
+{
+    char path[40], buf[512], *p, state;
+    unsigned flags;
+    ssize_t n;
+    int fd;
+
+    if (pid <= 0)
+        return 0;
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return errno == ENOENT ? -ECONNRESET : 0;
+    n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return n < 0 && errno == ESRCH ? -ECONNRESET : 0;
+    buf[n] = '\0';
+    /* "pid (comm) S ppid pgrp session tty tpgid flags ...": after the last ')'. */
+    p = strrchr(buf, ')');
+    if (!p || p[1] != ' ')
+        return 0;
+    state = p[2];
+    if (sscanf(p + 3, "%*d %*d %*d %*d %*d %u", &flags) == 1 && (flags & PF_EXITING))
+        return -ECONNRESET;     /* dying: its descriptors may be closed already */
+    switch (state) {
+    case 'T':           /* stopped by a signal */
+    case 't':           /* stopped by a debugger */
+        return -EHOSTDOWN;
+    case 'Z':
+    case 'X':
+    case 'x':
+        return -ECONNRESET;
+    default:
+        return 0;
+    }
+}
+
+/* Wait until sock is ready for events, looking at the daemon meanwhile. */
+static int wait_daemon(int sock, short events, pid_t server)
+{
+    struct pollfd p = { .fd = sock, .events = events };
+    long deadline = now_ms() + timeout_ms();
+    int n, state;
+
+    for (;;) {
+        n = poll(&p, 1, WAIT_SLICE_MS);
+        if (n > 0)
+            return 0;
+        if (n < 0 && errno != EINTR)
+            return -errno;
+        if ((state = daemon_state(server)) < 0)
+            return state;
+        if (now_ms() >= deadline)
+            return -ETIMEDOUT;
+    }
+}
+
+/* ------------------------------------------------------------------ */
 /* RPC.                                                                */
 /* ------------------------------------------------------------------ */
 
@@ -81,8 +194,9 @@ static void close_fds(int *fds, int n)
 }
 
 /* One request, one reply.  Returns the reply status (0 or -errno); on
- * success *rlen bytes of payload are in reply and *nfds fds in fds. */
-static int rpc(int sock, uint32_t op, const void *req, uint32_t len,
+ * success *rlen bytes of payload are in reply and *nfds fds in fds.  The
+ * connection's own failures are link_failure() errnos. */
+static int rpc(int sock, pid_t server, uint32_t op, const void *req, uint32_t len,
                void *reply, uint32_t cap, uint32_t *rlen, int *fds, int *nfds)
 {
     char buf[VS_MAX_MSG];
@@ -103,11 +217,15 @@ static int rpc(int sock, uint32_t op, const void *req, uint32_t len,
     hdr->len = len;
     if (len)
         memcpy(buf + sizeof(*hdr), req, len);
-    do {
-        n = send(sock, buf, sizeof(*hdr) + len, MSG_NOSIGNAL);
-    } while (n < 0 && errno == EINTR);
+    for (;;) {
+        n = send(sock, buf, sizeof(*hdr) + len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n >= 0 || (errno != EINTR && errno != EAGAIN))
+            break;
+        if (errno == EAGAIN && (got = wait_daemon(sock, POLLOUT, server)) < 0)
+            return got;
+    }
     if (n < 0)
-        return errno == EPIPE ? -ECONNRESET : -errno;
+        return errno == EPIPE || errno == ECONNRESET ? -ECONNRESET : -errno;
 
     iov.iov_base = buf;
     iov.iov_len = sizeof(buf);
@@ -116,11 +234,16 @@ static int rpc(int sock, uint32_t op, const void *req, uint32_t len,
     msg.msg_iovlen = 1;
     msg.msg_control = control.space;
     msg.msg_controllen = sizeof(control.space);
-    do {
-        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
-    } while (n < 0 && errno == EINTR);
+    for (;;) {
+        if ((got = wait_daemon(sock, POLLIN, server)) < 0)
+            return got;
+        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+        if (n >= 0 || (errno != EINTR && errno != EAGAIN))
+            break;
+    }
     if (n < 0)
-        return -errno;
+        return errno == ECONNRESET ? -ECONNRESET : -errno;
+    got = 0;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
         if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
             int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
@@ -139,12 +262,12 @@ static int rpc(int sock, uint32_t op, const void *req, uint32_t len,
     }
     if ((size_t)n < sizeof(rep) || (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
         close_fds(fds, got);
-        return -EPROTO;
+        return -EBADMSG;
     }
     memcpy(&rep, buf, sizeof(rep));
-    if (rep.len != (size_t)n - sizeof(rep) || rep.len > cap) {
+    if (rep.len != (size_t)n - sizeof(rep) || rep.len > cap || rep.status > 0) {
         close_fds(fds, got);
-        return -EPROTO;
+        return -EBADMSG;
     }
     if (rep.status < 0) {
         close_fds(fds, got);
@@ -161,27 +284,41 @@ static int rpc(int sock, uint32_t op, const void *req, uint32_t len,
     return 0;
 }
 
-static int sim_connect(uint32_t domid, int kind)
+static int sim_connect(uint32_t domid, int kind, pid_t *server)
 {
     struct sockaddr_un addr;
+    struct ucred cred;
+    socklen_t credlen = sizeof(cred);
     uint32_t hello[4] = { VS_VERSION, domid, (uint32_t)kind, (uint32_t)getpid() };
     uint32_t version;
     int sock, rc;
 
     if (!sim_socket[0] && (rc = default_socket()) < 0)
         return rc;
-    sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    /* Non-blocking: a stopped daemon's full backlog must not hold us. */
+    sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (sock < 0)
         return -errno;
     memset(&addr, 0, sizeof(addr));
     addr.sun_family = AF_UNIX;
     strcpy(addr.sun_path, sim_socket);
-    if (connect(sock, (struct sockaddr *)&addr, sizeof(addr)) < 0) {
-        rc = -errno;
+    for (long deadline = now_ms() + timeout_ms();;) {
+        if (connect(sock, (struct sockaddr *)&addr, sizeof(addr)) == 0)
+            break;
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN && now_ms() < deadline) {
+            poll(NULL, 0, WAIT_SLICE_MS);       /* the backlog is full: try again */
+            continue;
+        }
+        rc = errno == EAGAIN ? -ETIMEDOUT : -errno;
         close(sock);
         return rc;
     }
-    rc = rpc(sock, VS_HELLO, hello, sizeof(hello), &version, sizeof(version), NULL, NULL, NULL);
+    /* The process that listens: the daemon, whose health requests watch. */
+    *server = getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &credlen) == 0 ? cred.pid : 0;
+    rc = rpc(sock, *server, VS_HELLO, hello, sizeof(hello), &version, sizeof(version),
+             NULL, NULL, NULL);
     if (rc < 0) {
         close(sock);
         return rc;
@@ -192,19 +329,64 @@ static int sim_connect(uint32_t domid, int kind)
 /* The connection this process may use: after fork() a child gets its own. */
 static int conn(struct vk_dev *d)
 {
-    pid_t me = getpid();
+    pid_t me = getpid(), server = 0;
 
     if (d->fd < 0)
         return -EBADF;
     if (d->pid != me) {
-        int sock = sim_connect(d->domid, d->kind);
+        int sock = sim_connect(d->domid, d->kind, &server);
         if (sock < 0)
             return sock;
         close(d->fd);           /* our copy only: the parent keeps its own */
         d->fd = sock;
         d->pid = me;
+        d->server = server;
+        d->failed = 0;          /* a new connection: the parent's failure is not ours */
+    } else if (d->failed) {
+        return d->failed;
     }
     return d->fd;
+}
+
+/* A request on the handle's connection; a failure of the connection itself
+ * stays with the handle. */
+static int dev_rpc(struct vk_dev *d, uint32_t op, const void *req, uint32_t len,
+                   void *reply, uint32_t cap, uint32_t *rlen, int *fds, int *nfds)
+{
+    int sock = conn(d), rc;
+
+    if (sock < 0)
+        return sock;
+    rc = rpc(sock, d->server, op, req, len, reply, cap, rlen, fds, nfds);
+    if (link_failure(rc))
+        d->failed = rc;
+    return rc;
+}
+
+int vk_sim_check(struct vk_dev *d)
+{
+    struct pollfd p;
+    char byte;
+    int state;
+
+    if (d->ops != &vk_sim_ops || d->fd < 0)
+        return 0;
+    if (d->failed || d->pid != getpid())
+        return d->failed;
+    /* No request is in flight between calls: anything to read is the end
+     * of the connection (or a reply that came after its request gave up). */
+    p.fd = d->fd;
+    p.events = POLLIN;
+    p.revents = 0;
+    if (poll(&p, 1, 0) > 0) {
+        if (p.revents & (POLLHUP | POLLERR) ||
+            recv(d->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) == 0)
+            return d->failed = -ECONNRESET;
+        return d->failed = -EBADMSG;
+    }
+    if ((state = daemon_state(d->server)) < 0)
+        d->failed = state;
+    return d->failed;
 }
 
 /* ------------------------------------------------------------------ */
@@ -220,11 +402,14 @@ struct sim_evtchn {
 
 static int sim_open(struct vk_dev *d, int kind)
 {
-    int sock = sim_connect(d->domid, kind);
+    pid_t server = 0;
+    int sock = sim_connect(d->domid, kind, &server);
 
+    d->server = server;         /* known even when HELLO failed: the error names it */
     if (sock < 0)
         return sock;
     d->fd = sock;
+    d->failed = 0;
     d->epfd = -1;
     d->priv = NULL;
     if (kind == VK_EVTCHN) {
@@ -265,8 +450,8 @@ static void sim_close(struct vk_dev *d)
         int owner = d->pid == getpid();
         for (uint32_t p = 0; p < ev->cap; p++) {
             if (ev->rx[p] >= 0) {
-                if (owner)
-                    rpc(d->fd, VS_EVT_UNBIND, &p, sizeof(p), NULL, 0, NULL, NULL, NULL);
+                if (owner && !d->failed)
+                    dev_rpc(d, VS_EVT_UNBIND, &p, sizeof(p), NULL, 0, NULL, NULL, NULL);
                 drop_port(ev, d->epfd, p);
             }
         }
@@ -296,17 +481,15 @@ static int sim_share(struct vk_dev *d, uint32_t domid, uint32_t count, int writa
         uint32_t refs[(VS_MAX_MSG - 16) / 4];
     } rep;
     uint32_t rlen = 0;
-    int fds[VS_MAX_FDS], nfds = 0, sock = conn(d), rc;
+    int fds[VS_MAX_FDS], nfds = 0, rc;
     void *addr;
 
-    if (sock < 0)
-        return sock;
-    rc = rpc(sock, VS_GNT_SHARE, req, sizeof(req), &rep, sizeof(rep), &rlen, fds, &nfds);
+    rc = dev_rpc(d, VS_GNT_SHARE, req, sizeof(req), &rep, sizeof(rep), &rlen, fds, &nfds);
     if (rc < 0)
         return rc;
     if (nfds != 2 || rlen != 8 + 4 * count) {
         close_fds(fds, nfds);
-        return -EPROTO;
+        return d->failed = -EBADMSG;
     }
     addr = mmap(NULL, (size_t)count * VK_PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED,
                 fds[0], 0);
@@ -336,12 +519,10 @@ static int sim_map(struct vk_dev *d, uint32_t count, const uint32_t *domids,
         struct vs_segment seg[VS_MAX_FDS];
     } rep;
     uint32_t rlen = 0;
-    int fds[VS_MAX_FDS], nfds = 0, sock = conn(d), rc = 0, prot;
+    int fds[VS_MAX_FDS], nfds = 0, rc = 0, prot;
     size_t len = (size_t)count * VK_PAGE_SIZE;
     uint8_t *area;
 
-    if (sock < 0)
-        return sock;
     if (4 + 2 * (size_t)count > sizeof(req) / 4)
         return -E2BIG;
     req[0] = count;
@@ -352,13 +533,13 @@ static int sim_map(struct vk_dev *d, uint32_t count, const uint32_t *domids,
         req[4 + 2 * i] = domids[i];
         req[5 + 2 * i] = refs[i];
     }
-    rc = rpc(sock, VS_GNT_MAP, req, 16 + 8 * count, &rep, sizeof(rep), &rlen, fds, &nfds);
+    rc = dev_rpc(d, VS_GNT_MAP, req, 16 + 8 * count, &rep, sizeof(rep), &rlen, fds, &nfds);
     if (rc < 0)
         return rc;
     if (rlen < 16 || rep.nseg == 0 || rep.nseg > VS_MAX_FDS - 1 ||
         rlen != 16 + rep.nseg * sizeof(struct vs_segment) || nfds < 2) {
         close_fds(fds, nfds);
-        return -EPROTO;
+        return d->failed = -EBADMSG;
     }
     /* Reserve the whole range, then put each segment in place. */
     area = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -419,12 +600,9 @@ static int sim_unmap(struct vk_map *m)
         m->token = -1;
         /* Let the emulator settle it now rather than when it next polls,
          * so grant accounting is synchronous as gntalloc's is. */
-        if (d && d->fd >= 0) {
-            int sock = conn(d);
-            if (sock >= 0)
-                rpc(sock, VS_GNT_RELEASE, &id, sizeof(id), &released, sizeof(released),
+        if (d && d->fd >= 0 && !d->failed)
+            dev_rpc(d, VS_GNT_RELEASE, &id, sizeof(id), &released, sizeof(released),
                     NULL, NULL, NULL);
-        }
     }
     return 0;
 }
@@ -468,18 +646,16 @@ static int bind_common(struct vk_dev *d, uint32_t op, const uint32_t *req, uint3
     struct sim_evtchn *ev = d->priv;
     struct epoll_event e;
     uint32_t port;
-    int fds[VS_MAX_FDS], nfds = 0, sock = conn(d), rc;
+    int fds[VS_MAX_FDS], nfds = 0, rc;
 
-    if (sock < 0)
-        return sock;
-    rc = rpc(sock, op, req, len, &port, sizeof(port), NULL, fds, &nfds);
+    rc = dev_rpc(d, op, req, len, &port, sizeof(port), NULL, fds, &nfds);
     if (rc < 0)
         return rc;
     if (nfds != 2 || port == 0 || port > INT_MAX || (rc = grow(ev, port)) < 0) {
         close_fds(fds, nfds);
         if (nfds == 2 && port && port <= INT_MAX)
-            rpc(sock, VS_EVT_UNBIND, &port, sizeof(port), NULL, 0, NULL, NULL, NULL);
-        return rc < 0 ? rc : -EPROTO;
+            dev_rpc(d, VS_EVT_UNBIND, &port, sizeof(port), NULL, 0, NULL, NULL, NULL);
+        return rc < 0 ? rc : (d->failed = -EBADMSG);
     }
     drop_port(ev, d->epfd, port);   /* stale fds of a port we unbound */
     ev->rx[port] = fds[0];
@@ -489,7 +665,7 @@ static int bind_common(struct vk_dev *d, uint32_t op, const uint32_t *req, uint3
     if (epoll_ctl(d->epfd, EPOLL_CTL_ADD, fds[0], &e) < 0) {
         rc = -errno;
         drop_port(ev, d->epfd, port);
-        rpc(sock, VS_EVT_UNBIND, &port, sizeof(port), NULL, 0, NULL, NULL, NULL);
+        dev_rpc(d, VS_EVT_UNBIND, &port, sizeof(port), NULL, 0, NULL, NULL, NULL);
         return rc;
     }
     return (int)port;
@@ -510,16 +686,11 @@ static int sim_bind_interdomain(struct vk_dev *d, uint32_t remote_domid, uint32_
 static int sim_unbind(struct vk_dev *d, uint32_t port)
 {
     struct sim_evtchn *ev = d->priv;
-    int sock, rc;
 
     if (port >= ev->cap || ev->rx[port] < 0)
         return -ENOTCONN;
     drop_port(ev, d->epfd, port);
-    sock = conn(d);
-    if (sock < 0)
-        return sock;
-    rc = rpc(sock, VS_EVT_UNBIND, &port, sizeof(port), NULL, 0, NULL, NULL, NULL);
-    return rc;
+    return dev_rpc(d, VS_EVT_UNBIND, &port, sizeof(port), NULL, 0, NULL, NULL, NULL);
 }
 
 static int sim_notify(struct vk_dev *d, uint32_t port)
@@ -631,15 +802,16 @@ const struct vk_ops vk_sim_ops = {
 int vk_sim_control(const char *request, char *reply, size_t cap)
 {
     uint32_t rlen = 0;
+    pid_t server = 0;
     int sock, rc;
 
     if (!request || !reply || cap == 0)
         return -EINVAL;
     /* A control connection: it does not make domain 0 (or any) exist. */
-    sock = sim_connect(0, 0);
+    sock = sim_connect(0, 0, &server);
     if (sock < 0)
         return sock;
-    rc = rpc(sock, VS_CONTROL, request, (uint32_t)strlen(request), reply,
+    rc = rpc(sock, server, VS_CONTROL, request, (uint32_t)strlen(request), reply,
              (uint32_t)(cap - 1 < VS_MAX_MSG ? cap - 1 : VS_MAX_MSG), &rlen, NULL, NULL);
     close(sock);
     if (rc < 0)

@@ -135,6 +135,8 @@ struct vk_dev {
     int kind;
     int fd;
     uint32_t domid;
+    int server;         /* pid_t */
+    int failed;
     ...;
 };
 struct vk_map {
@@ -167,3 +169,4 @@ int vk_unmask(struct vk_dev *d, uint32_t port);
 int vk_take_events(struct vk_dev *d, uint32_t *ports, int max);
 int vk_fd(struct vk_dev *d);
 int vk_sim_set_socket(const char *path);
+int vk_sim_check(struct vk_dev *d);

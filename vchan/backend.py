@@ -80,6 +80,8 @@ def select_backend(name: str | None = None) -> Backend:
     domid = _sim_domid()
     try:
         directory = sim.ensure_running()
+    except sim.EmulatorError:
+        raise                   # one is there, dead or stopped: it says so itself
     except (OSError, sim.SimError) as exc:
         raise BackendError(f"backend 'sim': cannot start the emulator: {exc}") from exc
     path = str(sim.socket_path(directory)).encode()

@@ -14,6 +14,11 @@ Every object has ``close()``, works as a context manager and warns with
 :class:`ResourceWarning` when garbage-collected while still open.  Failures
 are :class:`OSError` subclasses (chosen by errno) whose message names the
 operation, e.g. ``PermissionError: [Errno 1] map grant 8 of domain 1: ...``.
+
+On the emulator, a handle whose daemon died, was stopped or stopped
+answering raises :class:`vchan.sim.EmulatorError` from then on (its
+``failed`` says so without a request); a new handle then reaches a new
+daemon, started if the old one is gone.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ __all__ = ["EventChannel", "GrantMapper", "GrantSharer", "Pages"]
 
 PAGE_SIZE: int = lib.VK_PAGE_SIZE
 _KIND_NAMES = {lib.VK_GNTSHR: "gntalloc", lib.VK_GNTTAB: "gntdev", lib.VK_EVTCHN: "evtchn"}
+# What kernel/sim.c reports when the emulator connection itself failed.
+_EMULATOR_ERRNOS = frozenset((errno.ECONNRESET, errno.EHOSTDOWN, errno.ETIMEDOUT,
+                              errno.EBADMSG))
 
 
 def _error(err: int, what: str) -> OSError:
@@ -59,14 +67,55 @@ class _Handle:
         dev = ffi.new("struct vk_dev *")
         what = f"open {_KIND_NAMES[self._kind]} ({self.backend.name} backend)"
         rc = lib.vk_open(dev, self.backend.ops, self._kind, self.backend.domid or 0)
+        if rc in (-errno.ECONNREFUSED, -errno.ENOENT) and self.backend.name == "sim":
+            # The daemon is gone (its socket left behind, or removed): as on
+            # first use, start one, and try once more.
+            from . import sim
+
+            sim.ensure_running(self.backend.sim_dir)
+            rc = lib.vk_open(dev, self.backend.ops, self._kind, self.backend.domid or 0)
         if rc == -errno.EACCES and self.backend.name == "sim":
             raise PermissionError(errno.EACCES, f"{what}: {_sim_refusal(self.backend)}")
+        if rc < 0 and -rc in _EMULATOR_ERRNOS and self.backend.name == "sim":
+            raise self._emulator_error(-rc, dev, what)
         _check(rc, what)
         self._dev = dev
 
     @property
     def closed(self) -> bool:
         return self._dev is None or self._dev.fd < 0
+
+    @property
+    def failed(self) -> OSError | None:
+        """The emulator's failure (its daemon died, was stopped, stopped
+        answering), once a request or :meth:`check` met it; else None."""
+        if self._dev is None or not self._dev.failed:
+            return None
+        return self._emulator_error(-self._dev.failed, self._dev)
+
+    def check(self) -> OSError | None:
+        """Look at the emulator's daemon now, without a request: its
+        failure, which the handle keeps from then on, or None (always None
+        on Xen)."""
+        if self.closed or self.backend.name != "sim":
+            return None
+        rc = lib.vk_sim_check(self._dev)
+        return self._emulator_error(-rc, self._dev) if rc < 0 else None
+
+    def _emulator_error(self, err: int, dev: Any, what: str = "") -> OSError:
+        from .sim import emulator_error
+
+        exc = emulator_error(err, int(dev.server) or None, self.backend.sim_dir)
+        if what:
+            exc.strerror = f"{what}: {exc.strerror}"
+            exc.args = (exc.errno, exc.strerror)
+        return exc
+
+    def _checked(self, rc: int, what: str) -> int:
+        """``rc``, or the error it stands for (the emulator's failure as such)."""
+        if rc < 0 and self._dev is not None and self._dev.failed == rc:
+            raise self._emulator_error(-rc, self._dev, what)
+        return _check(rc, what)
 
     def _live(self, what: str) -> Any:
         if self.closed:
@@ -210,7 +259,7 @@ class GrantSharer(_Handle):
         if rc == -errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"{what}: the domain's grant limit is reached "
                           f"({_limit_hint(self.backend)})")
-        _check(rc, what)
+        self._checked(rc, what)
         return Pages(self, m, list(refs), domid)
 
 
@@ -235,9 +284,9 @@ class GrantMapper(_Handle):
         dev = self._live(what)
         _check_count(len(grants), what)
         m = ffi.new("struct vk_map *")
-        _check(lib.vk_map(dev, len(grants), [d for d, _ in grants], [r for _, r in grants],
-                          1 if writable else 0, _opt(notify_offset), _opt(notify_port), m),
-               what)
+        self._checked(lib.vk_map(dev, len(grants), [d for d, _ in grants],
+                                 [r for _, r in grants], 1 if writable else 0,
+                                 _opt(notify_offset), _opt(notify_port), m), what)
         return Pages(self, m, (), owner)
 
     def set_max_grants(self, count: int) -> None:
@@ -257,17 +306,17 @@ class EventChannel(_Handle):
     def bind_unbound(self, remote_domid: int) -> int:
         """Allocate a port that domain ``remote_domid`` may bind to."""
         what = f"bind an unbound port for domain {remote_domid}"
-        return _check(lib.vk_bind_unbound(self._live(what), remote_domid), what)
+        return self._checked(lib.vk_bind_unbound(self._live(what), remote_domid), what)
 
     def bind_interdomain(self, remote_domid: int, remote_port: int) -> int:
         """Connect a new local port to ``remote_port`` of ``remote_domid``."""
         what = f"bind to port {remote_port} of domain {remote_domid}"
-        return _check(lib.vk_bind_interdomain(self._live(what), remote_domid, remote_port),
-                      what)
+        return self._checked(lib.vk_bind_interdomain(self._live(what), remote_domid,
+                                                     remote_port), what)
 
     def unbind(self, port: int) -> None:
         what = f"unbind port {port}"
-        _check(lib.vk_unbind(self._live(what), port), what)
+        self._checked(lib.vk_unbind(self._live(what), port), what)
 
     def notify(self, port: int) -> None:
         """Signal the remote end of ``port``."""

@@ -72,7 +72,11 @@ def check_ring_size(value: int, name: str) -> int:
 
 
 class _Devices:
-    """The process's gntalloc and gntdev handles, opened on first use."""
+    """The process's gntalloc and gntdev handles, opened on first use.
+
+    A handle whose emulator failed (its daemon died or was stopped) is
+    replaced by a new one on next use: a restarted daemon serves that.
+    """
 
     def __init__(self) -> None:
         self.pid = os.getpid()
@@ -83,14 +87,18 @@ class _Devices:
     @property
     def sharer(self) -> GrantSharer:
         with self.lock:
-            if self._sharer is None or self._sharer.closed:
+            if self._sharer is None or self._sharer.closed or self._sharer.failed:
+                if self._sharer is not None:
+                    self._sharer.close()    # its mappings stay valid
                 self._sharer = GrantSharer()
             return self._sharer
 
     @property
     def mapper(self) -> GrantMapper:
         with self.lock:
-            if self._mapper is None or self._mapper.closed:
+            if self._mapper is None or self._mapper.closed or self._mapper.failed:
+                if self._mapper is not None:
+                    self._mapper.close()
                 self._mapper = GrantMapper()
             return self._mapper
 
@@ -127,6 +135,7 @@ class Endpoint:
         self.pages = []
         self.ring_ref = 0
         self.closed = False
+        self.quiet = False      # close without a word to the peer (see keep_quiet)
 
     # -- set-up ---------------------------------------------------------------
 
@@ -232,6 +241,15 @@ class Endpoint:
 
     # -- teardown -------------------------------------------------------------
 
+    def keep_quiet(self) -> None:
+        """Make :meth:`close` leave the shared ring as it is and not notify.
+
+        For when the hypervisor failed (the emulator's daemon died or was
+        stopped): each side must learn that from the hypervisor itself, not
+        take the other's going for a clean close.
+        """
+        self.quiet = True
+
     def close(self) -> None:
         """Close as libxenvchan_close does: live 0, notify, unmap, unbind."""
         if self.closed:
@@ -242,7 +260,7 @@ class Endpoint:
             # From a finalizer the pages may be unmapped already (the garbage
             # collector finalizes a cycle in any order): then the ring is
             # gone, and the unmap told the peer.
-            if ring is not None and not any(p.closed for p in self.pages):
+            if ring is not None and not self.quiet and not any(p.closed for p in self.pages):
                 ring.close()
                 with contextlib.suppress(OSError):
                     self.notify()

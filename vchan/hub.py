@@ -4,7 +4,8 @@
 ``loop.add_reader``.  Every transport and session of the loop registers its
 local port with it; one call takes every fired port and hands each to its
 handler.  It also watches that the peer domains still exist (a destroyed
-domain sends no unmap notification).
+domain sends no unmap notification), and on the emulator that its daemon
+does (nothing at all would tell a loop whose daemon died or was stopped).
 
 :class:`_LoopState`: one XenStore connection per event loop (with one watch
 per path, however many waiters), for the clients' rendezvous and the
@@ -35,6 +36,8 @@ class _PeerWatcher(Protocol):
 
     def _peer_domain_gone(self, domid: int) -> None: ...
 
+    def _hypervisor_failed(self, exc: BaseException) -> None: ...
+
 
 class _EventHub:
     """The event-channel handle of one event loop, shared by its transports.
@@ -51,9 +54,20 @@ class _EventHub:
     that may read other domains' homes (dom0) also looks there, without
     blocking the loop: a missing home is a domain gone.  Where XenStore
     refuses (an unprivileged domU), only the hypervisor's answer counts.
+
+    On the emulator, the daemon that plays the hypervisor is a process that
+    can die or be stopped, and then nothing tells anyone: peers' crashes go
+    unnoticed, XenStore waits for ever.  So every ``EMULATOR_INTERVAL``
+    seconds the hub looks at the daemon (its connection at end of file, its
+    process stopped: no request, see ``vk_sim_check``) and, if it failed,
+    fails everything of the loop with the same :class:`vchan.sim.EmulatorError`:
+    each transport and session, the loop's XenStore connection (and so
+    every connection being set up and every server).  New connections then
+    get a new hub, and a new daemon if the old one is gone.
     """
 
     LIVENESS_INTERVAL = 0.5
+    EMULATOR_INTERVAL = 0.2
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -68,6 +82,10 @@ class _EventHub:
         self._own: int | None = None
         self._dev = self.evtchn._dev
         self._ports = ffi.new("uint32_t[64]")
+        self.failed: BaseException | None = None
+        self._emulator: asyncio.TimerHandle | None = None
+        if self.evtchn.backend.name == "sim":
+            self._emulator = loop.call_later(self.EMULATOR_INTERVAL, self._check_emulator)
         loop.add_reader(self.fd, self._dispatch)
 
     def watch_peer(self, domid: int, transport: _PeerWatcher) -> None:
@@ -108,6 +126,36 @@ class _EventHub:
     def _domain_gone(self, domid: int) -> None:
         for transport in list(self.peers.get(domid, ())):
             transport._peer_domain_gone(domid)
+
+    def _check_emulator(self) -> None:
+        self._emulator = None
+        if self.evtchn.closed:
+            return
+        failure = self.evtchn.check()
+        if failure is not None:
+            self._hypervisor_failed(failure)
+        else:
+            self._emulator = self.loop.call_later(self.EMULATOR_INTERVAL, self._check_emulator)
+
+    def _hypervisor_failed(self, exc: BaseException) -> None:
+        """The emulator's daemon died or stopped: fail everything of the loop."""
+        if self.failed is not None:
+            return
+        self.failed = exc
+        log.warning("vchan: %s", exc)
+        if _hubs.get(self.loop) is self:
+            del _hubs[self.loop]        # new connections get a new hub
+        for timer in (self._liveness, self._emulator):
+            if timer is not None:
+                timer.cancel()
+        self._liveness = self._emulator = None
+        for watchers in list(self.peers.values()):
+            for transport in list(watchers):
+                transport._hypervisor_failed(exc)
+        state = _states.get(self.loop)
+        if state is not None and state.daemon_pid in (None, self._dev.server or None):
+            state.fail(exc)             # (not one already on a new daemon)
+        self._close_if_unused()
 
     async def _check_homes(self) -> None:
         """Whether each peer domain still has its XenStore home (dom0 may look)."""
@@ -159,6 +207,9 @@ class _EventHub:
         if self._liveness is not None:
             self._liveness.cancel()
             self._liveness = None
+        if self._emulator is not None:
+            self._emulator.cancel()
+            self._emulator = None
         if self._homes is not None:
             self._homes.cancel()
             self._homes = None
@@ -193,7 +244,7 @@ _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _EventHub] = \
 def event_hub(loop: asyncio.AbstractEventLoop) -> _EventHub:
     """The loop's event hub, created on first use."""
     hub = _hubs.get(loop)
-    if hub is None or hub.evtchn.closed:
+    if hub is None or hub.evtchn.closed or hub.evtchn.failed is not None:
         hub = _hubs[loop] = _EventHub(loop)
     return hub
 
@@ -250,6 +301,34 @@ class _LoopState:
         if self.users == 0:
             self._stop.set()
 
+    @property
+    def daemon_pid(self) -> int | None:
+        """The emulator daemon behind the XenStore connection (None: not known)."""
+        return self.xs.daemon_pid if self.xs is not None else None
+
+    def fail(self, exc: BaseException) -> None:
+        """The XenStore daemon is gone or stopped: every request and watch
+        fails with ``exc``; the next user gets a new connection."""
+        if isinstance(exc, ConnectionError) and self.xs is not None:
+            self.xs.abort(exc)
+        if _states.get(self.loop) is self:
+            del _states[self.loop]
+        self._stop.set()
+
+    def _xs_lost(self, exc: ConnectionError) -> None:
+        # Lost, aborted: nobody gets this connection any more.  If the
+        # emulator's daemon died (XenStore hears of it first), the loop's
+        # hub fails too, at once: its connections are on the same daemon.
+        if _states.get(self.loop) is self:
+            del _states[self.loop]
+        self._stop.set()
+        from .sim import EmulatorError
+
+        hub = _hubs.get(self.loop)
+        if isinstance(exc, EmulatorError) and hub is not None and \
+                (hub._dev.server or None) in (None, self.daemon_pid):
+            hub._hypervisor_failed(exc)
+
     async def _own(self) -> None:
         from .listener import WatchRegistry
         from .xenstore import XenStore
@@ -257,6 +336,7 @@ class _LoopState:
         assert self._ready is not None
         try:
             self.xs = await XenStore.open()
+            self.xs.on_lost = self._xs_lost
             self.watches = WatchRegistry(self.xs)
             self.own = await own_domid_async(self.xs)
         except BaseException as exc:
@@ -271,7 +351,8 @@ class _LoopState:
         finally:
             if _states.get(self.loop) is self:
                 del _states[self.loop]
-            await self.xs.close()
+            if not self.xs.closed:      # (a lost one keeps saying why to late users)
+                await self.xs.close()
 
 
 _states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = \
@@ -279,9 +360,10 @@ _states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = \
 
 
 def _state_of(loop: asyncio.AbstractEventLoop) -> _LoopState:
-    """The loop's shared state (not acquired), made anew if it is stopping."""
+    """The loop's shared state (not acquired), made anew if it is stopping
+    (or its XenStore connection was lost)."""
     state = _states.get(loop)
-    if state is None or state._stop.is_set():
+    if state is None or state._stop.is_set() or (state.xs is not None and state.xs.closed):
         state = _states[loop] = _LoopState(loop)
     return state
 

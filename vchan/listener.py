@@ -156,13 +156,17 @@ def domain_exists(evtchn: EventChannel, domid: int) -> bool:
     domain exists, so it succeeds for any domid.)
 
     A destroyed domain whose pages someone still maps lingers as a dying
-    "zombie" until they are unmapped, and counts as existing here.
+    "zombie" until they are unmapped, and counts as existing here.  A
+    hypervisor that cannot answer (the emulator's daemon died or is
+    stopped) raises its error: nobody can say.
     """
     try:
         port = evtchn.bind_interdomain(domid, 0)
     except ProcessLookupError:
         return False
     except OSError:
+        if evtchn.failed is not None:
+            raise
         return True
     evtchn.unbind(port)         # not expected: port 0 is never bindable
     return True

@@ -602,6 +602,10 @@ class Session:
     def _peer_domain_gone(self, domid: int) -> None:
         self._reset(ConnectionResetError(f"vchan peer domain {domid} no longer exists"))
 
+    def _hypervisor_failed(self, exc: BaseException) -> None:
+        self._endpoint.keep_quiet()     # the peer learns it as we did, not as a close
+        self._reset(exc)
+
     # -- stream bookkeeping -------------------------------------------------------
 
     def _add(self, stream: StreamTransport) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Collection
 from typing import Any, Literal
 
@@ -38,6 +39,8 @@ from .transport import VchanTransport
 
 __all__ = ["Peers", "Server", "create_server"]
 
+log = logging.getLogger("vchan")
+
 Peers = int | Collection[int] | Literal["any"]
 
 
@@ -46,7 +49,9 @@ class Server(asyncio.AbstractServer):
 
     ``close()`` stops accepting; connections already made stay open and
     ``wait_closed()`` waits for them too (as asyncio does since 3.12).
-    ``addresses`` lists the ``(domid, port)`` it serves.
+    ``addresses`` lists the ``(domid, port)`` it serves.  A server that can
+    no longer be reached (XenStore lost: on the emulator, its daemon died or
+    was stopped) stops serving at once and ``serve_forever()`` raises why.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
@@ -163,9 +168,24 @@ class Server(asyncio.AbstractServer):
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is not None and self._serving:
-            self._loop.call_exception_handler({
-                "message": "vchan server task failed", "exception": exc, "server": self})
+        if exc is None or not self._serving:
+            return
+        xs = self._state.xs if self._state is not None else None
+        if isinstance(exc, ConnectionError) and xs is not None and xs.closed:
+            # XenStore is gone (on the emulator: its daemon died or stopped):
+            # no client can reach us any more.  Say so rather than serve
+            # nobody: serve_forever() raises it.
+            self._fail(exc)
+            return
+        self._loop.call_exception_handler({
+            "message": "vchan server task failed", "exception": exc, "server": self})
+
+    def _fail(self, exc: BaseException) -> None:
+        """Stop serving because of ``exc``, which serve_forever() raises."""
+        log.warning("%r stopped: %s", self, exc)
+        if self._serving_forever is not None and not self._serving_forever.done():
+            self._serving_forever.set_exception(exc)
+        self.close()
 
     def _watch_peer(self, peer: int) -> None:
         if peer in self._watched:

@@ -457,6 +457,11 @@ class VchanTransport(TransportBase):
         self._force_close(ConnectionResetError(
             f"vchan peer domain {domid} no longer exists"))
 
+    def _hypervisor_failed(self, exc: BaseException) -> None:
+        """The hub found the (emulated) hypervisor gone or stopped."""
+        self._endpoint.keep_quiet()     # the peer learns it as we did, not as a close
+        self._force_close(exc)
+
     def _deliver_eof(self, *, peer_gone: bool) -> None:
         self._eof_received = True
         keep_open = self._protocol.eof_received()

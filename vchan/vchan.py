@@ -27,6 +27,8 @@ from .xenstore import XenStoreSync
 
 __all__ = ["Vchan", "own_domid"]
 
+EMULATOR_SLICE = 0.2        # a blocking wait on the emulator looks at its daemon this often
+
 def own_domid() -> int:
     """This process's domain id."""
     from .backend import get_backend
@@ -180,11 +182,28 @@ class Vchan:
         return self._live("buffer_space").ring.buffer_space()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the peer signals us; False on timeout."""
+        """Block until the peer signals us; False on timeout.
+
+        On the emulator the wait looks at its daemon every
+        ``EMULATOR_SLICE`` seconds and raises :class:`vchan.sim.EmulatorError`
+        if it died or was stopped: with it gone, nothing would tell us that
+        the peer went too.
+        """
         ep = self._live("wait")
-        ready, _, _ = select.select([ep.evtchn.fileno()], [], [], timeout)
-        if not ready:
-            return False
+        fd = ep.evtchn.fileno()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        emulated = ep.evtchn.backend.name == "sim"
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if emulated:
+                left = EMULATOR_SLICE if left is None else min(left, EMULATOR_SLICE)
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                break
+            if emulated and (failure := ep.evtchn.check()) is not None:
+                raise failure
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
         while (port := ep.evtchn.pending()) is not None:
             ep.evtchn.unmask(port)
         return True

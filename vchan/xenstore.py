@@ -19,6 +19,11 @@ whenever a watched node changes -- once straight away when the watch is set.
   every watch fails with :class:`ConnectionResetError` naming xenstore.
 * :class:`XenStoreSync` is the blocking twin for scripts: one request at a
   time on a plain blocking descriptor, watch events queued while it waits.
+* On the emulated hypervisor (a socket ``<dir>/xenstore/<domid>.sock``) the
+  daemon behind the socket is a process that can die or be stopped: a
+  connection lost because it died, and a blocking wait on a stopped one,
+  fail with :class:`vchan.sim.EmulatorError` naming it.
+  :meth:`XenStore.abort` fails a connection with an error of the caller's.
 * Errors are :class:`OSError` with the errno XenStore named, so Python picks
   the subclass (``FileNotFoundError``, ``PermissionError``, ...), and the
   message ``"xenstore READ /path: ENOENT"``.  A transaction that loses a
@@ -280,6 +285,8 @@ def _page(names: bytearray, reply: bytes, gen0: list[str]) -> bool | None:
 
 # -- where the daemon is -------------------------------------------------------
 
+_EMULATOR_SLICE = 0.05      # a blocking wait looks at the emulator's daemon this often
+
 XENSTORED_SOCKET = "/var/run/xenstored/socket"
 XENBUS_DEVICE = "/dev/xen/xenbus"
 
@@ -302,6 +309,8 @@ def default_path() -> str:
             domid = _sim_domid()
             directory = sim.ensure_running()
             answer = sim.control({"cmd": "xenstore-socket", "domid": domid}, directory)
+        except sim.EmulatorError:
+            raise                   # there but stopped or silent: it says so itself
         except (BackendError, sim.SimError) as exc:
             raise ConnectionRefusedError(
                 _errno.ECONNREFUSED, f"xenstore: the emulator cannot be reached: {exc}") from exc
@@ -309,6 +318,33 @@ def default_path() -> str:
     if os.path.exists(XENSTORED_SOCKET):
         return XENSTORED_SOCKET
     return XENBUS_DEVICE
+
+
+def _emulator_daemon(endpoint: _Endpoint) -> tuple[int, str] | None:
+    """(pid, state directory) when ``endpoint`` is connected to the vchan
+    emulator's xenstored (``<dir>/xenstore/<domid>.sock`` beside
+    ``<dir>/hypervisor.sock``); else None."""
+    if endpoint._sock is None:
+        return None
+    where = os.path.dirname(os.path.abspath(endpoint.path))
+    if os.path.basename(where) != "xenstore":
+        return None
+    directory = os.path.dirname(where)
+    if not os.path.exists(os.path.join(directory, "hypervisor.sock")):
+        return None
+    from .sim import peer_pid
+
+    return peer_pid(endpoint._sock), directory
+
+
+def _emulator_failure(daemon: tuple[int, str] | None) -> ConnectionError | None:
+    """The emulator's failure, if its daemon (see above) is gone or stopped."""
+    if daemon is None:
+        return None
+    from .sim import daemon_state, emulator_error
+
+    state = daemon_state(daemon[0])
+    return emulator_error(state, daemon[0], daemon[1]) if state else None
 
 
 class _Endpoint:
@@ -454,6 +490,9 @@ class XenStore:
         self._one_at_a_time = None if endpoint.is_socket else asyncio.Lock()
         self._closed = False
         self._fd = endpoint.fd
+        self._daemon = _emulator_daemon(endpoint)
+        #: Called with the error when the connection is lost or aborted.
+        self.on_lost: Callable[[ConnectionError], None] | None = None
         # The loop holds only a weak reference: a leaked connection is
         # collected (and warns) instead of living as long as the loop.
         loop.add_reader(self._fd, _call_weak, weakref.ref(self), XenStore._on_readable)
@@ -476,6 +515,11 @@ class XenStore:
     def closed(self) -> bool:
         """True once closed or lost."""
         return self._closed or self._error is not None
+
+    @property
+    def daemon_pid(self) -> int | None:
+        """The pid of the emulator daemon behind this connection (None elsewhere)."""
+        return self._daemon[0] if self._daemon is not None and self._daemon[0] else None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "lost" if self._error else "open"
@@ -529,10 +573,20 @@ class XenStore:
     def _lost(self, why: str) -> None:
         if self._closed or self._error is not None:
             return
-        err = ConnectionResetError(_errno.ECONNRESET,
-                                   f"xenstore connection to {self.path} lost: {why}")
+        err = _emulator_failure(self._daemon) or ConnectionResetError(
+            _errno.ECONNRESET, f"xenstore connection to {self.path} lost: {why}")
+        self.abort(err)
+
+    def abort(self, err: ConnectionError) -> None:
+        """End the connection at once: pending requests and watches fail with
+        ``err`` (a copy each), as do later requests.  What the owner of a
+        connection does when it learns the daemon is gone or stopped."""
+        if self._closed or self._error is not None:
+            return
         self._error = err
         self._teardown(err, lost=True)
+        if self.on_lost is not None:
+            self.on_lost(err)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -968,6 +1022,7 @@ class XenStoreSync:
         self._ep = endpoint
         self.path = endpoint.path
         self.timeout = timeout
+        self._daemon = _emulator_daemon(endpoint)
         self._framer = _Framer()
         self._events: dict[str, collections.deque[WatchEvent]] = {}
         self._watches: dict[str, list[SyncWatch]] = {}
@@ -1012,9 +1067,9 @@ class XenStoreSync:
             raise _copy_error(self._error)
         return self._ep.fd
 
-    def _lost(self, why: str) -> ConnectionResetError:
-        err = ConnectionResetError(_errno.ECONNRESET,
-                                   f"xenstore connection to {self.path} lost: {why}")
+    def _lost(self, why: str) -> ConnectionError:
+        err = _emulator_failure(self._daemon) or ConnectionResetError(
+            _errno.ECONNRESET, f"xenstore connection to {self.path} lost: {why}")
         self._error = err
         if self._ep is not None:
             self._ep.close()
@@ -1027,12 +1082,26 @@ class XenStoreSync:
             if self._framer.has_message():
                 mtype, req_id, _tx, payload = self._pop()
                 return mtype, req_id, payload
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
+            if deadline is not None or self._daemon is not None:
+                # On the emulator, wait in slices and look at its daemon in
+                # between: a stopped one would keep us here for ever.
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
                     return None
-                ready, _, _ = select.select([fd], [], [], left)
-                if not ready:
+                if self._daemon is not None:
+                    left = _EMULATOR_SLICE if left is None else min(left, _EMULATOR_SLICE)
+                assert left is not None
+                poller = select.poll()  # not select(): descriptors may be >= 1024
+                poller.register(fd, select.POLLIN)
+                if not poller.poll(left * 1000):
+                    failure = _emulator_failure(self._daemon)
+                    if failure is not None:
+                        self._error = failure
+                        if self._ep is not None:
+                            self._ep.close()
+                        raise failure
+                    if deadline is None or time.monotonic() < deadline:
+                        continue
                     return None
             try:
                 data = os.read(fd, 65536)
