@@ -253,7 +253,7 @@ async def test_an_idle_session_closes_after_idle_close_and_not_while_busy(
             await asyncio.sleep(0.1)
             await _one_echo(own, port)
         assert not session.closed
-        reader, writer = await vchan.open_connection(own, port, timeout=5)
+        _, writer = await vchan.open_connection(own, port, timeout=5)
         await asyncio.sleep(0.5)            # a connection held open: not idle
         assert not session.closed
         writer.close()

@@ -15,6 +15,8 @@ from typing import Any
 
 from .endpoint import DEFAULT_RING_SIZE, Endpoint, check_ring_size
 from .hub import _loop_state, event_hub
+from .listener import check_domid, check_port, client_connect
+from .pool import session_pool
 from .transport import SpliceProtocol, VchanTransport
 
 __all__ = ["create_connection"]
@@ -57,8 +59,6 @@ async def create_connection(
     goes away), :class:`TimeoutError` when no server appears in time, and
     :class:`ConnectionRefusedError` when the server turns the request down.
     """
-    from .listener import check_domid, check_port, client_connect
-
     check_domid(domid)
     port_s = check_port(port)
     if timeout is not None and timeout < 0:
@@ -76,8 +76,6 @@ async def create_connection(
         endpoint: Endpoint | None = None
         pool = None
         if not dedicated:
-            from .pool import session_pool
-
             pool = session_pool(loop)
             held = pool.sessions.get((domid, port_s))
             if timeout == 0 and (held is None or not held.can_open()):
@@ -88,7 +86,7 @@ async def create_connection(
                 endpoint = got[0]
                 own = pool.own
             else:
-                return await _open_stream(got, protocol_factory, domid, port)
+                return await _open_stream(got, protocol_factory, domid, port, port_s)
         if endpoint is None:
             async with _loop_state() as state:
                 assert state.own is not None
@@ -112,16 +110,15 @@ async def create_connection(
 
 
 async def _open_stream(session: Any, protocol_factory: Callable[[], asyncio.BaseProtocol],
-                       domid: int, port: int | str) -> tuple[Any, asyncio.BaseProtocol]:
+                       domid: int, port: int | str, port_s: str,
+                       ) -> tuple[Any, asyncio.BaseProtocol]:
     """A new connection as a stream of ``session``: no XenStore, no round trip."""
-    from .listener import check_port
-
     protocol = protocol_factory()
     if isinstance(protocol, SpliceProtocol):
         raise TypeError("a SpliceProtocol needs a ring of its own: pass read_min/write_min "
                         "to create_connection for a dedicated connection")
     waiter = asyncio.get_running_loop().create_future()
-    transport = session.open_stream(check_port(port), protocol, waiter=waiter, extra={
+    transport = session.open_stream(port_s, protocol, waiter=waiter, extra={
         "peername": (domid, port), "sockname": (session.own, port)})
     try:
         await waiter
