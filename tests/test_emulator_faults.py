@@ -23,6 +23,8 @@ import os
 import select
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -375,3 +377,70 @@ def test_sim_status_says_the_daemon_is_stopped_at_once(daemon: Daemon) -> None:
     assert took < 5, took       # a Python start-up plus at most one 20 ms look
     with pytest.raises(sim.EmulatorError, match="is stopped"):
         sim.ensure_running(daemon.dir)
+
+
+# -- a daemon that runs but answers nothing ------------------------------------------------------
+
+
+class _SilentDaemon:
+    """Listens where a daemon would and answers HELLO, then nothing more (a
+    daemon stuck in a loop: running, so /proc does not tell)."""
+
+    def __init__(self, directory: Path, *, hang_up: bool = False) -> None:
+        import threading
+
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listener.bind(str(sim.socket_path(directory)))
+        self.listener.listen(8)
+        self.conns: list[socket.socket] = []
+        self.hang_up = hang_up
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self.listener.accept()
+            self.conns.append(conn)
+            conn.recv(4096)                                 # HELLO
+            conn.send(struct.pack("<iII", 0, 4, sim.VS_VERSION))
+            if self.hang_up:
+                conn.recv(4096)                             # the first ping: hang up
+                conn.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+
+
+@pytest.mark.parametrize("hang_up", [False, True], ids=["silent", "hangs-up"])
+async def test_a_daemon_that_answers_nothing_fails_the_loop_after_the_timeout(
+        monkeypatch: pytest.MonkeyPatch, hang_up: bool) -> None:
+    """Not dead, not stopped, just silent: each loop's watch asks the daemon
+    something every second without blocking, and fails the loop when the
+    answer is VCHAN_SIM_TIMEOUT late (ETIMEDOUT); a daemon that hangs up is
+    ECONNRESET at once."""
+    from vchan.sim.watch import DaemonWatch
+
+    monkeypatch.setenv("VCHAN_SIM_TIMEOUT", "0.5")
+    monkeypatch.setattr(DaemonWatch, "INTERVAL", 0.1)
+    directory = Path(tempfile.mkdtemp(prefix="vf-", dir="/tmp"))
+    fake = _SilentDaemon(directory, hang_up=hang_up)
+    failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+    try:
+        t0 = time.monotonic()
+        watch = DaemonWatch(asyncio.get_running_loop(), directory, failed.set_result)
+        exc = await asyncio.wait_for(failed, 10)
+        took = time.monotonic() - t0
+        assert isinstance(exc, sim.EmulatorError)
+        if hang_up:
+            assert exc.errno == errno.ECONNRESET and "is gone" in str(exc)
+            assert took < 1.0, took
+        else:
+            assert exc.errno == errno.ETIMEDOUT and "did not answer within 0.5 s" in str(exc)
+            assert f"(pid {os.getpid()}) in {directory}" in str(exc)
+            assert 0.5 < took < 2.0, took
+        watch.close()
+    finally:
+        fake.close()
+        shutil.rmtree(directory, ignore_errors=True)

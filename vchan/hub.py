@@ -59,8 +59,10 @@ class _EventHub:
     can die or be stopped, and then nothing tells anyone: peers' crashes go
     unnoticed, XenStore waits for ever.  So every ``EMULATOR_INTERVAL``
     seconds the hub looks at the daemon (its connection at end of file, its
-    process stopped: no request, see ``vk_sim_check``) and, if it failed,
-    fails everything of the loop with the same :class:`vchan.sim.EmulatorError`:
+    process stopped: no request, see ``vk_sim_check``), and a
+    :class:`vchan.sim.watch.DaemonWatch` asks it something every second
+    without blocking (a daemon that runs but answers nothing).  If it failed,
+    the hub fails everything of the loop with the same :class:`vchan.sim.EmulatorError`:
     each transport and session, the loop's XenStore connection (and so
     every connection being set up and every server).  New connections then
     get a new hub, and a new daemon if the old one is gone.
@@ -84,8 +86,10 @@ class _EventHub:
         self._ports = ffi.new("uint32_t[64]")
         self.failed: BaseException | None = None
         self._emulator: asyncio.TimerHandle | None = None
+        self._watch: Any = None
         if self.evtchn.backend.name == "sim":
             self._emulator = loop.call_later(self.EMULATOR_INTERVAL, self._check_emulator)
+            self._watch = _watch_daemon(self)
         loop.add_reader(self.fd, self._dispatch)
 
     def watch_peer(self, domid: int, transport: _PeerWatcher) -> None:
@@ -145,6 +149,8 @@ class _EventHub:
         log.warning("vchan: %s", exc)
         if _hubs.get(self.loop) is self:
             del _hubs[self.loop]        # new connections get a new hub
+        if self._watch is not None:
+            self._watch.close()
         for timer in (self._liveness, self._emulator):
             if timer is not None:
                 timer.cancel()
@@ -210,6 +216,9 @@ class _EventHub:
         if self._emulator is not None:
             self._emulator.cancel()
             self._emulator = None
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self._homes is not None:
             self._homes.cancel()
             self._homes = None
@@ -239,6 +248,20 @@ class _EventHub:
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _EventHub] = \
     weakref.WeakKeyDictionary()
+
+
+def _watch_daemon(hub: _EventHub) -> Any:
+    """A DaemonWatch for the hub's emulator daemon (None if it cannot connect:
+    then the daemon is going, which vk_sim_check sees)."""
+    from .sim.watch import DaemonWatch
+
+    directory = hub.evtchn.backend.sim_dir
+    if directory is None:
+        return None
+    try:
+        return DaemonWatch(hub.loop, directory, hub._hypervisor_failed)
+    except OSError:
+        return None
 
 
 def event_hub(loop: asyncio.AbstractEventLoop) -> _EventHub:
