@@ -1486,9 +1486,28 @@ async def test_pause_reading_in_buffer_updated_stops_delivery_mid_frame(sim_dir:
         assert delivered_while_paused == [], \
             f"{len(delivered_while_paused)} callbacks after pause_reading()"
         assert len(sink.data) == 100
+        sink.pause_on_data = False
         sink.paused = False
         sink.transport.resume_reading()
         await sink.wait_for_bytes(len(data))
+        assert sink.data == data
+
+
+async def test_held_bytes_respect_a_pause_made_while_they_are_delivered(
+        sim_dir: Path) -> None:
+    """Bytes held while paused are handed over a buffer at a time: a protocol
+    that pauses again in buffer_updated() gets nothing more until it resumes."""
+    async with buffered_stream(100, pause_on_data=True) as (sink, writer):
+        data = payload_of(1000, 71)
+        writer.write(data)
+        await sink.wait_for_bytes(100)
+        for step in range(2, 11):
+            await asyncio.sleep(0.02)
+            assert len(sink.data) == 100 * (step - 1)
+            assert not [c for c in sink.calls if c[1]], "a callback while paused"
+            sink.paused = False
+            sink.transport.resume_reading()
+            await sink.wait_for_bytes(100 * step)
         assert sink.data == data
 
 

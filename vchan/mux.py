@@ -117,6 +117,7 @@ QUANTUM = 1 << 20               # bytes a stream writes in its turn before the n
 MIN_CHUNK = 4096                # smallest piece of a larger write worth a frame
 GATHER = 16384                  # DATA frames smaller than this are read in runs...
 GATHER_MAX = 65536              # ...of up to this many bytes, one data_received()
+DELIVER_MAX = 256 * 1024        # held bytes handed to data_received() at a time
 _MAX_CREDIT = (1 << 31) - 1
 _HELLO_BODY = struct.Struct("<II")
 _FULL: int = lib.VCHAN_MUX_FULL
@@ -477,9 +478,13 @@ class Session:
                     continue
                 stream._recv_credit -= n
                 total += n
-                data = _unpack(pa[0], alen[0], pb[0], blen[0], 0)
-                lib.vchan_ring_consume(r, HEADER + n, self._notify)
-                stream._data(data)          # held if the stream cannot take it now
+                if stream._can_deliver():
+                    data = _unpack(pa[0], alen[0], pb[0], blen[0], 0)
+                    lib.vchan_ring_consume(r, HEADER + n, self._notify)
+                    stream._data(data)
+                else:
+                    stream._hold(pa[0], alen[0], pb[0], blen[0], 0)
+                    lib.vchan_ring_consume(r, HEADER + n, self._notify)
                 continue
             if n > MAX_CONTROL:
                 raise _protocol_error(f"a {_NAMES.get(kind, kind)} frame of {n} bytes")
@@ -709,7 +714,11 @@ class StreamTransport(TransportBase):
         self._unacked = 0               # bytes taken by the protocol, credit not yet returned
         self._peer_blocked = False      # the peer waits for our credit (it said BLOCKED)
         self._blocked_sent = False      # we said BLOCKED and wait for the peer's credit
-        self._rbuf: deque[bytes] = deque()
+        # Bytes held for the protocol (paused, not made yet, or the rest of a
+        # frame): one bytearray, not an object per frame -- many large bytes
+        # objects alive at once cost the allocator fresh pages (page faults)
+        # each time, where one buffer is reused.
+        self._rbuf = bytearray()
         self._conn_lost = 0
         self._closing = False
         self._closed = False
@@ -770,7 +779,7 @@ class StreamTransport(TransportBase):
         if self._conn_lost or self._eof_received:
             return                      # closing: the bytes are dropped, as a socket does
         if not self._can_deliver():
-            self._rbuf.append(data)
+            self._rbuf += data
             return
         self._consumed(len(data))
         try:
@@ -838,30 +847,50 @@ class StreamTransport(TransportBase):
             return n                    # a callback ended the session: ring unmapped
         if done < n and not self._conn_lost:
             # Paused mid-frame: the rest waits for resume_reading().
-            self._rbuf.append(_unpack(a, alen, b, blen, done))
+            self._hold(a, alen, b, blen, done)
         lib.vchan_ring_consume(r, HEADER + n, notify)
         return n
 
-    def _deliver(self, data: bytes) -> None:
-        self._consumed(len(data))
+    def _hold(self, a: Any, alen: int, b: Any, blen: int, skip: int) -> None:
+        """Keep a payload (after its first ``skip`` bytes) until the protocol
+        can take it: copied from the ring straight into ``_rbuf``."""
+        if self._conn_lost or self._eof_received:
+            return                      # closing: the bytes are dropped, as a socket does
+        rbuf = self._rbuf
+        if skip < alen:
+            rbuf += ffi.buffer(ffi.cast("char *", a) + skip, alen - skip)
+            skip = alen
+        if blen > skip - alen:
+            rbuf += ffi.buffer(ffi.cast("char *", b) + (skip - alen), blen - (skip - alen))
+
+    def _deliver_held(self) -> None:
+        """Hand the protocol the front of ``_rbuf`` (at most DELIVER_MAX bytes
+        as one ``bytes``; or what its buffer takes)."""
+        rbuf = self._rbuf
         if self._buffered_protocol:
-            view = memoryview(data)
-            while view:
-                buf = memoryview(self._protocol.get_buffer(len(view))).cast("B")
-                n = min(len(buf), len(view))
-                if n <= 0:
-                    raise RuntimeError("get_buffer() returned an empty buffer")
+            buf = memoryview(self._protocol.get_buffer(len(rbuf))).cast("B")
+            n = min(len(buf), len(rbuf))
+            if n <= 0:
+                raise RuntimeError("get_buffer() returned an empty buffer")
+            with memoryview(rbuf) as view:
                 buf[:n] = view[:n]
-                view = view[n:]
-                self._protocol.buffer_updated(n)
+            buf.release()
+            del rbuf[:n]
+            self._consumed(n)
+            self._protocol.buffer_updated(n)
         else:
+            n = min(len(rbuf), DELIVER_MAX)
+            with memoryview(rbuf) as view:
+                data = bytes(view[:n])
+            del rbuf[:n]
+            self._consumed(n)
             self._protocol.data_received(data)
 
     def _drain_rbuf(self) -> None:
         """Deliver what was held while paused (or before connection_made)."""
         try:
             while self._rbuf and not self._paused and not self._conn_lost and self._made:
-                self._deliver(self._rbuf.popleft())
+                self._deliver_held()
             if not self._rbuf and self._peer_eof_pending and not self._paused:
                 self._peer_eof_pending = False
                 self._deliver_eof()
