@@ -185,6 +185,78 @@ async def test_out_of_grants_is_refused_at_once_and_leaves_nothing_behind(
     await close_sessions()
 
 
+_REFUSALS = """
+import asyncio, time, vchan
+
+async def _refusals(server, port, n):
+    took = []
+    for _ in range(n):
+        t0 = time.monotonic()
+        try:
+            r, w = await vchan.open_connection(server, port, timeout=None)
+        except ConnectionRefusedError as exc:
+            assert "grant limit is reached" in str(exc), exc
+        else:
+            raise AssertionError("connected while the server has no grants")
+        took.append(time.monotonic() - t0)
+    took.sort()
+    return took[len(took) // 2], took[-1]
+
+async def _connect_once(server, port):
+    t0 = time.monotonic()
+    r, w = await vchan.open_connection(server, port, timeout=None)
+    w.write(b"after the storm")
+    got = await asyncio.wait_for(r.readexactly(15), 5)
+    w.close()
+    await w.wait_closed()
+    return got.decode(), time.monotonic() - t0
+"""
+
+
+@pytest.mark.parametrize("refuser", ["this domain", "another domain"])
+async def test_a_thousand_refusals_in_a_row_then_a_connection_at_once(
+        sim_dir: Path, refuser: str) -> None:
+    """Issue 14: refusals used to pile up in XenStore until the port was dead
+    for that client domain (about 119 of them). 1,000 in a row, by this domain
+    or by another one (domain 3); then the next connection of each succeeds at
+    once (10,000 with --soak)."""
+    await _refusals_then_a_connection(sim_dir, refuser, 1000)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("refuser", ["this domain", "another domain"])
+async def test_ten_thousand_refusals_in_a_row_then_a_connection_at_once(
+        sim_dir: Path, refuser: str, request: pytest.FixtureRequest) -> None:
+    if "uvloop" in request.node.name:
+        pytest.skip("the refusals are made by child processes: one loop here is enough")
+    await _refusals_then_a_connection(sim_dir, refuser, 10_000)
+
+
+async def _refusals_then_a_connection(sim_dir: Path, refuser: str, n: int) -> None:
+    from domains import DomainProcess
+
+    own = vchan.own_domid()
+    port = f"storm-{os.getpid()}-{refuser[0]}-{n}"
+    async with await vchan.start_server(_echo, port, peers=[own, 2, 3]) as server:
+        with DomainProcess(3 if refuser == "another domain" else own) as proc, \
+                DomainProcess(2) as served:
+            proc(_REFUSALS)
+            served(_REFUSALS)
+            with _grant_limit(sim_dir, 0):
+                t0 = time.monotonic()
+                median, slowest = await asyncio.to_thread(
+                    proc, f"asyncio.run(_refusals({own}, {port!r}, {n}))", 600)
+                took = time.monotonic() - t0
+            print(f"\n{n} refusals ({refuser}) in {took:.1f} s: median "
+                  f"{median * 1e3:.2f} ms, slowest {slowest * 1e3:.1f} ms")
+            for who in (proc, served):
+                text, seconds = await asyncio.to_thread(
+                    who, f"asyncio.run(_connect_once({own}, {port!r}))", 60)
+                assert text == "after the storm"
+                assert seconds < 2.0, f"the next connection took {seconds:.2f} s"
+        server.close_clients()
+
+
 async def test_a_full_session_refuses_at_once(sim_dir: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The server's per-session connection limit is refused at once, named."""
@@ -310,14 +382,18 @@ async def test_server_close_keeps_open_connections(sim_dir: Path) -> None:
     await close_sessions()
 
 
-async def test_a_cancelled_waiter_does_not_cancel_the_others(sim_dir: Path) -> None:
-    """Clients sharing a XenStore watch each get their own TimeoutError, never
-    another's CancelledError (dedicated connections share watches, not a task)."""
+@pytest.mark.parametrize("dedicated", [False, True], ids=["session", "dedicated"])
+async def test_a_cancelled_waiter_does_not_cancel_the_others(sim_dir: Path,
+                                                             dedicated: bool) -> None:
+    """1,000 clients, no server, short timeouts: each gets its own TimeoutError,
+    never another's CancelledError (sessions share one rendezvous task,
+    dedicated connections share XenStore watches)."""
     own = vchan.own_domid()
-    port = f"nobody-{os.getpid()}"
+    port = f"nobody-{os.getpid()}-{dedicated}"
     results = await asyncio.gather(
-        *(vchan.open_connection(own, port, timeout=0.05 + 0.01 * (i % 20), dedicated=True)
-          for i in range(100)),
+        *(vchan.open_connection(own, port, timeout=0.05 + 0.01 * (i % 20),
+                                dedicated=dedicated)
+          for i in range(1000)),
         return_exceptions=True)
     assert all(isinstance(r, TimeoutError) for r in results), \
         {type(r).__name__ for r in results}
