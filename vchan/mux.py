@@ -117,7 +117,7 @@ QUANTUM = 1 << 20               # bytes a stream writes in its turn before the n
 MIN_CHUNK = 4096                # smallest piece of a larger write worth a frame
 GATHER = 16384                  # DATA frames smaller than this are read in runs...
 GATHER_MAX = 65536              # ...of up to this many bytes, one data_received()
-DELIVER_MAX = 256 * 1024        # held bytes handed to data_received() at a time
+HOLD_PIECE = 65536              # bytes held for a stream are kept in pieces this large
 _MAX_CREDIT = (1 << 31) - 1
 _HELLO_BODY = struct.Struct("<II")
 _FULL: int = lib.VCHAN_MUX_FULL
@@ -715,10 +715,11 @@ class StreamTransport(TransportBase):
         self._peer_blocked = False      # the peer waits for our credit (it said BLOCKED)
         self._blocked_sent = False      # we said BLOCKED and wait for the peer's credit
         # Bytes held for the protocol (paused, not made yet, or the rest of a
-        # frame): one bytearray, not an object per frame -- many large bytes
-        # objects alive at once cost the allocator fresh pages (page faults)
-        # each time, where one buffer is reused.
-        self._rbuf = bytearray()
+        # frame), in pieces of at most HOLD_PIECE bytes: pieces that size come
+        # from the allocator's heap and are reused, where objects of a whole
+        # frame (256 KiB) are fresh pages each time (page faults); and one
+        # bytearray as a queue is worse (it is reallocated as it shrinks).
+        self._rbuf: deque[bytes | memoryview] = deque()
         self._conn_lost = 0
         self._closing = False
         self._closed = False
@@ -779,7 +780,7 @@ class StreamTransport(TransportBase):
         if self._conn_lost or self._eof_received:
             return                      # closing: the bytes are dropped, as a socket does
         if not self._can_deliver():
-            self._rbuf += data
+            self._rbuf.append(data)
             return
         self._consumed(len(data))
         try:
@@ -853,38 +854,41 @@ class StreamTransport(TransportBase):
 
     def _hold(self, a: Any, alen: int, b: Any, blen: int, skip: int) -> None:
         """Keep a payload (after its first ``skip`` bytes) until the protocol
-        can take it: copied from the ring straight into ``_rbuf``."""
+        can take it, copied from the ring in pieces of at most HOLD_PIECE."""
         if self._conn_lost or self._eof_received:
             return                      # closing: the bytes are dropped, as a socket does
         rbuf = self._rbuf
-        if skip < alen:
-            rbuf += ffi.buffer(ffi.cast("char *", a) + skip, alen - skip)
-            skip = alen
-        if blen > skip - alen:
-            rbuf += ffi.buffer(ffi.cast("char *", b) + (skip - alen), blen - (skip - alen))
+        for ptr, length in ((a, alen), (b, blen)):
+            if skip >= length:
+                skip -= length
+                continue
+            p = ffi.cast("char *", ptr)
+            for off in range(skip, length, HOLD_PIECE):
+                rbuf.append(ffi.unpack(p + off, min(HOLD_PIECE, length - off)))
+            skip = 0
 
     def _deliver_held(self) -> None:
-        """Hand the protocol the front of ``_rbuf`` (at most DELIVER_MAX bytes
-        as one ``bytes``; or what its buffer takes)."""
+        """Hand the protocol the first held piece (or what its buffer takes)."""
         rbuf = self._rbuf
+        piece = rbuf[0]
         if self._buffered_protocol:
-            buf = memoryview(self._protocol.get_buffer(len(rbuf))).cast("B")
-            n = min(len(buf), len(rbuf))
+            buf = memoryview(self._protocol.get_buffer(len(piece))).cast("B")
+            n = min(len(buf), len(piece))
             if n <= 0:
                 raise RuntimeError("get_buffer() returned an empty buffer")
-            with memoryview(rbuf) as view:
-                buf[:n] = view[:n]
+            buf[:n] = piece[:n]
             buf.release()
-            del rbuf[:n]
+            if n == len(piece):
+                rbuf.popleft()
+            else:
+                rbuf[0] = memoryview(piece)[n:]
             self._consumed(n)
             self._protocol.buffer_updated(n)
         else:
-            n = min(len(rbuf), DELIVER_MAX)
-            with memoryview(rbuf) as view:
-                data = bytes(view[:n])
-            del rbuf[:n]
-            self._consumed(n)
-            self._protocol.data_received(data)
+            rbuf.popleft()
+            self._consumed(len(piece))
+            # (a piece a BufferedProtocol left half taken, if the protocol changed)
+            self._protocol.data_received(piece if isinstance(piece, bytes) else bytes(piece))
 
     def _drain_rbuf(self) -> None:
         """Deliver what was held while paused (or before connection_made)."""
