@@ -190,6 +190,7 @@ class Session:
         self._error: BaseException | None = None
         self._read_scheduled = False
         self._wake_pending = False      # a deferred wake-up is on its way (_wake_soon)
+        self._waited = False            # the reader let the loop run once for a paused stream
         self._frame = ffi.new("struct vchan_mux_frame *")
         self._pa = ffi.new("const uint8_t **")
         self._pb = ffi.new("const uint8_t **")
@@ -461,6 +462,17 @@ class Session:
                 if n > stream._recv_credit:
                     raise _protocol_error(f"stream {sid} sent {n} bytes beyond its "
                                           f"credit of {stream._recv_credit}")
+                if not stream._can_deliver() and stream._made and not stream._conn_lost:
+                    if not self._waited:
+                        # Paused (a StreamReader with a full buffer, mostly):
+                        # its reader usually resumes it within one loop
+                        # iteration. Leave the frame in the ring until then,
+                        # rather than copying it aside -- once: the frames
+                        # behind it (other streams) wait no longer than that.
+                        self._waited = True
+                        return True
+                else:
+                    self._waited = False
                 if stream._buffered_protocol and stream._can_deliver():
                     total += stream._deliver_frames(f, pa[0], alen[0], pb[0], blen[0])
                     continue
