@@ -318,10 +318,12 @@ class Session:
 
     def _write_direct(self, stream: StreamTransport, data: Any, n: int) -> int:
         """Write up to ``n`` bytes of ``data`` as DATA frames now; bytes written."""
-        r, view, done = self._r, ffi.from_buffer(data), 0
-        while done < n:
-            k: int = lib.vchan_mux_write_data(r, stream.stream_id, view + done, n - done,
-                                              self._min_chunk, self._max_out, self._notify)
+        r, view, done, notify = self._r, ffi.from_buffer(data), 0, self._notify
+        k: int = lib.vchan_mux_write_data(r, stream.stream_id, view, n, self._min_chunk,
+                                          self._max_out, notify)
+        if k == n and not notify[0] and not self._force_notify:
+            return n                    # all of it, and nobody to wake
+        while True:
             if k < 0:
                 if k != _FULL:
                     raise _ring_error(k, "write")
@@ -330,6 +332,10 @@ class Session:
             # write_data stops once the reader is to be woken: wake it now,
             # so that it copies out while we write the rest.
             self._flush_notify()
+            if done >= n:
+                break
+            k = lib.vchan_mux_write_data(r, stream.stream_id, view + done, n - done,
+                                         self._min_chunk, self._max_out, notify)
         return done
 
     def _want_send(self, stream: StreamTransport) -> None:
