@@ -1148,19 +1148,34 @@ async def test_close_after_writing_4_mib_delivers_it_all_then_eof(sim_dir: Path)
 # -- BufferedProtocol streams: the payload goes from the ring into the protocol's buffer ------
 
 
-class Sink(asyncio.BufferedProtocol):
+class _Collects:
+    """What a test protocol received (``data``), and a way to wait for it."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.changed = asyncio.Event()
+
+    async def wait_for_bytes(self, n: int, timeout: float = 10) -> None:
+        async def until() -> None:
+            while len(self.data) < n:
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(until(), timeout)
+
+
+class Sink(_Collects, asyncio.BufferedProtocol):
     """Records what a stream delivers, and whether it was paused at the time."""
 
     def __init__(self, size: int, pause_on_data: bool) -> None:
+        super().__init__()
         self.buf = bytearray(size)
         self.pause_on_data = pause_on_data
         self.paused = False
         self.transport: Any = None
-        self.data = bytearray()
         self.calls: list[tuple[str, bool]] = []     # (callback, paused when called)
         self.made = asyncio.Event()
         self.eof = asyncio.Event()
-        self.changed = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -1181,14 +1196,6 @@ class Sink(asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         self.eof.set()
         return True
-
-    async def wait_for_bytes(self, n: int, timeout: float = 10) -> None:
-        async def until() -> None:
-            while len(self.data) < n:
-                self.changed.clear()
-                await self.changed.wait()
-
-        await asyncio.wait_for(until(), timeout)
 
 
 @contextlib.asynccontextmanager
@@ -1244,15 +1251,14 @@ async def test_buffered_protocol_stream_gets_every_byte_through_a_small_buffer(
         assert sink.data == data
 
 
-class Counter(asyncio.Protocol):
+class Counter(_Collects, asyncio.Protocol):
     """Counts data_received() calls and keeps what they brought."""
 
     def __init__(self) -> None:
-        self.data = bytearray()
+        super().__init__()
         self.calls = 0
         self.types: set[type] = set()
         self.transport: Any = None
-        self.changed = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -1262,14 +1268,6 @@ class Counter(asyncio.Protocol):
         self.types.add(type(data))
         self.data += data
         self.changed.set()
-
-    async def wait_for_bytes(self, n: int, timeout: float = 10) -> None:
-        async def until() -> None:
-            while len(self.data) < n:
-                self.changed.clear()
-                await self.changed.wait()
-
-        await asyncio.wait_for(until(), timeout)
 
 
 async def test_small_writes_reach_a_protocol_in_few_data_received_calls(
