@@ -57,8 +57,9 @@ struct vk_map {
     uint32_t count;             /* pages */
     int writable;
     int shared;                 /* 1: our pages (gntalloc), 0: a peer's (gntdev) */
-    uint64_t index;             /* xen: gntdev index; sim: the emulator's id */
+    uint64_t index;             /* xen: gntalloc index; sim: the emulator's id */
     int token;                  /* sim: lifetime token fd (see sim.c); -1 */
+    void *xen;                  /* xen gntdev: the grants, for more views */
 };
 
 struct vk_ops {

@@ -284,9 +284,15 @@ class GrantMapper(_Handle):
         dev = self._live(what)
         _check_count(len(grants), what)
         m = ffi.new("struct vk_map *")
-        self._checked(lib.vk_map(dev, len(grants), [d for d, _ in grants],
-                                 [r for _, r in grants], 1 if writable else 0,
-                                 _opt(notify_offset), _opt(notify_port), m), what)
+        rc = lib.vk_map(dev, len(grants), [d for d, _ in grants], [r for _, r in grants],
+                        1 if writable else 0, _opt(notify_offset), _opt(notify_port), m)
+        notify_ok = notify_offset is None or (writable and
+                                              0 <= notify_offset < len(grants) * PAGE_SIZE)
+        if rc == -errno.EINVAL and self.backend.name == "xen" and notify_ok:
+            # Xen says the same of every grant it will not map.
+            raise OSError(errno.EINVAL, f"{what}: refused by Xen (no such grant, or it "
+                          "has ended, or it was not granted to this domain)")
+        self._checked(rc, what)
         return Pages(self, m, (), owner)
 
     def set_max_grants(self, count: int) -> None:
