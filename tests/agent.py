@@ -1,8 +1,10 @@
-"""A process playing one emulated domain, driven by a test over a pipe.
+"""A process playing one domain, driven by a test over a pipe or a socket.
 
-Started by ``domains.DomainProcess``.  Reads JSON lines ``{"code": str}`` on
-stdin, runs the code in one persistent namespace and answers one JSON line:
-``{"value": ...}`` (the value of the last expression, if any) or
+Started by ``domains.DomainProcess`` (a process of an emulated domain, or of
+dom0 on the Xen rig), or forked in a rig domU by the ``domain-host`` role
+(``tests/xen/roles.py``).  Reads JSON lines ``{"code": str}``, runs the code
+in one persistent namespace and answers one JSON line: ``{"value": ...}``
+(the value of the last expression, if any) or
 ``{"error": "Type: message", "errno": n}``.
 """
 
@@ -13,7 +15,8 @@ import json
 import os
 import sys
 import traceback
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TextIO
 
 
 def run(code: str, ns: dict[str, Any]) -> Any:
@@ -33,12 +36,17 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
-def main() -> None:
+def namespace() -> dict[str, Any]:
+    """A fresh namespace for test code, with what the tests use imported."""
     ns: dict[str, Any] = {"__name__": "__agent__"}
     exec("import os, sys, time, select, signal, ctypes, errno\n"
          "from vchan.devices import GrantSharer, GrantMapper, EventChannel", ns)
-    out = os.fdopen(int(sys.argv[1]), "w", buffering=1) if len(sys.argv) > 1 else sys.stdout
-    for line in sys.stdin:
+    return ns
+
+
+def serve(requests: Iterable[str], out: TextIO, ns: dict[str, Any]) -> None:
+    """Answer each request line until the requests end."""
+    for line in requests:
         request = json.loads(line)
         try:
             value = run(request["code"], ns)
@@ -51,6 +59,12 @@ def main() -> None:
                 "traceback": traceback.format_exc(),
             })
         out.write(answer + "\n")
+        out.flush()
+
+
+def main() -> None:
+    out = os.fdopen(int(sys.argv[1]), "w", buffering=1) if len(sys.argv) > 1 else sys.stdout
+    serve(sys.stdin, out, namespace())
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
   in debug mode; a test fails if anything reaches the loop's exception
   handler (mark it ``expect_loop_errors`` when that is the point).
 * ``sim_dir``: a private emulated hypervisor for the session.
+* ``rig_domus``: on the Xen rig, its two PV domUs for the session.
 """
 
 from __future__ import annotations
@@ -108,3 +109,30 @@ def sim_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             else:
                 os.environ[key] = value
         backend._reset_for_tests()
+
+
+# -- the Xen rig ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def rig_domus() -> Iterator[tuple[Any, Any]]:
+    """The Xen rig's two PV domUs, guest-a and guest-b, booted side by side once
+    for the session (a minute or more under TCG), each with a vif on xenbr0:
+    ``tests/xen/test_cross_domain.py`` and ``tests/test_devices.py`` share them.
+    Only in the rig's dom0 (callers skip elsewhere)."""
+    from domains import rig_harness
+
+    harness = rig_harness()
+    a = harness.Domu.create("guest-a", vif=True)
+    try:
+        b = harness.Domu.create("guest-b", vif=True)
+    except BaseException:
+        a.close()
+        raise
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        yield a, b
+    finally:
+        a.close()
+        b.close()

@@ -1,7 +1,14 @@
-"""Real separate processes playing emulated domains, for cross-process tests."""
+"""Real separate processes playing domains, for cross-process tests.
+
+:class:`DomainProcess` is a local process: of an emulated domain, or of
+dom0 on the Xen rig.  On the rig a process of a domU is a
+``harness.RemoteDomainProcess`` (``tests/xen/harness.py``) with the same
+interface, :class:`Domain`.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -9,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 AGENT = Path(__file__).with_name("agent.py")
 
@@ -24,8 +31,28 @@ class AgentError(Exception):
         self.message = info["error"]
 
 
+class Domain(Protocol):
+    """A process of domain ``domid`` that runs test code (local or in a domU)."""
+
+    domid: int
+
+    @property
+    def pid(self) -> int: ...
+
+    def __call__(self, code: str, timeout: float = 30.0) -> Any: ...
+
+    def kill(self, sig: int = signal.SIGKILL) -> float: ...
+
+    def wait(self, timeout: float = 10.0) -> int: ...
+
+    def to_local_clock(self, t: float) -> float: ...
+
+    def close(self) -> None: ...
+
+
 class DomainProcess:
-    """A Python process in emulated domain ``domid`` that runs test code."""
+    """A local Python process in domain ``domid`` that runs test code (an
+    emulated domain, or the rig's dom0 with ``VCHAN_BACKEND=xen``)."""
 
     def __init__(self, domid: int, env: dict[str, str] | None = None) -> None:
         self.domid = domid
@@ -64,6 +91,10 @@ class DomainProcess:
     def wait(self, timeout: float = 10.0) -> int:
         return self.proc.wait(timeout)
 
+    def to_local_clock(self, t: float) -> float:
+        """A time the process took with ``time.monotonic()``, on ours (the same clock)."""
+        return t
+
     def close(self) -> None:
         if self.proc.poll() is None:
             assert self.proc.stdin is not None
@@ -80,3 +111,13 @@ class DomainProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def rig_harness() -> Any:
+    """``tests/xen/harness.py``, dom0's side of the Xen rig, where processes of
+    domUs come from (the rig's own tests import it as ``harness`` too: one
+    module)."""
+    here = str(Path(__file__).resolve().parent / "xen")
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module("harness")

@@ -17,11 +17,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ HERE = Path(__file__).resolve().parent
 SHARE = Path(os.environ.get("RIG_SHARE", "/rig"))
 OUT = Path(os.environ.get("RIG_OUT", "/rig/out"))
 ROLES = HERE / "roles.py"
+#: The test-code agent of ``tests/test_devices.py``'s domain processes.
+AGENT = HERE.parent / "agent.py"
 
 #: A domU's kernel and initrd: dom0's own (the image has one of each).
 BOOT = Path("/boot")
@@ -132,6 +135,7 @@ class Domu:
         tree.mkdir()
         shutil.copytree(SHARE / "site-vchan", tree / "site")
         shutil.copy(ROLES, tree / "roles.py")
+        shutil.copy(AGENT, tree / "agent.py")
         shutil.copy(SHARE / "boot" / "rig_agent.py", tree / "rig_agent.py")
         shutil.copy(SHARE / "boot" / "domu.sh", tree / "domu.sh")
         (tree / "lifetime").write_text(f"{int(lifetime)}\n")
@@ -340,3 +344,219 @@ def local(*args: str | int) -> Iterator[LocalJob]:
         yield job
     finally:
         job.close()
+
+
+# -- processes of a domU for the device tests ----------------------------------------------
+
+
+#: The domain host's TCP port in every domU (over xenbr0).
+DOMAIN_HOST_PORT = 7707
+
+
+def domu_address(domid: int) -> str:
+    """A domU's address on xenbr0 (``guest/domu.sh`` sets it from the domid)."""
+    return f"10.99.0.{10 + domid}"
+
+
+def offset_from(exchange: Callable[[], tuple[float, float, float]],
+                samples: int = 5) -> float:
+    """Another domain's monotonic clock minus ours, from the quickest of a few
+    exchanges ``(our time sent, their time, our time back)``: off by at most
+    half that round trip (a few ms under TCG).  Measured when needed, not
+    once: a loaded rig makes some round trips slow, and a domU's monotonic
+    clock need not keep the same offset from dom0's for minutes."""
+    best: tuple[float, float] | None = None
+    for _ in range(samples):
+        sent, theirs, back = exchange()
+        if best is None or back - sent < best[0]:
+            best = (back - sent, theirs - (sent + back) / 2)
+    assert best is not None
+    return best[1]
+
+
+class DomainHost:
+    """The ``domain-host`` role in one domain: it forks that domain's processes
+    for ``tests/test_devices.py``, which talks to them over TCP (a domU's
+    over xenbr0, so the domU needs a vif; dom0's over loopback).  Forking
+    spares each process Python's start-up, seconds under TCG.
+
+    Also tells how the domain's monotonic clock relates to dom0's, so that
+    times taken there can be compared with times taken here.
+    """
+
+    def __init__(self, job: RemoteJob | LocalJob, domid: int, address: str) -> None:
+        self.job = job
+        self.domid = domid
+        self.address = (address, DOMAIN_HOST_PORT)
+        self.job.wait_for("listening", timeout=120)
+
+    @classmethod
+    def in_domu(cls, dom: Domu) -> DomainHost:
+        """A host in ``dom`` (made with a vif)."""
+        job = dom.spawn("--deadline", 3600, "domain-host", DOMAIN_HOST_PORT)
+        return cls(job, dom.domid, domu_address(dom.domid))
+
+    @classmethod
+    def in_dom0(cls) -> DomainHost:
+        """A host in dom0, where the tests run."""
+        job = LocalJob("--deadline", 3600, "domain-host", DOMAIN_HOST_PORT)
+        return cls(job, 0, "127.0.0.1")
+
+    def __repr__(self) -> str:
+        return f"<DomainHost of domain {self.domid} at {self.address[0]}>"
+
+    def connect(self, timeout: float = 30.0) -> socket.socket:
+        """A new connection to the host (retried while the vif comes up)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return socket.create_connection(self.address, timeout=10)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def request(self, request: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        """One request on a connection of its own."""
+        with self.connect() as conn:
+            conn.settimeout(timeout)
+            conn.sendall(json.dumps(request).encode() + b"\n")
+            line = conn.makefile("r", encoding="utf-8").readline()
+        if not line:
+            raise DomuError(f"{self}: no answer to {request}")
+        answer: dict[str, Any] = json.loads(line)
+        if "error" in answer:
+            raise DomuError(f"{self}: {request}: {answer['error']}")
+        return answer
+
+    def clock_offset(self) -> float:
+        """The domain's monotonic clock minus dom0's, now (0 in dom0: one clock)."""
+        if self.domid == 0:
+            return 0.0
+
+        def exchange() -> tuple[float, float, float]:
+            with self.connect() as conn:
+                reader = conn.makefile("r", encoding="utf-8")
+                sent = time.monotonic()
+                conn.sendall(b'{"op": "clock"}\n')
+                theirs = float(json.loads(reader.readline())["clock"])
+                return sent, theirs, time.monotonic()
+
+        return offset_from(exchange)
+
+    def process(self) -> RemoteDomainProcess:
+        """A new process of the domU."""
+        return RemoteDomainProcess(self)
+
+    def close(self) -> None:
+        """Stop the host (its processes are killed)."""
+        with contextlib.suppress(OSError, DomuError, ValueError):
+            self.request({"op": "exit"}, timeout=10)
+        with contextlib.suppress(DomuError):
+            self.job.wait(30)
+        if isinstance(self.job, LocalJob):
+            self.job.close()
+
+
+class RemoteDomainProcess:
+    """A process in a domU that runs test code: ``domains.DomainProcess``'s
+    interface, over a TCP connection to the domU's :class:`DomainHost`."""
+
+    def __init__(self, host: DomainHost) -> None:
+        self.host = host
+        self.domid = host.domid
+        self._conn = host.connect()
+        self._conn.settimeout(60)
+        self._conn.sendall(b'{"op": "spawn"}\n')
+        self._reader = self._conn.makefile("r", encoding="utf-8")
+        hello = self._reader.readline()
+        if not hello:
+            raise DomuError(f"{host}: the new process did not start")
+        self.pid = int(json.loads(hello)["pid"])
+        self._status: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<RemoteDomainProcess {self.pid} in domain {self.domid}>"
+
+    def to_local_clock(self, t: float) -> float:
+        """A time taken by this process's ``time.monotonic()``, on dom0's clock
+        (the clocks compared now, over the process's own connection)."""
+        if self.domid == 0:
+            return t
+
+        def exchange() -> tuple[float, float, float]:
+            sent = time.monotonic()
+            theirs = float(self("time.monotonic()"))
+            return sent, theirs, time.monotonic()
+
+        return t - offset_from(exchange)
+
+    def __call__(self, code: str, timeout: float = 30.0) -> Any:
+        """Run ``code`` in the process; return its last expression's value."""
+        from domains import AgentError
+
+        self._conn.settimeout(timeout)
+        try:
+            self._conn.sendall(json.dumps({"code": code}).encode() + b"\n")
+            line = self._reader.readline()
+        except (BrokenPipeError, ConnectionResetError):
+            line = ""
+        if not line:
+            raise EOFError(f"domain {self.domid} process exited with {self.wait()}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise AgentError(answer)
+        return answer["value"]
+
+    def kill(self, sig: int = signal.SIGKILL) -> float:
+        """Send ``sig``; returns when it was sent, on dom0's monotonic clock."""
+        sent = float(self.host.request({"op": "kill", "pid": self.pid, "signal": int(sig)})
+                     ["sent"])
+        return sent - self.host.clock_offset()
+
+    def wait(self, timeout: float = 10.0) -> int:
+        """The process's exit status (as ``subprocess`` gives it)."""
+        if self._status is None:
+            deadline = time.monotonic() + timeout
+            while True:
+                left = max(0.0, min(5.0, deadline - time.monotonic()))
+                answer = self.host.request({"op": "wait", "pid": self.pid, "timeout": left},
+                                           timeout=left + 30)
+                if "status" in answer:
+                    self._status = int(answer["status"])
+                    break
+                if time.monotonic() >= deadline:
+                    raise subprocess.TimeoutExpired(f"domain {self.domid} process {self.pid}",
+                                                    timeout)
+        return self._status
+
+    def close(self) -> None:
+        """End the process (its input ends) and wait for it."""
+        if self._conn.fileno() < 0:
+            return
+        with contextlib.suppress(OSError):
+            self._conn.shutdown(socket.SHUT_WR)
+        try:
+            self.wait(10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(DomuError):
+                self.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired, DomuError):
+                self.wait(10)
+        except DomuError:
+            pass
+        self._reader.close()
+        self._conn.close()
+
+
+@contextlib.contextmanager
+def domain_hosts(*doms: Domu) -> Iterator[list[DomainHost]]:
+    """Domain hosts: dom0's, then one in each of ``doms`` (made with a vif)."""
+    hosts: list[DomainHost] = []
+    try:
+        hosts.append(DomainHost.in_dom0())
+        hosts.extend(DomainHost.in_domu(dom) for dom in doms)
+        yield hosts
+    finally:
+        for host in hosts:
+            host.close()

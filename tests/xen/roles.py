@@ -16,9 +16,11 @@ import hashlib
 import json
 import os
 import random
+import signal
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -603,6 +605,118 @@ def _fresh_path(path: str) -> Iterator[None]:
             os.unlink(path)
 
 
+# -- processes for dom0's device tests ------------------------------------------------------
+
+
+def domain_host(args: argparse.Namespace) -> int:
+    """Fork processes of this domain for dom0's device tests, one per TCP connection.
+
+    ``tests/test_devices.py`` drives each process as it drives a local one
+    (``agent.py``'s JSON lines, here over the socket); a process ends when
+    its connection closes.  One request per connection: ``spawn`` (the
+    forked child answers ``{"pid", "clock"}`` and serves the connection),
+    ``kill`` (``pid``, ``signal``: when it was sent, by this domain's
+    monotonic clock), ``wait`` (``pid`` for up to ``timeout`` s: ``status``
+    as ``subprocess`` gives it, or ``running``), ``clock`` (this domain's
+    monotonic clock, to compare times across domains), ``exit``.  The host
+    is single-threaded and forks with vchan imported and no device open.
+    """
+    here = Path(__file__).resolve().parent
+    sys.path[:0] = [str(here), str(here.parent)]   # a domU's job disk; tests/ in dom0
+    import agent
+
+    agent.namespace()                       # import vchan.devices once, before forking
+    statuses: dict[int, int] = {}
+    children: set[int] = set()
+
+    def reap(pid: int = -1) -> None:
+        while children:
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if done == 0:
+                return
+            children.discard(done)
+            statuses[done] = os.waitstatus_to_exitcode(status)
+            if pid != -1:
+                return
+
+    def child(conn: socket.socket) -> None:
+        reader = conn.makefile("r", encoding="utf-8")
+        writer = conn.makefile("w", encoding="utf-8")
+        writer.write(json.dumps({"pid": os.getpid(), "clock": time.monotonic()}) + "\n")
+        writer.flush()
+        agent.serve(reader, writer, agent.namespace())
+
+    def answer(request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "clock":
+            return {"clock": time.monotonic()}
+        if op == "kill":
+            pid = int(request["pid"])
+            if pid not in children:
+                return {"error": f"no running process {pid}"}
+            sent = time.monotonic()
+            os.kill(pid, int(request.get("signal", signal.SIGKILL)))
+            return {"sent": sent}
+        if op == "wait":
+            pid = int(request["pid"])
+            end = time.monotonic() + float(request.get("timeout", 0))
+            while True:
+                reap(pid)
+                if pid in statuses:
+                    return {"status": statuses[pid]}
+                if pid not in children:
+                    return {"error": f"no process {pid}"}
+                if time.monotonic() >= end:
+                    return {"running": True}
+                time.sleep(0.005)
+        return {"error": f"unknown op {op!r}"}
+
+    server = socket.create_server(("", args.port))
+    report(event="listening", port=args.port, clock=time.monotonic())
+    while True:
+        conn, _ = server.accept()
+        reap()
+        with conn:
+            try:
+                line = conn.makefile("r", encoding="utf-8").readline()
+                request = json.loads(line) if line else {}
+            except (OSError, ValueError):
+                continue
+            if request.get("op") == "spawn":
+                sys.stdout.flush()
+                pid = os.fork()
+                if pid == 0:
+                    code = 0
+                    try:
+                        server.close()
+                        child(conn)
+                    except BaseException:
+                        traceback.print_exc()
+                        code = 1
+                    finally:
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                        os._exit(code)
+                children.add(pid)
+                continue
+            if request.get("op") == "exit":
+                conn.sendall(b'{"bye": true}\n')
+                break
+            try:
+                reply = answer(request)
+            except Exception as exc:
+                reply = {"error": f"{type(exc).__name__}: {exc}"}
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--deadline", type=float, default=120.0,
@@ -669,6 +783,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mib", type=int, default=16)
     p.add_argument("--rounds", type=int, default=300)
     p.add_argument("--size", type=int, default=64, help="ping-pong message size")
+    p = sub.add_parser("domain-host")
+    p.add_argument("port", type=int)
     args = parser.parse_args(argv)
 
     role = args.role
@@ -698,6 +814,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(bench_client(args))
     if role == "unix-echo":
         return unix_echo(args)
+    if role == "domain-host":
+        return domain_host(args)
     parser.error(f"unknown role {role}")
     return 2
 

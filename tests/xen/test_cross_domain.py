@@ -16,7 +16,6 @@ import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +44,11 @@ _ports = (f"x{n}" for n in itertools.count(1))
 
 
 @pytest.fixture(scope="module")
-def domus() -> Iterator[tuple[Domu, Domu]]:
-    """Two domUs, booted side by side for the module (guest-a with a vif on xenbr0,
-    for TCP over the rig's bridge)."""
-    a = Domu.create("guest-a", vif=True)
-    b = Domu.create("guest-b")
-    try:
-        a.wait_ready()
-        b.wait_ready()
-        yield a, b
-    finally:
-        a.close()
-        b.close()
+def domus(rig_domus: tuple[Domu, Domu]) -> tuple[Domu, Domu]:
+    """The rig's two domUs (``rig_domus`` in tests/conftest.py: booted once for
+    the session, shared with tests/test_devices.py; guest-a's vif on xenbr0
+    carries TCP for the set-up rate test)."""
+    return rig_domus
 
 
 def _digest(size: int, seed: int) -> str:
