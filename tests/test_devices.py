@@ -1,9 +1,19 @@
 """The device layer's semantics, across real separate processes.
 
 Each test pins down one rule of the gntalloc / gntdev / evtchn design that
-vchan relies on.  Processes play domains (``domains.DomainProcess``); the
-tests are parametrised over both backends and the real-Xen variants skip
-where there is no ``/dev/xen`` (the Xen rig runs them).
+vchan relies on.  The tests are parametrised over both backends:
+
+* ``sim``: processes play domains 1, 2 and 3 of the emulator
+  (``domains.DomainProcess``);
+* ``xen``: in the Xen rig's dom0 (``python tests/xen/rig.py run``), domain 1
+  is played by processes of dom0 and domains 2 and 3 by processes of two PV
+  domUs, each forked in its domain by the ``domain-host`` role and driven
+  over TCP (``harness.RemoteDomainProcess``): the real drivers across real
+  domains.  Elsewhere the real-Xen variants skip.
+
+Tests name domains by ``d.domid``, which on Xen is whatever ``xl`` gave.
+Where real Xen says less than the emulator (one errno for every refused
+grant map) or Linux differs by domain type (PV), the test says so.
 """
 
 from __future__ import annotations
@@ -17,28 +27,72 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from domains import AgentError, DomainProcess
+from domains import AgentError, Domain, DomainProcess, rig_harness
 
 from vchan import sim
 
 XEN = os.path.exists("/dev/xen/gntalloc")
+#: gntalloc's grant limit on Linux (the real counterpart of `vchan sim set grant-limit`).
+GNTALLOC_LIMIT = "/sys/module/xen_gntalloc/parameters/limit"
+#: What Linux says when a PV domain's forked child lacks its parent's gntdev mappings.
+PV_FORK = ("in a PV domain a forked child does not inherit gntdev mappings (Linux marks "
+           "them VM_DONTCOPY: the kernel keeps their page-table entries itself); the rig's "
+           "domains are PV (PVH does not boot under TCG)")
+
+
+@pytest.fixture(scope="session")
+def rig_domains(rig_domus: tuple[Any, Any]) -> Iterator[dict[int, Any]]:
+    """Domains 1, 2 and 3 of the Xen tests: dom0 and the rig's two PV domUs
+    (``rig_domus``), each with a host that forks its processes
+    (``harness.DomainHost``)."""
+    with rig_harness().domain_hosts(*rig_domus) as (dom0, a, b):
+        yield {1: dom0, 2: a, 3: b}
 
 
 class World:
     """Domains for a test, on one backend."""
 
-    def __init__(self, backend: str, sim_dir: Path | None) -> None:
+    def __init__(self, backend: str, sim_dir: Path | None,
+                 hosts: dict[int, Any] | None = None) -> None:
         self.backend = backend
         self.sim_dir = sim_dir
-        self.procs: list[DomainProcess] = []
+        self.hosts = hosts or {}
+        self.procs: list[Domain] = []
 
-    def domain(self, domid: int) -> DomainProcess:
+    def domain(self, n: int) -> Domain:
+        """A new process of domain ``n`` (1, 2, 3; on Xen: dom0, a domU, another domU)."""
+        proc: Domain
         if self.backend == "xen":
-            pytest.skip("needs processes in several Xen domains: runs on the Xen rig")
-        proc = DomainProcess(domid, env={"VCHAN_BACKEND": self.backend})
+            proc = self.hosts[n].process()
+        else:
+            proc = DomainProcess(n, env={"VCHAN_BACKEND": self.backend})
         self.procs.append(proc)
-        proc("_presence = GrantMapper()")   # a domain exists while connected
+        proc("_presence = GrantMapper()")   # a domain exists while connected (emulator)
         return proc
+
+    def grant_limit(self, dom: Domain) -> int:
+        """The grant limit of ``dom``'s domain."""
+        if self.backend == "sim":
+            return int(self.status()["grant_limit"])
+        return int(dom(f"open({GNTALLOC_LIMIT!r}).read()").strip())
+
+    def set_grant_limit(self, dom: Domain, limit: int, *, by_file: bool = False) -> None:
+        """Change it while running: ``vchan sim set grant-limit`` (or the file the
+        emulator offers as the sysfs analogue), gntalloc's sysfs parameter on Xen."""
+        if self.backend == "xen":
+            dom(f"open({GNTALLOC_LIMIT!r}, 'w').write('{limit}\\n')")
+        elif by_file:
+            assert self.sim_dir is not None
+            (self.sim_dir / "grant-limit").write_text(f"{limit}\n")
+        else:
+            assert self.sim_dir is not None
+            sim.control({"cmd": "set", "key": "grant-limit", "value": limit}, self.sim_dir)
+
+    def map_refused_errno(self, emulator_errno: int) -> int:
+        """What a refused grant map says: on Xen every refusal of a grant (not
+        ours, ended, unknown) is GNTST_general_error, which gntdev reports as
+        EINVAL; the emulator says which."""
+        return emulator_errno if self.backend == "sim" else errno.EINVAL
 
     def status(self) -> dict[str, Any]:
         assert self.sim_dir is not None
@@ -60,7 +114,10 @@ def world(request: pytest.FixtureRequest) -> Iterator[World]:
     if request.param == "xen":
         if not XEN:
             pytest.skip("no /dev/xen/gntalloc: not a Xen domain (the Xen rig runs these)")
-        w = World("xen", None)
+        if not rig_harness().in_rig():
+            pytest.skip("real Xen but not the rig's dom0: domains 2 and 3 are domUs the rig "
+                        "starts (python tests/xen/rig.py run)")
+        w = World("xen", None, request.getfixturevalue("rig_domains"))
     else:
         w = World("sim", request.getfixturevalue("sim_dir"))
     try:
@@ -69,11 +126,20 @@ def world(request: pytest.FixtureRequest) -> Iterator[World]:
         w.close()
 
 
-def _share(dom: DomainProcess, peer: int, count: int = 1, **kw: Any) -> list[int]:
+def _share(dom: Domain, peer: int, count: int = 1, **kw: Any) -> list[int]:
     args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
     refs: list[int] = dom(f"shr = GrantSharer(); pages = shr.share({peer}, {count}"
                           f"{', ' + args if args else ''}); list(pages.refs)")
     return refs
+
+
+def _is_pv(world: World, dom: Domain) -> bool:
+    """Whether ``dom`` runs in a PV Xen domain (Linux's own answer)."""
+    if world.backend != "xen":
+        return False
+    kind: str = dom("t = '/sys/hypervisor/guest_type'\n"
+                    "open(t).read().strip() if os.path.exists(t) else 'unknown'")
+    return kind == "PV"
 
 
 def _wait_for(predicate: Any, timeout: float = 2.0, what: str = "condition") -> None:
@@ -89,32 +155,39 @@ def _wait_for(predicate: Any, timeout: float = 2.0, what: str = "condition") -> 
 
 def test_grant_is_mappable_only_by_its_peer_domain(world: World) -> None:
     d1, d2, d3 = world.domain(1), world.domain(2), world.domain(3)
-    refs = _share(d1, peer=2)
+    refs = _share(d1, peer=d2.domid)
     d1("pages.write(0, b'for domain 2 only')")
-    assert d2(f"m = GrantMapper(); p = m.map(1, {refs}); p.read(0, 17)") == "for domain 2 only"
+    assert d2(f"m = GrantMapper(); p = m.map({d1.domid}, {refs}); p.read(0, 17)") == \
+        "for domain 2 only"
     with pytest.raises(AgentError) as info:
-        d3(f"GrantMapper().map(1, {refs})")
-    assert info.value.type == "PermissionError" and info.value.errno == errno.EPERM
-    assert "map grant(s)" in info.value.message and "domain 1" in info.value.message
+        d3(f"with GrantMapper() as g: g.map({d1.domid}, {refs})")
+    assert info.value.errno == world.map_refused_errno(errno.EPERM)
+    if world.backend == "sim":
+        assert info.value.type == "PermissionError"
+    assert "map grant(s)" in info.value.message
+    assert f"of domain {d1.domid}" in info.value.message
+    # The grantee's mapping is untouched by the refusal.
+    d1("pages.write(0, b'still for 2')")
+    assert d2("p.read(0, 11)") == "still for 2"
 
 
 def test_unknown_grant_is_refused(world: World) -> None:
     d2 = world.domain(2)
-    world.domain(1)
+    d1 = world.domain(1)
     with pytest.raises(AgentError) as info:
-        d2("GrantMapper().map(1, [123456])")
+        d2(f"with GrantMapper() as g: g.map({d1.domid}, [123456])")
     assert info.value.errno == errno.EINVAL
 
 
 def test_readonly_grant_maps_only_readonly(world: World) -> None:
     d1, d2 = world.domain(1), world.domain(2)
-    refs = _share(d1, peer=2, writable=False)
+    refs = _share(d1, peer=d2.domid, writable=False)
     d1("pages.write(0, b'read me')")
     with pytest.raises(AgentError) as info:
-        d2(f"GrantMapper().map(1, {refs}, writable=True)")
-    assert info.value.errno == errno.EPERM
-    assert d2(f"m = GrantMapper(); p = m.map(1, {refs}, writable=False); p.read(0, 7)") == \
-        "read me"
+        d2(f"with GrantMapper() as g: g.map({d1.domid}, {refs}, writable=True)")
+    assert info.value.type == "PermissionError" and info.value.errno == errno.EPERM
+    assert d2(f"m = GrantMapper(); p = m.map({d1.domid}, {refs}, writable=False); "
+              "p.read(0, 7)") == "read me"
     # Not even mprotect can make the mapping writable.
     rc, err = d2("libc = ctypes.CDLL(None, use_errno=True);"
                  "r = libc.mprotect(ctypes.c_void_p(p.address), 4096, 3);"
@@ -124,8 +197,8 @@ def test_readonly_grant_maps_only_readonly(world: World) -> None:
 
 def test_write_through_readonly_mapping_kills_the_writer(world: World) -> None:
     d1, d2 = world.domain(1), world.domain(2)
-    refs = _share(d1, peer=2, writable=False)
-    d2(f"m = GrantMapper(); p = m.map(1, {refs}, writable=False)")
+    refs = _share(d1, peer=d2.domid, writable=False)
+    d2(f"m = GrantMapper(); p = m.map({d1.domid}, {refs}, writable=False)")
     with pytest.raises(EOFError):
         d2("ctypes.memset(p.address, 0x41, 1)")
     assert d2.wait() == -signal.SIGSEGV
@@ -134,31 +207,35 @@ def test_write_through_readonly_mapping_kills_the_writer(world: World) -> None:
 
 def test_clear_byte_notification_on_readonly_mapping_is_refused(world: World) -> None:
     d1, d2 = world.domain(1), world.domain(2)
-    refs = _share(d1, peer=2, writable=False)
+    refs = _share(d1, peer=d2.domid, writable=False)
     with pytest.raises(AgentError) as info:
-        d2(f"GrantMapper().map(1, {refs}, writable=False, notify_offset=20)")
+        d2(f"with GrantMapper() as g: g.map({d1.domid}, {refs}, writable=False, "
+           "notify_offset=20)")
     assert info.value.errno == errno.EINVAL
 
 
 def test_pages_can_be_mapped_more_than_once(world: World) -> None:
     d1, d2 = world.domain(1), world.domain(2)
-    refs = _share(d1, peer=2, count=2)
-    d2(f"m = GrantMapper(); p = m.map(1, {refs}); v = p.view()")
+    refs = _share(d1, peer=d2.domid, count=2)
+    d2(f"m = GrantMapper(); p = m.map({d1.domid}, {refs}); v = p.view()")
     assert d2("v") == 1
     d2("p.write(5000, b'via view 1', view=1)")
     assert d2("p.read(5000, 10, view=0)") == "via view 1"
     assert d1("pages.read(5000, 10)") == "via view 1"
-    # A shared page can be viewed twice too (on the emulator).
+    # Shared pages can be viewed twice too.
     d1("pages.view(); pages.write(0, b'x', view=1)")
     assert d1("pages.read(0, 1)") == "x"
+    assert d2("p.read(0, 1, view=1)") == "x"
     d2("p.close()")
     assert d1("pages.read(5000, 10)") == "via view 1"
 
 
 def test_mapping_survives_fork(world: World) -> None:
     d1, d2 = world.domain(1), world.domain(2)
-    refs = _share(d1, peer=2)
-    d2(f"m = GrantMapper(); p = m.map(1, {refs})")
+    if _is_pv(world, d2):
+        pytest.skip(PV_FORK)
+    refs = _share(d1, peer=d2.domid)
+    d2(f"m = GrantMapper(); p = m.map({d1.domid}, {refs})")
     # The child writes through the inherited mapping, then unmaps and exits:
     # the parent's mapping is untouched.
     d2("pid = os.fork()\n"
@@ -174,9 +251,11 @@ def test_mapping_survives_fork(world: World) -> None:
 
 def test_unmap_notification_waits_for_the_last_forked_user(world: World) -> None:
     d1, d2 = world.domain(1), world.domain(2)
-    refs = _share(d1, peer=2)
+    if _is_pv(world, d2):
+        pytest.skip(PV_FORK)
+    refs = _share(d1, peer=d2.domid)
     d1("pages.write(20, b'\\x01')")
-    d2(f"m = GrantMapper(); p = m.map(1, {refs}, notify_offset=20)")
+    d2(f"m = GrantMapper(); p = m.map({d1.domid}, {refs}, notify_offset=20)")
     d2("r, w = os.pipe()\n"
        "pid = os.fork()\n"
        "if pid == 0:\n"
@@ -189,12 +268,43 @@ def test_unmap_notification_waits_for_the_last_forked_user(world: World) -> None
     _wait_for(lambda: d1("pages.read(20, 1)") == "\x00", what="byte cleared")
 
 
+@pytest.mark.parametrize("world", ["xen"], indirect=True)
+def test_a_forked_child_does_not_inherit_gntdev_mappings_in_a_pv_domain(world: World) -> None:
+    """What a PV domain does instead of test_mapping_survives_fork: the child
+    has nothing at the address, and the parent's mapping (and its unmap
+    notification) stays the parent's alone."""
+    d1, d2 = world.domain(1), world.domain(2)
+    if not _is_pv(world, d2):
+        pytest.skip("not a PV domain: its gntdev mappings survive fork "
+                    "(test_mapping_survives_fork)")
+    refs = _share(d1, peer=d2.domid)
+    d1("pages.write(20, b'\\x01')")
+    d2(f"m = GrantMapper(); p = m.map({d1.domid}, {refs}, notify_offset=20)")
+    d2("pid = os.fork()\n"
+       "if pid == 0:\n"
+       "    p.write(0, b'from the child'); os._exit(0)\n"
+       "_, status = os.waitpid(pid, 0)")
+    assert d2("os.waitstatus_to_exitcode(status)") == -signal.SIGSEGV
+    assert d1("pages.read(0, 14)") == "\x00" * 14
+    d2("p.write(0, b'parent still ok')")
+    assert d1("pages.read(0, 15)") == "parent still ok"
+    # A child alive when the parent unmaps does not hold the pages.
+    d2("r, w = os.pipe()\n"
+       "pid = os.fork()\n"
+       "if pid == 0:\n"
+       "    os.close(w); os.read(r, 1); os._exit(0)\n"
+       "os.close(r)")
+    d2("p.close()")
+    _wait_for(lambda: d1("pages.read(20, 1)") == "\x00", what="byte cleared")
+    d2("os.close(w); os.waitpid(pid, 0)")
+
+
 def test_mapping_outlives_its_device_handle(world: World) -> None:
     d1, d2 = world.domain(1), world.domain(2)
-    refs = _share(d1, peer=2)
+    refs = _share(d1, peer=d2.domid)
     d1("shr.close()")                                    # gntalloc handle closed
     d1("pages.write(0, b'still shared')")
-    d2(f"m = GrantMapper(); p = m.map(1, {refs}); m.close()")  # gntdev handle closed
+    d2(f"m = GrantMapper(); p = m.map({d1.domid}, {refs}); m.close()")  # gntdev handle closed
     assert d2("p.read(0, 12)") == "still shared"
     d2("p.write(0, b'still mapped')")
     assert d1("pages.read(0, 12)") == "still mapped"
@@ -205,58 +315,73 @@ def test_mapping_outlives_its_device_handle(world: World) -> None:
 def test_pages_outlive_the_grant_owner_unmapping_them(world: World) -> None:
     """libxengnttab deallocates grants right after mmap; pages stay until unmapped."""
     d1, d2 = world.domain(1), world.domain(2)
-    refs = _share(d1, peer=2, count=3)
+    refs = _share(d1, peer=d2.domid, count=3)
     d1("pages.write(8192, b'kept alive')")
-    d2(f"m = GrantMapper(); p = m.map(1, {refs})")
+    d2(f"m = GrantMapper(); p = m.map({d1.domid}, {refs})")
     d1("pages.close()")                                  # the owner lets go
     assert d2("p.read(8192, 10)") == "kept alive"
     d2("p.write(0, b'no crash')")
-    # The grant itself has ended: nobody can map it any more ...
-    with pytest.raises(AgentError) as info:
-        d2(f"GrantMapper().map(1, {refs})")
-    assert info.value.errno == errno.EINVAL
-    # ... and it no longer counts against domain 1's grant limit.
+    map_again = f"with GrantMapper() as g: g.map({d1.domid}, {refs}).close()"
     if world.backend == "sim":
+        # The grant itself has ended: nobody can map it any more ...
+        with pytest.raises(AgentError) as info:
+            d2(map_again)
+        assert info.value.errno == errno.EINVAL
+        # ... and it no longer counts against domain 1's grant limit.
         status = world.dom_status(1)
         assert status is not None and status["granted_pages"] == 0
+        return
+    # Xen cannot end a grant its grantee still maps: Linux keeps trying (about
+    # once a second) and the grantee may map it again meanwhile.  Once the last
+    # mapping goes, the grant ends.
+    d2(map_again)
+    d2("p.close()")
+
+    def ended() -> bool:
+        try:
+            d2(map_again)
+        except AgentError as exc:
+            assert exc.errno == errno.EINVAL
+            return True
+        return False
+
+    _wait_for(ended, timeout=10, what="the grant to end")
 
 
 def test_grant_limit_is_enforced_and_changeable_at_run_time(world: World) -> None:
-    if world.backend != "sim":
-        pytest.skip("changing the real gntalloc limit is a host setting")
-    assert world.sim_dir is not None
-    d1 = world.domain(1)
-    world.domain(2)
-    assert world.status()["grant_limit"] == sim.DEFAULT_GRANT_LIMIT
-    sim.control({"cmd": "set", "key": "grant-limit", "value": 4}, world.sim_dir)
+    """On Xen: gntalloc's limit in dom0, which the test's processes alone use."""
+    d1, d2 = world.domain(1), world.domain(2)
+    peer = d2.domid
+    default = sim.DEFAULT_GRANT_LIMIT if world.backend == "sim" else 1024
+    assert world.grant_limit(d1) == default
+    world.set_grant_limit(d1, 4)
     try:
-        d1("s = GrantSharer(); a = s.share(2, 3)")
+        assert world.grant_limit(d1) == 4
+        d1(f"s = GrantSharer(); a = s.share({peer}, 3)")
         with pytest.raises(AgentError) as info:
-            d1("b = s.share(2, 2)")
+            d1(f"b = s.share({peer}, 2)")
         assert info.value.errno == errno.ENOSPC
-        assert "grant limit" in info.value.message and "vchan sim set grant-limit" in \
-            info.value.message
-        d1("b = s.share(2, 1)")                          # exactly at the limit
-        # The sysfs analogue: writing the file changes the limit too.
-        (world.sim_dir / "grant-limit").write_text("6\n")
-        d1("c = s.share(2, 2)")
+        hint = "vchan sim set grant-limit" if world.backend == "sim" else GNTALLOC_LIMIT
+        assert "grant limit" in info.value.message and hint in info.value.message
+        d1(f"b = s.share({peer}, 1)")                    # exactly at the limit
+        # The sysfs file (the emulator's analogue of it) changes the limit too.
+        world.set_grant_limit(d1, 6, by_file=True)
+        d1(f"c = s.share({peer}, 2)")
         with pytest.raises(AgentError):
-            d1("s.share(2, 1)")
+            d1(f"s.share({peer}, 1)")
         d1("a.close()")                                  # freeing grants makes room
-        d1("d = s.share(2, 3)")
+        d1(f"d = s.share({peer}, 3)")
     finally:
-        sim.control({"cmd": "set", "key": "grant-limit", "value": sim.DEFAULT_GRANT_LIMIT},
-                    world.sim_dir)
+        world.set_grant_limit(d1, default)
 
 
 def test_grant_limit_defaults_to_1024_pages(world: World) -> None:
-    if world.backend != "sim":
-        pytest.skip("the real limit is the host's gntalloc setting")
-    d1 = world.domain(1)
-    world.domain(2)
-    d1("s = GrantSharer(); big = s.share(2, 1000); more = s.share(2, 24)")
+    """On Xen: dom0's gntalloc limit, which the test's processes alone use."""
+    d1, d2 = world.domain(1), world.domain(2)
+    assert world.grant_limit(d1) == 1024
+    d1(f"s = GrantSharer(); big = s.share({d2.domid}, 1000); more = s.share({d2.domid}, 24)")
     with pytest.raises(AgentError) as info:
-        d1("s.share(2, 1)")
+        d1(f"s.share({d2.domid}, 1)")
     assert info.value.errno == errno.ENOSPC
     d1("big.close(); more.close()")
 
@@ -264,9 +389,9 @@ def test_grant_limit_defaults_to_1024_pages(world: World) -> None:
 # -- event channels ------------------------------------------------------------
 
 
-def _channel(d1: DomainProcess, d2: DomainProcess) -> tuple[int, int]:
-    p1: int = d1("ev = EventChannel(); port = ev.bind_unbound(2); port")
-    p2: int = d2(f"ev = EventChannel(); port = ev.bind_interdomain(1, {p1}); port")
+def _channel(d1: Domain, d2: Domain) -> tuple[int, int]:
+    p1: int = d1(f"ev = EventChannel(); port = ev.bind_unbound({d2.domid}); port")
+    p2: int = d2(f"ev = EventChannel(); port = ev.bind_interdomain({d1.domid}, {p1}); port")
     return p1, p2
 
 
@@ -300,15 +425,24 @@ def test_events_coalesce_until_unmasked(world: World) -> None:
 
 def test_take_events_returns_every_fired_port_unmasked(world: World) -> None:
     d1, d2 = world.domain(1), world.domain(2)
-    a1: int = d1("ev = EventChannel(); a = ev.bind_unbound(2); b = ev.bind_unbound(2); a")
+    a1: int = d1(f"ev = EventChannel(); a = ev.bind_unbound({d2.domid}); "
+                 f"b = ev.bind_unbound({d2.domid}); a")
     b1: int = d1("b")
-    d2(f"ev = EventChannel(); a = ev.bind_interdomain(1, {a1}); "
-       f"b = ev.bind_interdomain(1, {b1})")
+    d2(f"ev = EventChannel(); a = ev.bind_interdomain({d1.domid}, {a1}); "
+       f"b = ev.bind_interdomain({d1.domid}, {b1})")
     d2("for _ in range(3): ev.notify(a); ev.notify(b)")
     assert d1("select.select([ev.fileno()], [], [], 5)[0] != []")
     d1("from vchan._native import ffi; out = ffi.new('uint32_t[8]')")
-    assert sorted(d1("n = ev.take_events(out); sorted(out[i] for i in range(n))")) == \
-        sorted([a1, b1])
+    take = "n = ev.take_events(out); sorted(out[i] for i in range(n))"
+    assert d1(take) == sorted([a1, b1])
+    # Notifies that came after a port fired (masking it) and before
+    # take_events unmasked it coalesce into one more delivery.  Xen delivers
+    # the first notify at once, so the other two may make one; the emulator
+    # holds all three as one when the reader is slower than the writer.
+    if d1("select.select([ev.fileno()], [], [], 0.5)[0] != []"):
+        again: list[int] = d1(take)
+        assert set(again) <= {a1, b1} and len(again) == len(set(again)), again
+    assert d1("select.select([ev.fileno()], [], [], 0.2)[0]") == []
     assert d1("ev.take_events(out)") == 0                 # coalesced, and consumed
     d2("ev.notify(b)")                                      # unmasked already: fires again
     assert d1("select.select([ev.fileno()], [], [], 5)[0] != []")
@@ -328,10 +462,10 @@ def test_notify_on_unbound_or_foreign_port_fails(world: World) -> None:
 
 def test_closing_the_handle_unbinds_its_ports(world: World) -> None:
     d1, d2 = world.domain(1), world.domain(2)
-    p1: int = d1("ev = EventChannel(); port = ev.bind_unbound(2); port")
+    p1: int = d1(f"ev = EventChannel(); port = ev.bind_unbound({d2.domid}); port")
     d1("ev.close()")
     with pytest.raises(AgentError) as info:
-        d2(f"EventChannel().bind_interdomain(1, {p1})")
+        d2(f"with EventChannel() as e: e.bind_interdomain({d1.domid}, {p1})")
     assert info.value.errno == errno.EINVAL
     if world.backend == "sim":
         status = world.dom_status(1)
@@ -341,10 +475,10 @@ def test_closing_the_handle_unbinds_its_ports(world: World) -> None:
 def test_binding_to_a_missing_domain_fails(world: World) -> None:
     d1 = world.domain(1)
     with pytest.raises(AgentError) as info:
-        d1("EventChannel().bind_unbound(77)")
+        d1("with EventChannel() as e: e.bind_unbound(77)")
     assert info.value.type == "ProcessLookupError" and info.value.errno == errno.ESRCH
     with pytest.raises(AgentError) as info:
-        d1("EventChannel().bind_interdomain(77, 1)")
+        d1("with EventChannel() as e: e.bind_interdomain(77, 1)")
     assert info.value.errno == errno.ESRCH
 
 
@@ -353,7 +487,7 @@ def test_peer_port_reverts_to_unbound_when_the_other_end_closes(world: World) ->
     p1, _ = _channel(d1, d2)
     d2("ev.close()")
     # The server's port waits for domain 2 again: a new client can bind.
-    p2b: int = d2(f"ev = EventChannel(); port = ev.bind_interdomain(1, {p1}); port")
+    p2b: int = d2(f"ev = EventChannel(); port = ev.bind_interdomain({d1.domid}, {p1}); port")
     d2("ev.notify(port)")
     assert d1("select.select([ev.fileno()], [], [], 5)[0] != []")
     assert p2b > 0
@@ -362,7 +496,7 @@ def test_peer_port_reverts_to_unbound_when_the_other_end_closes(world: World) ->
 # -- unmap notifications and crashes ----------------------------------------
 
 
-def _watch_for_event(dom: DomainProcess) -> None:
+def _watch_for_event(dom: Domain) -> None:
     """Start a thread in ``dom`` that records when its evtchn fd fires."""
     dom("import threading\n"
         "woke = []\n"
@@ -377,9 +511,10 @@ def test_unmap_notification_on_the_sharing_side(world: World, how: str) -> None:
     """The server shares page 0 with 'clear byte 21, send event' (libxenvchan)."""
     d1, d2 = world.domain(1), world.domain(2)
     p1, _ = _channel(d1, d2)
-    refs: list[int] = d1(f"shr = GrantSharer(); pages = shr.share(2, 1, notify_offset=21, "
-                         f"notify_port={p1}); pages.write(21, b'\\x01'); list(pages.refs)")
-    d2(f"m = GrantMapper(); p = m.map(1, {refs})")
+    refs: list[int] = d1(f"shr = GrantSharer(); pages = shr.share({d2.domid}, 1, "
+                         f"notify_offset=21, notify_port={p1}); pages.write(21, b'\\x01'); "
+                         "list(pages.refs)")
+    d2(f"m = GrantMapper(); p = m.map({d1.domid}, {refs})")
     assert d2("p.read(21, 1)") == "\x01"
     _watch_for_event(d2)
     if how == "unmap":
@@ -391,7 +526,7 @@ def test_unmap_notification_on_the_sharing_side(world: World, how: str) -> None:
     else:
         t0 = d1.kill(signal.SIGKILL)
     _wait_for(lambda: d2("woke"), what="the event")
-    woke = d2("woke[0]")
+    woke = d2.to_local_clock(d2("woke[0]"))
     assert d2("p.read(21, 1)") == "\x00"
     print(f"\nunmap notification ({how}): peer woke {1000 * (woke - t0):.2f} ms later")
     assert woke - t0 < 0.1, f"peer woke {1000 * (woke - t0):.1f} ms after {how}"
@@ -401,13 +536,13 @@ def test_unmap_notification_on_the_mapping_side_when_killed(world: World) -> Non
     """The client maps page 0 with 'clear byte 20, send event' (libxenvchan)."""
     d1, d2 = world.domain(1), world.domain(2)
     _, p2 = _channel(d1, d2)
-    refs = _share(d1, peer=2)
+    refs = _share(d1, peer=d2.domid)
     d1("pages.write(20, b'\\x01')")
-    d2(f"m = GrantMapper(); p = m.map(1, {refs}, notify_offset=20, notify_port={p2})")
+    d2(f"m = GrantMapper(); p = m.map({d1.domid}, {refs}, notify_offset=20, notify_port={p2})")
     _watch_for_event(d1)
     t0 = d2.kill(signal.SIGKILL)
     _wait_for(lambda: d1("woke"), what="the event")
-    woke = d1("woke[0]")
+    woke = d1.to_local_clock(d1("woke[0]"))
     assert d1("pages.read(20, 1)") == "\x00"
     print(f"\nunmap notification (mapper killed): peer woke {1000 * (woke - t0):.2f} ms later")
     assert woke - t0 < 0.1, f"peer woke {1000 * (woke - t0):.1f} ms after SIGKILL"
@@ -418,7 +553,8 @@ def test_unmap_notification_on_the_mapping_side_when_killed(world: World) -> Non
 
 def test_a_domain_exists_while_a_process_of_it_is_connected(world: World) -> None:
     if world.backend != "sim":
-        pytest.skip("real domains are created with xl")
+        pytest.skip("emulator-only: there a domain lives while a process of it is connected; "
+                    "a Xen domain lives from xl create to xl destroy")
     d5 = world.domain(5)
     d5("keep = EventChannel()")
     status = world.dom_status(5)
@@ -432,23 +568,23 @@ def test_a_domain_exists_while_a_process_of_it_is_connected(world: World) -> Non
 # -- leaks -------------------------------------------------------------------
 
 
+@pytest.mark.timeout(600)      # under TCG on the rig, with the domUs' shutdown after it
 def test_no_leaks_after_10000_cycles(world: World) -> None:
     """share / map / unmap / bind / unbind, 10,000 times: everything returns."""
-    d1 = world.domain(1)
-    world.domain(2)
+    d1, d2 = world.domain(1), world.domain(2)
     cycle = (
         "def cycle():\n"
-        "    pages = shr.share(1, 2, notify_offset=21, notify_port=srv)\n"
-        "    mapped = m.map(1, pages.refs, notify_offset=20)\n"
+        f"    pages = shr.share({d1.domid}, 2, notify_offset=21, notify_port=srv)\n"
+        f"    mapped = m.map({d1.domid}, pages.refs, notify_offset=20)\n"
         "    mapped.write(0, b'x')\n"
         "    mapped.close(); pages.close()\n"
-        "    a = ev.bind_unbound(2); ev.unbind(a)\n"
+        f"    a = ev.bind_unbound({d2.domid}); ev.unbind(a)\n"
         "def counts():\n"
         "    fds = len(os.listdir('/proc/self/fd'))\n"
         "    maps = sum(1 for _ in open('/proc/self/maps'))\n"
         "    return fds, maps\n"
         "shr = GrantSharer(); m = GrantMapper(); ev = EventChannel()\n"
-        "srv = ev.bind_unbound(1)\n"
+        f"srv = ev.bind_unbound({d1.domid})\n"
         "cycle()\n"
     )
     d1(cycle)
