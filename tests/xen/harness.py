@@ -156,7 +156,16 @@ class Domu:
             config.append("vif = [ 'bridge=xenbr0' ]")
         cfg = workdir / f"{name}.cfg"
         cfg.write_text("\n".join(config) + "\n")
-        _xl("create", str(cfg))
+        try:
+            _xl("create", str(cfg))
+        except RuntimeError:
+            # Under load a hotplug script can outlast libxl's timeout ("killing
+            # execution of /etc/xen/scripts/block add because of timeout"):
+            # libxl then gives the domain up.  Once more, from scratch.
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                _xl("destroy", name, timeout=60)
+            time.sleep(2)
+            _xl("create", str(cfg))
         dom.domid = int(_xl("domid", name).strip())
         return dom
 
