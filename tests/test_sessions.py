@@ -399,6 +399,25 @@ async def test_a_cancelled_waiter_does_not_cancel_the_others(sim_dir: Path,
         {type(r).__name__ for r in results}
 
 
+@pytest.mark.parametrize("dedicated", [False, True], ids=["session", "dedicated"])
+async def test_a_timed_out_connect_leaves_nothing_in_xenstore(sim_dir: Path,
+                                                              dedicated: bool) -> None:
+    """By the time the caller hears TimeoutError its request is out of XenStore
+    (a session's rendezvous runs in a task of its own: it used to be left
+    there when the caller's loop ended right after)."""
+    from vchan.xenstore import XenStore
+
+    own = vchan.own_domid()
+    port = f"gone-{os.getpid()}-{dedicated}"
+    with pytest.raises(TimeoutError):
+        await vchan.open_connection(own, port, timeout=0.2, dedicated=dedicated)
+    xs = await XenStore.open()
+    try:
+        assert await _count_nodes(xs, f"/local/domain/{own}/data/vchan-req/{own}/{port}") == 0
+    finally:
+        await xs.close()
+
+
 async def test_a_cancelled_watch_registration_is_retried_by_the_others() -> None:
     """The subscriber registering a shared watch is cancelled (its own timeout):
     the others waiting for that registration register it themselves."""

@@ -23,6 +23,7 @@ from .mux import Session
 
 __all__ = ["SessionPool", "session_pool"]
 
+CLEANUP_WAIT = 2.0     # seconds a given-up rendezvous may take to tidy up
 IDLE_CLOSE = 5.0
 
 
@@ -86,6 +87,10 @@ class SessionPool:
                 setup.waiters -= 1
                 if setup.waiters == 0 and not setup.task.done():
                     setup.task.cancel()     # nobody wants it any more
+                    # Let it take its request out of XenStore before the
+                    # caller hears of the timeout (a caller that then ends
+                    # its loop would leave the request behind).
+                    await asyncio.wait([setup.task], timeout=CLEANUP_WAIT)
             if mode == "session":
                 session = self.sessions.get(key)
                 if session is not None and session.can_open():
