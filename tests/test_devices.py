@@ -389,9 +389,18 @@ def test_grant_limit_defaults_to_1024_pages(world: World) -> None:
 # -- event channels ------------------------------------------------------------
 
 
+#: Takes what is pending on ``ev`` (after a moment for it to arrive).
+_DRAIN = ("select.select([ev.fileno()], [], [], 0.05)\n"
+          "while (q := ev.pending()) is not None: ev.unmask(q)")
+
+
 def _channel(d1: Domain, d2: Domain) -> tuple[int, int]:
+    """An event channel: d1's unbound port, d2's bound to it; nothing pending."""
     p1: int = d1(f"ev = EventChannel(); port = ev.bind_unbound({d2.domid}); port")
     p2: int = d2(f"ev = EventChannel(); port = ev.bind_interdomain({d1.domid}, {p1}); port")
+    # Xen sets a new interdomain port pending at once, in case the peer
+    # notified the unbound port before the bind; the emulator does not.
+    d2(_DRAIN)
     return p1, p2
 
 
@@ -404,6 +413,21 @@ def test_event_channel_delivers_both_ways(world: World) -> None:
     d1("ev.unmask(port); ev.notify(port)")
     assert d2("select.select([ev.fileno()], [], [], 5)[0] != []")
     assert d2("ev.pending()") == p2
+
+
+@pytest.mark.parametrize("world", ["xen"], indirect=True)
+def test_a_new_interdomain_port_fires_once_on_xen(world: World) -> None:
+    """Xen sets the binding side's new port pending (the peer may have
+    notified the unbound port before): one event nobody sent, then quiet.
+    vchan looks at its rings after every wake-up, so it costs a look."""
+    d1, d2 = world.domain(1), world.domain(2)
+    p1: int = d1(f"ev = EventChannel(); port = ev.bind_unbound({d2.domid}); port")
+    p2: int = d2(f"ev = EventChannel(); port = ev.bind_interdomain({d1.domid}, {p1}); port")
+    assert d2("select.select([ev.fileno()], [], [], 5)[0] != []")
+    assert d2("ev.pending()") == p2
+    d2("ev.unmask(port)")
+    assert d2("select.select([ev.fileno()], [], [], 0.2)[0]") == []
+    assert d1("select.select([ev.fileno()], [], [], 0)[0]") == []   # the unbound side: quiet
 
 
 def test_events_coalesce_until_unmasked(world: World) -> None:
@@ -488,12 +512,18 @@ def test_peer_port_reverts_to_unbound_when_the_other_end_closes(world: World) ->
     d2("ev.close()")
     # The server's port waits for domain 2 again: a new client can bind.
     p2b: int = d2(f"ev = EventChannel(); port = ev.bind_interdomain({d1.domid}, {p1}); port")
+    d2(_DRAIN)
     d2("ev.notify(port)")
     assert d1("select.select([ev.fileno()], [], [], 5)[0] != []")
     assert p2b > 0
 
 
 # -- unmap notifications and crashes ----------------------------------------
+
+
+#: How far apart two domains' clocks may read (harness.offset_from: half a
+#: round trip between dom0 and a domU under TCG); within one, 0.
+CLOCKS = 0.01
 
 
 def _watch_for_event(dom: Domain) -> None:
@@ -529,7 +559,7 @@ def test_unmap_notification_on_the_sharing_side(world: World, how: str) -> None:
     woke = d2.to_local_clock(d2("woke[0]"))
     assert d2("p.read(21, 1)") == "\x00"
     print(f"\nunmap notification ({how}): peer woke {1000 * (woke - t0):.2f} ms later")
-    assert woke - t0 < 0.1, f"peer woke {1000 * (woke - t0):.1f} ms after {how}"
+    assert -CLOCKS < woke - t0 < 0.1, f"peer woke {1000 * (woke - t0):.1f} ms after {how}"
 
 
 def test_unmap_notification_on_the_mapping_side_when_killed(world: World) -> None:
@@ -545,7 +575,7 @@ def test_unmap_notification_on_the_mapping_side_when_killed(world: World) -> Non
     woke = d1.to_local_clock(d1("woke[0]"))
     assert d1("pages.read(20, 1)") == "\x00"
     print(f"\nunmap notification (mapper killed): peer woke {1000 * (woke - t0):.2f} ms later")
-    assert woke - t0 < 0.1, f"peer woke {1000 * (woke - t0):.1f} ms after SIGKILL"
+    assert -CLOCKS < woke - t0 < 0.1, f"peer woke {1000 * (woke - t0):.1f} ms after SIGKILL"
 
 
 # -- domains -----------------------------------------------------------------

@@ -678,13 +678,17 @@ def domain_host(args: argparse.Namespace) -> int:
     report(event="listening", port=args.port, clock=time.monotonic())
     while True:
         conn, _ = server.accept()
-        reap()
         with conn:
             try:
                 line = conn.makefile("r", encoding="utf-8").readline()
                 request = json.loads(line) if line else {}
             except (OSError, ValueError):
                 continue
+            if request.get("op") == "clock":       # read as soon as asked
+                with contextlib.suppress(OSError):
+                    conn.sendall(json.dumps({"clock": time.monotonic()}).encode() + b"\n")
+                continue
+            reap()
             if request.get("op") == "spawn":
                 sys.stdout.flush()
                 pid = os.fork()
