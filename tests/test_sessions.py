@@ -257,6 +257,33 @@ async def _refusals_then_a_connection(sim_dir: Path, refuser: str, n: int) -> No
         server.close_clients()
 
 
+async def test_a_server_clears_what_an_earlier_one_left_at_its_port(sim_dir: Path) -> None:
+    """A server that crashed in a domain that lives on leaves its answers;
+    300 of them would fill the port's directory (xenstored's node size) so
+    that nothing more could be published. A new server clears them first."""
+    from vchan.handshake import vchan_path
+    from vchan.xenstore import XenStore
+
+    own = vchan.own_domid()
+    port = f"leftovers-{os.getpid()}"
+    base = vchan_path(own, own, port)
+    xs = await XenStore.open()
+    try:
+        for i in range(300):
+            await xs.write(f"{base}/{i:016x}/error", b"left by a crashed server")
+        await close_sessions()
+        async with await vchan.start_server(_echo, port, peers=own) as server:
+            await asyncio.wait_for(_one_echo(own, port), 10)
+            left = [n for n in await xs.directory(base) if n.startswith("0000")]
+            assert left == [], f"{len(left)} old answers left"
+            server.close_clients()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            await xs.rm(base)
+        await xs.close()
+    await close_sessions()
+
+
 async def test_a_full_session_refuses_at_once(sim_dir: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The server's per-session connection limit is refused at once, named."""

@@ -199,6 +199,7 @@ class Server(asyncio.AbstractServer):
         assert self._state is not None and self.own is not None
         reqdir = request_dir(peer, self.own, self._port_s)
         seen = self._seen.setdefault(peer, set())
+        await self._clear_answers(peer)
         async with self._state.watches.watching(reqdir) as changed:
             while self._serving:
                 await changed.wait()
@@ -218,6 +219,27 @@ class Server(asyncio.AbstractServer):
                 for nonce in current - seen:
                     seen.add(nonce)
                     self._spawn(self._accept_limited(peer, nonce, f"{reqdir}/{nonce}"))
+
+    async def _clear_answers(self, peer: int) -> None:
+        """Answers an earlier server of this port left for ``peer`` go.
+
+        A server that crashed in a domain that lives on (a domU's service
+        restarted) leaves its answers (rings nobody maps now, refusals);
+        they are nobody's, and left they would fill the port's directory
+        until nothing more could be published there.  A server starting on
+        a port takes it over: its in-flight answers go too.
+        """
+        assert self._state is not None and self.own is not None
+        xs = self._state.xs
+        base = vchan_path(self.own, peer, self._port_s)
+        try:
+            names = await xs.directory(base)
+        except (FileNotFoundError, PermissionError):
+            return
+        for name in names:
+            if is_nonce(name):
+                with contextlib.suppress(FileNotFoundError):
+                    await xs.rm(f"{base}/{name}")
 
     async def _forget_refusal(self, peer: int, nonce: str) -> None:
         assert self._state is not None and self.own is not None
