@@ -318,24 +318,26 @@ class Session:
 
     def _write_direct(self, stream: StreamTransport, data: Any, n: int) -> int:
         """Write up to ``n`` bytes of ``data`` as DATA frames now; bytes written."""
-        r, view, done, notify = self._r, ffi.from_buffer(data), 0, self._notify
-        k: int = lib.vchan_mux_write_data(r, stream.stream_id, view, n, self._min_chunk,
-                                          self._max_out, notify)
-        if k == n and not notify[0] and not self._force_notify:
-            return n                    # all of it, and nobody to wake
-        while True:
+        return self._send_data(stream.stream_id, ffi.from_buffer(data), n)
+
+    def _send_data(self, sid: int, view: Any, n: int) -> int:
+        """Write up to ``n`` bytes at ``view`` as DATA frames of stream ``sid``;
+        the bytes written (fewer once the ring is full).  write_data stops
+        after the frame a waiting reader wants: it is woken then, so that it
+        copies out while the rest is written."""
+        r, notify, done = self._r, self._notify, 0
+        while done < n:
+            k: int = lib.vchan_mux_write_data(r, sid, view + done, n - done, self._min_chunk,
+                                              self._max_out, notify)
             if k < 0:
                 if k != _FULL:
                     raise _ring_error(k, "write")
                 break
             done += k
-            # write_data stops once the reader is to be woken: wake it now,
-            # so that it copies out while we write the rest.
-            self._flush_notify()
-            if done >= n:
-                break
-            k = lib.vchan_mux_write_data(r, stream.stream_id, view + done, n - done,
-                                         self._min_chunk, self._max_out, notify)
+            if notify[0] or self._force_notify:
+                self._flush_notify()
+                if self.closed:
+                    break
         return done
 
     def _want_send(self, stream: StreamTransport) -> None:
@@ -362,7 +364,7 @@ class Session:
     def _flush(self) -> None:
         if self.closed or not self._flush_control():
             return
-        r, notify, ready = self._r, self._notify, self._ready
+        ready = self._ready
         while ready:
             stream = ready[0]
             queue = stream._buffer
@@ -378,19 +380,14 @@ class Session:
             while sent < budget:
                 head = queue.head()
                 m = min(len(head), budget - sent)
-                k = lib.vchan_mux_write_data(r, stream.stream_id, ffi.from_buffer(head), m,
-                                             self._min_chunk, self._max_out, notify)
-                if k < 0:
-                    if k != _FULL:
-                        raise _ring_error(k, "write")
-                    full = True
-                    break
+                k = self._send_data(stream.stream_id, ffi.from_buffer(head), m)
+                if self.closed:
+                    return
                 queue.advance(k)
                 sent += k
-                if notify[0]:
-                    self._flush_notify()    # the reader waits: it reads while we write
-                    if self.closed:
-                        return
+                if k < m:
+                    full = True
+                    break
             stream._credit -= sent
             if full and not sent:
                 return
