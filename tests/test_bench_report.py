@@ -267,20 +267,21 @@ def test_markdown_bulk_tables_and_ratios() -> None:
     one = section(md, "## Bulk, one direction (client -> server)")
     streams = section(one, "### streams API (StreamReader.read), one direction")
     # 5000 / 2000 = 2.50, 5000 / 1000 = 5.00; the sweep's 7,000 is not in the main table.
+    # The rows record no CPU time: its column is dashes.
     assert row(streams, "64 KiB", "asyncio") == [
-        "64 KiB", "asyncio", "5,000", "2,000", "1,000", "2.50", "5.00"]
+        "64 KiB", "asyncio", "5,000", "2,000", "1,000", "2.50", "5.00", "- / - / -"]
     assert row(streams, "64 KiB", "uvloop") == [
-        "64 KiB", "uvloop", "3,000", "2,000", "1,200", "1.50", "2.50"]
+        "64 KiB", "uvloop", "3,000", "2,000", "1,200", "1.50", "2.50", "- / - / -"]
     # 64 B: 4 * 8 = 32 MB/s, 16, 8 -> ratios 2.00 and 4.00.
     assert row(streams, "64 B", "asyncio") == [
-        "64 B", "asyncio", "32.0", "16.0", "8.0", "2.00", "4.00"]
+        "64 B", "asyncio", "32.0", "16.0", "8.0", "2.00", "4.00", "- / - / -"]
     for receiver in ("asyncio.Protocol (data_received)",
                      "asyncio.BufferedProtocol (get_buffer)"):
         assert f"### {receiver}, one direction" in one
     both = section(md, "## Bulk, both directions at once (sum of both)")
     buffered = section(both, "### asyncio.BufferedProtocol (get_buffer), both directions")
     assert row(buffered, "1 MiB", "uvloop") == [
-        "1 MiB", "uvloop", "4,096", "2,048", "1,024", "2.00", "4.00"]
+        "1 MiB", "uvloop", "4,096", "2,048", "1,024", "2.00", "4.00", "- / - / -"]
     # Rows: write size x loop, in the settings' order.
     firsts = [line.split("|")[1].strip() for line in streams.splitlines()
               if line.startswith("| ") and "write size" not in line]
@@ -293,7 +294,21 @@ def test_markdown_missing_cells_are_dashes() -> None:
                        if not (r["transport"] == "tcp" and r["write_size"] == 4096)]
     md = report.render_markdown(results)
     streams = section(md, "### streams API (StreamReader.read), one direction")
-    assert row(streams, "4 KiB", "asyncio")[4:] == ["-", "2.00", "-"]
+    assert row(streams, "4 KiB", "asyncio")[4:] == ["-", "2.00", "-", "- / - / -"]
+
+
+def test_markdown_bulk_cpu_per_byte() -> None:
+    """Both processes' CPU ns/B (client + server) per transport, where recorded."""
+    results = full_results()
+    for r in results["bulk"]:
+        if (r["direction"], r["receiver"], r["write_size"], r["loop"]) == (
+                "one", "streams", KIB64, "asyncio") and r["transport"] != "tcp":
+            r["client_cpu_ns_per_byte"] = 0.25
+            r["server_cpu_ns_per_byte"] = {"vchan": 0.5, "unix": 1.0}[r["transport"]]
+    md = report.render_markdown(results)
+    streams = section(md, "### streams API (StreamReader.read), one direction")
+    assert "| CPU ns/B vchan / unix / tcp |" in streams
+    assert row(streams, "64 KiB", "asyncio")[7] == "0.75 / 1.25 / -"
 
 
 def test_bulk_ratios_computed_from_rows() -> None:

@@ -499,7 +499,9 @@ def _bulk_sections(results: Json, plots: dict[str, str]) -> list[str]:
             continue
         per_run = human_size(s.get("bytes"))
         lines.append(f"{per_run} per run; MB/s measured at the receiver; vchan at its "
-                     f"default ring size ({human_size(default_ring_size(results))}).")
+                     f"default ring size ({human_size(default_ring_size(results))}).  CPU "
+                     f"ns/B: CPU time (user + sys) of both processes together per byte "
+                     f"moved.")
         receivers = _ordered(s.get("receivers") or list(RECEIVERS),
                              (r.get("receiver") for r in drows))
         for receiver in receivers:
@@ -510,19 +512,27 @@ def _bulk_sections(results: Json, plots: dict[str, str]) -> list[str]:
             table = []
             for size in sizes:
                 for loop in loops:
-                    by = {t: _get(_find(rrows, write_size=size, loop=loop, transport=t),
-                                  "bytes_per_s") for t in TRANSPORTS}
+                    found = {t: _find(rrows, write_size=size, loop=loop, transport=t)
+                             for t in TRANSPORTS}
+                    by = {t: _get(found[t], "bytes_per_s") for t in TRANSPORTS}
                     v, u, t = by["vchan"], by["unix"], by["tcp"]
                     table.append([human_size(size), _cell(loop), fmt_mbps(v), fmt_mbps(u),
-                                  fmt_mbps(t), fmt_ratio(v, u), fmt_ratio(v, t)])
+                                  fmt_mbps(t), fmt_ratio(v, u), fmt_ratio(v, t),
+                                  " / ".join(_cpu_per_byte(found[x]) for x in TRANSPORTS)])
             lines += ["", f"### {RECEIVER_TEXT.get(receiver, receiver)}, "
                       f"{DIRECTION_SHORT.get(direction, direction)}", ""]
             lines += _table(["write size", "loop", "vchan MB/s", "unix MB/s", "tcp MB/s",
-                             "vchan/unix", "vchan/tcp"],
-                            [True, False, True, True, True, True, True], table)
+                             "vchan/unix", "vchan/tcp", "CPU ns/B vchan / unix / tcp"],
+                            [True, False, True, True, True, True, True, True], table)
             _image(lines, plots, f"bulk_{receiver}_{direction}",
                    f"bulk throughput, {receiver}, {direction}")
     return lines
+
+
+def _cpu_per_byte(row: Json | None) -> str:
+    """Both processes' CPU ns per byte (client + server), "-" if not recorded."""
+    c, s = _get(row, "client_cpu_ns_per_byte"), _get(row, "server_cpu_ns_per_byte")
+    return "-" if c is None or s is None else f"{c + s:.2f}"
 
 
 def _sweep_rows(results: Json) -> list[Json]:

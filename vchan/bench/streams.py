@@ -30,9 +30,11 @@ domain), **unix** and **tcp** (127.0.0.1,
    connections/s and latency.
 
 Bulk and ping-pong measurements are repeated (``--repeat``) and the median
-kept.  Single-core memcpy bandwidth is measured in the same run, for the
-targets.  Output: progress and an estimate of the time left on stderr, the
-Markdown report (:mod:`vchan.bench.report`) on stdout, and ``results.json``,
+kept.  Bulk rows record the CPU time per byte of both processes
+(``server_cpu_ns_per_byte``, ``client_cpu_ns_per_byte``).
+Single-core memcpy bandwidth is measured in the same run, for the targets.
+Output: progress and an estimate of the time left on stderr, the Markdown
+report (:mod:`vchan.bench.report`) on stdout, and ``results.json``,
 ``report.md`` and PNG plots in ``--out``.
 
 How to run
@@ -172,6 +174,14 @@ async def _send_bulk(writer: asyncio.StreamWriter, nbytes: int, size: int) -> in
     return full + (1 if rest else 0)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process so far, user + sys (``getrusage(RUSAGE_SELF)``)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _nodelay(transport: asyncio.BaseTransport) -> None:
     """TCP_NODELAY on a TCP transport (asyncio and uvloop set it too; be sure)."""
     sock = transport.get_extra_info("socket")
@@ -204,9 +214,11 @@ class _BulkCounter:
         self.calls = 0
         self.t0 = 0.0
         self.t1 = 0.0
+        self.cpu0 = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        self.cpu0 = cpu_seconds()
         _nodelay(transport)
 
     def got(self, n: int) -> None:
@@ -227,8 +239,9 @@ class _BulkCounter:
         elif not self.t1:
             self.done.set_exception(BenchError("connection lost before EOF"))
         else:
-            self.done.set_result(_bulk_result(self.total, self.first, self.calls,
-                                              self.t0, self.t1))
+            self.done.set_result(dict(_bulk_result(self.total, self.first, self.calls,
+                                                   self.t0, self.t1),
+                                      cpu_seconds=cpu_seconds() - self.cpu0))
 
 
 class CountingProtocol(asyncio.Protocol):
@@ -384,6 +397,7 @@ async def serve_one(cmd: Json, emit: Callable[..., None]) -> Json:
                 writer.close()
                 return
             try:
+                cpu0 = cpu_seconds()
                 _nodelay(writer.transport)
                 if cmd["case"] == "bulk" and cmd.get("direction") == "both":
                     result, _ = await asyncio.gather(
@@ -395,6 +409,7 @@ async def serve_one(cmd: Json, emit: Callable[..., None]) -> Json:
                     result = await _stream_echo(reader, writer, cmd["message_size"])
                 writer.close()
                 await writer.wait_closed()
+                result["cpu_seconds"] = cpu_seconds() - cpu0
             except BaseException as exc:
                 if not done.done():
                     done.set_exception(exc)
@@ -505,7 +520,7 @@ async def client_bulk(cmd: Json) -> Json:
     nbytes, size = cmd["bytes"], cmd["write_size"]
     reader, writer = await _connect(cmd)
     try:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_seconds()
         if cmd.get("direction") == "both":
             received, writes = await asyncio.gather(_stream_bulk(reader, writer),
                                                     _send_bulk(writer, nbytes, size))
@@ -518,12 +533,13 @@ async def client_bulk(cmd: Json) -> Json:
             if await reader.read(1):
                 raise BenchError("the server sent data in a bulk run")
             t2 = time.perf_counter()
+        cpu = cpu_seconds() - cpu0
     finally:
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
     return {"bytes": nbytes, "writes": writes, "write_seconds": t1 - t0,
-            "seconds_to_close": t2 - t0, "received": received}
+            "seconds_to_close": t2 - t0, "received": received, "cpu_seconds": cpu}
 
 
 async def client_connections(cmd: Json) -> Json:
@@ -895,6 +911,12 @@ def _row(m: Json, server: Json, client: Json) -> Json:
         row = {**keep, **server, "client_writes": client["writes"],
                "client_write_seconds": client["write_seconds"],
                "client_seconds_to_close": client["seconds_to_close"]}
+        # CPU per byte moved (both directions: per byte of the two together).
+        moved = m["bytes"] * (2 if m["direction"] == "both" else 1)
+        row["server_cpu_seconds"] = row.pop("cpu_seconds")
+        row["server_cpu_ns_per_byte"] = row["server_cpu_seconds"] / moved * 1e9
+        row["client_cpu_seconds"] = client["cpu_seconds"]
+        row["client_cpu_ns_per_byte"] = client["cpu_seconds"] / moved * 1e9
         if m["direction"] == "both":
             back = client["received"]
             if back["bytes"] != m["bytes"]:
@@ -921,7 +943,8 @@ def _row(m: Json, server: Json, client: Json) -> Json:
 def _summary(row: Json) -> str:
     case = row["case_"]
     if case == "bulk":
-        return f"{row['bytes_per_s'] / 1e6:9.1f} MB/s"
+        return (f"{row['bytes_per_s'] / 1e6:9.1f} MB/s, CPU ns/B send "
+                f"{row['client_cpu_ns_per_byte']:.2f} recv {row['server_cpu_ns_per_byte']:.2f}")
     if case == "pingpong":
         return f"{row['round_trips_per_s']:9.0f} rt/s, p50 {row['p50_us']:.1f} us"
     if case == "connections":
