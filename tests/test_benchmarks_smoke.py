@@ -123,6 +123,14 @@ def test_vchan_bench_quick_run(tmp_path: Path) -> None:
     setup = {r["transport"]: r for r in results["setup"]}
     assert set(setup) == {"vchan", "unix", "tcp"}
     assert all(_positive(r["connections_per_s"]) and r["n"] == 20 for r in setup.values())
+    assert all(_positive(r[f"{side}_cpu_ns_per_byte"]) for r in results["bulk"]
+               for side in ("client", "server"))
+    # --quick's matrix: its representative cells, every transport.
+    matrix = results["matrix"]
+    assert {r["transport"] for r in matrix} == {"vchan", "unix", "tcp"}
+    assert len(matrix) == 3 * len(results["settings"]["matrix"]["cells"])
+    assert all(r["ok"] and _positive(r["bytes_per_s"]) for r in matrix)
+    assert "## Matrix of user configurations (streams API)" in proc.stdout
     assert _positive(results["memcpy"]["bytes_per_s"])
     for key in ("cpu", "kernel", "python", "uvloop", "backend"):
         assert results["machine"][key]

@@ -4,8 +4,10 @@ Everything here is a pure function of the results dict that the measuring
 side (:mod:`vchan.bench.streams`) produces and writes as ``results.json``:
 
 * :func:`render_markdown` -- the whole report as Markdown (machine, settings,
-  targets, bulk, ring-size sweep, ping-pong, connections, setup rate);
-* :func:`check_targets` -- the targets of issue #8, recorded, never asserted;
+  targets, bulk, ring-size sweep, ping-pong, connections, setup rate, and
+  the streams matrix of :mod:`vchan.bench.matrix`);
+* :func:`check_targets` -- the targets of issues #8, #13 and #15, recorded,
+  never asserted;
 * :func:`write_plots` -- PNG plots (needs matplotlib, the ``bench`` extra;
   without it, returns ``[]`` and raises nothing: see :data:`PLOTS_HINT`);
 * :func:`write_report` -- ``results.json``, ``report.md`` (embedding the
@@ -24,6 +26,8 @@ import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from .matrix import check_matrix_targets, matrix_section, write_matrix_plot
 
 Json = dict[str, Any]
 
@@ -410,6 +414,8 @@ def check_targets(results: Json) -> list[Json]:
             else:
                 out.append(_target(name, f"{v / u:.2f}x ({fmt_mbps(v)} vs {fmt_mbps(u)} MB/s)",
                                    v >= u, "aggregate MB/s of all connections at once"))
+    # Issue #15: the streams matrix (only when the run has one).
+    out += check_matrix_targets(results)
     return out
 
 
@@ -687,7 +693,7 @@ def render_markdown(results: Json, plots: Iterable[Path | str] = ()) -> str:
 
     A header (machine, settings), then Targets, bulk one direction and both
     directions (per receiver), the vchan ring-size sweep, ping-pong, many
-    connections and connection setup.  ``plots`` are image files (as
+    connections, connection setup and the streams matrix.  ``plots`` are image files (as
     :func:`write_plots` names them) to embed by relative link -- each under
     its section, by file name; images of unknown names go at the end.
     """
@@ -699,6 +705,7 @@ def render_markdown(results: Json, plots: Iterable[Path | str] = ()) -> str:
     lines += _pingpong_section(results, links)
     lines += _connections_section(results, links)
     lines += _setup_section(results)
+    lines += matrix_section(results, links)
     if links:
         lines += ["", "## More plots"]
         for stem, link in links.items():
@@ -726,7 +733,8 @@ def write_plots(results: Json, outdir: Path) -> list[Path]:
     ``bulk_<receiver>_<direction>.png`` (MB/s by write size, a line per
     transport, a panel per loop), ``ring_sizes.png`` (vchan MB/s by write size
     per ring size), ``pingpong_cdf.png`` (latency CDFs per transport, a panel
-    per loop and message size) and ``connections.png`` (aggregate MB/s and
+    per loop and message size), ``matrix.png`` (vchan/unix per cell of the
+    streams matrix, a heat map per loop) and ``connections.png`` (aggregate MB/s and
     memory per connection by number of connections) -- each only when there
     is data for it.  Returns ``[]`` without error when matplotlib is not
     installed (tell the user :data:`PLOTS_HINT`).
@@ -878,6 +886,9 @@ def write_plots(results: Json, outdir: Path) -> list[Path]:
         ax_mem.set_title("Memory per connection")
         fig.suptitle("Many concurrent connections")
         save(fig, "connections")
+    matrix = write_matrix_plot(results, outdir)
+    if matrix is not None:
+        written.append(matrix)
     return written
 
 

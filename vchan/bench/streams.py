@@ -28,10 +28,14 @@ domain), **unix** and **tcp** (127.0.0.1,
    ``connection_bytes`` at once: aggregate MB/s.
 4. **setup**: connect + one byte echoed + close, one after another:
    connections/s and latency.
+5. **matrix**: the streams API as users write it -- StreamReader ``limit``
+   x read style (``read(n)``, ``readexactly`` framing, ``readline``) x write
+   style (``write(n)`` + ``drain()``, ``writelines``), each cell bounded in
+   bytes and time: see :mod:`vchan.bench.matrix`.
 
-Bulk and ping-pong measurements are repeated (``--repeat``) and the median
-kept.  Bulk rows record the CPU time per byte of both processes
-(``server_cpu_ns_per_byte``, ``client_cpu_ns_per_byte``).
+Bulk, ping-pong and matrix measurements are repeated (``--repeat``) and the
+median kept.  Bulk and matrix rows record the CPU time per byte of both
+processes (``server_cpu_ns_per_byte``, ``client_cpu_ns_per_byte``).
 Single-core memcpy bandwidth is measured in the same run, for the targets.
 Output: progress and an estimate of the time left on stderr, the Markdown
 report (:mod:`vchan.bench.report`) on stdout, and ``results.json``,
@@ -44,6 +48,7 @@ How to run
     vchan bench --quick                       # under two minutes
     vchan bench --out docs/bench              # the full suite
     vchan bench --cases pingpong --loops uvloop --rounds 50000
+    vchan bench --cases matrix --matrix-limits 64K,1M --matrix-writes write-64,writelines
 
 Process structure: the command starts itself twice more with a hidden
 ``--role server`` / ``--role client``; the parent sends each one command per
@@ -85,7 +90,8 @@ from .machine import machine_info
 TRANSPORTS = ("vchan", "unix", "tcp")
 LOOPS = ("asyncio", "uvloop")
 RECEIVERS = ("streams", "protocol", "buffered")
-CASES = ("bulk", "pingpong", "connections", "setup")
+CASES = ("bulk", "pingpong", "connections", "setup", "matrix")
+REPEATED = ("bulk", "pingpong", "matrix")     # cases measured --repeat times
 DIRECTIONS = ("one", "both")
 READ_SIZE = 1 << 20                 # reader.read() size and the BufferedProtocol's buffer
 BACKLOG = 4096                      # listen backlog (Linux's somaxconn): many arrive at once
@@ -180,6 +186,13 @@ def cpu_seconds() -> float:
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _matrix() -> Any:
+    """:mod:`vchan.bench.matrix` (imported late: it imports this module)."""
+    from . import matrix
+
+    return matrix
 
 
 def _nodelay(transport: asyncio.BaseTransport) -> None:
@@ -690,8 +703,12 @@ def child_main(role: str, parent: int) -> int:
                     import vchan
 
                     cmd["peer"] = vchan.own_domid()     # real Xen: serve this domain
-                serve = serve_many if cmd["case"] in ("connections", "setup") else serve_one
+                serve = (serve_many if cmd["case"] in ("connections", "setup")
+                         else _matrix().serve_matrix if cmd["case"] == "matrix"
+                         else serve_one)
                 coro: Coroutine[Any, Any, Json] = serve(cmd, emit)
+            elif cmd["case"] == "matrix":
+                coro = _matrix().client_matrix(cmd)
             else:
                 coro = {"bulk": client_bulk, "pingpong": client_pingpong,
                         "connections": client_connections,
@@ -883,6 +900,8 @@ def plan_runs(args: argparse.Namespace) -> Plan:
                 add("setup", transport, loop,
                     0.4 + (args.setup_count + 20) * 4e-4,
                     count=args.setup_count, warmup=20)
+    if "matrix" in args.cases:
+        plan += _matrix().plan(args)
     return plan
 
 
@@ -895,6 +914,8 @@ def _describe(m: Json) -> str:
         what = f"pingpong {human_size(m['message_size'])}"
     elif case == "connections":
         what = f"{m['connections']} connections"
+    elif case == "matrix":
+        return str(_matrix().describe(m))
     else:
         what = "connection setup"
     return f"{what} {m['loop']} {m['transport']}"
@@ -930,6 +951,8 @@ def _row(m: Json, server: Json, client: Json) -> Json:
         if server["echoed"] != m["rounds"] + m["warmup"]:
             raise BenchError(f"{_describe(m)}: the server echoed {server['echoed']} messages")
         return {**keep, **client}
+    if case == "matrix":
+        return dict(_matrix().row(m, server, client))
     if case == "connections":
         return {**keep, "bytes_per_s": server["bytes_per_s"], "bytes": server["bytes"],
                 "seconds": server["seconds"], "server_rss_per_conn": server["rss_per_conn"],
@@ -945,6 +968,8 @@ def _summary(row: Json) -> str:
     if case == "bulk":
         return (f"{row['bytes_per_s'] / 1e6:9.1f} MB/s, CPU ns/B send "
                 f"{row['client_cpu_ns_per_byte']:.2f} recv {row['server_cpu_ns_per_byte']:.2f}")
+    if case == "matrix":
+        return str(_matrix().summary(row))
     if case == "pingpong":
         return f"{row['round_trips_per_s']:9.0f} rt/s, p50 {row['p50_us']:.1f} us"
     if case == "connections":
@@ -965,7 +990,7 @@ def _median(rows: list[Json], case: str) -> Json:
     """The median run of a repeated measurement (by throughput, or by p50 latency)."""
     if len(rows) == 1:
         return rows[0]
-    key = "bytes_per_s" if case == "bulk" else "p50_us"
+    key = "p50_us" if case == "pingpong" else "bytes_per_s"
     ordered = sorted(rows, key=lambda r: float(r[key]))
     row = dict(ordered[(len(ordered) - 1) // 2] if case == "pingpong"
                else ordered[len(ordered) // 2])
@@ -976,12 +1001,14 @@ def _median(rows: list[Json], case: str) -> Json:
 def execute(runner: Runner, plan: Plan, repeat: int = 1) -> dict[str, list[Json]]:
     """Run the plan, with progress and a running estimate of the time left.
 
-    Bulk and ping-pong measurements are made ``repeat`` times and the
-    median run is kept (all values are in the row's ``repeats``).
+    Bulk, ping-pong and matrix measurements are made ``repeat`` times and
+    the median run is kept (all values are in the row's ``repeats``).  A
+    failed many-connections or matrix measurement is recorded (``ok`` False,
+    ``error``) and the children restarted; any other failure ends the run.
     """
     out: dict[str, list[Json]] = {}
     for m in plan:
-        if m["case"] in ("bulk", "pingpong"):
+        if m["case"] in REPEATED:
             m["estimate"] *= repeat
     estimated = sum(m["estimate"] for m in plan)
     print(f"vchan bench: {len(plan)} measurements, about {_clock(estimated)} "
@@ -993,18 +1020,20 @@ def execute(runner: Runner, plan: Plan, repeat: int = 1) -> dict[str, list[Json]
                                                           "estimate")}
         try:
             rows = []
-            for _ in range(repeat if m["case"] in ("bulk", "pingpong") else 1):
+            for _ in range(repeat if m["case"] in REPEATED else 1):
                 server, client = runner.measure(m["case"], m["transport"], m["loop"],
                                                 **params)
                 rows.append(_row(m, server, client))
             row = _median(rows, m["case"])
         except BenchError as exc:
-            if m["case"] != "connections":
+            if m["case"] not in ("connections", "matrix"):
                 raise
-            # Many connections may hit a limit (grants, descriptors): a result too.
+            # Many connections may hit a limit (grants, descriptors), a matrix
+            # cell may fail alone: a result too.
             row = {k: v for k, v in m.items() if k not in ("estimate", "case")}
-            row.update(ok=False, error=str(exc), bytes_per_s=None,
-                       server_rss_per_conn=None, client_rss_per_conn=None)
+            row.update(ok=False, error=str(exc), bytes_per_s=None)
+            if m["case"] == "connections":
+                row.update(server_rss_per_conn=None, client_rss_per_conn=None)
             runner.restart()
         out.setdefault(m["case"], []).append(row)
         done_estimate += m["estimate"]
@@ -1051,7 +1080,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="a smaller run (under two minutes): 64 KiB writes, fewer "
-                             "round trips, 10 and 1,000 connections")
+                             "round trips, 10 and 1,000 connections, 8 matrix cells")
     parser.add_argument("--out", metavar="DIR", type=Path, default=None,
                         help="where to write results.json, report.md and the plots "
                              "(default: vchan-bench-YYYYmmdd-HHMMSS)")
@@ -1096,9 +1125,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--setup-count", type=int, default=None,
                         help="connections opened in the setup-rate case (default 500, "
                              "--quick 100)")
+    _matrix().add_arguments(parser)
     parser.add_argument("--repeat", type=int, default=None,
-                        help="make each bulk and ping-pong measurement N times and keep the "
-                             "median (default 3, --quick 1)")
+                        help="make each bulk, ping-pong and matrix measurement N times and "
+                             "keep the median (default 3, --quick 1)")
     parser.add_argument("--timeout", type=float, default=600,
                         help="seconds one measurement may take (default 600)")
     parser.add_argument("--json", metavar="PATH", type=Path, default=None,
@@ -1143,6 +1173,7 @@ def _defaults(args: argparse.Namespace) -> None:
     args.ring_sweep_sizes = [s for s in args.sizes if s in (4096, 64 << 10, 1 << 20)] \
         or args.sizes[:1]
     args.connection_bytes = (64 if quick else 256) << 20
+    _matrix().defaults(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1159,6 +1190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for ring in args.ring_sizes:
         if not 0 < ring <= 1 << 20:
             parser.error(f"--ring-sizes: {ring} is outside 1..1048576")
+    if (problem := _matrix().check_args(args)) is not None:
+        parser.error(problem)
     if "uvloop" in args.loops:
         try:
             import uvloop  # noqa: F401
@@ -1217,6 +1250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "connection_counts": args.connection_counts,
             "connection_bytes": args.connection_bytes, "setup_count": args.setup_count,
             "vchan_connections": args.vchan_connections,
+            "matrix": _matrix().settings(args) if "matrix" in args.cases else None,
             "repeat": args.repeat,
             "timeout_seconds": args.timeout,
             "vchan_domains": ({"server": VCHAN_SERVER_DOMID, "client": VCHAN_CLIENT_DOMID}
