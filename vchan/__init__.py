@@ -14,7 +14,7 @@ from __future__ import annotations
 from .client import create_connection
 from .errors import LocalProtocolError, NoSuchDomainError, RemoteProtocolError, VchanError
 from .server import Server, create_server
-from .streams import open_connection, start_server
+from .streams import StreamReader, open_connection, start_server
 from .transport import VchanTransport
 from .vchan import Vchan, own_domid
 
@@ -23,6 +23,7 @@ __all__ = [
     "NoSuchDomainError",
     "RemoteProtocolError",
     "Server",
+    "StreamReader",
     "Vchan",
     "VchanError",
     "VchanTransport",

@@ -12,17 +12,322 @@ for TCP streams moves to vchan by changing the call that opens them::
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, SupportsIndex
 
 from .client import create_connection
 from .server import Peers, Server, create_server
 
-__all__ = ["open_connection", "start_server"]
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+__all__ = ["StreamReader", "open_connection", "start_server"]
 
 _DEFAULT_LIMIT = 2**16   # asyncio.streams' own default
+# read(n) returns a whole received piece of at least this size as it is (no
+# copy) when it is all that fits; smaller pieces are joined up to _JOIN bytes.
+_WHOLE = 1 << 14
+_JOIN = 1 << 16
 
 ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None]
+
+
+class StreamReader(asyncio.StreamReader):
+    """An :class:`asyncio.StreamReader` that keeps what it receives as it came.
+
+    asyncio's reader appends every piece it receives to one ``bytearray`` and
+    copies each answer out of it (``read()`` twice: a ``bytearray`` slice,
+    then ``bytes``), and the ``bytearray`` is reallocated as it grows and
+    shrinks.  This one keeps the ``bytes`` objects the transport delivered
+    (copied once out of the ring, up to 64 KiB each) and hands them on: a
+    ``read(n)`` that one whole piece answers returns that piece itself, and
+    ``readexactly()`` / ``readuntil()`` copy only the bytes they return.
+
+    Otherwise it is asyncio's reader, as :func:`open_connection` and
+    :func:`start_server` give it: the same methods, exceptions, ``limit``
+    (reading pauses above twice the limit and resumes at the limit) and
+    corner cases, and ``readuntil()`` takes a tuple of separators as
+    Python 3.13's does.  ``read(n)`` returns at most ``n`` bytes as soon as
+    any are there, as asyncio's does; it may return fewer of those that are
+    buffered (a whole received piece rather than a copy of several).
+    """
+
+    # asyncio's own state, set by its __init__ (typeshed does not declare it)
+    _limit: int
+    _loop: asyncio.AbstractEventLoop
+    _eof: bool
+    _waiter: asyncio.Future[None] | None
+    _exception: BaseException | None
+    _transport: Any                 # a transport that pauses, or None
+    _paused: bool
+
+    def __init__(self, limit: int = _DEFAULT_LIMIT,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(limit, loop)
+        vars(self).pop("_buffer", None)     # asyncio's bytearray: not used here
+        self._chunks: deque[bytes] = deque()
+        self._pos = 0                   # bytes of _chunks[0] already taken
+        self._size = 0                  # bytes buffered (after _pos)
+
+    def __repr__(self) -> str:
+        info = ["vchan.StreamReader"]
+        if self._size:
+            info.append(f"{self._size} bytes")
+        if self._eof:
+            info.append("eof")
+        if self._limit != _DEFAULT_LIMIT:
+            info.append(f"limit={self._limit}")
+        if self._waiter:
+            info.append(f"waiter={self._waiter!r}")
+        if self._exception:
+            info.append(f"exception={self._exception!r}")
+        if self._transport:
+            info.append(f"transport={self._transport!r}")
+        if self._paused:
+            info.append("paused")
+        return "<{}>".format(" ".join(info))
+
+    # -- the protocol's side -------------------------------------------------------
+
+    def feed_data(self, data: Iterable[SupportsIndex] | ReadableBuffer) -> None:
+        """Append ``data`` (the protocol calls this); pause reading above
+        twice the limit."""
+        assert not self._eof, "feed_data after feed_eof"
+        if type(data) is not bytes:
+            data = bytes(data)          # the caller may reuse its buffer
+        if not data:
+            return
+        self._chunks.append(data)
+        self._size += len(data)
+        self._wakeup_waiter()
+        if self._transport is not None and not self._paused and \
+                self._size > 2 * self._limit:
+            try:
+                self._transport.pause_reading()
+            except NotImplementedError:
+                self._transport = None  # it cannot pause: keep everything
+            else:
+                self._paused = True
+
+    def _wakeup_waiter(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.cancelled():
+                waiter.set_result(None)
+
+    async def _wait_for_data(self, func_name: str) -> None:
+        """Wait until data or EOF comes (resuming reading if it is paused)."""
+        if self._waiter is not None:
+            raise RuntimeError(f"{func_name}() called while another coroutine is "
+                               f"already waiting for incoming data")
+        assert not self._eof, "_wait_for_data after EOF"
+        # Paused and waiting would never end (readexactly(n) with n > limit).
+        if self._paused:
+            self._paused = False
+            self._transport.resume_reading()
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def at_eof(self) -> bool:
+        """True if the buffer is empty and ``feed_eof()`` was called."""
+        return self._eof and not self._size
+
+    def _maybe_resume_transport(self) -> None:
+        if self._paused and self._size <= self._limit:
+            self._paused = False
+            self._transport.resume_reading()
+
+    # -- the buffer ------------------------------------------------------------------
+
+    def _take(self, n: int) -> bytes:
+        """Remove and return the first ``n`` buffered bytes (0 < n <= size)."""
+        chunks, pos = self._chunks, self._pos
+        head = chunks[0]
+        left = len(head) - pos
+        self._size -= n
+        if n < left:
+            self._pos = pos + n
+            return head[pos:pos + n]
+        chunks.popleft()
+        self._pos = 0
+        if n == left:
+            return head[pos:] if pos else head
+        parts: list[bytes | memoryview] = [memoryview(head)[pos:]]
+        need = n - left
+        while need:
+            head = chunks[0]
+            if len(head) > need:
+                parts.append(memoryview(head)[:need])
+                self._pos = need
+                break
+            parts.append(chunks.popleft())
+            need -= len(head)
+        return b"".join(parts)
+
+    def _take_all(self) -> bytes:
+        return self._take(self._size) if self._size else b""
+
+    def _drop(self, n: int) -> None:
+        """Forget the first ``n`` buffered bytes."""
+        self._size -= n
+        n += self._pos
+        chunks = self._chunks
+        while chunks and n >= len(chunks[0]):
+            n -= len(chunks.popleft())
+        self._pos = n if chunks else 0
+
+    def _startswith(self, prefix: bytes, offset: int) -> bool:
+        """Whether the buffer holds ``prefix`` at ``offset``."""
+        if self._size - offset < len(prefix):
+            return False
+        got = bytearray()
+        for i, chunk in enumerate(self._chunks):
+            start = self._pos if i == 0 else 0
+            if offset >= len(chunk) - start:
+                offset -= len(chunk) - start
+                continue
+            got += chunk[start + offset:start + offset + len(prefix) - len(got)]
+            offset = 0
+            if len(got) == len(prefix):
+                break
+        return got == prefix
+
+    def _find(self, separators: list[bytes], offset: int) -> tuple[int, int] | None:
+        """(start, end) in the buffer of the separator that ends first,
+        looking at the separators that start at ``offset`` or later."""
+        keep = len(separators[-1]) - 1   # bytes a separator may straddle
+        best: tuple[int, int] | None = None
+        carry = b""                     # the last ``keep`` bytes before this piece
+        base = 0                        # buffer offset of this piece's first byte
+        for i, chunk in enumerate(self._chunks):
+            start = self._pos if i == 0 else 0
+            size = len(chunk) - start
+            if base + size > offset:
+                if carry:
+                    # Separators across the boundary with the pieces before.
+                    window = carry + chunk[start:start + keep]
+                    w0 = base - len(carry)
+                    for sep in separators:
+                        j = window.find(sep, max(0, offset - w0))
+                        if j != -1 and (best is None or w0 + j + len(sep) < best[1]):
+                            best = (w0 + j, w0 + j + len(sep))
+                for sep in separators:
+                    j = chunk.find(sep, start + max(0, offset - base))
+                    if j != -1:
+                        j += base - start
+                        if best is None or j + len(sep) < best[1]:
+                            best = (j, j + len(sep))
+                if best is not None:
+                    return best
+            if keep:
+                carry = (carry + chunk[max(start, len(chunk) - keep):])[-keep:]
+            base += size
+        return None
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def readline(self) -> bytes:
+        """Read one line (ending in ``b"\\n"``), as :meth:`asyncio.StreamReader.readline`."""
+        try:
+            return await self.readuntil(b"\n")
+        except asyncio.IncompleteReadError as e:
+            return e.partial
+        except asyncio.LimitOverrunError as e:
+            if self._startswith(b"\n", e.consumed):
+                self._drop(e.consumed + 1)
+            else:
+                self._drop(self._size)
+            self._maybe_resume_transport()
+            raise ValueError(e.args[0]) from None
+
+    async def readuntil(self, separator: ReadableBuffer | tuple[ReadableBuffer, ...] = b"\n",
+                        ) -> bytes:
+        """Read up to and including ``separator`` (or the one of a tuple of
+        separators that ends first), as :meth:`asyncio.StreamReader.readuntil`."""
+        # (of several, the shortest match wins)
+        separators = sorted((bytes(sep) for sep in separator), key=len) \
+            if isinstance(separator, tuple) else [bytes(separator)]
+        if not separators:
+            raise ValueError("Separator should contain at least one element")
+        if not separators[0]:
+            raise ValueError("Separator should be at least one-byte string")
+        if self._exception is not None:
+            raise self._exception
+        # No separator starts before ``offset``.
+        offset = 0
+        min_len, max_len = len(separators[0]), len(separators[-1])
+        while True:
+            size = self._size
+            if size - offset >= min_len:
+                found = self._find(separators, offset)
+                if found is not None:
+                    break
+                offset = max(0, size + 1 - max_len)
+                if offset > self._limit:
+                    raise asyncio.LimitOverrunError(
+                        "Separator is not found, and chunk exceed the limit", offset)
+            # A whole separator may have come with the last piece, EOF or not.
+            if self._eof:
+                raise asyncio.IncompleteReadError(self._take_all(), None)
+            await self._wait_for_data("readuntil")
+        start, end = found
+        if start > self._limit:
+            raise asyncio.LimitOverrunError(
+                "Separator is found, but chunk is longer than limit", start)
+        data = self._take(end)
+        self._maybe_resume_transport()
+        return data
+
+    async def read(self, n: int = -1) -> bytes:
+        """Read at most ``n`` bytes (all until EOF if ``n`` < 0), as
+        :meth:`asyncio.StreamReader.read`."""
+        if self._exception is not None:
+            raise self._exception
+        if n == 0:
+            return b""
+        if n < 0:
+            # read(limit) until EOF: waiting for everything at once would
+            # stall a peer that sends more than the limit.
+            blocks = []
+            while block := await self.read(self._limit):
+                blocks.append(block)
+            return b"".join(blocks)
+        if not self._size and not self._eof:
+            await self._wait_for_data("read")
+        if not self._size:
+            return b""
+        left = len(self._chunks[0]) - self._pos
+        if left >= n:
+            data = self._take(n)
+        elif not self._pos and left >= _WHOLE:
+            # A whole piece, not worth a copy to join it to the next.
+            data = self._chunks.popleft()
+            self._size -= left
+        else:
+            data = self._take(min(n, self._size, max(left, _JOIN)))
+        self._maybe_resume_transport()
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        """Read exactly ``n`` bytes, as :meth:`asyncio.StreamReader.readexactly`."""
+        if n < 0:
+            raise ValueError("readexactly size can not be less than zero")
+        if self._exception is not None:
+            raise self._exception
+        if n == 0:
+            return b""
+        while self._size < n:
+            if self._eof:
+                raise asyncio.IncompleteReadError(self._take_all(), n)
+            await self._wait_for_data("readexactly")
+        data = self._take(n)
+        self._maybe_resume_transport()
+        return data
 
 
 async def open_connection(
@@ -36,7 +341,7 @@ async def open_connection(
     :func:`vchan.create_connection`.
     """
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    reader = StreamReader(limit=limit, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     transport, _ = await create_connection(lambda: protocol, domid, port, timeout=timeout,
                                            **ring_options)
@@ -58,7 +363,7 @@ async def start_server(
     loop = asyncio.get_running_loop()
 
     def factory() -> asyncio.StreamReaderProtocol:
-        reader = asyncio.StreamReader(limit=limit, loop=loop)
+        reader = StreamReader(limit=limit, loop=loop)
         return asyncio.StreamReaderProtocol(reader, client_connected_cb, loop=loop)
 
     return await create_server(factory, port, peers=peers, **ring_options)
