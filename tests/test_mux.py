@@ -1581,3 +1581,132 @@ def test_closing_the_last_stream_in_buffer_updated_while_draining_does_not_crash
                           cwd=str(Path(__file__).resolve().parent.parent))
     assert proc.returncode == 0, f"child exited with {proc.returncode}: {proc.stderr[-3000:]}"
     assert proc.stdout.strip().endswith("OK")
+
+
+# -- a vchan.StreamReader takes its bytes straight from the ring -------------------------------
+
+
+def _ring_bytes(reader: asyncio.StreamReader) -> int:
+    """Bytes ``reader`` was told are in the ring for it."""
+    assert isinstance(reader, vchan.StreamReader)
+    return reader._ring
+
+
+def _announced(end: End) -> int:
+    """Bytes of ``end``'s stream announced at the head of its session's ring."""
+    session = end.session
+    return session._lazy_bytes if session._lazy is end.transport else 0
+
+
+async def test_a_reader_takes_announced_frames_from_the_ring(sim_dir: Path) -> None:
+    async with served(1) as s:
+        conn = s.conns[0]
+        assert isinstance(conn.server.reader, vchan.StreamReader)
+        data = payload_of(200_000, 40)
+        conn.client.writer.write(data)
+        session = conn.server.session
+        session._on_event()             # as the wake-up would (it comes next iteration)
+        assert _announced(conn.server) > 0
+        got = await conn.server.reader.readexactly(len(data))
+        assert got == data
+        assert session._lazy is None
+
+
+async def test_announced_frames_a_reader_leaves_are_copied_aside_for_the_others(
+        sim_dir: Path) -> None:
+    """A stream whose reader does not read holds the ring one loop iteration."""
+    async with served(2) as s:
+        idle, busy = s.conns
+        first = payload_of(50_000, 41)
+        idle.client.writer.write(first)
+        for i in range(20):
+            busy.client.writer.write(b"%d\n" % i)
+            assert await asyncio.wait_for(busy.server.reader.readline(), 5) == b"%d\n" % i
+        assert idle.server.session._lazy is None
+        assert _ring_bytes(idle.server.reader) == 0
+        assert await idle.server.reader.readexactly(len(first)) == first
+
+
+@pytest.mark.parametrize("how", ["abort", "close", "peer-eof"])
+async def test_announced_bytes_stay_readable_after_the_stream_ends(
+        how: str, sim_dir: Path) -> None:
+    async with served(1) as s:
+        conn = s.conns[0]
+        data = payload_of(70_000, 42)
+        conn.client.writer.write(data)
+        if how == "peer-eof":
+            conn.client.writer.write_eof()
+        session = conn.server.session
+        session._on_event()
+        assert _announced(conn.server) > 0
+        if how == "abort":
+            conn.server.transport.abort()
+        elif how == "close":
+            conn.server.transport.close()
+        assert _announced(conn.server) == 0 or how == "peer-eof"
+        assert await asyncio.wait_for(conn.server.reader.read(), 5) == data
+        assert conn.server.reader.at_eof()
+
+
+async def test_length_prefixed_messages_across_many_ring_wraps(sim_dir: Path) -> None:
+    """readexactly() of messages that straddle frames and the end of the ring."""
+    async with served(1) as s:
+        conn = s.conns[0]
+        rnd = random.Random(43)
+        messages = [rnd.randbytes(rnd.choice([1, 7, 4000, 7919, 65_537, 200_003]))
+                    for _ in range(80)]
+
+        async def send() -> None:
+            for m in messages:
+                conn.client.writer.write(struct.pack(">I", len(m)) + m)
+                await conn.client.writer.drain()
+
+        task = asyncio.create_task(send())
+        for m in messages:
+            (n,) = struct.unpack(">I", await asyncio.wait_for(
+                conn.server.reader.readexactly(4), 10))
+            assert await asyncio.wait_for(conn.server.reader.readexactly(n), 10) == m
+        await task
+        ring = conn.server.session._endpoint.ring
+        assert ring._r.rd.own > 3 * ring.read_size, "the ring never wrapped"
+
+
+@pytest.mark.expect_loop_errors
+async def test_a_peer_rewriting_announced_frames_fails_the_session(
+        sim_dir: Path, loop_errors: list[dict[str, Any]]) -> None:
+    async with served(2) as s:
+        loop_errors.clear()
+        conn, other = s.conns
+        client_session, server_session = conn.client.session, conn.server.session
+        ring = client_session._endpoint.ring
+        sid = conn.client.transport.stream_id
+        wr = ring._buffers[5]
+        second = (ring._r.wr.own + HEADER + 100) & (ring.write_size - 1)
+        inject(client_session, header(DATA, sid, 100) + b"a" * 100 + header(DATA, sid, 100)
+               + b"b" * 100)
+        server_session._on_event()
+        assert _announced(conn.server) == 200
+        # The second frame's header now claims another stream.
+        wr[second + 4] = other.client.transport.stream_id
+        with pytest.raises(RemoteProtocolError, match="rewrote"):
+            await conn.server.reader.readexactly(200)
+        assert server_session.closed
+        outcome = await read_outcome(other.server.reader)
+        assert isinstance(outcome, RemoteProtocolError), outcome
+        reported = [c for c in loop_errors
+                    if isinstance(c.get("exception"), RemoteProtocolError)]
+        assert len(reported) == 1
+
+
+async def test_a_session_ending_under_announced_bytes_fails_their_reader(
+        sim_dir: Path) -> None:
+    async with served(1) as s:
+        conn = s.conns[0]
+        conn.client.writer.write(payload_of(30_000, 44))
+        session = conn.server.session
+        session._on_event()
+        assert _announced(conn.server) > 0
+        session._reset(ConnectionResetError("the peer is gone"))
+        assert _ring_bytes(conn.server.reader) == 0    # nothing points into the unmapped ring
+        with pytest.raises(ConnectionResetError, match="the peer is gone"):
+            await asyncio.wait_for(conn.server.reader.read(), 5)

@@ -114,6 +114,8 @@ int vchan_mux_take_run(struct vchan_ring *r, const struct vchan_mux_frame *f,
                        const uint8_t *a, uint32_t alen, const uint8_t *b, uint32_t blen,
                        uint32_t max_payload, uint32_t credit, void *buf, uint32_t len,
                        int *notify);
+int vchan_mux_run_length(struct vchan_ring *r, const struct vchan_mux_frame *f,
+                         uint32_t max_payload, uint32_t limit);
 int vchan_ring_read(struct vchan_ring *r, void *buf, size_t len, int *notify);
 int vchan_ring_recv(struct vchan_ring *r, void *buf, size_t len, int *notify);
 int vchan_ring_peer_live(struct vchan_ring *r);

@@ -232,3 +232,36 @@ int vchan_mux_take_run(struct vchan_ring *r, const struct vchan_mux_frame *f,
     }
     return (int)done;
 }
+
+int vchan_mux_run_length(struct vchan_ring *r, const struct vchan_mux_frame *f,
+                         uint32_t max_payload, uint32_t limit)
+{
+    const uint8_t *a, *b;
+    uint32_t alen, blen, ready, off, length, done;
+    uint8_t hdr[VCHAN_MUX_HEADER];
+    int rc;
+
+    if (f->length == 0 || f->length > limit)
+        return VCHAN_EINVAL;
+    /* want 0: look without asking to be woken */
+    rc = vchan_ring_peek_min(r, 0, &a, &alen, &b, &blen);
+    if (rc < 0)
+        return rc;
+    ready = (uint32_t)rc;
+    /* The head frame as the caller saw it (its header is private memory). */
+    if (ready < VCHAN_MUX_HEADER || ready - VCHAN_MUX_HEADER < f->length)
+        return VCHAN_EINVAL;
+    done = f->length;
+    off = VCHAN_MUX_HEADER + f->length;
+    while (ready - off >= VCHAN_MUX_HEADER) {
+        gather(a, alen, b, off, hdr, VCHAN_MUX_HEADER);
+        length = get_u32(hdr + 8);
+        if (hdr[0] != f->type || hdr[1] != f->flags || hdr[2] || hdr[3] ||
+            get_u32(hdr + 4) != f->stream || length == 0 || length > max_payload ||
+            ready - off - VCHAN_MUX_HEADER < length || length > limit - done)
+            break;
+        done += length;
+        off += VCHAN_MUX_HEADER + length;
+    }
+    return (int)done;
+}

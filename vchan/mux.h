@@ -94,4 +94,14 @@ int vchan_mux_take_run(struct vchan_ring *r, const struct vchan_mux_frame *f,
                        uint32_t max_payload, uint32_t credit, void *buf, uint32_t len,
                        int *notify);
 
+/* The payload bytes of the run of whole, non-empty frames of f's type,
+ * flags and stream that lie one after another from the head of the ring
+ * (f is the head frame, just peeked, and counts first), while the total
+ * stays within limit: what a reader may take later with vchan_mux_peek /
+ * vchan_mux_take_run, nothing else in between.  Consumes nothing and never
+ * arms a wake-up.  Returns the total (at least f->length), or a ring error;
+ * VCHAN_EINVAL if f itself is empty or over limit. */
+int vchan_mux_run_length(struct vchan_ring *r, const struct vchan_mux_frame *f,
+                         uint32_t max_payload, uint32_t limit);
+
 #endif /* VCHAN_MUX_H */

@@ -199,6 +199,12 @@ class Session:
         self._read_scheduled = False
         self._wake_pending = False      # a deferred wake-up is on its way (_wake_soon)
         self._waited = False            # the reader let the loop run once for a paused stream
+        # Frames at the head of the ring announced to a stream's vchan
+        # StreamReader, which takes them from the ring itself (see _announce).
+        self._lazy: StreamTransport | None = None
+        self._lazy_bytes = 0            # their payload bytes not yet taken
+        self._lazy_fresh = False        # announced in this loop iteration
+        self._freed = 0                 # bytes taken since the writer was last woken
         self._frame = ffi.new("struct vchan_mux_frame *")
         self._pa = ffi.new("const uint8_t **")
         self._pb = ffi.new("const uint8_t **")
@@ -448,6 +454,10 @@ class Session:
         streams = self.streams
         total = 0
         woke = 0
+        if self._lazy is not None:
+            if self._lazy_fresh:
+                return False            # its reader takes them first (_lazy_expire)
+            self._evict_lazy()          # it did not: copy them aside
         while not self.closed:
             if total >= READ_BUDGET:
                 return True
@@ -484,6 +494,9 @@ class Session:
                         return True
                 else:
                     self._waited = False
+                if stream._reader is not None and n and stream._can_deliver():
+                    self._announce(stream, f)
+                    return False
                 if stream._buffered_protocol and stream._can_deliver():
                     total += stream._deliver_frames(f, pa[0], alen[0], pb[0], blen[0])
                     continue
@@ -523,6 +536,91 @@ class Session:
                 lib.vchan_ring_consume(r, HEADER, self._notify)
             self._control(kind, f.flags, sid, f.arg, payload)
         return False
+
+    # -- frames a vchan StreamReader takes from the ring itself -----------------------
+    #
+    # A stream read through vchan.StreamReader is told how many bytes of its
+    # DATA frames lie together at the head of the ring, and its read() /
+    # readexactly() copy them straight out of the ring into the bytes they
+    # return: one copy, and no buffer of ours made and freed between (whose
+    # churn costs page faults once the allocator trims its heap).  Nothing
+    # behind those frames is read meanwhile.  The reader is woken now and
+    # runs in the next loop iteration; whatever it has not taken by the end
+    # of that iteration is copied aside into its buffer (_lazy_expire), so
+    # the frames behind wait no longer than they would for a paused stream.
+
+    def _announce(self, stream: StreamTransport, f: Any) -> None:
+        """Tell the stream's reader of its run of frames at the head (f first)."""
+        k: int = lib.vchan_mux_run_length(self._r, f, self._max_in, stream._recv_credit)
+        if k < 0:
+            raise _ring_error(k, "read")
+        stream._recv_credit -= k
+        self._lazy, self._lazy_bytes, self._lazy_fresh = stream, k, True
+        self._loop.call_soon(self._lazy_expire)
+        stream._consumed(k)
+        assert stream._reader is not None
+        stream._reader._ring_ready(k)
+
+    def _lazy_expire(self) -> None:
+        self._lazy_fresh = False
+        self._on_event()
+
+    def _take_lazy(self) -> bytes:
+        """The next piece of the announced frames (a frame, or a run of small
+        ones), copied out of the ring and consumed."""
+        stream = self._lazy
+        assert stream is not None
+        r, f, pa, pb, alen, blen = self._r, self._frame, self._pa, self._pb, self._alen, \
+            self._blen
+        rc = lib.vchan_mux_peek(r, f, self._max_in, pa, alen, pb, blen)
+        if rc < 0:
+            raise _ring_error(rc, "read")
+        n = f.length
+        if not rc or f.type != DATA or f.stream != stream.stream_id or not 0 < n <= \
+                self._lazy_bytes:
+            raise _protocol_error("the peer rewrote frames it had published")
+        if n < GATHER:
+            k = lib.vchan_mux_take_run(r, f, pa[0], alen[0], pb[0], blen[0], self._max_in,
+                                       self._lazy_bytes, self._scratch,
+                                       min(GATHER_MAX, self._lazy_bytes), self._notify)
+            if k < 0:
+                raise _ring_error(k, "read")
+            data = ffi.unpack(self._scratch, k)
+        else:
+            data = _unpack(pa[0], alen[0], pb[0], blen[0], 0)
+            k = lib.vchan_ring_consume(r, HEADER + n, self._notify)
+            if k < 0:
+                raise _ring_error(k, "read")
+        self._lazy_bytes -= len(data)
+        if not self._lazy_bytes:
+            self._lazy = None
+        return data  # type: ignore[no-any-return]
+
+    def _lazy_take(self) -> bytes:
+        """For the reader: the next piece of its announced frames."""
+        data = self._take_lazy()
+        if self._notify[0]:
+            # The writer waits for room: wake it once a good share is free.
+            self._freed += len(data)
+            if self._freed >= self._wake_after or self._lazy is None:
+                self._freed = 0
+                self._flush_notify()
+        return data
+
+    def _evict_lazy(self) -> None:
+        """Copy what the reader did not take into its buffer."""
+        stream = self._lazy
+        assert stream is not None and stream._reader is not None
+        reader = stream._reader
+        while self._lazy is not None:
+            reader._ring_evicted(self._take_lazy())
+
+    def _drop_lazy(self) -> None:
+        """The session ends: forget the announced bytes (the reader fails)."""
+        stream, self._lazy = self._lazy, None
+        if stream is not None and stream._reader is not None:
+            stream._reader._ring_lost()
+        self._lazy_bytes = 0
 
     def _unknown_stream(self, sid: int, kind: int) -> None:
         """A frame for a stream we do not have: forgotten (fine) or never opened."""
@@ -640,6 +738,12 @@ class Session:
         self.streams[stream.stream_id] = stream
 
     def _forget(self, stream: StreamTransport) -> None:
+        if self._lazy is stream:
+            # Its reader may still read what came before the end.
+            try:
+                self._evict_lazy()
+            except RemoteProtocolError:
+                self._drop_lazy()
         if self.streams.pop(stream.stream_id, None) is not None and not self.streams:
             if self.draining and self.is_server:
                 self.close()
@@ -693,6 +797,7 @@ class Session:
     def _teardown(self) -> None:
         if self.closed:
             return
+        self._drop_lazy()               # before the ring is unmapped
         self.closed = True
         self._ready.clear()
         self._ctl.clear()
@@ -730,6 +835,7 @@ class StreamTransport(TransportBase):
         self._extra.setdefault("session", session)
         self._extra.setdefault("endpoint", session._endpoint)   # the ring carrying it
         self._protocol = None
+        self._reader: Any = None        # a vchan StreamReader taking from the ring
         self._buffer = WriteQueue()
         self._queued = False            # in the session's ready queue
         self._credit = session.peer_window if session._hello_seen else DEFAULT_WINDOW
@@ -776,8 +882,40 @@ class StreamTransport(TransportBase):
         if isinstance(protocol, SpliceProtocol):
             raise TypeError("a SpliceProtocol needs a ring of its own: connect with "
                             "read_min/write_min (a dedicated connection)")
+        if self._reader is not None and protocol is not self._protocol:
+            self._detach_reader()
         self._buffered_protocol = isinstance(protocol, asyncio.BufferedProtocol)
         self._protocol = protocol
+
+    def _attach_reader(self, reader: Any) -> bool:
+        """A vchan StreamReader (set_transport) takes this stream's data from
+        the ring itself: ``reader._ring_ready(n)`` announces n bytes,
+        :meth:`_ring_take` copies the next piece of them out."""
+        self._reader = reader
+        return True
+
+    def _detach_reader(self) -> None:
+        session = self._session
+        if session._lazy is self:
+            try:
+                session._evict_lazy()
+            except RemoteProtocolError as exc:
+                session._drop_lazy()
+                session._fail(exc)
+        self._reader = None
+
+    def _ring_take(self) -> bytes:
+        """For the reader: the next piece of the bytes it was announced.
+        Raises the session's error if the ring turns out corrupt."""
+        session = self._session
+        if session._lazy is not self or session.closed:
+            raise RuntimeError("vchan stream: no bytes announced to take")
+        try:
+            return session._lazy_take()
+        except RemoteProtocolError as exc:
+            session._drop_lazy()
+            session._fail(exc)
+            raise
 
     def _connection_made(self) -> None:
         if self._protocol is None or self._conn_lost:

@@ -68,7 +68,12 @@ class StreamReader(asyncio.StreamReader):
         vars(self).pop("_buffer", None)     # asyncio's bytearray: not used here
         self._chunks: deque[bytes] = deque()
         self._pos = 0                   # bytes of _chunks[0] already taken
-        self._size = 0                  # bytes buffered (after _pos)
+        self._size = 0                  # bytes buffered (after _pos), _ring included
+        # A vchan session stream announces its bytes at the head of its ring
+        # instead of copying them out (vchan.mux): _ring of them are there,
+        # after the chunks, and _pull() takes them from the transport.
+        self._ring = 0
+        self._source: Any = None
 
     def __repr__(self) -> str:
         info = ["vchan.StreamReader"]
@@ -90,6 +95,14 @@ class StreamReader(asyncio.StreamReader):
 
     # -- the protocol's side -------------------------------------------------------
 
+    def set_transport(self, transport: asyncio.BaseTransport) -> None:
+        """The transport (the protocol calls this once).  A vchan session
+        stream lets this reader take its bytes straight from the ring."""
+        super().set_transport(transport)
+        attach = getattr(transport, "_attach_reader", None)
+        if attach is not None and attach(self):
+            self._source = transport
+
     def feed_data(self, data: Iterable[SupportsIndex] | ReadableBuffer) -> None:
         """Append ``data`` (the protocol calls this); pause reading above
         twice the limit."""
@@ -98,8 +111,35 @@ class StreamReader(asyncio.StreamReader):
             data = bytes(data)          # the caller may reuse its buffer
         if not data:
             return
+        if self._ring:
+            self._pull(self._size)      # (it never comes after those, but in order)
         self._chunks.append(data)
-        self._size += len(data)
+        self._added(len(data))
+
+    def _ring_ready(self, n: int) -> None:
+        """The transport: ``n`` more bytes are in the ring for us."""
+        self._ring += n
+        self._added(n)
+
+    def _ring_evicted(self, data: bytes) -> None:
+        """The transport copied the next of our ring bytes aside."""
+        self._ring -= len(data)
+        self._chunks.append(data)
+
+    def _ring_lost(self) -> None:
+        """The transport's ring is gone, and the bytes we were told of with it."""
+        self._size -= self._ring
+        self._ring = 0
+
+    def _pull(self, n: int) -> None:
+        """Have at least ``n`` bytes in the chunks, taking ring bytes as needed."""
+        while self._ring and self._size - self._ring < n:
+            data = self._source._ring_take()
+            self._ring -= len(data)
+            self._chunks.append(data)
+
+    def _added(self, n: int) -> None:
+        self._size += n
         self._wakeup_waiter()
         if self._transport is not None and not self._paused and \
                 self._size > 2 * self._limit:
@@ -146,6 +186,8 @@ class StreamReader(asyncio.StreamReader):
 
     def _take(self, n: int) -> bytes:
         """Remove and return the first ``n`` buffered bytes (0 < n <= size)."""
+        if self._ring:
+            self._pull(n)
         chunks, pos = self._chunks, self._pos
         head = chunks[0]
         left = len(head) - pos
@@ -174,6 +216,7 @@ class StreamReader(asyncio.StreamReader):
 
     def _drop(self, n: int) -> None:
         """Forget the first ``n`` buffered bytes."""
+        self._pull(n)
         self._size -= n
         n += self._pos
         chunks = self._chunks
@@ -185,6 +228,7 @@ class StreamReader(asyncio.StreamReader):
         """Whether the buffer holds ``prefix`` at ``offset``."""
         if self._size - offset < len(prefix):
             return False
+        self._pull(offset + len(prefix))
         got = bytearray()
         for i, chunk in enumerate(self._chunks):
             start = self._pos if i == 0 else 0
@@ -199,7 +243,17 @@ class StreamReader(asyncio.StreamReader):
 
     def _find(self, separators: list[bytes], offset: int) -> tuple[int, int] | None:
         """(start, end) in the buffer of the separator that ends first,
-        looking at the separators that start at ``offset`` or later."""
+        looking at the separators that start at ``offset`` or later (taking
+        ring bytes piece by piece until one is found)."""
+        while True:
+            found = self._find_in_chunks(separators, offset)
+            if found is not None or not self._ring:
+                return found
+            # Not in what was searched: no separator starts before this.
+            offset = max(offset, self._size - self._ring + 1 - len(separators[-1]))
+            self._pull(self._size - self._ring + 1)
+
+    def _find_in_chunks(self, separators: list[bytes], offset: int) -> tuple[int, int] | None:
         keep = len(separators[-1]) - 1   # bytes a separator may straddle
         best: tuple[int, int] | None = None
         carry = b""                     # the last ``keep`` bytes before this piece
@@ -301,6 +355,8 @@ class StreamReader(asyncio.StreamReader):
             await self._wait_for_data("read")
         if not self._size:
             return b""
+        if not self._chunks:
+            self._pull(1)
         left = len(self._chunks[0]) - self._pos
         if left >= n:
             data = self._take(n)
