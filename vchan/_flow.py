@@ -106,15 +106,23 @@ class WriteQueue:
 
     def extend(self, data: bytes | bytearray | memoryview) -> None:
         """Queue ``data`` (after what is queued)."""
+        chunks = self._chunks
+        if type(data) is bytes and chunks:
+            # The common small write, onto the tail (no memoryview made).
+            last = chunks[-1]
+            n = len(data)
+            if n < self.SHARE_MIN and type(last) is bytearray and len(last) + n <= self.TAIL_MAX:
+                last += data
+                self._size += n
+                return
         view = data if isinstance(data, memoryview) else memoryview(data)
         n = view.nbytes
         if not n:
             return
         self._size += n
         if n >= self.SHARE_MIN and isinstance(view.obj, bytes) and view.c_contiguous:
-            self._chunks.append(view.cast("B"))
+            chunks.append(view.cast("B"))
             return
-        chunks = self._chunks
         tail = chunks[-1] if chunks else None
         if isinstance(tail, bytearray) and len(tail) + n <= self.TAIL_MAX:
             tail += view

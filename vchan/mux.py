@@ -74,6 +74,16 @@ are read in one C call: small ones (under ``GATHER`` bytes) into one
 in a :class:`vchan._flow.WriteQueue`, which keeps a large ``bytes`` object
 as it is instead of copying it.
 
+Small writes.  The first write of a loop iteration goes into the ring at
+once when the ring is empty (the peer has taken everything) or the peer
+sleeps until our next write: nobody is kept waiting.  A write smaller than
+``CORK_MAX`` that comes after it in the same iteration, or while the peer
+has yet to read what is there, waits, merged with the ones after it, until
+the end of the iteration or until ``CORK_FLUSH`` bytes are waiting; then
+they go as one frame, with at most one wake-up (as TCP's and SMC's
+autocorking do).  A ping-pong never waits (one write per iteration); a
+stream of small writes costs a frame and a wake-up per batch, not per write.
+
 Fairness.  Streams with data and credit take turns of up to ``QUANTUM``
 bytes, after control frames; the reader takes at most ``READ_BUDGET`` bytes
 per look before letting the loop run other callbacks.
@@ -125,6 +135,8 @@ MIN_CHUNK = 4096                # smallest piece of a larger write worth a frame
 GATHER = 16384                  # DATA frames smaller than this are read in runs...
 GATHER_MAX = 65536              # ...of up to this many bytes, one data_received()
 HOLD_PIECE = 65536              # bytes held for a stream are kept in pieces this large
+CORK_MAX = 16384                # writes smaller than this may wait to be merged...
+CORK_FLUSH = 65536              # ...until this many bytes wait, or the iteration ends
 _MAX_CREDIT = (1 << 31) - 1
 _HELLO_BODY = struct.Struct("<II")
 _FULL: int = lib.VCHAN_MUX_FULL
@@ -198,6 +210,7 @@ class Session:
         self._error: BaseException | None = None
         self._read_scheduled = False
         self._wake_pending = False      # a deferred wake-up is on its way (_wake_soon)
+        self._corked = False            # small writes wait for the end of this iteration
         self._waited = False            # the reader let the loop run once for a paused stream
         # Frames at the head of the ring announced to a stream's vchan
         # StreamReader, which takes them from the ring itself (see _announce).
@@ -321,6 +334,22 @@ class Session:
 
     def _idle(self) -> bool:
         return not self._ctl and not self._ready
+
+    def _write_now(self) -> bool:
+        """Whether a small write goes at once: the peer has taken everything
+        we wrote, or sleeps until our next write (a broken ring: at once, to
+        fail there)."""
+        return lib.vchan_ring_write_now(self._r) != 0  # type: ignore[no-any-return]
+
+    def _cork(self) -> None:
+        """Write what waits at the end of this loop iteration."""
+        if not self._corked:
+            self._corked = True
+            self._loop.call_soon(self._uncork)
+
+    def _uncork(self) -> None:
+        self._corked = False
+        self._kick()
 
     def _write_direct(self, stream: StreamTransport, data: Any, n: int) -> int:
         """Write up to ``n`` bytes of ``data`` as DATA frames now; bytes written."""
@@ -1127,23 +1156,37 @@ class StreamTransport(TransportBase):
         if not self._accepts_write(data, bool(self._conn_lost or self._peer_closed)):
             return
         session = self._session
-        if not self._buffer and self._credit > 0 and session._idle():
+        buf = self._buffer
+        size = len(data)
+        if not buf._size and self._credit > 0 and not session._ctl and not session._ready and (
+                size >= CORK_MAX or (not session._corked and session._write_now())):
             try:
-                n = session._write_direct(self, data, min(len(data), self._credit))
+                n = session._write_direct(self, data, min(size, self._credit))
             except RemoteProtocolError as exc:
                 session._fail(exc)
                 return
             self._credit -= n
-            if n == len(data):
+            if not session._corked:
+                session._cork()         # more small writes this iteration: merged
+            if n == size:
                 return
             data = memoryview(data)[n:]
-        self._buffer.extend(data)
+        # (inlined: this is the path of every small write while others wait)
+        before = buf._size
+        buf.extend(data)
         if self._credit > 0:
-            session._want_send(self)
+            if not self._queued:
+                self._queued = True
+                session._ready.append(self)
+            if before < CORK_FLUSH <= buf._size:
+                session._kick()         # a frame's worth: no need to wait
+            elif not session._corked:
+                session._cork()
         else:
             self._out_of_credit()
             session._kick()
-        self._maybe_pause_protocol()
+        if buf._size > self._high_water:
+            self._maybe_pause_protocol()
 
     def can_write_eof(self) -> bool:
         return True

@@ -466,6 +466,20 @@ static inline void publish_cons(struct vchan_ring *r, int *notify)
     send_notify(r, VCHAN_NOTIFY_READ, notify);
 }
 
+int vchan_ring_write_now(struct vchan_ring *r)
+{
+    int64_t space;
+    int rc = usable(r);
+
+    if (rc)
+        return rc;
+    space = wr_space(r);
+    if (space < 0)
+        return (int)space;
+    /* A hint, not a promise: read without asking for anything. */
+    return space == r->wr.size || (load_byte(own_notify(r)) & VCHAN_NOTIFY_WRITE);
+}
+
 /* ------------------------------------------------------------------ */
 /* I/O.                                                                */
 /* ------------------------------------------------------------------ */

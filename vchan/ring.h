@@ -165,6 +165,11 @@ int vchan_ring_init_client(struct vchan_ring *r, void *page0,
 int vchan_ring_data_ready(struct vchan_ring *r);
 /* Free space in the write ring.  Arms a "tell me on read" request. */
 int vchan_ring_buffer_space(struct vchan_ring *r);
+/* Whether a small write is best sent at once: 1 when the peer has taken
+ * everything we wrote, or sleeps until our next write wakes it; 0 while it
+ * has yet to read what is there (a small write may wait to be merged with
+ * the next ones).  Asks for nothing; a ring error if the ring is broken. */
+int vchan_ring_write_now(struct vchan_ring *r);
 
 /* Stream write: copy up to len bytes, return how many. */
 int vchan_ring_write(struct vchan_ring *r, const void *data, size_t len,

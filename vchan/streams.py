@@ -354,6 +354,7 @@ class StreamReader(asyncio.StreamReader):
         if not self._size and not self._eof:
             await self._wait_for_data("read")
         if not self._size:
+            self._maybe_resume_transport()
             return b""
         if not self._chunks:
             self._pull(1)
