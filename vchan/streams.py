@@ -303,6 +303,24 @@ class StreamReader(asyncio.StreamReader):
                         ) -> bytes:
         """Read up to and including ``separator`` (or the one of a tuple of
         separators that ends first), as :meth:`asyncio.StreamReader.readuntil`."""
+        chunks = self._chunks
+        if chunks and type(separator) is bytes and separator and self._exception is None:
+            # The usual case: one separator, in the first piece (so no
+            # earlier one straddles two pieces), within the limit.
+            head, pos = chunks[0], self._pos
+            i = head.find(separator, pos)
+            if pos <= i <= pos + self._limit:
+                end = i + len(separator)
+                self._size -= end - pos
+                if end == len(head):
+                    chunks.popleft()
+                    self._pos = 0
+                    data = head[pos:] if pos else head
+                else:
+                    self._pos = end
+                    data = head[pos:end]
+                self._maybe_resume_transport()
+                return data
         # (of several, the shortest match wins)
         separators = sorted((bytes(sep) for sep in separator), key=len) \
             if isinstance(separator, tuple) else [bytes(separator)]
