@@ -44,6 +44,7 @@ from vchan.mux import (
     DATA,
     DEFAULT_WINDOW,
     EOF,
+    GATHER,
     GOAWAY,
     HEADER,
     HELLO,
@@ -1681,15 +1682,16 @@ async def test_a_peer_rewriting_announced_frames_fails_the_session(
         ring = client_session._endpoint.ring
         sid = conn.client.transport.stream_id
         wr = ring._buffers[5]
-        second = (ring._r.wr.own + HEADER + 100) & (ring.write_size - 1)
-        inject(client_session, header(DATA, sid, 100) + b"a" * 100 + header(DATA, sid, 100)
-               + b"b" * 100)
+        n = GATHER                      # (smaller frames are copied out at once)
+        second = (ring._r.wr.own + HEADER + n) & (ring.write_size - 1)
+        inject(client_session, header(DATA, sid, n) + b"a" * n + header(DATA, sid, n)
+               + b"b" * n)
         server_session._on_event()
-        assert _announced(conn.server) == 200
+        assert _announced(conn.server) == 2 * n
         # The second frame's header now claims another stream.
         wr[second + 4] = other.client.transport.stream_id
         with pytest.raises(RemoteProtocolError, match="rewrote"):
-            await conn.server.reader.readexactly(200)
+            await conn.server.reader.readexactly(2 * n)
         assert server_session.closed
         outcome = await read_outcome(other.server.reader)
         assert isinstance(outcome, RemoteProtocolError), outcome
@@ -1710,3 +1712,106 @@ async def test_a_session_ending_under_announced_bytes_fails_their_reader(
         assert _ring_bytes(conn.server.reader) == 0    # nothing points into the unmapped ring
         with pytest.raises(ConnectionResetError, match="the peer is gone"):
             await asyncio.wait_for(conn.server.reader.read(), 5)
+
+
+# -- busy polling (opt-in) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [-1e-6, 1.5, True, "50us", float("nan")])
+async def test_busy_poll_out_of_range_is_refused(bad: Any, sim_dir: Path) -> None:
+    own = vchan.own_domid()
+    with pytest.raises(ValueError, match="busy_poll must be seconds from 0 to 1"):
+        await vchan.open_connection(own, "nowhere", timeout=0, busy_poll=bad)
+    with pytest.raises(ValueError, match="busy_poll must be seconds from 0 to 1"):
+        await vchan.start_server(lambda r, w: None, "nowhere", peers=own, busy_poll=bad)
+
+
+async def test_busy_poll_is_for_session_connections(sim_dir: Path) -> None:
+    with pytest.raises(ValueError, match="busy_poll is for session connections"):
+        await vchan.open_connection(vchan.own_domid(), "nowhere", timeout=0, read_min=4096,
+                                    busy_poll=50e-6)
+
+
+async def test_a_busy_polling_server_spares_the_client_its_notifications(
+        sim_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    own = vchan.own_domid()
+    port = f"mux-{next(_ports)}"
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            writer.write(line)
+        writer.close()
+
+    server = await vchan.start_server(echo, port, peers=own, busy_poll=0.2)
+    try:
+        reader, writer = await vchan.open_connection(own, port, timeout=10)
+        writer.write(b"hello\n")
+        assert await asyncio.wait_for(reader.readline(), 5) == b"hello\n"
+        session = End(reader, writer).session
+        notes = 0
+        notify = session._endpoint.notify
+
+        def counted() -> None:
+            nonlocal notes
+            notes += 1
+            notify()
+
+        monkeypatch.setattr(session._endpoint, "notify", counted)
+        for i in range(200):
+            writer.write(b"%d\n" % i)
+            assert await asyncio.wait_for(reader.readline(), 5) == b"%d\n" % i
+        # The server looked at its ring the whole time: no wake-up needed.
+        assert notes <= 5, notes
+        served = [s for s in server._sessions_open if s.peer == own]
+        assert served and served[0]._polling
+        # Polling ends 0.2 s after the last activity; then it sleeps on the
+        # event channel again, and still hears the next message.
+        await asyncio.sleep(0.4)
+        assert not served[0]._polling
+        writer.write(b"after\n")
+        assert await asyncio.wait_for(reader.readline(), 5) == b"after\n"
+        assert notes >= 1
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.sleep(0.05)
+        assert served[0]._pollers == []
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
+
+
+async def test_without_busy_poll_every_message_wakes_the_server(
+        sim_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control for the test above: the count it asserts is low is high here."""
+    own = vchan.own_domid()
+    port = f"mux-{next(_ports)}"
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            writer.write(line)
+        writer.close()
+
+    server = await vchan.start_server(echo, port, peers=own)
+    try:
+        reader, writer = await vchan.open_connection(own, port, timeout=10)
+        writer.write(b"hello\n")
+        assert await asyncio.wait_for(reader.readline(), 5) == b"hello\n"
+        session = End(reader, writer).session
+        notes = 0
+        notify = session._endpoint.notify
+
+        def counted() -> None:
+            nonlocal notes
+            notes += 1
+            notify()
+
+        monkeypatch.setattr(session._endpoint, "notify", counted)
+        for i in range(200):
+            writer.write(b"%d\n" % i)
+            assert await asyncio.wait_for(reader.readline(), 5) == b"%d\n" % i
+        assert notes >= 150, notes
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)

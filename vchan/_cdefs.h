@@ -66,6 +66,7 @@ int vchan_ring_init_client(struct vchan_ring *r, void *page0,
 int vchan_ring_data_ready(struct vchan_ring *r);
 int vchan_ring_buffer_space(struct vchan_ring *r);
 int vchan_ring_write_now(struct vchan_ring *r);
+void vchan_ring_disarm(struct vchan_ring *r);
 int vchan_ring_write(struct vchan_ring *r, const void *data, size_t len,
                      int *notify);
 int vchan_ring_writev(struct vchan_ring *r, const void *const *bufs,

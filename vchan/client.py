@@ -16,6 +16,7 @@ from typing import Any
 from .endpoint import DEFAULT_RING_SIZE, Endpoint, check_ring_size
 from .hub import _loop_state, event_hub
 from .listener import check_domid, check_port, client_connect
+from .mux import check_busy_poll
 from .pool import session_pool
 from .transport import SpliceProtocol, VchanTransport
 
@@ -32,7 +33,7 @@ def _ring_sizes(read_min: int | None, write_min: int | None) -> tuple[int, int]:
 async def create_connection(
     protocol_factory: Callable[[], asyncio.BaseProtocol], domid: int, port: int | str, *,
     timeout: float | None = None, read_min: int | None = None, write_min: int | None = None,
-    dedicated: bool | None = None,
+    dedicated: bool | None = None, busy_poll: float | None = None,
 ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
     """Connect to vchan port ``port`` of domain ``domid``.
 
@@ -50,6 +51,13 @@ async def create_connection(
     then ask a listener for ring sizes (bytes, up to 1 MiB each; left out,
     the server chooses).  A raw server decides its sizes itself.
 
+    ``busy_poll`` (seconds, off by default) trades a core for latency, as
+    ``SO_BUSY_POLL`` does for sockets: while this connection is open, its
+    session keeps looking at the ring for that long after each read or
+    write instead of sleeping until the peer's event wakes it (session
+    connections only; see :mod:`vchan.mux` and ``docs/benchmarks.md`` for
+    what it costs).
+
     ``timeout=0`` waits for nothing: it connects through a session this
     loop already holds with the port, or to a raw server published now;
     otherwise it raises :class:`TimeoutError` saying so (a listener's answer
@@ -63,10 +71,14 @@ async def create_connection(
     port_s = check_port(port)
     if timeout is not None and timeout < 0:
         raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
+    poll = check_busy_poll(busy_poll)
     if dedicated is None:
         dedicated = read_min is not None or write_min is not None
     elif not dedicated and (read_min is not None or write_min is not None):
         raise ValueError("read_min/write_min size a dedicated ring: not with dedicated=False")
+    if dedicated and poll:
+        raise ValueError("busy_poll is for session connections: not with a dedicated ring "
+                         "(read_min/write_min/dedicated=True)")
     # Sizes not given are the server's choice (0 in the request).
     read_min, write_min = _ring_sizes(read_min or 0, write_min or 0)
     loop = asyncio.get_running_loop()
@@ -86,7 +98,7 @@ async def create_connection(
                 endpoint = got[0]
                 own = pool.own
             else:
-                return await _open_stream(got, protocol_factory, domid, port, port_s)
+                return await _open_stream(got, protocol_factory, domid, port, port_s, poll)
         if endpoint is None:
             async with _loop_state() as state:
                 assert state.own is not None
@@ -110,7 +122,7 @@ async def create_connection(
 
 
 async def _open_stream(session: Any, protocol_factory: Callable[[], asyncio.BaseProtocol],
-                       domid: int, port: int | str, port_s: str,
+                       domid: int, port: int | str, port_s: str, busy_poll: float = 0.0,
                        ) -> tuple[Any, asyncio.BaseProtocol]:
     """A new connection as a stream of ``session``: no XenStore, no round trip."""
     protocol = protocol_factory()
@@ -118,8 +130,9 @@ async def _open_stream(session: Any, protocol_factory: Callable[[], asyncio.Base
         raise TypeError("a SpliceProtocol needs a ring of its own: pass read_min/write_min "
                         "to create_connection for a dedicated connection")
     waiter = asyncio.get_running_loop().create_future()
-    transport = session.open_stream(port_s, protocol, waiter=waiter, extra={
-        "peername": (domid, port), "sockname": (session.own, port)})
+    transport = session.open_stream(port_s, protocol, waiter=waiter, busy_poll=busy_poll,
+                                    extra={"peername": (domid, port),
+                                           "sockname": (session.own, port)})
     try:
         await waiter
     except BaseException:

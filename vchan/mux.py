@@ -74,15 +74,24 @@ are read in one C call: small ones (under ``GATHER`` bytes) into one
 in a :class:`vchan._flow.WriteQueue`, which keeps a large ``bytes`` object
 as it is instead of copying it.
 
-Small writes.  The first write of a loop iteration goes into the ring at
-once when the ring is empty (the peer has taken everything) or the peer
-sleeps until our next write: nobody is kept waiting.  A write smaller than
-``CORK_MAX`` that comes after it in the same iteration, or while the peer
-has yet to read what is there, waits, merged with the ones after it, until
-the end of the iteration or until ``CORK_FLUSH`` bytes are waiting; then
-they go as one frame, with at most one wake-up (as TCP's and SMC's
-autocorking do).  A ping-pong never waits (one write per iteration); a
-stream of small writes costs a frame and a wake-up per batch, not per write.
+Small writes.  A write goes into the ring at once when the ring is empty
+(the peer has taken everything) or the peer sleeps until our next write:
+nobody is kept waiting.  A write smaller than ``CORK_MAX`` that comes while
+the peer has yet to read what is there, or within ``CORK_GAP`` of the last
+small write that went at once (a burst), waits, merged with the ones after
+it, until the end of the loop iteration or until ``CORK_FLUSH`` bytes are
+waiting; then they go as one frame, with at most one wake-up (as TCP's and
+SMC's autocorking do).  A ping-pong never waits; a stream of small writes
+costs a frame and a wake-up per batch, not per write.
+
+Busy polling (opt-in, ``busy_poll=`` seconds on a connection or server,
+as ``SO_BUSY_POLL`` for sockets).  While a stream that asked for it is
+open, the session keeps looking at its ring from the event loop (one look
+per loop iteration) for up to that long after it last read or wrote,
+with its "tell me on write" request withdrawn: the peer's writes then cost
+it no notification and us no wake-up.  Once the time is up it asks again,
+looks once more and sleeps on the event channel as usual.  It spends a
+core while it polls.
 
 Fairness.  Streams with data and credit take turns of up to ``QUANTUM``
 bytes, after control frames; the reader takes at most ``READ_BUDGET`` bytes
@@ -107,7 +116,7 @@ from .errors import RemoteProtocolError
 from .ring import NOTIFY_CLOSED, NOTIFY_HELLO, strerror
 from .transport import SpliceProtocol
 
-__all__ = ["Session", "StreamTransport"]
+__all__ = ["Session", "StreamTransport", "check_busy_poll"]
 
 log = logging.getLogger("vchan")
 
@@ -137,11 +146,26 @@ GATHER_MAX = 65536              # ...of up to this many bytes, one data_received
 HOLD_PIECE = 65536              # bytes held for a stream are kept in pieces this large
 CORK_MAX = 16384                # writes smaller than this may wait to be merged...
 CORK_FLUSH = 65536              # ...until this many bytes wait, or the iteration ends
+CORK_GAP = 10e-6                # small writes this close together are a burst: merged
 _MAX_CREDIT = (1 << 31) - 1
 _HELLO_BODY = struct.Struct("<II")
 _FULL: int = lib.VCHAN_MUX_FULL
 _EFRAME: int = lib.VCHAN_MUX_EFRAME
 _REMOTE_CODES = {lib.VCHAN_EINDEX, lib.VCHAN_EORDER, lib.VCHAN_ELIVE}
+
+
+MAX_BUSY_POLL = 1.0              # seconds: busy polling is for microseconds, not a way of life
+
+
+def check_busy_poll(value: Any) -> float:
+    """A ``busy_poll=`` argument as seconds (None: 0, off)."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or \
+            not 0 <= value <= MAX_BUSY_POLL:
+        raise ValueError(f"busy_poll must be seconds from 0 to {MAX_BUSY_POLL:g} "
+                         f"(e.g. 50e-6), got {value!r}")
+    return float(value)
 
 
 def _ring_error(code: int, what: str) -> Exception:
@@ -211,6 +235,10 @@ class Session:
         self._read_scheduled = False
         self._wake_pending = False      # a deferred wake-up is on its way (_wake_soon)
         self._corked = False            # small writes wait for the end of this iteration
+        self._last_direct = 0.0         # loop time of the last small write sent at once
+        self._pollers: list[float] = []  # busy_poll of the open streams that asked
+        self._polling = False
+        self._poll_until = 0.0
         self._waited = False            # the reader let the loop run once for a paused stream
         # Frames at the head of the ring announced to a stream's vchan
         # StreamReader, which takes them from the ring itself (see _announce).
@@ -264,8 +292,8 @@ class Session:
         return not self.closed and not self.draining
 
     def open_stream(self, port: str, protocol: asyncio.BaseProtocol, *,
-                    extra: dict[str, Any],
-                    waiter: asyncio.Future[None] | None = None) -> StreamTransport:
+                    extra: dict[str, Any], waiter: asyncio.Future[None] | None = None,
+                    busy_poll: float = 0.0) -> StreamTransport:
         """Open a stream to ``port`` (client side); usable at once."""
         if not self.can_open():
             raise ConnectionRefusedError("the vchan session no longer accepts connections")
@@ -275,7 +303,8 @@ class Session:
                 f"{self.peer_max_streams} connections per session is reached")
         sid = self._next_id
         self._next_id += 1
-        transport = StreamTransport(self, sid, protocol, extra=extra, waiter=waiter)
+        transport = StreamTransport(self, sid, protocol, extra=extra, waiter=waiter,
+                                    busy_poll=busy_poll)
         # The OPEN wakes the server together with the stream's first write,
         # which usually follows at once (one wake-up, not two); without one,
         # two loop iterations later.
@@ -341,6 +370,15 @@ class Session:
         fail there)."""
         return lib.vchan_ring_write_now(self._r) != 0  # type: ignore[no-any-return]
 
+    def _burst_over(self) -> bool:
+        """No small write went at once just now (else this one is part of a
+        burst, merged with the rest of it: see "Small writes")."""
+        now = self._loop.time()
+        if now - self._last_direct < CORK_GAP:
+            return False
+        self._last_direct = now
+        return True
+
     def _cork(self) -> None:
         """Write what waits at the end of this loop iteration."""
         if not self._corked:
@@ -350,6 +388,42 @@ class Session:
     def _uncork(self) -> None:
         self._corked = False
         self._kick()
+
+    # -- busy polling (see the module's docstring) ------------------------------------
+
+    def _add_poller(self, seconds: float) -> None:
+        self._pollers.append(seconds)
+
+    def _remove_poller(self, seconds: float) -> None:
+        self._pollers.remove(seconds)
+
+    def _poll_start(self) -> None:
+        """Look at the ring every loop iteration for a while (we just read or wrote)."""
+        self._poll_until = self._loop.time() + max(self._pollers)
+        lib.vchan_ring_disarm(self._r)
+        if not self._polling:
+            self._polling = True
+            self._loop.call_soon(self._poll)
+
+    def _poll(self) -> None:
+        if self.closed:
+            self._polling = False
+            return
+        ready = lib.vchan_ring_peek_min(self._r, 0, self._pa, self._alen, self._pb, self._blen)
+        if ready == 0 and self._pollers and self._loop.time() < self._poll_until:
+            self._loop.call_soon(self._poll)
+            return
+        if ready == 0:
+            # Time is up: ask to be woken, look once more, sleep.
+            self._polling = False
+            self._on_event()
+            return
+        if self._pollers:
+            self._poll_until = self._loop.time() + max(self._pollers)
+        self._on_event()
+        if self._polling and not self.closed:
+            lib.vchan_ring_disarm(self._r)
+            self._loop.call_soon(self._poll)
 
     def _write_direct(self, stream: StreamTransport, data: Any, n: int) -> int:
         """Write up to ``n`` bytes of ``data`` as DATA frames now; bytes written."""
@@ -455,6 +529,7 @@ class Session:
         try:
             # A callback may close the session (and unmap the ring) at any
             # point: look before every step.
+            seen = self._r.rd.own
             self._flush()
             more = self._read()
             if self.closed:
@@ -466,6 +541,8 @@ class Session:
                 self._check_peer()
             if not self.closed:
                 self._flush_notify()
+                if self._pollers and self._r.rd.own != seen:
+                    self._poll_start()      # it came: more may follow
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
@@ -523,7 +600,7 @@ class Session:
                         return True
                 else:
                     self._waited = False
-                if stream._reader is not None and n and stream._can_deliver():
+                if stream._reader is not None and n >= GATHER and stream._can_deliver():
                     self._announce(stream, f)
                     return False
                 if stream._buffered_protocol and stream._can_deliver():
@@ -855,12 +932,15 @@ class StreamTransport(TransportBase):
     def __init__(self, session: Session, stream_id: int, protocol: asyncio.BaseProtocol, *,
                  extra: dict[str, Any] | None = None,
                  waiter: asyncio.Future[None] | None = None,
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None, busy_poll: float = 0.0) -> None:
         super().__init__(extra)
         self._loop = session._loop
         self._session = session
         self.stream_id = stream_id
         self._on_close = on_close
+        self._busy_poll = busy_poll
+        if busy_poll:
+            session._add_poller(busy_poll)
         self._extra.setdefault("session", session)
         self._extra.setdefault("endpoint", session._endpoint)   # the ring carrying it
         self._protocol = None
@@ -1159,15 +1239,16 @@ class StreamTransport(TransportBase):
         buf = self._buffer
         size = len(data)
         if not buf._size and self._credit > 0 and not session._ctl and not session._ready and (
-                size >= CORK_MAX or (not session._corked and session._write_now())):
+                size >= CORK_MAX or (not session._corked and session._burst_over()
+                                     and session._write_now())):
             try:
                 n = session._write_direct(self, data, min(size, self._credit))
             except RemoteProtocolError as exc:
                 session._fail(exc)
                 return
             self._credit -= n
-            if not session._corked:
-                session._cork()         # more small writes this iteration: merged
+            if session._pollers:
+                session._poll_start()   # an answer may come soon
             if n == size:
                 return
             data = memoryview(data)[n:]
@@ -1274,6 +1355,8 @@ class StreamTransport(TransportBase):
             return
         self._closed = True
         self._session._forget(self)
+        if self._busy_poll:
+            self._session._remove_poller(self._busy_poll)
         try:
             if self._made:
                 self._protocol.connection_lost(exc)

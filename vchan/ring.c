@@ -466,6 +466,12 @@ static inline void publish_cons(struct vchan_ring *r, int *notify)
     send_notify(r, VCHAN_NOTIFY_READ, notify);
 }
 
+void vchan_ring_disarm(struct vchan_ring *r)
+{
+    if (!usable(r))
+        __atomic_and_fetch(peer_notify(r), (uint8_t)~VCHAN_NOTIFY_WRITE, __ATOMIC_SEQ_CST);
+}
+
 int vchan_ring_write_now(struct vchan_ring *r)
 {
     int64_t space;

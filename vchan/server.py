@@ -34,7 +34,7 @@ from .listener import (
     vchan_path,
     wait_client,
 )
-from .mux import Session, StreamTransport
+from .mux import Session, StreamTransport, check_busy_poll
 from .transport import VchanTransport
 
 __all__ = ["Peers", "Server", "create_server"]
@@ -57,7 +57,8 @@ class Server(asyncio.AbstractServer):
     def __init__(self, loop: asyncio.AbstractEventLoop,
                  protocol_factory: Callable[[], asyncio.BaseProtocol], port: int | str,
                  port_s: str, peers: Peers, *, raw: bool, read_min: int, write_min: int,
-                 accept_timeout: float, shrink: bool = True, sessions: bool = True) -> None:
+                 accept_timeout: float, shrink: bool = True, sessions: bool = True,
+                 busy_poll: float = 0.0) -> None:
         self._loop = loop
         self._factory = protocol_factory
         self._port = port
@@ -69,6 +70,7 @@ class Server(asyncio.AbstractServer):
         self._accept_timeout = accept_timeout
         self._shrink = shrink               # default sizes: smaller rings beat no ring
         self._sessions = sessions           # grant sessions to clients that ask
+        self._busy_poll = busy_poll         # for the streams of those sessions
         self._sessions_open: set[Any] = set()
         self._refused: set[tuple[int, str]] = set()
         self._serving = False
@@ -369,7 +371,7 @@ class Server(asyncio.AbstractServer):
 
         transport = StreamTransport(session, stream_id, protocol, extra={
             "peername": (session.peer, self._port), "sockname": (self.own, self._port)},
-            on_close=closed)
+            on_close=closed, busy_poll=self._busy_poll)
         holder.append(transport)
         self._transports.add(transport)
         self._all_closed.clear()
@@ -538,7 +540,7 @@ async def create_server(
     protocol_factory: Callable[[], asyncio.BaseProtocol], port: int | str, *,
     peers: Peers, raw: bool = False, read_min: int | None = None,
     write_min: int | None = None, accept_timeout: float = 30.0, start_serving: bool = True,
-    sessions: bool = True,
+    sessions: bool = True, busy_poll: float | None = None,
 ) -> Server:
     """Serve vchan port ``port`` to the domains in ``peers``.
 
@@ -557,8 +559,13 @@ async def create_server(
     ring for all its connections to this port (:mod:`vchan.mux`);
     ``sessions=False`` gives every connection a ring of its own, as a
     :class:`~vchan.proxy.SocketSplice` protocol needs.
+
+    ``busy_poll`` (seconds, off by default): the connections that come
+    through sessions poll their ring for that long after each read or write
+    (see :func:`vchan.create_connection`).
     """
     port_s = check_port(port)
+    poll = check_busy_poll(busy_poll)
     if peers != "any":
         if isinstance(peers, int):
             check_domid(peers, "peers")
@@ -577,7 +584,7 @@ async def create_server(
     read_min, write_min = _ring_sizes(read_min, write_min)
     server = Server(asyncio.get_running_loop(), protocol_factory, port, port_s, peers, raw=raw,
                     read_min=read_min, write_min=write_min, accept_timeout=accept_timeout,
-                    shrink=shrink, sessions=sessions)
+                    shrink=shrink, sessions=sessions, busy_poll=poll)
     if start_serving:
         await server.start_serving()
     return server
