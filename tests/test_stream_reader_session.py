@@ -1,0 +1,71 @@
+"""vchan.StreamReader over a session stream: defects found while writing the
+streams conformance suite (tests/test_conformance_streams.py).
+
+Each test states the behaviour the code documents (vchan/mux.py, the
+"frames a vchan StreamReader takes from the ring itself" section, and
+StreamTransport._data) and is marked xfail(strict=True) while it does not
+hold: a fix makes it pass, and then the mark must go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from test_mux import header, inject, served
+
+from vchan.mux import DATA, EOF, GATHER
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Session._announce schedules _lazy_expire (call_soon) before "
+    "reader._ring_ready() wakes the waiting reader: in the next iteration the "
+    "expiry runs first and copies every announced byte aside, so a reader "
+    "waiting in read() never takes its bytes from the ring"))
+async def test_a_waiting_reader_takes_its_bytes_from_the_ring(sim_dir: Path) -> None:
+    """The documented path: the session announces the frames at the head of
+    the ring, the reader is woken "and runs in the next loop iteration;
+    whatever it has not taken by the end of that iteration is copied aside".
+    A reader already waiting in read() must then take at least the first
+    piece itself (StreamTransport._ring_take)."""
+    async with served(1) as s:
+        conn = s.conns[0]
+        transport = conn.server.transport
+        took: list[int] = []
+        take = transport._ring_take
+
+        def counted() -> bytes:
+            data = take()
+            took.append(len(data))
+            return data
+
+        transport._ring_take = counted  # type: ignore[method-assign]
+        reading = asyncio.ensure_future(conn.server.reader.read(65536))
+        await asyncio.sleep(0.01)               # it waits for data
+        data = b"q" * 30_000                    # one DATA frame
+        conn.client.writer.write(data)
+        assert await asyncio.wait_for(reading, 5) == data
+        assert took, "every byte was copied aside before the waiting reader ran"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Session._read announces a DATA frame to a stream's StreamReader without "
+    "checking stream._eof_received (StreamTransport._data and _hold drop such "
+    "bytes): the reader, already at EOF, gets more data and at_eof() turns False"))
+async def test_data_after_the_peers_eof_is_dropped_for_a_stream_reader(sim_dir: Path) -> None:
+    """DATA a peer sends after its EOF is dropped, as StreamTransport._data
+    drops it for a plain Protocol ("the bytes are dropped, as a socket
+    does"): a StreamReader that has seen EOF stays at EOF."""
+    async with served(1) as s:
+        conn = s.conns[0]
+        sid = conn.client.transport.stream_id
+        reader = conn.server.reader
+        inject(conn.client.session, header(EOF, sid, 0))
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert reader.at_eof()
+        extra = b"x" * GATHER                   # a frame large enough to be announced
+        inject(conn.client.session, header(DATA, sid, len(extra)) + extra)
+        await asyncio.sleep(0.05)
+        assert reader.at_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
