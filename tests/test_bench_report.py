@@ -459,3 +459,24 @@ def test_connection_targets_of_issue_13() -> None:
     assert setup["met"] is False and setup["value"].startswith("0.50x")     # 3000 / 6000
     assert any(name.startswith("1,000 vchan connections opened at once") for name in by)
     assert any("connections (asyncio): vchan aggregate >= Unix sockets" in name for name in by)
+
+
+def test_busy_poll_rows_have_their_own_table_and_leave_the_targets_alone() -> None:
+    results = full_results()
+    plain = targets_by_name(results)
+    polled = {**_ping_row(64, "asyncio", "vchan", 4.0), "busy_poll": 50e-6,
+              "client_cpu_us_per_rt": 4.5, "server_cpu_us_per_rt": 5.5}
+    for r in results["pingpong"]:
+        if r["transport"] in ("vchan", "unix") and r["message_size"] == 64 \
+                and r["loop"] == "asyncio":
+            r.update(client_cpu_us_per_rt=2.0, server_cpu_us_per_rt=3.0)
+    results["pingpong"].append(polled)
+    assert targets_by_name(results) == plain        # the default rows decide the targets
+    md = report.render_markdown(results)
+    ping = section(md, "## Ping-pong")
+    main, polled_part = ping.split("### vchan with busy_poll (opt-in)")
+    # the main table still shows the default vchan row
+    assert row(main, "64 B", "asyncio")[5] == "10.0 / 12.0 / 20.0"
+    cells = row(polled_part, "64 B", "asyncio")
+    assert cells == ["64 B", "asyncio", "50 us", "4.0 / 10.0 / 12.0", "12.0 / 30.0 / 36.0",
+                     "3.00", "4.5 + 5.5", "2.0 + 3.0", "2.0 + 3.0"]

@@ -76,6 +76,11 @@ def _rows(results: Json, key: str) -> list[Json]:
     return [r for r in rows if isinstance(r, dict)]
 
 
+def _ping_rows(results: Json, *, polled: bool = False) -> list[Json]:
+    """Ping-pong rows at the default settings, or (``polled``) with vchan's busy_poll."""
+    return [r for r in _rows(results, "pingpong") if bool(r.get("busy_poll")) == polled]
+
+
 def _bulk_rows(results: Json) -> list[Json]:
     """Bulk rows; one without a ``direction`` is a one-direction run (older results)."""
     return [{"direction": "one", **r} for r in _rows(results, "bulk")]
@@ -288,7 +293,7 @@ def check_targets(results: Json) -> list[Json]:
     """
     loops = _loops(results)
     bulk = _main_bulk(results)
-    ping = _rows(results, "pingpong")
+    ping = _ping_rows(results)
     conns = _rows(results, "connections")
     memcpy = results.get("memcpy")
     memcpy_bps = _num(memcpy.get("bytes_per_s")) if isinstance(memcpy, dict) else None
@@ -586,7 +591,7 @@ def _sweep_section(results: Json, plots: dict[str, str]) -> list[str]:
 
 def _pingpong_section(results: Json, plots: dict[str, str]) -> list[str]:
     s = _settings(results)
-    rows = _rows(results, "pingpong")
+    rows = _ping_rows(results)
     lines = ["", "## Ping-pong", ""]
     if not rows:
         lines.append("Not measured in this run.")
@@ -614,6 +619,41 @@ def _pingpong_section(results: Json, plots: dict[str, str]) -> list[str]:
                      "p50 us", "p99 us", "p99.9 us", "p50 unix/vchan", "p50 tcp/vchan"],
                     [True, False, True, True, True, True, True, True, True, True], table)
     _image(lines, plots, "pingpong_cdf", "ping-pong latency distribution")
+    lines += _busy_poll_lines(results)
+    return lines
+
+
+def _busy_poll_lines(results: Json) -> list[str]:
+    """vchan's opt-in busy polling next to its default and Unix sockets."""
+    polled = _ping_rows(results, polled=True)
+    if not polled:
+        return []
+    rows = _ping_rows(results)
+    lines = ["", "### vchan with busy_poll (opt-in)", "",
+             "The same echo with ``busy_poll=`` on both ends: each session looks at "
+             "its ring every loop iteration for that long after it last read or wrote "
+             "instead of sleeping until the peer's event.  CPU is user + sys time of "
+             "each process per round trip (getrusage).", ""]
+    table = []
+    for r in polled:
+        where = dict(message_size=r.get("message_size"), loop=r.get("loop"))
+        plain = _find(rows, transport="vchan", **where)
+        unix = _find(rows, transport="unix", **where)
+
+        def cpu(row: Json | None) -> str:
+            c, s = _get(row, "client_cpu_us_per_rt"), _get(row, "server_cpu_us_per_rt")
+            return "-" if c is None or s is None else f"{c:.1f} + {s:.1f}"
+
+        table.append([human_size(r.get("message_size") or 0), _cell(r.get("loop")),
+                      f"{(_get(r, 'busy_poll') or 0) * 1e6:g} us",
+                      " / ".join(_us(_get(x, "p50_us")) for x in (r, plain, unix)),
+                      " / ".join(_us(_get(x, "p99_us")) for x in (r, plain, unix)),
+                      fmt_ratio(_get(unix, "p50_us"), _get(r, "p50_us")),
+                      cpu(r), cpu(plain), cpu(unix)])
+    lines += _table(["message", "loop", "busy_poll", "p50 us (polled / default / unix)",
+                     "p99 us (polled / default / unix)", "p50 unix/polled",
+                     "CPU us/rt polled (client + server)", "default", "unix"],
+                    [True, False, True, True, True, True, True, True, True], table)
     return lines
 
 
@@ -816,7 +856,7 @@ def write_plots(results: Json, outdir: Path) -> list[Path]:
         fig.suptitle("vchan bulk throughput by ring size (one direction)")
         save(fig, "ring_sizes")
 
-    ping = [r for r in _rows(results, "pingpong")
+    ping = [r for r in _ping_rows(results)
             if isinstance(r.get("cdf_us"), list) and len(r["cdf_us"]) >= 2]
     if ping:
         msizes = _ordered(_settings(results).get("ping_sizes"),

@@ -135,6 +135,16 @@ def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
+def _us_list(text: str) -> list[float]:
+    try:
+        values = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not microseconds: {text!r}") from None
+    if any(not 0 <= v <= 1e6 for v in values):
+        raise argparse.ArgumentTypeError(f"microseconds from 0 to 1,000,000: {text!r}")
+    return values
+
+
 def human_size(n: int) -> str:
     for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if n >= 1 << shift and n % (1 << shift) == 0:
@@ -325,6 +335,7 @@ async def _stream_bulk(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
 async def _stream_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                        size: int) -> Json:
     rounds = 0
+    cpu0 = cpu_seconds()
     readexactly, write, drain = reader.readexactly, writer.write, writer.drain
     while True:
         try:
@@ -336,7 +347,7 @@ async def _stream_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         write(data)
         await drain()
         rounds += 1
-    return {"echoed": rounds}
+    return {"echoed": rounds, "cpu_seconds": cpu_seconds() - cpu0}
 
 
 async def _listen(cmd: Json, factory: Callable[[], asyncio.BaseProtocol] | None,
@@ -352,7 +363,8 @@ async def _listen(cmd: Json, factory: Callable[[], asyncio.BaseProtocol] | None,
         ring = cmd.get("ring_size")
         sizes = {"read_min": ring, "write_min": ring} if ring else {}
         if callback is not None:
-            vserver = await vchan.start_server(callback, port, peers=peer, **sizes)
+            vserver = await vchan.start_server(callback, port, peers=peer, **sizes,
+                                               busy_poll=cmd.get("busy_poll") or None)
         else:
             assert factory is not None
             vserver = await vchan.create_server(factory, port, peers=peer, **sizes)
@@ -521,7 +533,8 @@ async def _connect(cmd: Json) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
 
         return await vchan.open_connection(address["domid"], address["port"],
                                            timeout=cmd["timeout"],
-                                           dedicated=cmd.get("dedicated", False))
+                                           dedicated=cmd.get("dedicated", False),
+                                           busy_poll=cmd.get("busy_poll") or None)
     if transport == "unix":
         return await asyncio.open_unix_connection(address["path"])
     reader, writer = await asyncio.open_connection(address["host"], address["port"])
@@ -641,6 +654,7 @@ async def client_pingpong(cmd: Json) -> Json:
             if await readexactly(size) != message:
                 raise BenchError("the echo differs from the message")
         t0 = clock()
+        cpu0 = cpu_seconds()
         for i in range(rounds):
             t = clock()
             write(message)
@@ -650,6 +664,7 @@ async def client_pingpong(cmd: Json) -> Json:
             if reply != message:
                 raise BenchError("the echo differs from the message")
         elapsed = (clock() - t0) / 1e9
+        cpu = cpu_seconds() - cpu0
         writer.write_eof()
         if await reader.read(1):
             raise BenchError("the server sent more than the echoes")
@@ -658,7 +673,8 @@ async def client_pingpong(cmd: Json) -> Json:
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
     return {"rounds": rounds, "warmup": warmup, "seconds": elapsed,
-            "round_trips_per_s": rounds / elapsed, **_percentiles_us(samples)}
+            "round_trips_per_s": rounds / elapsed, "cpu_seconds": cpu,
+            **_percentiles_us(samples)}
 
 
 # ---------------------------------------------------------------------------
@@ -882,9 +898,13 @@ def plan_runs(args: argparse.Namespace) -> Plan:
         for size in args.ping_sizes:
             for loop in args.loops:
                 for transport in args.transports:
-                    add("pingpong", transport, loop,
-                        0.4 + (args.rounds + args.warmup) * 60e-6,
-                        message_size=size, rounds=args.rounds, warmup=args.warmup)
+                    polls = [0.0] + [us * 1e-6 for us in args.busy_poll if us] \
+                        if transport == "vchan" else [0.0]
+                    for poll in polls:
+                        add("pingpong", transport, loop,
+                            0.4 + (args.rounds + args.warmup) * 60e-6,
+                            message_size=size, rounds=args.rounds, warmup=args.warmup,
+                            busy_poll=poll)
     if "connections" in args.cases:
         for n in args.connection_counts:
             per_conn = max(16 << 10, args.connection_bytes // n)
@@ -911,7 +931,8 @@ def _describe(m: Json) -> str:
         what = (f"bulk {m['direction']:>4} {m['receiver']:>8} {human_size(m['write_size']):>8}"
                 + (f" ring {human_size(m['ring_size'])}" if m["ring_size"] else ""))
     elif case == "pingpong":
-        what = f"pingpong {human_size(m['message_size'])}"
+        what = f"pingpong {human_size(m['message_size'])}" + (
+            f" busy_poll {m['busy_poll'] * 1e6:g} us" if m.get("busy_poll") else "")
     elif case == "connections":
         what = f"{m['connections']} connections"
     elif case == "matrix":
@@ -950,7 +971,11 @@ def _row(m: Json, server: Json, client: Json) -> Json:
     if case == "pingpong":
         if server["echoed"] != m["rounds"] + m["warmup"]:
             raise BenchError(f"{_describe(m)}: the server echoed {server['echoed']} messages")
-        return {**keep, **client}
+        row = {**keep, **client}
+        # CPU per round trip of each process (the server's over warm-up too).
+        row["client_cpu_us_per_rt"] = row.pop("cpu_seconds") / m["rounds"] * 1e6
+        row["server_cpu_us_per_rt"] = server["cpu_seconds"] / server["echoed"] * 1e6
+        return row
     if case == "matrix":
         return dict(_matrix().row(m, server, client))
     if case == "connections":
@@ -971,7 +996,9 @@ def _summary(row: Json) -> str:
     if case == "matrix":
         return str(_matrix().summary(row))
     if case == "pingpong":
-        return f"{row['round_trips_per_s']:9.0f} rt/s, p50 {row['p50_us']:.1f} us"
+        return (f"{row['round_trips_per_s']:9.0f} rt/s, p50 {row['p50_us']:.1f} us, CPU us/rt "
+                f"client {row['client_cpu_us_per_rt']:.1f} server "
+                f"{row['server_cpu_us_per_rt']:.1f}")
     if case == "connections":
         if not row["ok"]:
             return f"FAILED: {row['error']}"
@@ -1114,6 +1141,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "--quick 1M besides the default)")
     parser.add_argument("--ping-sizes", type=parse_sizes, default=[64, 4096],
                         help="ping-pong message sizes (default 64,4096)")
+    parser.add_argument("--busy-poll", type=_us_list, default=[50.0], metavar="US",
+                        help="ping-pong also runs vchan with busy_poll= each of these "
+                             "microseconds (comma-separated; 0: none; default 50)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="timed round trips (default 20,000, --quick 3,000)")
     parser.add_argument("--warmup", type=int, default=None,
