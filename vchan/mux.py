@@ -1233,7 +1233,10 @@ class StreamTransport(TransportBase):
     # -- writing --------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._accepts_write(data, bool(self._conn_lost or self._peer_closed)):
+        # (the common case, non-empty bytes on a stream that is well, checked inline)
+        if (type(data) is not bytes or not data or self._conn_lost or self._peer_closed
+                or self._user_closed or self._eof) and \
+                not self._accepts_write(data, bool(self._conn_lost or self._peer_closed)):
             return
         session = self._session
         buf = self._buffer
