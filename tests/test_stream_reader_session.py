@@ -1,10 +1,10 @@
-"""vchan.StreamReader over a session stream: defects found while writing the
-streams conformance suite (tests/test_conformance_streams.py).
+"""vchan.StreamReader over a session stream: two defects found while writing
+the streams conformance suite (tests/test_conformance_streams.py), kept as
+regression tests.
 
 Each test states the behaviour the code documents (vchan/mux.py, the
 "frames a vchan StreamReader takes from the ring itself" section, and
-StreamTransport._data) and is marked xfail(strict=True) while it does not
-hold: a fix makes it pass, and then the mark must go.
+StreamTransport._data).
 """
 
 from __future__ import annotations
@@ -12,17 +12,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import pytest
 from test_mux import header, inject, served
 
 from vchan.mux import DATA, EOF, GATHER
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Session._announce schedules _lazy_expire (call_soon) before "
-    "reader._ring_ready() wakes the waiting reader: in the next iteration the "
-    "expiry runs first and copies every announced byte aside, so a reader "
-    "waiting in read() never takes its bytes from the ring"))
 async def test_a_waiting_reader_takes_its_bytes_from_the_ring(sim_dir: Path) -> None:
     """The documented path: the session announces the frames at the head of
     the ring, the reader is woken "and runs in the next loop iteration;
@@ -49,10 +43,6 @@ async def test_a_waiting_reader_takes_its_bytes_from_the_ring(sim_dir: Path) -> 
         assert took, "every byte was copied aside before the waiting reader ran"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Session._read announces a DATA frame to a stream's StreamReader without "
-    "checking stream._eof_received (StreamTransport._data and _hold drop such "
-    "bytes): the reader, already at EOF, gets more data and at_eof() turns False"))
 async def test_data_after_the_peers_eof_is_dropped_for_a_stream_reader(sim_dir: Path) -> None:
     """DATA a peer sends after its EOF is dropped, as StreamTransport._data
     drops it for a plain Protocol ("the bytes are dropped, as a socket

@@ -600,7 +600,8 @@ class Session:
                         return True
                 else:
                     self._waited = False
-                if stream._reader is not None and n >= GATHER and stream._can_deliver():
+                if stream._reader is not None and n >= GATHER and stream._can_deliver() \
+                        and not stream._eof_received:
                     self._announce(stream, f)
                     return False
                 if stream._buffered_protocol and stream._can_deliver():
@@ -662,10 +663,11 @@ class Session:
             raise _ring_error(k, "read")
         stream._recv_credit -= k
         self._lazy, self._lazy_bytes, self._lazy_fresh = stream, k, True
-        self._loop.call_soon(self._lazy_expire)
         stream._consumed(k)
         assert stream._reader is not None
+        # The reader is woken first: its task runs before the expiry does.
         stream._reader._ring_ready(k)
+        self._loop.call_soon(self._lazy_expire)
 
     def _lazy_expire(self) -> None:
         self._lazy_fresh = False
