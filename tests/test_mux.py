@@ -1732,8 +1732,11 @@ async def test_busy_poll_is_for_session_connections(sim_dir: Path) -> None:
                                     busy_poll=50e-6)
 
 
-async def test_a_busy_polling_server_spares_the_client_its_notifications(
-        sim_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@contextlib.asynccontextmanager
+async def _echo_counting_wakeups(busy_poll: float | None, monkeypatch: pytest.MonkeyPatch
+                                 ) -> AsyncIterator[tuple[Any, Any, list[int]]]:
+    """A line-echo server (``busy_poll``) and a client; the list counts the
+    client session's wake-ups of the server from the first echo on."""
     own = vchan.own_domid()
     port = f"mux-{next(_ports)}"
 
@@ -1742,76 +1745,57 @@ async def test_a_busy_polling_server_spares_the_client_its_notifications(
             writer.write(line)
         writer.close()
 
-    server = await vchan.start_server(echo, port, peers=own, busy_poll=0.2)
+    server = await vchan.start_server(echo, port, peers=own, busy_poll=busy_poll)
     try:
         reader, writer = await vchan.open_connection(own, port, timeout=10)
         writer.write(b"hello\n")
         assert await asyncio.wait_for(reader.readline(), 5) == b"hello\n"
         session = End(reader, writer).session
-        notes = 0
+        wakes = [0]
         notify = session._endpoint.notify
 
         def counted() -> None:
-            nonlocal notes
-            notes += 1
+            wakes[0] += 1
             notify()
 
         monkeypatch.setattr(session._endpoint, "notify", counted)
-        for i in range(200):
-            writer.write(b"%d\n" % i)
-            assert await asyncio.wait_for(reader.readline(), 5) == b"%d\n" % i
+        yield server, End(reader, writer), wakes
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
+
+
+async def _echo_lines(end: End, n: int) -> None:
+    for i in range(n):
+        end.writer.write(b"%d\n" % i)
+        assert await asyncio.wait_for(end.reader.readline(), 5) == b"%d\n" % i
+
+
+async def test_a_busy_polling_server_spares_the_client_its_notifications(
+        sim_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with _echo_counting_wakeups(0.2, monkeypatch) as (server, client, wakes):
+        await _echo_lines(client, 200)
         # The server looked at its ring the whole time: no wake-up needed.
-        assert notes <= 5, notes
-        served = [s for s in server._sessions_open if s.peer == own]
+        assert wakes[0] <= 5, wakes
+        served = [s for s in server._sessions_open if s.peer == vchan.own_domid()]
         assert served and served[0]._polling
         # Polling ends 0.2 s after the last activity; then it sleeps on the
         # event channel again, and still hears the next message.
         await asyncio.sleep(0.4)
         assert not served[0]._polling
-        writer.write(b"after\n")
-        assert await asyncio.wait_for(reader.readline(), 5) == b"after\n"
-        assert notes >= 1
-        writer.close()
-        await writer.wait_closed()
+        client.writer.write(b"after\n")
+        assert await asyncio.wait_for(client.reader.readline(), 5) == b"after\n"
+        assert wakes[0] >= 1
+        client.transport.close()
         await asyncio.sleep(0.05)
         assert served[0]._pollers == []
-    finally:
-        server.close()
-        await asyncio.wait_for(server.wait_closed(), 10)
 
 
 async def test_without_busy_poll_every_message_wakes_the_server(
         sim_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The control for the test above: the count it asserts is low is high here."""
-    own = vchan.own_domid()
-    port = f"mux-{next(_ports)}"
-
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while line := await reader.readline():
-            writer.write(line)
-        writer.close()
-
-    server = await vchan.start_server(echo, port, peers=own)
-    try:
-        reader, writer = await vchan.open_connection(own, port, timeout=10)
-        writer.write(b"hello\n")
-        assert await asyncio.wait_for(reader.readline(), 5) == b"hello\n"
-        session = End(reader, writer).session
-        notes = 0
-        notify = session._endpoint.notify
-
-        def counted() -> None:
-            nonlocal notes
-            notes += 1
-            notify()
-
-        monkeypatch.setattr(session._endpoint, "notify", counted)
-        for i in range(200):
-            writer.write(b"%d\n" % i)
-            assert await asyncio.wait_for(reader.readline(), 5) == b"%d\n" % i
-        assert notes >= 150, notes
-        writer.close()
-        await writer.wait_closed()
-    finally:
-        server.close()
-        await asyncio.wait_for(server.wait_closed(), 10)
+    async with _echo_counting_wakeups(None, monkeypatch) as (_, client, wakes):
+        await _echo_lines(client, 200)
+        assert wakes[0] >= 150, wakes

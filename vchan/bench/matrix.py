@@ -55,7 +55,6 @@ import asyncio
 import contextlib
 import itertools
 import math
-import os
 import random
 import statistics
 import time
@@ -64,7 +63,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .streams import BenchError, _choices, _nodelay, cpu_seconds, human_size, parse_sizes
+from .streams import (
+    BenchError,
+    _choices,
+    _nodelay,
+    _serve_until,
+    cpu_seconds,
+    human_size,
+    parse_sizes,
+)
 
 Json = dict[str, Any]
 
@@ -335,16 +342,7 @@ async def serve_matrix(cmd: Json, emit: Callable[..., None]) -> Json:
         if not done.done():
             done.set_result(result)
 
-    server, address = await _listen(cmd, callback)
-    try:
-        emit(ready=True, address=address)
-        return await done
-    finally:
-        server.close()
-        await server.wait_closed()
-        if cmd["transport"] == "unix":
-            with contextlib.suppress(OSError):
-                os.unlink(cmd["path"])
+    return await _serve_until(cmd, emit, done, _listen(cmd, callback))
 
 
 # ---------------------------------------------------------------------------

@@ -387,11 +387,10 @@ async def _listen(cmd: Json, factory: Callable[[], asyncio.BaseProtocol] | None,
 
 
 async def _serve_until(cmd: Json, emit: Callable[..., None], done: asyncio.Future[Json],
-                       factory: Callable[[], asyncio.BaseProtocol] | None,
-                       callback: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
-                                          Awaitable[None]] | None) -> Json:
-    """Listen, say ready, wait for ``done``; then stop listening and tidy up."""
-    server, address = await _listen(cmd, factory, callback)
+                       listening: Awaitable[tuple[Any, Json]]) -> Json:
+    """Listen (``listening``: a server and its address), say ready, wait for
+    ``done``; then stop listening and tidy up."""
+    server, address = await listening
     try:
         emit(ready=True, address=address)
         return await done
@@ -443,7 +442,7 @@ async def serve_one(cmd: Json, emit: Callable[..., None]) -> Json:
             if not done.done():
                 done.set_result(result)
 
-    return await _serve_until(cmd, emit, done, factory, callback)
+    return await _serve_until(cmd, emit, done, _listen(cmd, factory, callback))
 
 
 @dataclass
@@ -518,7 +517,7 @@ async def serve_many(cmd: Json, emit: Callable[..., None]) -> Json:
             writer.close()
             raise
 
-    return await _serve_until(cmd, emit, done, None, callback)
+    return await _serve_until(cmd, emit, done, _listen(cmd, None, callback))
 
 
 # ---------------------------------------------------------------------------
