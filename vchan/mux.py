@@ -103,6 +103,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import struct
 import warnings
 from collections import deque
@@ -411,6 +412,9 @@ class Session:
             return
         ready = lib.vchan_ring_peek_min(self._r, 0, self._pa, self._alen, self._pb, self._blen)
         if ready == 0 and self._pollers and self._loop.time() < self._poll_until:
+            # Let the peer run if it shares our CPU (else each side spins out
+            # its whole window while the other cannot write).
+            os.sched_yield()
             self._loop.call_soon(self._poll)
             return
         if ready == 0:
