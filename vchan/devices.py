@@ -326,8 +326,13 @@ class EventChannel(_Handle):
 
     def notify(self, port: int) -> None:
         """Signal the remote end of ``port``."""
-        what = f"notify port {port}"
-        _check(lib.vk_notify(self._live(what), port), what)
+        # (on every message: the error text is made only for an error)
+        dev = self._dev
+        if dev is None or dev.fd < 0:
+            self._live(f"notify port {port}")      # raises
+        rc = lib.vk_notify(dev, port)
+        if rc < 0:
+            _check(rc, f"notify port {port}")
 
     def pending(self) -> int | None:
         """A port that fired (now masked until unmask), or None."""

@@ -534,17 +534,20 @@ class Session:
             # A callback may close the session (and unmap the ring) at any
             # point: look before every step.
             seen = self._r.rd.own
-            self._flush()
+            if self._ctl or self._ready:
+                self._flush()
             more = self._read()
             if self.closed:
                 return
-            self._flush()
+            if self._ctl or self._ready:
+                self._flush()
             if more:
                 self._schedule_read()
             elif not self.closed:
                 self._check_peer()
             if not self.closed:
-                self._flush_notify()
+                if self._notify[0] or self._force_notify:
+                    self._flush_notify()
                 if self._pollers and self._r.rd.own != seen:
                     self._poll_start()      # it came: more may follow
         except (SystemExit, KeyboardInterrupt):
