@@ -169,10 +169,10 @@ def test_targets_met_unmet_per_loop() -> None:
     targets = report.check_targets(full_results())
     assert all(set(t) == {"target", "value", "met", "detail"} for t in targets)
     by = {t["target"]: t for t in targets}
-    # Issue #8's 4 targets x 2 loops, then issue #13's (setup, 1,000 at once,
-    # aggregate per connection count) for each loop.
+    # Issue #8's 4 targets x 2 loops and issue 15's ping-pong x 2 loops, then
+    # issue #13's (setup, 1,000 at once, aggregate per connection count).
     assert len([t for t in targets if not t["target"].startswith(
-        ("Setup", "1,000 vchan connections opened")) and "aggregate" not in t["target"]]) == 8
+        ("Setup", "1,000 vchan connections opened")) and "aggregate" not in t["target"]]) == 10
 
     unix_a = by["Bulk 64 KiB streams (asyncio): vchan >= 2x Unix sockets"]
     unix_u = by["Bulk 64 KiB streams (uvloop): vchan >= 2x Unix sockets"]
@@ -191,6 +191,10 @@ def test_targets_met_unmet_per_loop() -> None:
     assert ping_u["met"] is False and ping_u["value"].startswith("0.60x")  # 12/20
     assert "unix p50 / 0.8" in ping_a["detail"]   # the interpretation is stated
     assert "15.0 us" in ping_u["detail"]          # the limit: 12 / 0.8
+    # issue 15's reading: vchan p50 <= 0.8 x unix p50 (vchan 10 us, unix 12 us: 9.6 us)
+    strict_a = by["Ping-pong 64 B (asyncio), by default: vchan p50 <= 0.8x Unix p50"]
+    assert strict_a["met"] is False and strict_a["value"].startswith("0.83x")
+    assert "9.6 us" in strict_a["detail"]
 
     conn_a = by["1,000 concurrent vchan connections work (asyncio)"]
     conn_u = by["1,000 concurrent vchan connections work (uvloop)"]
@@ -471,7 +475,12 @@ def test_busy_poll_rows_have_their_own_table_and_leave_the_targets_alone() -> No
                 and r["loop"] == "asyncio":
             r.update(client_cpu_us_per_rt=2.0, server_cpu_us_per_rt=3.0)
     results["pingpong"].append(polled)
-    assert targets_by_name(results) == plain        # the default rows decide the targets
+    targets = targets_by_name(results)
+    # the default rows decide the targets; the polled row adds its own
+    extra = targets.pop("Ping-pong 64 B (asyncio), with busy_poll 50 us: vchan p50 <= "
+                        "0.8x Unix p50")
+    assert targets == plain
+    assert extra["met"] is True and extra["value"].startswith("0.33x")      # 4 / 12
     md = report.render_markdown(results)
     ping = section(md, "## Ping-pong")
     main, polled_part = ping.split("### vchan with busy_poll (opt-in)")

@@ -356,6 +356,32 @@ def check_targets(results: Json) -> list[Json]:
                 speed >= TARGET_PING_FACTOR - 1e-12,
                 f"{base}; limit for vchan p50: {_us(up / TARGET_PING_FACTOR)} us"))
 
+    polled = _ping_rows(results, polled=True)
+    for loop in loops:
+        # Issue 15's stricter reading: vchan faster, p50 at most 0.8x Unix's;
+        # by default, and (recorded next to it) with busy_poll.
+        up = _get(_find(ping, transport="unix", message_size=TARGET_PING_SIZE, loop=loop),
+                  "p50_us")
+        for label, rows in (("default", ping), ("busy_poll", polled)):
+            row = _find(rows, transport="vchan", message_size=TARGET_PING_SIZE, loop=loop)
+            if label == "busy_poll" and row is None:
+                continue
+            vp = _get(row, "p50_us")
+            what = "by default" if label == "default" else \
+                f"with busy_poll {(_get(row, 'busy_poll') or 0) * 1e6:g} us"
+            name = (f"Ping-pong 64 B ({loop}), {what}: vchan p50 <= "
+                    f"{TARGET_PING_FACTOR:g}x Unix p50")
+            base = "issue 15: vchan faster than Unix sockets, p50 round trip at most " \
+                f"{TARGET_PING_FACTOR:g}x Unix's"
+            if not vp or up is None:
+                missing = " and ".join(t for t, x in (("vchan", vp), ("unix", up)) if not x)
+                out.append(_target(name, "-", None, f"{base}; no {missing} measurement"))
+                continue
+            out.append(_target(
+                name, f"{vp / up:.2f}x (p50 vchan {_us(vp)} us, unix {_us(up)} us)",
+                vp <= TARGET_PING_FACTOR * up + 1e-12,
+                f"{base}; limit for vchan p50: {_us(TARGET_PING_FACTOR * up)} us"))
+
     for loop in loops:
         row = _find(conns, transport="vchan", connections=TARGET_CONNECTIONS, loop=loop)
         name = f"{TARGET_CONNECTIONS:,} concurrent vchan connections work ({loop})"
