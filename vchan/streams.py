@@ -360,6 +360,17 @@ class StreamReader(asyncio.StreamReader):
         :meth:`asyncio.StreamReader.read`."""
         if self._exception is not None:
             raise self._exception
+        chunks = self._chunks
+        if chunks and n > 0:
+            # The usual case: the first piece holds more than n bytes.
+            head, pos = chunks[0], self._pos
+            end = pos + n
+            if end < len(head):
+                self._pos = end
+                self._size -= n
+                if self._paused:
+                    self._maybe_resume_transport()
+                return head[pos:end]
         if n == 0:
             return b""
         if n < 0:
@@ -394,6 +405,17 @@ class StreamReader(asyncio.StreamReader):
             raise ValueError("readexactly size can not be less than zero")
         if self._exception is not None:
             raise self._exception
+        chunks = self._chunks
+        if chunks:
+            # The usual case, a message inside the first piece.
+            head, pos = chunks[0], self._pos
+            end = pos + n
+            if end < len(head):
+                self._pos = end
+                self._size -= n
+                if self._paused:
+                    self._maybe_resume_transport()
+                return head[pos:end]
         if n == 0:
             return b""
         while self._size < n:
