@@ -595,8 +595,18 @@ async def client_connections(cmd: Json) -> Json:
         connect_seconds = time.perf_counter() - t0
         for _, writer in conns:
             writer.write(b"?")
-        for reader, _ in conns:
-            await reader.readexactly(1)
+
+        async def acks() -> None:
+            for reader, _ in conns:
+                await reader.readexactly(1)
+
+        # Bounded too: a server that never answers (Unix sockets once sat
+        # here for the whole --timeout at 10,000 connections) fails the case.
+        try:
+            await asyncio.wait_for(acks(), 60 + n * 5e-3)
+        except TimeoutError:
+            raise BenchError(f"the server did not answer all {n} connections within "
+                             f"{60 + n * 5e-3:.0f} s") from None
         rss1 = _rss()
 
         async def bulk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
