@@ -1799,3 +1799,19 @@ async def test_without_busy_poll_every_message_wakes_the_server(
     async with _echo_counting_wakeups(None, monkeypatch) as (_, client, wakes):
         await _echo_lines(client, 200)
         assert wakes[0] >= 150, wakes
+
+
+async def test_half_a_frame_does_not_keep_a_busy_poller_spinning(
+        sim_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes in the ring that never make a whole frame are not activity."""
+    async with _echo_counting_wakeups(0.05, monkeypatch) as (server, client, _):
+        served = next(s for s in server._sessions_open if s.peer == vchan.own_domid())
+        sid = client.transport.stream_id
+        frame = header(DATA, sid, 100) + b"x" * 99 + b"\n"
+        inject(client.session, frame[:10])                      # half a header...
+        await asyncio.sleep(0.01)
+        assert served._polling
+        await asyncio.sleep(0.3)
+        assert not served._polling
+        inject(client.session, frame[10:])                      # ...completed at last
+        assert await asyncio.wait_for(client.reader.readline(), 5) == frame[HEADER:]

@@ -411,23 +411,24 @@ class Session:
             self._polling = False
             return
         ready = lib.vchan_ring_peek_min(self._r, 0, self._pa, self._alen, self._pb, self._blen)
-        if ready == 0 and self._pollers and self._loop.time() < self._poll_until:
-            # Let the peer run if it shares our CPU (else each side spins out
-            # its whole window while the other cannot write).
-            os.sched_yield()
-            self._loop.call_soon(self._poll)
-            return
-        if ready == 0:
-            # Time is up: ask to be woken, look once more, sleep.
-            self._polling = False
+        if ready != 0:
+            # (this moves the window on only when it takes bytes: half a frame
+            # a peer never completes does not keep us spinning)
             self._on_event()
-            return
-        if self._pollers:
-            self._poll_until = self._loop.time() + max(self._pollers)
-        self._on_event()
-        if self._polling and not self.closed:
+            if self.closed:
+                self._polling = False
+                return
+        if self._pollers and self._loop.time() < self._poll_until:
+            if ready == 0:
+                # Let the peer run if it shares our CPU (else each side spins
+                # out its whole window while the other cannot write).
+                os.sched_yield()
             lib.vchan_ring_disarm(self._r)
             self._loop.call_soon(self._poll)
+            return
+        # Time is up: ask to be woken, look once more, sleep.
+        self._polling = False
+        self._on_event()
 
     def _write_direct(self, stream: StreamTransport, data: Any, n: int) -> int:
         """Write up to ``n`` bytes of ``data`` as DATA frames now; bytes written."""
