@@ -248,6 +248,18 @@ async def test_many_tiny_writes(connect: Any) -> None:
     assert conn.server.data == data + b"abcdef"
 
 
+async def test_writelines_of_large_and_small_pieces_keeps_their_order(connect: Any) -> None:
+    conn = await connect()
+    big, other = _payload(100_000, 41), _payload(70_000, 42)
+    pieces: list[Any] = [b"hdr", big, memoryview(b"xyz"), bytearray(b"q" * 20_000), other,
+                         b"", b"end"]
+    conn.ct.writelines(pieces)
+    conn.ct.writelines(iter([b"after", big]))           # any iterable, as asyncio's
+    expected = b"".join(bytes(p) for p in pieces) + b"after" + big
+    await conn.server.wait_for_bytes(len(expected))
+    assert conn.server.data == expected
+
+
 async def test_buffered_protocol_reads_into_its_buffer(connect: Any) -> None:
     conn = await connect(server=BufferedRecorder())
     data = _payload(1_000_000, 6)

@@ -608,8 +608,11 @@ class Session:
                         return True
                 else:
                     self._waited = False
-                if stream._reader is not None and n >= GATHER and stream._can_deliver() \
-                        and not stream._eof_received:
+                if stream._reader is not None and n and stream._can_deliver() \
+                        and not stream._eof_received and (
+                            n >= GATHER or lib.vchan_mux_run_length(
+                                r, f, self._max_in, stream._recv_credit) >= GATHER):
+                    # (a run worth it: small frames alone are copied out at once)
                     self._announce(stream, f)
                     return False
                 if stream._buffered_protocol and stream._can_deliver():
@@ -1281,6 +1284,21 @@ class StreamTransport(TransportBase):
             session._kick()
         if buf._size > self._high_water:
             self._maybe_pause_protocol()
+
+    def writelines(self, list_of_data: Any) -> None:
+        """Write the pieces in order, in one go: runs of small pieces joined
+        (one frame), large ``bytes`` as they are (no copy into a join)."""
+        small: list[Any] = []
+        for data in list_of_data:
+            if type(data) is bytes and len(data) >= CORK_MAX:
+                if small:
+                    self.write(b"".join(small))
+                    small = []
+                self.write(data)
+            else:
+                small.append(data)
+        if small:
+            self.write(b"".join(small))
 
     def can_write_eof(self) -> bool:
         return True
