@@ -1815,3 +1815,20 @@ async def test_half_a_frame_does_not_keep_a_busy_poller_spinning(
         assert not served._polling
         inject(client.session, frame[10:])                      # ...completed at last
         assert await asyncio.wait_for(client.reader.readline(), 5) == frame[HEADER:]
+
+
+async def test_a_reader_woken_for_bytes_that_vanish_with_the_session_gets_its_error(
+        sim_dir: Path) -> None:
+    """Woken for announced bytes, the reader runs after its session failed
+    (the ring is gone): read() raises the failure, never a false EOF."""
+    async with served(1) as s:
+        conn = s.conns[0]
+        reading = asyncio.ensure_future(conn.server.reader.read(65536))
+        await asyncio.sleep(0.01)                   # it waits
+        conn.client.writer.write(b"z" * 30_000)
+        session = conn.server.session
+        session._on_event()                         # announced; the reader runs next
+        assert _announced(conn.server) > 0
+        session._reset(ConnectionResetError("the peer is gone"))
+        with pytest.raises(ConnectionResetError, match="the peer is gone"):
+            await asyncio.wait_for(reading, 5)

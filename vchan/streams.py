@@ -380,8 +380,12 @@ class StreamReader(asyncio.StreamReader):
             while block := await self.read(self._limit):
                 blocks.append(block)
             return b"".join(blocks)
-        if not self._size and not self._eof:
+        # (a loop: bytes announced in a ring can vanish with the ring before
+        # we run -- its session failed -- and the failure follows at once)
+        while not self._size and not self._eof:
             await self._wait_for_data("read")
+            if self._exception is not None and not self._size:
+                raise self._exception
         if not self._size:
             self._maybe_resume_transport()
             return b""
