@@ -163,6 +163,9 @@ class StreamReader(asyncio.StreamReader):
             raise RuntimeError(f"{func_name}() called while another coroutine is "
                                f"already waiting for incoming data")
         assert not self._eof, "_wait_for_data after EOF"
+        if self._exception is not None:
+            # (set while we ran: nothing would wake us any more)
+            raise self._exception
         # Paused and waiting would never end (readexactly(n) with n > limit).
         if self._paused:
             self._paused = False
