@@ -365,7 +365,8 @@ class StreamReader(asyncio.StreamReader):
             raise self._exception
         chunks = self._chunks
         if chunks and n > 0:
-            # The usual case: the first piece holds more than n bytes.
+            # The usual case: the first piece holds more than n bytes.  (Inline,
+            # as in readexactly(): a helper call costs ~15% of a small read.)
             head, pos = chunks[0], self._pos
             end = pos + n
             if end < len(head):
