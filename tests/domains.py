@@ -31,6 +31,17 @@ class AgentError(Exception):
         self.message = info["error"]
 
 
+def agent_answer(line: str, domid: int, exit_status: Any) -> Any:
+    """The value of one answer line of an agent (``tests/agent.py``); an empty
+    line means the process is gone (``exit_status()`` says how)."""
+    if not line:
+        raise EOFError(f"domain {domid} process exited with {exit_status()}")
+    answer = json.loads(line)
+    if "error" in answer:
+        raise AgentError(answer)
+    return answer["value"]
+
+
 class Domain(Protocol):
     """A process of domain ``domid`` that runs test code (local or in a domU)."""
 
@@ -74,13 +85,7 @@ class DomainProcess:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"code": code}) + "\n")
         self.proc.stdin.flush()
-        line = self._answers.readline()
-        if not line:
-            raise EOFError(f"domain {self.domid} process exited with {self.proc.wait()}")
-        answer = json.loads(line)
-        if "error" in answer:
-            raise AgentError(answer)
-        return answer["value"]
+        return agent_answer(self._answers.readline(), self.domid, self.proc.wait)
 
     def kill(self, sig: int = signal.SIGKILL) -> float:
         """Send ``sig``; returns the monotonic time it was sent."""

@@ -496,7 +496,7 @@ class RemoteDomainProcess:
 
     def __call__(self, code: str, timeout: float = 30.0) -> Any:
         """Run ``code`` in the process; return its last expression's value."""
-        from domains import AgentError
+        from domains import agent_answer
 
         self._conn.settimeout(timeout)
         try:
@@ -504,12 +504,7 @@ class RemoteDomainProcess:
             line = self._reader.readline()
         except (BrokenPipeError, ConnectionResetError):
             line = ""
-        if not line:
-            raise EOFError(f"domain {self.domid} process exited with {self.wait()}")
-        answer = json.loads(line)
-        if "error" in answer:
-            raise AgentError(answer)
-        return answer["value"]
+        return agent_answer(line, self.domid, self.wait)
 
     def kill(self, sig: int = signal.SIGKILL) -> float:
         """Send ``sig``; returns when it was sent, on dom0's monotonic clock."""
