@@ -70,6 +70,7 @@ from .streams import (
     _serve_until,
     cpu_seconds,
     human_size,
+    one_connection,
     parse_sizes,
 )
 
@@ -325,23 +326,10 @@ async def serve_matrix(cmd: Json, emit: Callable[..., None]) -> Json:
     done: asyncio.Future[Json] = asyncio.get_running_loop().create_future()
     receive = receiver(cmd["read"], cmd["write"])
 
-    async def callback(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if done.done():             # one connection per measurement
-            writer.close()
-            return
-        try:
-            _nodelay(writer.transport)
-            result = await receive(reader)
-            writer.close()
-            await writer.wait_closed()
-        except BaseException as exc:
-            if not done.done():
-                done.set_exception(exc)
-            writer.close()
-            raise
-        if not done.done():
-            done.set_result(result)
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Json:
+        return await receive(reader)
 
+    callback = one_connection(done, handle)
     return await _serve_until(cmd, emit, done, _listen(cmd, callback))
 
 

@@ -402,6 +402,32 @@ async def _serve_until(cmd: Json, emit: Callable[..., None], done: asyncio.Futur
                 os.unlink(cmd["path"])
 
 
+def one_connection(done: asyncio.Future[Json],
+                   handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                    Awaitable[Json]],
+                   ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A streams server callback that measures one connection: ``handle``'s
+    result (or its error) goes to ``done``; later connections are closed."""
+    async def callback(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if done.done():             # one connection per measurement
+            writer.close()
+            return
+        try:
+            _nodelay(writer.transport)
+            result = await handle(reader, writer)
+            writer.close()
+            await writer.wait_closed()
+        except BaseException as exc:
+            if not done.done():
+                done.set_exception(exc)
+            writer.close()
+            raise
+        if not done.done():
+            done.set_result(result)
+
+    return callback
+
+
 async def serve_one(cmd: Json, emit: Callable[..., None]) -> Json:
     """Listen, report ready, handle exactly one connection, report its result."""
     loop = asyncio.get_running_loop()
@@ -416,31 +442,20 @@ async def serve_one(cmd: Json, emit: Callable[..., None]) -> Json:
         def factory() -> asyncio.BaseProtocol:
             return CountingBufferedProtocol(done)
     else:
-        async def callback(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if done.done():         # one connection per measurement
-                writer.close()
-                return
-            try:
-                cpu0 = cpu_seconds()
-                _nodelay(writer.transport)
-                if cmd["case"] == "bulk" and cmd.get("direction") == "both":
-                    result, _ = await asyncio.gather(
-                        _stream_bulk(reader, writer),
-                        _send_bulk(writer, cmd["bytes"], cmd["write_size"]))
-                elif cmd["case"] == "bulk":
-                    result = await _stream_bulk(reader, writer)
-                else:
-                    result = await _stream_echo(reader, writer, cmd["message_size"])
-                writer.close()
-                await writer.wait_closed()
-                result["cpu_seconds"] = cpu_seconds() - cpu0
-            except BaseException as exc:
-                if not done.done():
-                    done.set_exception(exc)
-                writer.close()
-                raise
-            if not done.done():
-                done.set_result(result)
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Json:
+            cpu0 = cpu_seconds()
+            if cmd["case"] == "bulk" and cmd.get("direction") == "both":
+                result, _ = await asyncio.gather(
+                    _stream_bulk(reader, writer),
+                    _send_bulk(writer, cmd["bytes"], cmd["write_size"]))
+            elif cmd["case"] == "bulk":
+                result = await _stream_bulk(reader, writer)
+            else:
+                result = await _stream_echo(reader, writer, cmd["message_size"])
+            result["cpu_seconds"] = cpu_seconds() - cpu0
+            return result
+
+        callback = one_connection(done, handle)
 
     return await _serve_until(cmd, emit, done, _listen(cmd, factory, callback))
 
