@@ -609,12 +609,14 @@ class Session:
                 else:
                     self._waited = False
                 if stream._reader is not None and n and stream._can_deliver() \
-                        and not stream._eof_received and (
-                            n >= GATHER or lib.vchan_mux_run_length(
-                                r, f, self._max_in, stream._recv_credit) >= GATHER):
-                    # (a run worth it: small frames alone are copied out at once)
-                    self._announce(stream, f)
-                    return False
+                        and not stream._eof_received:
+                    run: int = lib.vchan_mux_run_length(r, f, self._max_in,
+                                                        stream._recv_credit)
+                    if run < 0:
+                        raise _ring_error(run, "read")
+                    if run >= GATHER:   # (a few small frames are copied out at once)
+                        self._announce(stream, run)
+                        return False
                 if stream._buffered_protocol and stream._can_deliver():
                     total += stream._deliver_frames(f, pa[0], alen[0], pb[0], blen[0])
                     continue
@@ -667,11 +669,8 @@ class Session:
     # of that iteration is copied aside into its buffer (_lazy_expire), so
     # the frames behind wait no longer than they would for a paused stream.
 
-    def _announce(self, stream: StreamTransport, f: Any) -> None:
-        """Tell the stream's reader of its run of frames at the head (f first)."""
-        k: int = lib.vchan_mux_run_length(self._r, f, self._max_in, stream._recv_credit)
-        if k < 0:
-            raise _ring_error(k, "read")
+    def _announce(self, stream: StreamTransport, k: int) -> None:
+        """Tell the stream's reader of its run of ``k`` bytes of frames at the head."""
         stream._recv_credit -= k
         self._lazy, self._lazy_bytes, self._lazy_fresh = stream, k, True
         stream._consumed(k)
