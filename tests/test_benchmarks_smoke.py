@@ -134,3 +134,24 @@ def test_vchan_bench_quick_run(tmp_path: Path) -> None:
     assert _positive(results["memcpy"]["bytes_per_s"])
     for key in ("cpu", "kernel", "python", "uvloop", "backend"):
         assert results["machine"][key]
+
+
+STREAM_PAIR = SCRIPT.with_name("stream_pair.py")
+READER_CALLS = SCRIPT.with_name("reader_calls.py")
+
+
+def test_stream_pair_and_reader_calls_run() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("VCHAN_SIM_DIR", "VCHAN_DOMID")}
+    env["VCHAN_BACKEND"] = "sim"
+    for extra in ([], ["--dedicated"], ["--transport", "unix"]):
+        proc = subprocess.run([sys.executable, str(STREAM_PAIR), "--bytes", "16M", *extra],
+                              capture_output=True, text=True, timeout=120, check=False, env=env)
+        assert proc.returncode == 0, proc.stderr
+        m = re.search(r": ([0-9,]+) MB/s, CPU ns/B send ([0-9.]+) recv ([0-9.]+), receiver "
+                      r"page faults ([0-9,]+)$", proc.stdout.strip())
+        assert m and float(m.group(1).replace(",", "")) > 0, proc.stdout
+    proc = subprocess.run([sys.executable, str(READER_CALLS), "--messages", "2048",
+                           "--repeat", "1"], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("ns a message") == 2, proc.stdout
