@@ -176,6 +176,34 @@ async def test_read_joins_small_pieces_up_to_the_join_size() -> None:
     assert await reader.read(10) == b"y" * 10
 
 
+async def test_a_short_read_never_cuts_into_a_large_piece() -> None:
+    # A small piece (or the rest of one a read took part of) ahead of large
+    # ones: read(n) returns it alone, and each large piece after it whole,
+    # uncopied.  Joining it to part of the next large piece would leave every
+    # later read starting inside a piece, copying all its bytes twice.
+    reader = StreamReader(limit=1 << 20)
+    big = [bytes([i]) * (4 * _WHOLE) for i in range(4)]
+    reader.feed_data(b"s" * 100)
+    for piece in big:
+        reader.feed_data(piece)
+    assert await reader.read(1 << 20) == b"s" * 100
+    for piece in big[:2]:
+        assert await reader.read(1 << 20) is piece
+    assert await reader.readexactly(10) == big[2][:10]
+    assert await reader.read(1 << 20) == big[2][10:]      # the rest of that piece
+    assert await reader.read(1 << 20) is big[3]
+
+
+async def test_small_pieces_join_up_to_a_large_one_and_no_further() -> None:
+    reader = StreamReader(limit=1 << 20)
+    big = b"B" * (2 * _WHOLE)
+    for _ in range(3):
+        reader.feed_data(b"y" * 100)
+    reader.feed_data(big)
+    assert await reader.read(1 << 20) == b"y" * 300
+    assert await reader.read(1 << 20) is big
+
+
 async def test_readexactly_of_one_whole_piece_is_that_piece() -> None:
     reader = StreamReader()
     piece = b"z" * 5000

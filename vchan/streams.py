@@ -403,9 +403,33 @@ class StreamReader(asyncio.StreamReader):
             data = self._chunks.popleft()
             self._size -= left
         else:
-            data = self._take(min(n, self._size, max(left, _JOIN)))
+            data = self._take(self._joinable(left, min(n, _JOIN)))
         self._maybe_resume_transport()
         return data
+
+    def _joinable(self, left: int, most: int) -> int:
+        """How many bytes a short ``read()`` returns: the ``left`` bytes of
+        the first piece, joined with the small whole pieces after it up to
+        ``most`` bytes.  It never cuts into a large piece: a read that did
+        would leave the next one starting inside a piece, and every read
+        after it would join (copy twice) again."""
+        if left >= _WHOLE:
+            return left
+        total, i = left, 1
+        chunks = self._chunks
+        while total < most:
+            if i == len(chunks):
+                if not self._ring:
+                    break
+                self._pull(self._size - self._ring + 1)    # the next piece
+            size = len(chunks[i])
+            if size >= _WHOLE:
+                break
+            if total + size > most:
+                return most             # (small pieces: a part of one is cheap)
+            total += size
+            i += 1
+        return total
 
     async def readexactly(self, n: int) -> bytes:
         """Read exactly ``n`` bytes, as :meth:`asyncio.StreamReader.readexactly`."""
