@@ -198,3 +198,30 @@ int vk_fd(struct vk_dev *d)
 
     return rc ? rc : d->ops->fd(d);
 }
+
+int vk_port_fd(struct vk_dev *d, uint32_t port)
+{
+    int rc = usable(d, VK_EVTCHN);
+
+    if (rc)
+        return rc;
+    return d->ops->port_fd ? d->ops->port_fd(d, port) : -EOPNOTSUPP;
+}
+
+int vk_port_unwatch(struct vk_dev *d, uint32_t port)
+{
+    int rc = usable(d, VK_EVTCHN);
+
+    if (rc)
+        return rc;
+    return d->ops->port_unwatch ? d->ops->port_unwatch(d, port) : -EOPNOTSUPP;
+}
+
+int vk_fd_consume(int fd)
+{
+    uint64_t count;
+
+    if (read(fd, &count, sizeof(count)) < 0 && errno != EAGAIN)
+        return -errno;
+    return 0;
+}

@@ -94,6 +94,13 @@ struct vk_ops {
      * caller looks at the rings after this); the count, 0 if none. */
     int (*take_events)(struct vk_dev *d, uint32_t *ports, int max);
     int (*fd)(struct vk_dev *d);            /* pollable: readable when pending */
+    /* Optional (NULL where all ports share one descriptor, as on Xen): a
+     * descriptor of the caller's own for one port, readable (level) while
+     * the port has fired; the port leaves the handle's fd until
+     * port_unwatch.  The caller consumes events with vk_fd_consume and
+     * closes the descriptor (it stays valid after the port is unbound). */
+    int (*port_fd)(struct vk_dev *d, uint32_t port);
+    int (*port_unwatch)(struct vk_dev *d, uint32_t port);
 };
 
 extern const struct vk_ops vk_xen_ops;
@@ -122,6 +129,12 @@ int vk_pending(struct vk_dev *d);
 int vk_unmask(struct vk_dev *d, uint32_t port);
 int vk_take_events(struct vk_dev *d, uint32_t *ports, int max);
 int vk_fd(struct vk_dev *d);
+/* A port's own descriptor (see vk_ops.port_fd), -EOPNOTSUPP without one. */
+int vk_port_fd(struct vk_dev *d, uint32_t port);
+/* The port back on the handle's fd (after vk_port_fd). */
+int vk_port_unwatch(struct vk_dev *d, uint32_t port);
+/* Consume what made a port's descriptor readable: 0, or -errno. */
+int vk_fd_consume(int fd);
 
 /* Sim backend: where the emulator listens (set before the first open;
  * default $VCHAN_SIM_DIR/hypervisor.sock). */

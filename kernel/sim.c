@@ -776,6 +776,42 @@ static int sim_fd(struct vk_dev *d)
     return d->epfd;
 }
 
+/* The port's eventfd, for a caller that watches it itself: one read per
+ * wake-up instead of epoll_wait + read + epoll_ctl on the handle's set.  A
+ * duplicate, so that unbinding the port (which closes ours) never closes a
+ * descriptor an event loop still watches. */
+static int sim_port_fd(struct vk_dev *d, uint32_t port)
+{
+    struct sim_evtchn *ev = d->priv;
+    int fd;
+
+    if (port >= ev->cap || ev->rx[port] < 0)
+        return -ENOTCONN;
+    fd = fcntl(ev->rx[port], F_DUPFD_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    if (epoll_ctl(d->epfd, EPOLL_CTL_DEL, ev->rx[port], NULL) < 0 && errno != ENOENT) {
+        int rc = -errno;
+        close(fd);
+        return rc;
+    }
+    return fd;
+}
+
+static int sim_port_unwatch(struct vk_dev *d, uint32_t port)
+{
+    struct sim_evtchn *ev = d->priv;
+    struct epoll_event e;
+
+    if (port >= ev->cap || ev->rx[port] < 0)
+        return -ENOTCONN;
+    e.events = EPOLLIN | EPOLLONESHOT;
+    e.data.u64 = port;
+    if (epoll_ctl(d->epfd, EPOLL_CTL_ADD, ev->rx[port], &e) < 0 && errno != EEXIST)
+        return -errno;
+    return 0;
+}
+
 const struct vk_ops vk_sim_ops = {
     .name = "sim",
     .open = sim_open,
@@ -793,6 +829,8 @@ const struct vk_ops vk_sim_ops = {
     .unmask = sim_unmask,
     .take_events = sim_take_events,
     .fd = sim_fd,
+    .port_fd = sim_port_fd,
+    .port_unwatch = sim_port_unwatch,
 };
 
 /* ------------------------------------------------------------------ */

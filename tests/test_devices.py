@@ -447,6 +447,33 @@ def test_events_coalesce_until_unmasked(world: World) -> None:
     assert d1("select.select([ev.fileno()], [], [], 0.1)[0]") == []
 
 
+def test_a_port_watched_on_its_own_descriptor(world: World) -> None:
+    # The emulator's ports have descriptors of their own (the event hub
+    # watches them directly): readable while fired, quiet once consumed,
+    # out of the handle's fd meanwhile, back on it when unwatched, and still
+    # a valid descriptor after the port is unbound.
+    d1, d2 = world.domain(1), world.domain(2)
+    p1, _ = _channel(d1, d2)
+    if d1("from vchan.devices import consume; fd = ev.port_fd(port); fd is None"):
+        pytest.skip("ports have no descriptors of their own on Xen")
+    readable = "select.select([fd], [], [], {})[0] != []"
+    assert not d1(readable.format(0.1))
+    d2("for _ in range(5): ev.notify(port)")
+    assert d1(readable.format(5))
+    assert d1("select.select([ev.fileno()], [], [], 0.1)[0]") == []   # not there
+    d1("consume(fd)")
+    assert not d1(readable.format(0.1))                  # five events, consumed at once
+    d2("ev.notify(port)")
+    assert d1(readable.format(5))                        # a later one fires again
+    d1("ev.port_unwatch(port)")                          # unconsumed: it moves back
+    assert d1("select.select([ev.fileno()], [], [], 5)[0] != []")
+    assert d1("ev.pending()") == p1
+    d1("ev.unmask(port); fd2 = ev.port_fd(port)")
+    d1("ev.unbind(port)")
+    assert d1("os.fstat(fd2).st_nlink >= 0 and os.fstat(fd).st_nlink >= 0")
+    d1("os.close(fd); os.close(fd2)")
+
+
 def test_take_events_returns_every_fired_port_unmasked(world: World) -> None:
     d1, d2 = world.domain(1), world.domain(2)
     a1: int = d1(f"ev = EventChannel(); a = ev.bind_unbound({d2.domid}); "

@@ -305,6 +305,38 @@ async def test_a_full_session_refuses_at_once(sim_dir: Path,
     await close_sessions()
 
 
+async def test_the_loop_watches_each_ring_s_port_itself_and_lets_go_of_it(
+        sim_dir: Path) -> None:
+    # On the emulator a port's wake-up is one read of its own descriptor
+    # (vchan.hub); the descriptors go with the sessions and rings, dedicated
+    # and session alike.
+    from vchan.hub import event_hub
+
+    own = vchan.own_domid()
+    port = f"direct-{os.getpid()}"
+    async with await vchan.start_server(_echo, port, peers=own) as server:
+        hub = event_hub(asyncio.get_running_loop())
+        before = 0
+        for attempt in range(2):        # (the first opens the process's grant devices)
+            r1, w1 = await vchan.open_connection(own, port, timeout=10)
+            r2, w2 = await vchan.open_connection(own, port, timeout=10, dedicated=True)
+            for r, w in ((r1, w1), (r2, w2)):
+                w.write(b"ping")
+                assert await r.readexactly(4) == b"ping"
+            # client and server side of the session, and of the dedicated ring
+            assert len(hub._port_fds) == 4 and set(hub._port_fds) == set(hub.handlers)
+            for w in (w1, w2):
+                w.close()
+                await w.wait_closed()
+            server.close_clients()
+            await close_sessions()
+            await asyncio.sleep(0.1)
+            assert not hub._port_fds
+            if attempt:
+                assert _fds() == before
+            before = _fds()
+
+
 async def test_nothing_leaks_after_ten_thousand_connect_close_cycles(sim_dir: Path) -> None:
     own = vchan.own_domid()
     port = f"cycles-{os.getpid()}"

@@ -172,5 +172,8 @@ int vk_pending(struct vk_dev *d);
 int vk_unmask(struct vk_dev *d, uint32_t port);
 int vk_take_events(struct vk_dev *d, uint32_t *ports, int max);
 int vk_fd(struct vk_dev *d);
+int vk_port_fd(struct vk_dev *d, uint32_t port);
+int vk_port_unwatch(struct vk_dev *d, uint32_t port);
+int vk_fd_consume(int fd);
 int vk_sim_set_socket(const char *path);
 int vk_sim_check(struct vk_dev *d);

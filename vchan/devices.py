@@ -355,6 +355,33 @@ class EventChannel(_Handle):
         """The descriptor to poll: readable while a port is pending."""
         return _check(lib.vk_fd(self._live("fileno")), "fileno")
 
+    def port_fd(self, port: int) -> int | None:
+        """A descriptor of the caller's own for ``port``, or None where the
+        backend has none (Xen: every port is behind :meth:`fileno`).
+
+        It is readable (level-triggered) while the port has fired;
+        :func:`consume` takes the events, and what fires later makes it
+        readable again.  The port leaves :meth:`fileno` (``pending`` and
+        ``take_events`` no longer see it) until :meth:`port_unwatch`.  The
+        caller closes the descriptor; it stays valid after ``unbind``.
+        """
+        what = f"watch port {port}"
+        rc = lib.vk_port_fd(self._live(what), port)
+        if rc == -errno.EOPNOTSUPP:
+            return None
+        return _check(rc, what)
+
+    def port_unwatch(self, port: int) -> None:
+        """Put ``port`` back behind :meth:`fileno` (after :meth:`port_fd`);
+        an event that came meanwhile and was not consumed fires there."""
+        what = f"unwatch port {port}"
+        _check(lib.vk_port_unwatch(self._live(what), port), what)
+
+
+def consume(fd: int) -> None:
+    """Take the events that made a :meth:`EventChannel.port_fd` readable."""
+    _check(lib.vk_fd_consume(fd), "consume events")
+
 
 def _sim_refusal(backend: Backend) -> str:
     """Why the emulator will not let this process be its domain (its policy says)."""

@@ -3,7 +3,10 @@
 :class:`_EventHub`: one event-channel handle per event loop, watched with
 ``loop.add_reader``.  Every transport and session of the loop registers its
 local port with it; one call takes every fired port and hands each to its
-handler.  It also watches that the peer domains still exist (a destroyed
+handler.  Where a port has a descriptor of its own (the emulator's
+eventfds) the loop watches that instead: a wake-up is then one ``read``,
+not ``epoll_wait`` + ``read`` + ``epoll_ctl`` on the handle's set and a
+trip through the dispatch loop.  It also watches that the peer domains still exist (a destroyed
 domain sends no unmap notification), and on the emulator that its daemon
 does (nothing at all would tell a loop whose daemon died or was stopped).
 
@@ -75,6 +78,8 @@ class _EventHub:
         self.loop = loop
         self.evtchn = EventChannel()
         self.handlers: dict[int, Callable[[], None]] = {}
+        self._port_fds: dict[int, int] = {}   # ports the loop watches directly
+        self._direct = True                     # until the backend says it cannot
         self.holds = 0
         self.fd = self.evtchn.fileno()
         self.peers: dict[int, set[_PeerWatcher]] = {}
@@ -189,11 +194,50 @@ class _EventHub:
                 self._homes = None
 
     def register(self, port: int, handler: Callable[[], None]) -> None:
+        """Call ``handler`` whenever ``port`` fires (replacing its handler)."""
         self.handlers[port] = handler
+        if not self._direct:
+            return
+        fd = self._port_fds.get(port)
+        if fd is None:
+            try:
+                fd = self.evtchn.port_fd(port)
+            except OSError:
+                fd = None               # (not bound yet) the dispatch loop serves it
+            else:
+                if fd is None:          # Xen: the dispatch loop serves every port
+                    self._direct = False
+            if fd is None:
+                return
+            self._port_fds[port] = fd
+        self.loop.add_reader(fd, self._fire, fd, handler)
 
     def unregister(self, port: int) -> None:
-        self.handlers.pop(port, None)
+        """``port`` has no handler any more (the hub closes when none has)."""
+        self.release(port)
         self._close_if_unused()
+
+    def release(self, port: int) -> None:
+        """Forget ``port``'s handler, leaving the hub open."""
+        self.handlers.pop(port, None)
+        fd = self._port_fds.pop(port, None)
+        if fd is not None:
+            self._unwatch(port, fd)
+
+    def _unwatch(self, port: int, fd: int) -> None:
+        if not self.loop.is_closed():
+            self.loop.remove_reader(fd)
+        os.close(fd)
+        if not self.evtchn.closed:
+            with contextlib.suppress(OSError):  # (unbound already: nothing to put back)
+                self.evtchn.port_unwatch(port)
+
+    @staticmethod
+    def _fire(fd: int, handler: Callable[[], None]) -> None:
+        # Consume first: an event from now on makes the descriptor readable
+        # again, and the handler looks at its ring after this.
+        lib.vk_fd_consume(fd)
+        handler()
 
     def hold(self) -> None:
         """Keep the hub open while something is being set up on it."""
@@ -222,6 +266,9 @@ class _EventHub:
         if self._homes is not None:
             self._homes.cancel()
             self._homes = None
+        for port, fd in list(self._port_fds.items()):
+            self._unwatch(port, fd)
+        self._port_fds.clear()
         if not self.evtchn.closed:
             if not self.loop.is_closed():
                 self.loop.remove_reader(self.fd)

@@ -430,6 +430,6 @@ async def wait_client(hub: _EventHub, endpoint: Any, timeout: float,
         return connected
     finally:
         if connected and then is not None:
-            hub.handlers[endpoint.port] = then
+            hub.register(endpoint.port, then)
         else:
-            hub.handlers.pop(endpoint.port, None)
+            hub.release(endpoint.port)
