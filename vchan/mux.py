@@ -105,6 +105,7 @@ import contextlib
 import logging
 import os
 import struct
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable
@@ -155,6 +156,11 @@ _EFRAME: int = lib.VCHAN_MUX_EFRAME
 _REMOTE_CODES = {lib.VCHAN_EINDEX, lib.VCHAN_EORDER, lib.VCHAN_ELIVE}
 
 
+# Microsecond intervals (CORK_GAP, busy-poll windows) need a clock that has
+# them: uvloop's loop.time() counts whole milliseconds, so with it every small
+# write within a millisecond of the last was taken for part of a burst (corked
+# for an iteration, a ping-pong's answer included).
+_clock = time.monotonic
 MAX_BUSY_POLL = 1.0              # seconds: busy polling is for microseconds, not a way of life
 
 
@@ -198,6 +204,7 @@ class Session:
                  on_close: Callable[[Session], None] | None = None) -> None:
         self._loop = loop
         self._endpoint = endpoint
+        self._evtchn, self._port = endpoint.evtchn, endpoint.port     # (notify, inline)
         self._hub = hub
         self.is_server = is_server
         self.own = own
@@ -236,7 +243,7 @@ class Session:
         self._read_scheduled = False
         self._wake_pending = False      # a deferred wake-up is on its way (_wake_soon)
         self._corked = False            # small writes wait for the end of this iteration
-        self._last_direct = 0.0         # loop time of the last small write sent at once
+        self._last_direct = 0.0         # _clock() of the last small write sent at once
         self._pollers: list[float] = []  # busy_poll of the open streams that asked
         self._polling = False
         self._poll_until = 0.0
@@ -374,7 +381,7 @@ class Session:
     def _burst_over(self) -> bool:
         """No small write went at once just now (else this one is part of a
         burst, merged with the rest of it: see "Small writes")."""
-        now = self._loop.time()
+        now = _clock()
         if now - self._last_direct < CORK_GAP:
             return False
         self._last_direct = now
@@ -400,7 +407,7 @@ class Session:
 
     def _poll_start(self) -> None:
         """Look at the ring every loop iteration for a while (we just read or wrote)."""
-        self._poll_until = self._loop.time() + max(self._pollers)
+        self._poll_until = _clock() + max(self._pollers)
         lib.vchan_ring_disarm(self._r)
         if not self._polling:
             self._polling = True
@@ -418,7 +425,7 @@ class Session:
             if self.closed:
                 self._polling = False
                 return
-        if self._pollers and self._loop.time() < self._poll_until:
+        if self._pollers and _clock() < self._poll_until:
             if ready == 0:
                 # Let the peer run if it shares our CPU (else each side spins
                 # out its whole window while the other cannot write).
@@ -521,7 +528,7 @@ class Session:
             self._notify[0] = 0
             self._force_notify = False
             try:
-                self._endpoint.notify()
+                self._evtchn.notify(self._port)
             except OSError as exc:
                 self._fail(exc)
 
@@ -597,7 +604,11 @@ class Session:
                 if n > stream._recv_credit:
                     raise _protocol_error(f"stream {sid} sent {n} bytes beyond its "
                                           f"credit of {stream._recv_credit}")
-                if not stream._can_deliver() and stream._made and not stream._conn_lost:
+                # (stream._can_deliver(), inline: nothing runs between here
+                # and the delivery that could change it)
+                can = stream._made and not stream._paused and not stream._rbuf and \
+                    not stream._conn_lost
+                if not can and stream._made and not stream._conn_lost:
                     if not self._waited:
                         # Paused (a StreamReader with a full buffer, mostly):
                         # its reader usually resumes it within one loop
@@ -608,8 +619,7 @@ class Session:
                         return True
                 else:
                     self._waited = False
-                if stream._reader is not None and n and stream._can_deliver() \
-                        and not stream._eof_received:
+                if stream._reader is not None and n and can and not stream._eof_received:
                     run: int = lib.vchan_mux_run_length(r, f, self._max_in,
                                                         stream._recv_credit)
                     if run < 0:
@@ -617,7 +627,7 @@ class Session:
                     if run >= GATHER:   # (a few small frames are copied out at once)
                         self._announce(stream, run)
                         return False
-                if stream._buffered_protocol and stream._can_deliver():
+                if stream._buffered_protocol and can:
                     total += stream._deliver_frames(f, pa[0], alen[0], pb[0], blen[0])
                     continue
                 if n < GATHER:
@@ -634,7 +644,7 @@ class Session:
                     continue
                 stream._recv_credit -= n
                 total += n
-                if stream._can_deliver():
+                if can:
                     data = _unpack(pa[0], alen[0], pb[0], blen[0], 0)
                     lib.vchan_ring_consume(r, HEADER + n, self._notify)
                     stream._data(data)
@@ -1061,7 +1071,7 @@ class StreamTransport(TransportBase):
     def _data(self, data: bytes) -> None:
         if self._conn_lost or self._eof_received:
             return                      # closing: the bytes are dropped, as a socket does
-        if not self._can_deliver():
+        if not self._made or self._paused or self._rbuf:     # (_can_deliver, inline)
             self._rbuf.append(data)
             return
         self._consumed(len(data))
