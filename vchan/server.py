@@ -189,6 +189,20 @@ class Server(asyncio.AbstractServer):
             self._serving_forever.set_exception(exc)
         self.close()
 
+    def add_peer(self, domid: int) -> None:
+        """Serve domain ``domid`` too, from now on (listener mode).
+
+        A drop-in server (:mod:`vchan.dropin`) serves each domain that asked
+        over TCP this way; an unprivileged domain cannot follow every domain
+        (``peers="any"``).  Each peer costs one XenStore watch while the
+        server serves.
+        """
+        check_domid(domid, "peer")
+        if self._raw:
+            raise ValueError("a raw server serves one peer domain: no add_peer()")
+        if self._serving:
+            self._watch_peer(domid)
+
     def _watch_peer(self, peer: int) -> None:
         if peer in self._watched:
             return
