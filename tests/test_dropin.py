@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import ssl
 import subprocess
@@ -432,3 +433,97 @@ async def test_without_an_emulator_no_hint_is_looked_for_and_none_is_started(
         dropin.forget_hints()
         with contextlib.suppress(Exception):
             sim.stop(tmp_path / "nowhere")
+
+
+async def test_a_token_presented_by_another_domain_than_the_hellos_is_refused(
+        domains: list[DomainPeer]) -> None:
+    """The token goes to whoever holds the TCP connection, for the domain its
+    HELLO named; a vchan stream from any other domain that presents it is
+    refused, and the token stays unused for its own domain."""
+    from domains import DomainProcess
+
+    server, port = await _server(domains)
+
+    async def hello(domid: int, nonce: bytes = b"n" * 16,
+                    ) -> tuple[Any, asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        writer.write(upgrade.Hello(domid, nonce).encode())
+        answer = upgrade.AnswerReader()
+        got = None
+        while got is None:
+            got = answer.feed(await reader.read(100))
+        return got, reader, writer
+
+    async def claim(token: bytes) -> bytes:
+        """Present ``token`` on a new vchan stream (we are domain 0); what comes back."""
+        stream_reader, stream_writer = await vchan.open_connection(1, upgrade.dropin_port(port),
+                                                                   timeout=10)
+        stream_writer.write(upgrade.Claim(token).encode())
+        try:
+            return await asyncio.wait_for(stream_reader.readexactly(upgrade.ACCEPT_SIZE), 10)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return b""
+        finally:
+            stream_writer.close()
+
+    # A domain that does not exist is declined (serving it would cost a watch).
+    declined, _, writer = await hello(42)
+    assert declined == upgrade.Decline("no domain 42 on this host")
+    writer.close()
+    # An offer to us (domain 0), and one to domain 2, which we ask for too.
+    ours, _, our_tcp = await hello(0, b"0" * 16)
+    vm = DomainProcess(2)
+    try:
+        vm("_presence = GrantMapper()")
+        theirs, reader, writer = await hello(2)
+    finally:
+        vm.close()
+    assert isinstance(ours, upgrade.Offer) and isinstance(theirs, upgrade.Offer)
+    assert ours.domid == theirs.domid == 1
+    # Domain 2's token, presented by domain 0: refused, no ACCEPT.
+    assert await claim(theirs.token) == b""
+    assert not reader.at_eof()      # (its TCP connection still waits for domain 2)
+    # Our own token: ACCEPT with our nonce, and the TCP connection is closed.
+    assert await claim(ours.token) == upgrade.Accept(b"0" * 16).encode()
+    writer.close()
+    our_tcp.close()
+    await writer.wait_closed()
+    server.stop()
+    server.proc.wait(10)
+    assert server.proc.stdout is not None
+    # The declined connection and ours went to the application; nothing else did.
+    conns = [json.loads(line)["conn"] for line in server.proc.stdout.read().splitlines()]
+    assert sorted(c["via"] for c in conns) == ["tcp", "vchan"]
+
+
+async def test_the_advertisement_goes_when_the_server_closes(sim_dir: Path) -> None:
+    from vchan.xenstore import XenStore
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.close()
+
+    own = vchan.own_domid()
+    server = await vchan.start_server(handle, None, 0)
+    port = server.port
+    assert "127.0.0.1" in server.advertised
+    claim = f"/local/domain/{own}/data/vchan-dropin/{port}"
+    entry = f"{dropin.INDEX}/{own}-{port}"
+    xs = await XenStore.open()
+    try:
+        assert set((await xs.read(claim)).decode().split()) == set(server.advertised)
+        assert f"{own}-{port}" in await xs.directory(dropin.INDEX)
+        # Readable by every domain, writable by none but its own.
+        assert [str(p) for p in await xs.get_perms(claim)] == [f"r{own}"]
+        assert [str(p) for p in await xs.get_perms(entry)] == [f"r{own}"]
+        server.close()                  # (no wait_closed(): it goes anyway)
+        for _ in range(100):
+            if f"{own}-{port}" not in await xs.directory(dropin.INDEX):
+                break
+            await asyncio.sleep(0.02)
+        with pytest.raises(FileNotFoundError):
+            await xs.read(claim)
+        with pytest.raises(FileNotFoundError):
+            await xs.read(entry)
+        await server.wait_closed()
+    finally:
+        await xs.close()

@@ -260,7 +260,10 @@ class _Hints:
         self._failed.clear()
 
     def failed(self, host: str, port: int) -> None:
-        self._failed[(host, port)] = time.monotonic() + FAILURE_TTL
+        now = time.monotonic()
+        if len(self._failed) >= 1024:
+            self._failed = {k: t for k, t in self._failed.items() if t > now}
+        self._failed[(host, port)] = now + FAILURE_TTL
 
     async def lookup(self, host: str, port: int) -> list[int]:
         """The domains that advertise ``(host, port)`` (soonest first: none)."""
@@ -486,7 +489,10 @@ async def create_connection(
     loop = asyncio.get_running_loop()
     domids: list[int] = []
     if not tcp_options.get("ssl") and tcp_options.get("sock") is None:
-        domids = await _hints.lookup(host, port)
+        try:
+            domids = await _hints.lookup(host, port)
+        except Exception as exc:
+            log.debug("drop-in: no hints for %s port %d: %s", host, port, exc)
     if not domids or _hints.own is None:
         return await _tcp(loop, protocol_factory, host, port, tcp_options)
     nonce = secrets.token_bytes(16)
@@ -864,9 +870,17 @@ class DropinServer(asyncio.AbstractServer):
 
     # -- connections ------------------------------------------------------------
 
-    def _plain(self, transport: asyncio.Transport, data: bytes) -> asyncio.BaseProtocol:
+    def _plain(self, transport: asyncio.Transport, data: bytes) -> asyncio.BaseProtocol | None:
         _mark_tcp(transport)
-        protocol = self._factory()
+        try:
+            protocol = self._factory()
+        except Exception as exc:
+            # (As asyncio's own servers do when their factory fails.)
+            transport.abort()
+            self._loop.call_exception_handler({
+                "message": "vchan drop-in server: protocol factory failed", "exception": exc,
+                "server": self})
+            return None
         _hand_over(transport, protocol, data)
         return protocol
 
