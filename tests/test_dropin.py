@@ -196,6 +196,26 @@ async def test_an_advertisement_with_nothing_listening_is_tcps_refusal(
     assert line["error"].startswith("ConnectionRefusedError"), line
 
 
+async def test_a_server_short_of_grants_falls_back_to_tcp_at_once(
+        domains: list[DomainPeer], sim_dir: Path) -> None:
+    """The server cannot grant a ring (its domain's grant limit is reached): it
+    refuses the vchan request, and the client goes on over TCP at once."""
+    from vchan import sim
+
+    server, port = await _server(domains)
+    sim.control({"cmd": "set", "key": "grant-limit", "value": 0}, sim_dir)
+    try:
+        got = await _client(domains, port, "--nbytes", "20000")
+    finally:
+        sim.control({"cmd": "set", "key": "grant-limit", "value": sim.DEFAULT_GRANT_LIMIT},
+                    sim_dir)
+    conn = (await server.line())["conn"]
+    assert got["via"] == conn["via"] == "tcp"
+    assert got["received"] == conn["received"] == 20000
+    assert got["sent_sha256"] == conn["received_sha256"] == got["received_sha256"]
+    assert got["connect_seconds"] < 1.0
+
+
 # -- trust ---------------------------------------------------------------------------------
 
 
