@@ -124,7 +124,27 @@ async def _echo_both_ways(reader: asyncio.StreamReader, writer: asyncio.StreamWr
             "received_sha256": recv_hash.hexdigest()}
 
 
+async def connect_parallel(args: argparse.Namespace) -> None:
+    """``count`` connections at once, each echoing its own bytes; one report."""
+    t0 = time.perf_counter()
+    pairs = await asyncio.gather(*(vchan.open_connection(args.host, args.port)
+                                   for _ in range(args.count)))
+    opened = time.perf_counter() - t0
+    results = await asyncio.gather(*(_echo_both_ways(r, w, args.nbytes, seed=i)
+                                     for i, (r, w) in enumerate(pairs)))
+    vias = [dropin.via(w) for _, w in pairs]
+    for _, w in pairs:
+        w.close()
+    await asyncio.gather(*(w.wait_closed() for _, w in pairs))
+    emit(result={"vias": vias, "open_seconds": opened,
+                 "intact": sum(r["sent_sha256"] == r["received_sha256"] and
+                               r["received"] == args.nbytes for r in results)})
+
+
 async def connect(args: argparse.Namespace) -> None:
+    if args.parallel:
+        await connect_parallel(args)
+        return
     for i in range(args.count):
         t0 = time.perf_counter()
         try:
@@ -196,6 +216,7 @@ def main() -> None:
     c.add_argument("--app", choices=["echo", "greet"], default="echo")
     c.add_argument("--nbytes", type=int, default=100_000)
     c.add_argument("--count", type=int, default=1)
+    c.add_argument("--parallel", action="store_true", help="the connections at once")
     a = sub.add_parser("advertise")
     a.add_argument("port", type=int)
     a.add_argument("address")

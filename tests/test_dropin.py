@@ -119,6 +119,19 @@ async def test_later_connections_reuse_the_session_and_the_hints(
     assert later[len(later) // 2] < 0.05, later
 
 
+async def test_a_hundred_connections_at_once_all_upgrade_and_stay_apart(
+        domains: list[DomainPeer]) -> None:
+    """A client's first connections, all at once: they share one session set-up
+    (and the server its one new peer), and each carries its own bytes."""
+    server, port = await _server(domains)
+    got = await _client(domains, port, "--count", "100", "--parallel", "--nbytes", "20000")
+    assert got["vias"] == ["vchan"] * 100
+    assert got["intact"] == 100
+    conns = [(await server.line())["conn"] for _ in range(100)]
+    assert {c["via"] for c in conns} == {"vchan"}
+    assert len({tuple(c["peername"]) for c in conns}) == 100
+
+
 # -- TCP paths ---------------------------------------------------------------------------
 
 
