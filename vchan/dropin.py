@@ -293,16 +293,19 @@ class _Hints:
         return found
 
     async def _read_index(self, now: float) -> None:
-        # One reader at a time; the others wait for its result.
-        if self._refresh is not None:
-            await asyncio.shield(self._refresh)
+        # One reader at a time (per loop); the others wait for its result.
+        loop = asyncio.get_running_loop()
+        refresh = self._refresh
+        if refresh is not None and refresh.get_loop() is loop:
+            await asyncio.shield(refresh)
             return
-        self._refresh = asyncio.get_running_loop().create_future()
+        self._refresh = refresh = loop.create_future()
         try:
             self._index = (now + HINT_TTL, await self._index_now())
         finally:
-            self._refresh.set_result(None)
-            self._refresh = None
+            refresh.set_result(None)
+            if self._refresh is refresh:
+                self._refresh = None
 
     async def _index_now(self) -> dict[int, list[int]]:
         from .backend import default_backend_name
