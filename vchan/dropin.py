@@ -93,6 +93,7 @@ __all__ = [
     "INDEX",
     "DropinServer",
     "create_connection",
+    "create_connection_on",
     "create_server",
     "forget_hints",
     "via",
@@ -489,19 +490,47 @@ async def create_connection(
     ``transport.get_extra_info("vchan_via")``) says which way it went.
     """
     _check_address(host, port)
+    return await _connect(protocol_factory, host, port, None, tcp_options)
+
+
+async def create_connection_on(
+    protocol_factory: Callable[[], asyncio.BaseProtocol], sock: socket.socket,
+    **tcp_options: Any,
+) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+    """As :func:`create_connection`, over a TCP socket already connected (as
+    ``loop.create_connection(sock=...)``; aiohttp connects its sockets itself).
+
+    The upgrade runs on ``sock``; if it fails, a fresh TCP connection to the
+    same peer address carries the application.
+    """
+    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET,
+                                                             socket.AF_INET6):
+        raise ValueError(f"a drop-in connection needs a TCP socket, not {sock!r}")
+    peer = sock.getpeername()
+    return await _connect(protocol_factory, str(peer[0]), int(peer[1]), sock, tcp_options)
+
+
+async def _connect(protocol_factory: Callable[[], asyncio.BaseProtocol], host: str, port: int,
+                   sock: socket.socket | None, tcp_options: dict[str, Any],
+                   ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
     loop = asyncio.get_running_loop()
+    tcp_connect = _tcp_api(loop)[0]
+    where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": host,
+                                                                     "port": port}
     domids: list[int] = []
-    if not tcp_options.get("ssl") and tcp_options.get("sock") is None:
+    if not tcp_options.get("ssl"):
         try:
             domids = await _hints.lookup(host, port)
         except Exception as exc:
             log.debug("drop-in: no hints for %s port %d: %s", host, port, exc)
     if not domids or _hints.own is None:
-        return await _tcp(loop, protocol_factory, host, port, tcp_options)
+        transport, protocol = await tcp_connect(protocol_factory, **where, **tcp_options)
+        _mark_tcp(transport)
+        return transport, protocol
     nonce = secrets.token_bytes(16)
     negotiation = _Negotiation(Hello(_hints.own, nonce).encode())
     # A connection refused is TCP's answer, not a failed upgrade: it is raised.
-    tcp, _ = await loop.create_connection(lambda: negotiation, host, port, **tcp_options)
+    tcp, _ = await tcp_connect(lambda: negotiation, **where, **tcp_options)
     try:
         transport, rest = await _upgrade(loop, tcp, negotiation, nonce, host, port, domids,
                                          _names(tcp))
@@ -509,7 +538,11 @@ async def create_connection(
         # Nothing reached the application yet: TCP, as if we had not tried.
         log.debug("drop-in: %s port %d over TCP: %s", host, port, exc)
         _hints.failed(host, port)
-        return await _tcp(loop, protocol_factory, host, port, tcp_options)
+        if sock is not None:
+            tcp_options = dict(tcp_options, family=sock.family)
+        transport, protocol = await tcp_connect(protocol_factory, host, port, **tcp_options)
+        _mark_tcp(transport)
+        return transport, protocol
     try:
         protocol = protocol_factory()
     except BaseException:
@@ -518,6 +551,15 @@ async def create_connection(
     _hand_over(transport, protocol, rest)
     transport.resume_reading()
     return transport, protocol
+
+
+def _tcp_api(loop: asyncio.AbstractEventLoop) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The loop's own ``create_connection`` and ``create_server`` (those under a
+    drop-in wrapping, :func:`vchan.dropin_loop.wrap_loop`)."""
+    wrapped = getattr(loop, "_vchan_tcp", None)
+    if wrapped is not None:
+        return cast(tuple[Callable[..., Any], Callable[..., Any]], wrapped)
+    return loop.create_connection, loop.create_server
 
 
 def _check_address(host: Any, port: Any) -> None:
@@ -529,14 +571,6 @@ def _check_address(host: Any, port: Any) -> None:
         raise TypeError(f"a TCP port must be an int, not {type(port).__name__}")
     if not 0 < port < 65536:
         raise ValueError(f"TCP port {port} is out of range 1..65535")
-
-
-async def _tcp(loop: asyncio.AbstractEventLoop, protocol_factory: Callable[[], Any], host: str,
-               port: int, tcp_options: dict[str, Any]) -> tuple[asyncio.Transport, Any]:
-    transport, protocol = await loop.create_connection(protocol_factory, host, port,
-                                                       **tcp_options)
-    _mark_tcp(transport)
-    return transport, protocol
 
 
 async def _upgrade(loop: asyncio.AbstractEventLoop, tcp: asyncio.Transport,
@@ -805,8 +839,8 @@ class DropinServer(asyncio.AbstractServer):
 
     async def _start(self, port: int, tcp_options: dict[str, Any]) -> None:
         host: Any = self._hosts if len(self._hosts) > 1 else self._hosts[0]
-        self._tcp = await self._loop.create_server(lambda: _Sniffer(self), host, port,
-                                                   **tcp_options)
+        self._tcp = await _tcp_api(self._loop)[1](lambda: _Sniffer(self), host, port,
+                                                  **tcp_options)
         try:
             await self._start_vchan()
         except Exception as exc:
