@@ -108,6 +108,73 @@ async def test_a_client_not_under_vchan_run_reaches_a_drop_in_server_over_tcp(
     assert got["echo_intact"]
 
 
+@pytest.fixture
+def redis_socket(tmp_path: Path) -> Iterator[Path]:
+    """A redis-server of our own on a Unix socket (no TCP port)."""
+    import shutil
+    import time
+
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed (scripts/setup.sh installs it)")
+    pytest.importorskip("redis")
+    path = tmp_path / "redis.sock"
+    proc = subprocess.Popen([server, "--port", "0", "--unixsocket", str(path), "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not path.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no redis-server"
+            time.sleep(0.02)
+        yield path
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.parametrize("front_dropin", [True, False], ids=["front-under-vchan-run",
+                                                             "plain-front"])
+async def test_redis_asyncio_client_under_vchan_run_reaches_redis_over_vchan(
+        processes: list[subprocess.Popen[str]], redis_socket: Path, front_dropin: bool) -> None:
+    """redis-py's asyncio client (domain 2) and an asyncio sidecar in front of
+    redis-server (domain 1), neither changed: over vchan under vchan run,
+    over TCP when the sidecar is not under it."""
+    loop = _loop_kind()
+    app = str(Path(__file__).with_name("dropin_redis_app.py"))
+    port = _free_port()
+    log = redis_socket.with_name("front.log")
+    front = [sys.executable, app, "front", "127.0.0.1", str(port), str(redis_socket), str(log)]
+    if front_dropin:
+        front = [sys.executable, "-m", "vchan", "run", "--loop", loop, "--", *front]
+    server = subprocess.Popen(front, env=dict(os.environ, VCHAN_DOMID="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    processes.append(server)
+    assert await _readline(server) == "ready\n"
+    client = subprocess.Popen(
+        [sys.executable, "-m", "vchan", "run", "--loop", loop, "--", sys.executable, app,
+         "client", "127.0.0.1", str(port)],
+        env=dict(os.environ, VCHAN_DOMID="2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    processes.append(client)
+    got = json.loads(await _readline(client))
+    assert got == {"get_ok": 800, "last_incr": 50, "big_ok": True}
+    assert client.wait(30) == 0
+    # The client closed its connections: the sidecar says which way each went
+    # (as each ends; wait until that stops changing).
+    seen, still = "", 0
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        now = log.read_text() if log.exists() else ""
+        still = still + 1 if now == seen and now else 0
+        seen = now
+        if still >= 10:
+            break
+    vias = [line.split()[1] for line in seen.splitlines()]
+    # (A sidecar not under vchan run has asyncio's own transports: no key.)
+    assert vias and set(vias) == {"vchan" if front_dropin else "None"}, vias
+
+
 # -- in one process: run(), install(), wrap_loop() ------------------------------------------
 
 
