@@ -317,3 +317,19 @@ def test_the_streams_forms_are_still_vchans_with_a_domid(sim_dir: Path) -> None:
         return server
 
     assert isinstance(dropin_loop.run(main()), vchan.Server)
+
+
+def test_the_readme_one_line_works_after_import_vchan(sim_dir: Path) -> None:
+    code = textwrap.dedent("""
+        import asyncio, vchan
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            return getattr(loop, "_vchan_tcp", None) is not None
+
+        print(vchan.dropin_loop.run(main()), vchan.dropin.via)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("True <function via")
