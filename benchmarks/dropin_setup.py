@@ -13,11 +13,13 @@ server (both echo one byte); a client process in domain 2 connects
 
 each a connect, a one-byte round trip and a close.  The server measures, for
 every upgraded connection, the time from accepting it to the HELLO's first
-byte.  One JSON line of medians and percentiles (microseconds):
+byte.  ``--bulk-mib N`` adds one transfer of N MiB (64 KiB writes, the
+streams API) over TCP and one over an upgraded connection, timed by the
+receiver.  One JSON line of medians and percentiles (microseconds), MB/s:
 
-    python benchmarks/dropin_setup.py [--count 300] [--loop asyncio|uvloop]
+    python benchmarks/dropin_setup.py [--count 300] [--loop asyncio|uvloop] [--bulk-mib 512]
 
-On a private emulator; about 5-15 s.
+On a private emulator; about 5-15 s (and ~1 s per GiB of --bulk-mib).
 """
 
 from __future__ import annotations
@@ -68,8 +70,17 @@ async def _server() -> None:
     setattr(dropin._Sniffer, "connection_made", made)  # noqa: B010 (mypy: a method)
     setattr(dropin._Sniffer, "data_received", data)  # noqa: B010
 
+    rates: dict[str, float] = {}
+
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(await reader.read(1))
+        first = await reader.read(1)
+        if first == b"B":                   # a bulk transfer: count it, then answer
+            t0, n = time.perf_counter(), 0
+            while data := await reader.read(1 << 20):
+                n += len(data)
+            rates[dropin.via(writer)] = n / (time.perf_counter() - t0) / 1e6
+            first = b"k"
+        writer.write(first)
         writer.close()
 
     plain = await asyncio.start_server(echo, "127.0.0.1", 0)
@@ -77,12 +88,12 @@ async def _server() -> None:
     print(json.dumps({"plain": plain.sockets[0].getsockname()[1], "dropin": drop.port}),
           flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    print(json.dumps({"hello_delays": delays}), flush=True)
+    print(json.dumps({"hello_delays": delays, "bulk_MBps": rates}), flush=True)
     drop.close()
     plain.close()
 
 
-async def _client(count: int, plain: int, drop: int) -> dict[str, list[float]]:
+async def _client(count: int, plain: int, drop: int, bulk: int) -> dict[str, list[float]]:
     import vchan
     from vchan import dropin
 
@@ -106,6 +117,18 @@ async def _client(count: int, plain: int, drop: int) -> dict[str, list[float]]:
     for _ in range(count):
         for kind, got in times.items():
             got.append(await one(kind))
+    if bulk:
+        block = bytes(1 << 16)
+        for port in (plain, drop):          # TCP (no hint), then upgraded
+            reader, writer = await vchan.open_connection("127.0.0.1", port)
+            writer.write(b"B")
+            for _ in range(bulk // len(block)):
+                writer.write(block)
+                await writer.drain()
+            writer.write_eof()
+            assert await reader.read(1) == b"k"
+            writer.close()
+            await writer.wait_closed()
     return times
 
 
@@ -113,6 +136,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=300)
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    parser.add_argument("--bulk-mib", type=int, default=0, metavar="MIB",
+                        help="also time one transfer of MIB in 64 KiB writes over TCP and "
+                             "over an upgraded connection (the server's MB/s)")
     parser.add_argument("--role", choices=["server", "client"], help=argparse.SUPPRESS)
     parser.add_argument("--ports", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -121,7 +147,8 @@ def main() -> None:
         return
     if args.role == "client":
         plain, drop = (int(p) for p in args.ports.split(","))
-        print(json.dumps(_run(_client(args.count, plain, drop), args.loop)), flush=True)
+        print(json.dumps(_run(_client(args.count, plain, drop, args.bulk_mib << 20),
+                              args.loop)), flush=True)
         return
     with tempfile.TemporaryDirectory() as sim_dir:
         env = dict(os.environ, VCHAN_SIM_DIR=sim_dir, VCHAN_BACKEND="sim")
@@ -133,6 +160,7 @@ def main() -> None:
             ports = json.loads(server.stdout.readline())
             client = subprocess.run(
                 [*me, "--role", "client", "--count", str(args.count),
+                 "--bulk-mib", str(args.bulk_mib),
                  "--ports", f"{ports['plain']},{ports['dropin']}"],
                 env=dict(env, VCHAN_DOMID="2"), capture_output=True, text=True)
             if client.returncode:
@@ -140,7 +168,8 @@ def main() -> None:
             times = json.loads(client.stdout)
             server.stdin.write("done\n")
             server.stdin.flush()
-            delays = json.loads(server.stdout.readline())["hello_delays"]
+            report = json.loads(server.stdout.readline())
+            delays = report["hello_delays"]
         finally:
             if server.stdin is not None:
                 server.stdin.close()
@@ -157,6 +186,8 @@ def main() -> None:
     out["hello_delay_p50_us"] = round(_pct(delays, 0.5), 1)
     out["hello_delay_p99_us"] = round(_pct(delays, 0.99), 1)
     out["hello_delay_max_us"] = round(max(delays) * 1e6, 1)
+    for via, rate in sorted(report["bulk_MBps"].items()):
+        out[f"bulk_{via}_MBps"] = round(rate)
     print(json.dumps(out))
 
 
