@@ -320,6 +320,41 @@ async def test_a_plain_server_first_client_is_served_after_the_grace(
     assert conn["via"] == "tcp" and conn["first"] == "HELO me\r\n"
 
 
+async def test_a_hello_later_than_the_grace_spoils_one_connection_and_no_data(
+        domains: list[DomainPeer], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A HELLO that comes after the grace (a stalled client) reaches the server's
+    application; the client sees its greeting, not an answer, and goes on over
+    a fresh TCP connection that carries all of its own bytes."""
+    server, port = await _server(domains, "--app", "greet", "--grace", "0.05")
+    made = dropin._Negotiation.connection_made
+
+    def stalled(self: Any, transport: Any) -> None:
+        self.transport = transport
+
+        def late() -> None:
+            if not transport.is_closing():
+                transport.write(self.hello)
+
+        asyncio.get_running_loop().call_later(0.3, late)
+
+    monkeypatch.setattr(dropin._Negotiation, "connection_made", stalled)
+    try:
+        reader, writer = await vchan.open_connection(HOST, port)
+    finally:
+        monkeypatch.setattr(dropin._Negotiation, "connection_made", made)
+    assert dropin.via(writer) == "tcp"
+    assert await reader.readline() == b"220 hello\r\n"
+    writer.write(b"HELO mine\r\n")
+    assert await reader.readline() == b"250 HELO mine\r\n"
+    writer.close()
+    await writer.wait_closed()
+    conns = [(await server.line())["conn"] for _ in range(2)]
+    # The spoiled connection went to the application as TCP; the other one
+    # carried the client's bytes, and only them.
+    assert {c["via"] for c in conns} == {"tcp"}
+    assert "HELO mine\r\n" in [c.get("first") for c in conns]
+
+
 async def test_a_server_first_protocol_over_vchan(domains: list[DomainPeer]) -> None:
     server, port = await _server(domains, "--app", "greet")
     got = await _client(domains, port, "--app", "greet")
