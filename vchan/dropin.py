@@ -44,6 +44,10 @@ Client (domain C) to ``(host, P)``:
    server, grants short, XenStore refusing, a timeout): a fresh plain TCP
    connection, and a debug log line saying why.
 
+The TCP calls are the event loop's own ``create_connection`` /
+``create_server`` -- those under the wrapping when the loop is a drop-in one
+(:mod:`vchan.dropin_loop`).
+
 Server (domain S): each accepted TCP connection is sniffed
 (:class:`vchan.upgrade.HelloSniffer`): the first byte that is not HELLO's
 hands the connection to the application with every byte received; a whole
@@ -484,7 +488,8 @@ async def create_connection(
     it as a drop-in server and proves it owns it, else over TCP.
 
     ``tcp_options`` go to :meth:`asyncio.loop.create_connection` (with
-    ``ssl`` or ``sock`` the connection is plain TCP).  Errors are TCP's (the
+    ``ssl`` the connection is plain TCP; over a socket already connected:
+    :func:`create_connection_on`).  Errors are TCP's (the
     connection is refused, the name does not resolve); a failed upgrade is
     not an error but a TCP connection.  :func:`via` (or
     ``transport.get_extra_info("vchan_via")``) says which way it went.
