@@ -7,10 +7,17 @@ from TCP to vchan by changing one call::
 
     reader, writer = await vchan.open_connection(domid, port)
     server = await vchan.start_server(handle_client, port, peers=domid)
+
+or by address, vchan to domains of the same host and TCP to the rest
+(:mod:`vchan.dropin`; unmodified programs: :mod:`vchan.dropin_loop`, ``vchan run``)::
+
+    reader, writer = await vchan.open_connection("10.0.0.2", 8080)
+    server = await vchan.start_server(handle_client, "10.0.0.2", 8080)
 """
 
 from __future__ import annotations
 
+from . import dropin, dropin_loop
 from .client import create_connection
 from .errors import LocalProtocolError, NoSuchDomainError, RemoteProtocolError, VchanError
 from .server import Server, create_server
@@ -30,6 +37,8 @@ __all__ = [
     "__version__",
     "create_connection",
     "create_server",
+    "dropin",
+    "dropin_loop",
     "open_connection",
     "own_domid",
     "start_server",

@@ -212,6 +212,27 @@ def _sim_run(domid: int, command: list[str], directory: Path) -> int:
     os.execve(program, command, env)
 
 
+def _run(args: argparse.Namespace) -> int:
+    """Exec a program whose event loops are drop-in (vchan.dropin_loop.install)."""
+    import os
+    import shutil
+
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise UsageError("run: name the program (vchan run -- PROGRAM ARGS)")
+    program = shutil.which(command[0])
+    if program is None:
+        raise UsageError(f"run: no program {command[0]!r}")
+    site = str(Path(__file__).resolve().parent / "_site")
+    env = dict(os.environ, VCHAN_RUN_LOOP=args.loop or "")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (site, env.get("PYTHONPATH")) if p)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(program, command, env)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vchan`` command."""
     parser = argparse.ArgumentParser(
@@ -285,6 +306,27 @@ def main(argv: list[str] | None = None) -> int:
     runp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- PROGRAM ARGS",
                       help="the program and its arguments")
     simp.set_defaults(func=_sim)
+
+    runp = sub.add_parser(
+        "run", help="run an unmodified asyncio program with drop-in TCP (vchan to "
+                    "co-resident domains)",
+        description="Run PROGRAM (a Python program, or anything that runs one) with every\n"
+                    "event loop it makes drop-in: its TCP connections and servers by host\n"
+                    "and port (asyncio streams, aiohttp, redis.asyncio, ...) use vchan to\n"
+                    "domains of this host that serve the address as drop-in servers, and\n"
+                    "TCP to everything else (docs/dropin.md).  Python programs it starts\n"
+                    "inherit it.",
+        epilog="examples:\n"
+               "  vchan run -- python app.py\n"
+               "  vchan run --loop uvloop -- python -m aiohttp.web -H 10.0.0.1 -P 8080 app:main\n"
+               "  VCHAN_DOMID=2 vchan run -- python client.py     # on the emulator",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    runp.add_argument("--loop", choices=["asyncio", "uvloop"],
+                      help="the event loop asyncio.run() and asyncio.new_event_loop() give "
+                           "(default: the program's own choice)")
+    runp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- PROGRAM ARGS",
+                      help="the program and its arguments")
+    runp.set_defaults(func=_run)
 
     add_commands(sub)
     sub.add_parser(

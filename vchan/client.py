@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 from .endpoint import DEFAULT_RING_SIZE, Endpoint, check_ring_size
 from .hub import _loop_state, event_hub
@@ -30,7 +30,44 @@ def _ring_sizes(read_min: int | None, write_min: int | None) -> tuple[int, int]:
     return r, w
 
 
+@overload
 async def create_connection(
+    protocol_factory: Callable[[], asyncio.BaseProtocol], domid: int, port: int | str, *,
+    timeout: float | None = None, read_min: int | None = None, write_min: int | None = None,
+    dedicated: bool | None = None, busy_poll: float | None = None,
+) -> tuple[asyncio.Transport, asyncio.BaseProtocol]: ...
+
+
+@overload
+async def create_connection(
+    protocol_factory: Callable[[], asyncio.BaseProtocol], domid: str, port: int,
+    **tcp_options: Any,
+) -> tuple[asyncio.Transport, asyncio.BaseProtocol]: ...
+
+
+async def create_connection(
+    protocol_factory: Callable[[], asyncio.BaseProtocol], domid: int | str, port: int | str,
+    **options: Any,
+) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+    """Connect to vchan port ``port`` of domain ``domid`` (an int), or by
+    address (drop-in): ``create_connection(factory, host, port)``.
+
+    With a host (a str) and a TCP port, the connection is vchan when a
+    co-resident domain serves that address as a drop-in server and proves it
+    over TCP, else plain TCP; ``options`` then go to
+    :meth:`asyncio.loop.create_connection` (see :func:`vchan.dropin.create_connection`).
+    """
+    if isinstance(domid, str):
+        from .dropin import create_connection as by_address
+
+        if not isinstance(port, int) or isinstance(port, bool):
+            raise TypeError(f"connecting to host {domid!r}: the TCP port must be an int, "
+                            f"not {type(port).__name__}")
+        return await by_address(protocol_factory, domid, port, **options)
+    return await _create_connection(protocol_factory, domid, port, **options)
+
+
+async def _create_connection(
     protocol_factory: Callable[[], asyncio.BaseProtocol], domid: int, port: int | str, *,
     timeout: float | None = None, read_min: int | None = None, write_min: int | None = None,
     dedicated: bool | None = None, busy_poll: float | None = None,

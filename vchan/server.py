@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Collection
-from typing import Any, Literal
+from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from .client import _ring_sizes
 from .endpoint import Endpoint
@@ -36,6 +36,9 @@ from .listener import (
 )
 from .mux import Session, StreamTransport, check_busy_poll
 from .transport import VchanTransport
+
+if TYPE_CHECKING:
+    from .dropin import DropinServer
 
 __all__ = ["Peers", "Server", "create_server"]
 
@@ -188,6 +191,20 @@ class Server(asyncio.AbstractServer):
         if self._serving_forever is not None and not self._serving_forever.done():
             self._serving_forever.set_exception(exc)
         self.close()
+
+    def add_peer(self, domid: int) -> None:
+        """Serve domain ``domid`` too, from now on (listener mode).
+
+        A drop-in server (:mod:`vchan.dropin`) serves each domain that asked
+        over TCP this way; an unprivileged domain cannot follow every domain
+        (``peers="any"``).  Each peer costs one XenStore watch while the
+        server serves.
+        """
+        check_domid(domid, "peer")
+        if self._raw:
+            raise ValueError("a raw server serves one peer domain: no add_peer()")
+        if self._serving:
+            self._watch_peer(domid)
 
     def _watch_peer(self, peer: int) -> None:
         if peer in self._watched:
@@ -536,7 +553,44 @@ async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
             w.cancel()
 
 
+@overload
 async def create_server(
+    protocol_factory: Callable[[], asyncio.BaseProtocol], port: int | str, *,
+    peers: Peers, raw: bool = False, read_min: int | None = None,
+    write_min: int | None = None, accept_timeout: float = 30.0, start_serving: bool = True,
+    sessions: bool = True, busy_poll: float | None = None,
+) -> Server: ...
+
+
+@overload
+async def create_server(
+    protocol_factory: Callable[[], asyncio.BaseProtocol], host: str | Sequence[str] | None,
+    port: int, *, grace: float = ..., **tcp_options: Any,
+) -> DropinServer: ...
+
+
+async def create_server(protocol_factory: Callable[[], asyncio.BaseProtocol], *args: Any,
+                        **kwargs: Any) -> Server | DropinServer:
+    """Serve vchan port ``port`` to the domains in ``peers``:
+    ``create_server(factory, port, peers=...)``; or serve a TCP address and
+    vchan to co-resident domains at once (drop-in):
+    ``create_server(factory, host, port)``.
+
+    The two are told apart by ``peers``, which only the first has.  The
+    drop-in form is :func:`vchan.dropin.create_server`.
+    """
+    if "peers" in kwargs:
+        return await _create_server(protocol_factory, *args, **kwargs)
+    if len(args) + ("host" in kwargs) + ("port" in kwargs) != 2:
+        raise TypeError("create_server(factory, port, peers=...) serves vchan; "
+                        "create_server(factory, host, port) serves a TCP address and vchan "
+                        "(drop-in)")
+    from .dropin import create_server as by_address
+
+    return await by_address(protocol_factory, *args, **kwargs)
+
+
+async def _create_server(
     protocol_factory: Callable[[], asyncio.BaseProtocol], port: int | str, *,
     peers: Peers, raw: bool = False, read_min: int | None = None,
     write_min: int | None = None, accept_timeout: float = 30.0, start_serving: bool = True,

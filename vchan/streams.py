@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, SupportsIndex
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, SupportsIndex, overload
 
 from .client import create_connection
 from .server import Peers, Server, create_server
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
+
+    from .dropin import DropinServer
 
 __all__ = ["StreamReader", "open_connection", "start_server"]
 
@@ -460,34 +462,64 @@ class StreamReader(asyncio.StreamReader):
 
 
 async def open_connection(
-    domid: int, port: int | str, *, limit: int = _DEFAULT_LIMIT, timeout: float | None = None,
-    **ring_options: Any,
+    domid: int | str, port: int | str, *, limit: int = _DEFAULT_LIMIT,
+    timeout: float | None = None, **options: Any,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to vchan ``port`` of domain ``domid``; a (reader, writer) pair.
 
     ``timeout`` bounds the wait for a server that is not there yet;
-    ``ring_options`` (``read_min``, ``write_min``) go to
-    :func:`vchan.create_connection`.
+    ``options`` (``read_min``, ``write_min``, ``dedicated``, ``busy_poll``)
+    go to :func:`vchan.create_connection`.
+
+    With a host name or address (a str) instead of a domid and a TCP port,
+    as :func:`asyncio.open_connection`: vchan when a co-resident domain
+    serves that address as a drop-in server (and proves it), else TCP;
+    ``options`` then go to :meth:`asyncio.loop.create_connection`, and
+    ``timeout`` (if given) bounds the whole connection set-up.
     """
     loop = asyncio.get_running_loop()
     reader = StreamReader(limit=limit, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-    transport, _ = await create_connection(lambda: protocol, domid, port, timeout=timeout,
-                                           **ring_options)
+    if isinstance(domid, str):
+        if not isinstance(port, int):
+            raise TypeError(f"connecting to host {domid!r}: the TCP port must be an int, "
+                            f"not {type(port).__name__}")
+        connecting = create_connection(lambda: protocol, domid, port, **options)
+        transport, _ = await asyncio.wait_for(connecting, timeout)
+    else:
+        transport, _ = await create_connection(lambda: protocol, domid, port, timeout=timeout,
+                                               **options)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     return reader, writer
 
 
+@overload
 async def start_server(
     client_connected_cb: ClientConnected, port: int | str, *, peers: Peers,
     limit: int = _DEFAULT_LIMIT, **ring_options: Any,
-) -> Server:
-    """Serve vchan ``port``; ``client_connected_cb(reader, writer)`` per client.
+) -> Server: ...
+
+
+@overload
+async def start_server(
+    client_connected_cb: ClientConnected, host: str | Sequence[str] | None, port: int, *,
+    limit: int = _DEFAULT_LIMIT, **tcp_options: Any,
+) -> DropinServer: ...
+
+
+async def start_server(
+    client_connected_cb: ClientConnected, *args: Any, limit: int = _DEFAULT_LIMIT,
+    **options: Any,
+) -> Server | DropinServer:
+    """Serve vchan ``port``; ``client_connected_cb(reader, writer)`` per client:
+    ``start_server(cb, port, peers=...)``.  Or serve a TCP address and vchan
+    to co-resident domains at once (drop-in): ``start_server(cb, host, port)``.
 
     The callback may be a plain function or a coroutine function (run as a
-    task), as with :func:`asyncio.start_server`.  ``peers`` and
-    ``ring_options`` (``raw``, ``read_min``, ``write_min``,
-    ``accept_timeout``) go to :func:`vchan.create_server`.
+    task), as with :func:`asyncio.start_server`.  ``peers`` and ``options``
+    (``raw``, ``read_min``, ``write_min``, ``accept_timeout``; for the
+    drop-in form ``grace`` and :meth:`asyncio.loop.create_server`'s) go to
+    :func:`vchan.create_server`.
     """
     loop = asyncio.get_running_loop()
 
@@ -495,4 +527,5 @@ async def start_server(
         reader = StreamReader(limit=limit, loop=loop)
         return asyncio.StreamReaderProtocol(reader, client_connected_cb, loop=loop)
 
-    return await create_server(factory, port, peers=peers, **ring_options)
+    server: Server | DropinServer = await create_server(factory, *args, **options)
+    return server

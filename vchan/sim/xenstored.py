@@ -606,8 +606,11 @@ class XenStored:
         self.store_put("/", Node(b"", dom0, ["tool", "local"]))
         self.store_put("/tool", Node(b"", dom0, ["xenstored"]))
         self.store_put("/tool/xenstored", Node(b"", dom0))
-        self.store_put("/local", Node(b"", dom0, ["domain"]))
+        self.store_put("/local", Node(b"", dom0, ["domain", "vchan-dropin"]))
         self.store_put("/local/domain", Node(b"", dom0))
+        # The index of vchan drop-in servers (vchan.dropin), which a toolstack
+        # makes in dom0 (docs/dropin.md): every domain may add its entries.
+        self.store_put("/local/vchan-dropin", Node(b"", (Perm(0, "b"),)))
         # As current xenstored: any domain may watch @releaseDomain.
         self.store_put("@releaseDomain", Node(b"", (Perm(0, "n"), Perm(DOMID_ANY, "r"))))
         self.store_put("@introduceDomain", Node(b"", dom0))
