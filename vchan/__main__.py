@@ -200,10 +200,11 @@ def _sim_run(domid: int, command: list[str], directory: Path) -> int:
         raise UsageError("sim run: name the program (vchan sim run --domid N -- PROGRAM ARGS)")
     if not 0 <= domid < 0x7FF0:
         raise UsageError(f"sim run: --domid must be a domain id in 0..32751, got {domid}")
-    env = compat.run_environment(domid, directory)
-    program = shutil.which(command[0], path=env.get("PATH"))
+    # Everything that can fail is checked before the emulator is started.
+    program = shutil.which(command[0])
     if program is None:
         raise UsageError(f"sim run: no program {command[0]!r}")
+    env = compat.run_environment(domid, directory)
     # The program inherits this connection: its domain exists while it runs.
     held = compat.hold_domain(domid, directory)
     os.set_inheritable(held.fileno(), True)
@@ -272,9 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Run PROGRAM as a process of emulated domain N (the emulator is started\n"
                     "if it is not running).  Unmodified C programs linked with Xen's\n"
                     "libxenvchan (Debian's vchan-socket-proxy, ...) get drop-in libxengnttab,\n"
-                    "libxenevtchn and libxenctrl over the emulator (LD_LIBRARY_PATH; built\n"
-                    "from kernel/compat when missing) and the domain's XenStore\n"
-                    "(XENSTORED_PATH); vchan's Python side gets VCHAN_DOMID.",
+                    "libxenevtchn and libxenctrl over the emulator (LD_LIBRARY_PATH; a wheel\n"
+                    "carries them built, else they are built on first use) and the domain's\n"
+                    "XenStore (XENSTORED_PATH); vchan's Python side gets VCHAN_DOMID.",
         epilog="examples:\n"
                "  vchan sim run --domid 1 -- /usr/lib/xen-4.17/bin/vchan-socket-proxy \\\n"
                "      --mode=server 2 /local/domain/1/data/vchan/2/echo /run/echo.sock\n"

@@ -327,6 +327,9 @@ def ensure_running(directory: Path | None = None, timeout: float = 10.0) -> Path
                 [sys.executable, "-m", "vchan.sim.hypervisor", "--dir", str(directory),
                  "--daemonize"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
+                # Not the caller's directory: python -m looks there first, and a
+                # vchan source tree there (an unpacked sdist) would shadow ours.
+                cwd=directory,
             )
         if status != 0:
             raise SimError(f"the emulator failed to start (status {status}); "
