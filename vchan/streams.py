@@ -461,33 +461,38 @@ class StreamReader(asyncio.StreamReader):
 
 async def open_connection(
     domid: int, port: int | str, *, limit: int = _DEFAULT_LIMIT, timeout: float | None = None,
-    **ring_options: Any,
+    read_min: int | None = None, write_min: int | None = None, dedicated: bool | None = None,
+    busy_poll: float | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to vchan ``port`` of domain ``domid``; a (reader, writer) pair.
 
-    ``timeout`` bounds the wait for a server that is not there yet;
-    ``ring_options`` (``read_min``, ``write_min``) go to
-    :func:`vchan.create_connection`.
+    ``limit`` is the reader's buffer limit, as in :func:`asyncio.open_connection`;
+    ``timeout``, ``read_min``, ``write_min``, ``dedicated`` and ``busy_poll``
+    are those of :func:`vchan.create_connection`.
     """
     loop = asyncio.get_running_loop()
     reader = StreamReader(limit=limit, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     transport, _ = await create_connection(lambda: protocol, domid, port, timeout=timeout,
-                                           **ring_options)
+                                           read_min=read_min, write_min=write_min,
+                                           dedicated=dedicated, busy_poll=busy_poll)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     return reader, writer
 
 
 async def start_server(
     client_connected_cb: ClientConnected, port: int | str, *, peers: Peers,
-    limit: int = _DEFAULT_LIMIT, **ring_options: Any,
+    limit: int = _DEFAULT_LIMIT, raw: bool = False, read_min: int | None = None,
+    write_min: int | None = None, accept_timeout: float = 30.0, start_serving: bool = True,
+    sessions: bool = True, busy_poll: float | None = None,
 ) -> Server:
     """Serve vchan ``port``; ``client_connected_cb(reader, writer)`` per client.
 
     The callback may be a plain function or a coroutine function (run as a
-    task), as with :func:`asyncio.start_server`.  ``peers`` and
-    ``ring_options`` (``raw``, ``read_min``, ``write_min``,
-    ``accept_timeout``) go to :func:`vchan.create_server`.
+    task), as with :func:`asyncio.start_server`; ``limit`` is each reader's
+    buffer limit.  ``peers``, ``raw``, ``read_min``, ``write_min``,
+    ``accept_timeout``, ``start_serving``, ``sessions`` and ``busy_poll`` are
+    those of :func:`vchan.create_server`.
     """
     loop = asyncio.get_running_loop()
 
@@ -495,4 +500,7 @@ async def start_server(
         reader = StreamReader(limit=limit, loop=loop)
         return asyncio.StreamReaderProtocol(reader, client_connected_cb, loop=loop)
 
-    return await create_server(factory, port, peers=peers, **ring_options)
+    return await create_server(factory, port, peers=peers, raw=raw, read_min=read_min,
+                               write_min=write_min, accept_timeout=accept_timeout,
+                               start_serving=start_serving, sessions=sessions,
+                               busy_poll=busy_poll)
