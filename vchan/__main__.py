@@ -13,13 +13,19 @@ from .cli import UsageError, add_commands
 
 def _demo(args: argparse.Namespace) -> int:
     from . import sim
-    from .backend import default_backend_name
+    from .backend import BackendError, check_environment, default_backend_name
     from .demo import run_demo
 
     # The demo's processes start the emulator if it is not running: stop
     # what it started (and say so), leave alone what it found.
+    if default_backend_name() == "xen":
+        raise BackendError("the demo plays two domains on the emulator: run it with "
+                         "VCHAN_BACKEND=sim (on real Xen, run a server and a client in two "
+                         "real domains)")
+    check_environment(domid=False)     # its processes set their own domains
     directory = sim.state_dir()
-    started = default_backend_name() == "sim" and not sim.is_running(directory)
+    started = not sim.is_running(directory)
+    sim.ensure_running(directory)       # its failure in one line, not in each process
     try:
         return _run_demo(args, run_demo)
     finally:
@@ -70,7 +76,9 @@ def _sim(args: argparse.Namespace) -> int:
     import json
 
     from . import sim
+    from .backend import check_environment
 
+    check_environment("sim", domid=False)      # VCHAN_SIM_DIR, VCHAN_SIM_TIMEOUT
     directory = sim.state_dir()
     if args.sim_command == "start":
         running = sim.is_running(directory)
@@ -293,23 +301,31 @@ def main(argv: list[str] | None = None) -> int:
         help="benchmark vchan against TCP and Unix sockets (vchan bench --help)")
 
     args_list = sys.argv[1:] if argv is None else list(argv)
-    if args_list[:1] == ["bench"]:
-        # The benchmark suite has its own parser (also run as python -m vchan.bench).
-        from .bench import main as bench_main
-
-        return bench_main(args_list[1:])
-    args = parser.parse_args(args_list)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    from .backend import BackendError
     from .sim import SimError
 
     try:
+        if args_list[:1] == ["bench"]:
+            # The benchmark suite has its own parser (also run as python -m vchan.bench).
+            from .backend import check_environment
+            from .bench import main as bench_main
+
+            if not {"-h", "--help"} & set(args_list):
+                check_environment(domid=False)      # it chooses its domains itself
+            return bench_main(args_list[1:])
+        args = parser.parse_args(args_list)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         result: int = args.func(args)
+    except KeyboardInterrupt:
+        # Ctrl-C: one line, and the status a shell gives a process SIGINT ended.
+        print("vchan: interrupted", file=sys.stderr)
+        return 130
     except UsageError as exc:
         print(f"vchan: {exc}", file=sys.stderr)
         return 2
-    except (SimError, OSError) as exc:
+    except (BackendError, SimError, OSError) as exc:
         print(f"vchan: {exc}", file=sys.stderr)
         return 1
     return result

@@ -389,19 +389,16 @@ class Server(asyncio.AbstractServer):
         except BaseException:
             self._pending.discard(held)
             held.close()
-            with contextlib.suppress(OSError):
-                await self._state.xs.rm(path)
+            await _rm_quietly(self._state.xs, path)
             raise
         self._pending.discard(held)
         if not keep_path:
-            with contextlib.suppress(OSError):
-                await self._state.xs.rm(path)
+            await _rm_quietly(self._state.xs, path)
         if connected and self._serving:
             return True
         held.close()
         if keep_path:
-            with contextlib.suppress(OSError):
-                await self._state.xs.rm(path)
+            await _rm_quietly(self._state.xs, path)
         return False
 
     def _accept_stream(self, session: Any, stream_id: int, port: str) -> Any:
@@ -470,8 +467,7 @@ class Server(asyncio.AbstractServer):
             return
 
         async def cleanup() -> None:
-            with contextlib.suppress(OSError):
-                await state.xs.rm(path)
+            await _rm_quietly(state.xs, path)
             if self._serving:
                 self._watched.pop(peer, None)
                 self._watch_peer(peer)
@@ -590,6 +586,19 @@ class Server(asyncio.AbstractServer):
                 raise
         finally:
             self._serving_forever = None
+
+
+async def _rm_quietly(xs: Any, path: str) -> None:
+    """Remove ``path`` if XenStore can still be reached.
+
+    A clean-up: when the connection is closed already (``asyncio.run()``
+    ending cancels every task at once, the loop's XenStore connection among
+    them) there is nothing to remove it from, and nothing worth a traceback.
+    """
+    if xs.closed:
+        return
+    with contextlib.suppress(OSError, ValueError):      # ValueError: closed meanwhile
+        await xs.rm(path)
 
 
 async def _either(a: asyncio.Event, b: asyncio.Event) -> None:

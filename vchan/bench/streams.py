@@ -718,6 +718,9 @@ def _die_with_parent(parent: int) -> None:
 
 def child_main(role: str, parent: int) -> int:
     _die_with_parent(parent)
+    # Ctrl-C reaches the whole process group: the parent ends its children
+    # (Runner.close), which must not print tracebacks of their own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # 10,000 socket connections need 10,000 descriptors in each process.
     import resource
 
