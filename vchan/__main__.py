@@ -141,7 +141,7 @@ def _sim(args: argparse.Namespace) -> int:
         print(f"{args.key} = {answer[args.key]}")
         return 0
     if args.sim_command == "run":
-        return _sim_run(args.domid, args.command, directory)
+        return _sim_run(args.domid, args.command, directory, args.peer)
     raise UsageError("vchan sim: say start, stop, status, set or run (see vchan sim --help)")
 
 
@@ -195,8 +195,8 @@ def _sim_ls(path: str, directory: Path) -> int:
     return 0
 
 
-def _sim_run(domid: int, command: list[str], directory: Path) -> int:
-    """Exec a program as a process of emulated domain ``domid``."""
+def _sim_run(domid: int, command: list[str], directory: Path, peers: list[int]) -> int:
+    """Exec a program as a process of emulated domain ``domid`` (``peers`` exist too)."""
     import os
     import shutil
 
@@ -206,16 +206,19 @@ def _sim_run(domid: int, command: list[str], directory: Path) -> int:
         command = command[1:]
     if not command:
         raise UsageError("sim run: name the program (vchan sim run --domid N -- PROGRAM ARGS)")
-    if not 0 <= domid < 0x7FF0:
-        raise UsageError(f"sim run: --domid must be a domain id in 0..32751, got {domid}")
+    for n, what in [(domid, "--domid"), *((p, "--peer") for p in peers)]:
+        if not 0 <= n < 0x7FF0:
+            raise UsageError(f"sim run: {what} must be a domain id in 0..32751, got {n}")
     # Everything that can fail is checked before the emulator is started.
     program = shutil.which(command[0])
     if program is None:
         raise UsageError(f"sim run: no program {command[0]!r}")
     env = compat.run_environment(domid, directory)
-    # The program inherits this connection: its domain exists while it runs.
-    held = compat.hold_domain(domid, directory)
-    os.set_inheritable(held.fileno(), True)
+    # The program inherits these connections: its domain (and its peers')
+    # exist while it runs.
+    held = [compat.hold_domain(d, directory) for d in dict.fromkeys([domid, *peers])]
+    for sock in held:
+        os.set_inheritable(sock.fileno(), True)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(program, command, env)
@@ -285,12 +288,16 @@ def main(argv: list[str] | None = None) -> int:
                     "carries them built, else they are built on first use) and the domain's\n"
                     "XenStore (XENSTORED_PATH); vchan's Python side gets VCHAN_DOMID.",
         epilog="examples:\n"
-               "  vchan sim run --domid 1 -- /usr/lib/xen-4.17/bin/vchan-socket-proxy \\\n"
+               "  vchan sim run --domid 1 --peer 2 -- /usr/lib/xen-4.17/bin/vchan-socket-proxy \\\n"
                "      --mode=server 2 /local/domain/1/data/vchan/2/echo /run/echo.sock\n"
                "  vchan sim run --domid 2 -- python3 client.py",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     runp.add_argument("--domid", type=int, default=0, metavar="N",
                       help="the emulated domain to run in (default 0)")
+    runp.add_argument("--peer", type=int, action="append", default=[], metavar="M",
+                      help="domain M exists too while PROGRAM runs, as on Xen, where both "
+                           "domains exist before their programs: a C server "
+                           "(libxenvchan_server_init) needs its client's domain (repeatable)")
     runp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- PROGRAM ARGS",
                       help="the program and its arguments")
     simp.set_defaults(func=_sim)

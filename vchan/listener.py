@@ -65,6 +65,7 @@ import asyncio
 import contextlib
 import re
 import secrets
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -287,6 +288,37 @@ def _pending_slots(xs: XenStore, key: tuple[int, str]) -> asyncio.Semaphore:
 
 
 
+#: How long a client on the emulator waits for its server's domain to appear.
+SIM_DOMAIN_GRACE = 3.0
+
+
+async def _wait_for_emulated_domain(evtchn: EventChannel, server: int,
+                                    timeout: float | None) -> None:
+    """The server's domain does not exist: on Xen that is final, at once.
+
+    On the emulator a domain exists while a process of it is connected, so a
+    client started right after its server (``server & client``) would race
+    the server's start.  On Xen both domains exist before their programs
+    run; here the client gives the server's domain up to
+    :data:`SIM_DOMAIN_GRACE` seconds (within ``timeout``) to appear, then
+    says what to do.
+    """
+    from .backend import get_backend
+
+    if get_backend().name != "sim":
+        raise NoSuchDomainError(f"vchan server domain {server} does not exist")
+    grace = SIM_DOMAIN_GRACE if timeout is None else min(timeout, SIM_DOMAIN_GRACE)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        if domain_exists(evtchn, server):
+            return
+    raise NoSuchDomainError(
+        f"vchan server domain {server} does not exist (on the emulator a domain exists "
+        f"while a process of it runs: start the server in domain {server} first; "
+        f"waited {grace:g} s for it)")
+
+
 async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChannel, *,
                          own: int, server: int, port: str, read_min: int, write_min: int,
                          timeout: float | None,
@@ -308,7 +340,7 @@ async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChan
     check_ring_size(read_min, "read_min")
     check_ring_size(write_min, "write_min")
     if not domain_exists(evtchn, server):
-        raise NoSuchDomainError(f"vchan server domain {server} does not exist")
+        await _wait_for_emulated_domain(evtchn, server, timeout)
     base = vchan_path(server, own, port)
     nonce = secrets.token_hex(8)
     connect = make_endpoint or (lambda ref, p: Endpoint.connect(server, ref, p, evtchn=evtchn))
