@@ -1134,7 +1134,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  vchan bench --cases pingpong --loops uvloop --rounds 50000",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="a smaller run (under two minutes): 64 KiB writes, fewer "
+                        help="a smaller run (about a minute): 64 KiB writes, fewer "
                              "round trips, 10 and 1,000 connections, 8 matrix cells")
     parser.add_argument("--out", metavar="DIR", type=Path, default=None,
                         help="where to write results.json, report.md and the plots "
