@@ -3,8 +3,9 @@
 ``scripts/build-dist`` builds the sdist and the manylinux wheel; the slow
 tests here (run under CI, or with ``VCHAN_TEST_DIST=1``) install each in a
 fresh virtualenv in a temporary directory, on Python 3.11 and 3.12, and run
-the commands a user runs there: ``vchan demo``, and ``vchan sim run`` with
-Debian's ``vchan-socket-proxy`` talking to a Python client.  From the
+the commands a user runs there: ``vchan demo``, ``vchan sim run`` with
+Debian's ``vchan-socket-proxy`` talking to a Python client, and the examples
+(the README's echo pair, the aiohttp one).  From the
 unpacked sdist they run mypy and the suite's collection (every test module
 imports and finds its fixtures).  The quick tests pin down the pieces: the
 version's one source, the sdist's file list, and where ``vchan.sim.compat``
@@ -197,6 +198,32 @@ def test_the_wheel_installs_and_runs_outside_the_tree(dist: dict[str, Path], ver
     assert "(match)" in out and "MISMATCH" not in out, out
     assert "stopped the emulator the demo started" in out, out
     _socket_proxy_round_trip(bin_, tmp_path, env)
+    _examples(bin_, tmp_path, env)
+
+
+def _examples(bin_: Path, tmp: Path, env: dict[str, str]) -> None:
+    """The README's first example and the aiohttp one, copied out of the tree and
+    run by the installed vchan (aiohttp installed as the README says)."""
+    for name in ("echo_server.py", "echo_client.py", "aiohttp_over_vchan.py"):
+        shutil.copy(ROOT / "examples" / name, tmp / name)
+    _run([bin_ / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check",
+          "aiohttp"], cwd=tmp, timeout=600)
+    for serve, client, expect in [
+            (["echo_server.py"], ["echo_client.py"], "b'hello over vchan'"),
+            (["aiohttp_over_vchan.py", "serve"], ["aiohttp_over_vchan.py", "fetch"],
+             "all responses as expected")]:
+        server = subprocess.Popen([bin_ / "python", *serve], cwd=tmp,
+                                  env=dict(env, VCHAN_DOMID="1"), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            out = _run([bin_ / "python", *client], cwd=tmp, env=dict(env, VCHAN_DOMID="2"),
+                       timeout=60)
+            assert expect in out, out
+        finally:
+            server.terminate()
+            _, err = server.communicate(timeout=30)
+        assert "Traceback" not in err, err
+    _run([bin_ / "vchan", "sim", "stop"], cwd=tmp, env=env)
 
 
 def _socket_proxy_round_trip(bin_: Path, tmp: Path, env: dict[str, str]) -> None:
