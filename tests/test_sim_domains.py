@@ -79,7 +79,8 @@ def test_a_client_started_before_its_server_waits_for_the_servers_domain(
         server.wait(10)
 
 
-@pytest.mark.parametrize("timeout, waits", [("30", listener.SIM_DOMAIN_GRACE), ("0", 0.0)])
+@pytest.mark.parametrize("timeout, waits", [("30", listener.SIM_DOMAIN_GRACE), ("2", 1.0),
+                                            ("0", 0.0)])
 def test_a_server_domain_that_never_comes_is_an_error_saying_what_to_do(
         sim_dir: Path, tmp_path: Path, timeout: str, waits: float) -> None:
     (tmp_path / "client.py").write_text(CLIENT)

@@ -292,31 +292,42 @@ def _pending_slots(xs: XenStore, key: tuple[int, str]) -> asyncio.Semaphore:
 SIM_DOMAIN_GRACE = 3.0
 
 
-async def _wait_for_emulated_domain(evtchn: EventChannel, server: int,
-                                    timeout: float | None) -> None:
-    """The server's domain does not exist: on Xen that is final, at once.
-
-    On the emulator a domain exists while a process of it is connected, so a
-    client started right after its server (``server & client``) would race
-    the server's start.  On Xen both domains exist before their programs
-    run; here the client gives the server's domain up to
-    :data:`SIM_DOMAIN_GRACE` seconds (within ``timeout``) to appear, then
-    says what to do.
-    """
+def _no_such_server_domain(server: int, waited: float | None = None) -> NoSuchDomainError:
     from .backend import get_backend
 
     if get_backend().name != "sim":
-        raise NoSuchDomainError(f"vchan server domain {server} does not exist")
-    grace = SIM_DOMAIN_GRACE if timeout is None else min(timeout, SIM_DOMAIN_GRACE)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
+        return NoSuchDomainError(f"vchan server domain {server} does not exist")
+    waiting = f"; waited {waited:g} s for it" if waited else ""
+    return NoSuchDomainError(
+        f"vchan server domain {server} does not exist (on the emulator a domain exists "
+        f"while a process of it runs: start the server in domain {server} first{waiting})")
+
+
+async def wait_for_server_domain(evtchn: EventChannel, server: int,
+                                 timeout: float | None) -> float:
+    """Make sure the server's domain exists; the seconds spent waiting for it.
+
+    On Xen a missing domain is final: :class:`NoSuchDomainError` at once.
+    On the emulator a domain exists while a process of it is connected, so a
+    client started right after its server (``server & client``) would race
+    the server's start, where on Xen both domains exist before their
+    programs run.  There the client gives the server's domain up to
+    :data:`SIM_DOMAIN_GRACE` seconds, and at most half its ``timeout``
+    (``timeout=0``: none), to appear; then it says what to do.
+    """
+    if domain_exists(evtchn, server):
+        return 0.0
+    from .backend import get_backend
+
+    if get_backend().name != "sim":
+        raise _no_such_server_domain(server)
+    grace = SIM_DOMAIN_GRACE if timeout is None else min(SIM_DOMAIN_GRACE, timeout / 2)
+    start = time.monotonic()
+    while time.monotonic() - start < grace:
         await asyncio.sleep(0.02)
         if domain_exists(evtchn, server):
-            return
-    raise NoSuchDomainError(
-        f"vchan server domain {server} does not exist (on the emulator a domain exists "
-        f"while a process of it runs: start the server in domain {server} first; "
-        f"waited {grace:g} s for it)")
+            return time.monotonic() - start
+    raise _no_such_server_domain(server, grace)
 
 
 async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChannel, *,
@@ -340,7 +351,7 @@ async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChan
     check_ring_size(read_min, "read_min")
     check_ring_size(write_min, "write_min")
     if not domain_exists(evtchn, server):
-        await _wait_for_emulated_domain(evtchn, server, timeout)
+        raise _no_such_server_domain(server)      # create_connection waited for it
     base = vchan_path(server, own, port)
     nonce = secrets.token_hex(8)
     connect = make_endpoint or (lambda ref, p: Endpoint.connect(server, ref, p, evtchn=evtchn))
