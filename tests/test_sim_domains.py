@@ -41,6 +41,13 @@ async def main() -> None:
 
 asyncio.run(main())
 """
+SYNC_CLIENT = """\
+import sys, vchan
+
+with vchan.Vchan.client(int(sys.argv[1]), 'race', timeout=float(sys.argv[2])) as v:
+    v.send(b'ping')
+    print(v.recv(4).decode(), flush=True)
+"""
 SERVER = """\
 import asyncio, vchan
 
@@ -62,9 +69,10 @@ def _env(sim_dir: Path, domid: int) -> dict[str, str]:
     return dict(os.environ, VCHAN_SIM_DIR=str(sim_dir), VCHAN_DOMID=str(domid))
 
 
+@pytest.mark.parametrize("kind", ["asyncio", "blocking Vchan"])
 def test_a_client_started_before_its_server_waits_for_the_servers_domain(
-        sim_dir: Path, tmp_path: Path) -> None:
-    (tmp_path / "client.py").write_text(CLIENT)
+        sim_dir: Path, tmp_path: Path, kind: str) -> None:
+    (tmp_path / "client.py").write_text(CLIENT if kind == "asyncio" else SYNC_CLIENT)
     (tmp_path / "server.py").write_text(SERVER)
     client = subprocess.Popen([sys.executable, str(tmp_path / "client.py"), "1", "30"],
                               env=_env(sim_dir, 2), stdout=subprocess.PIPE, text=True)

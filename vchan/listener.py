@@ -303,6 +303,28 @@ def _no_such_server_domain(server: int, waited: float | None = None) -> NoSuchDo
         f"while a process of it runs: start the server in domain {server} first{waiting})")
 
 
+def _grace(timeout: float | None) -> float:
+    return SIM_DOMAIN_GRACE if timeout is None else min(SIM_DOMAIN_GRACE, timeout / 2)
+
+
+def wait_for_server_domain_sync(evtchn: EventChannel, server: int,
+                                timeout: float | None) -> float:
+    """:func:`wait_for_server_domain` for blocking code (:class:`vchan.Vchan`)."""
+    if domain_exists(evtchn, server):
+        return 0.0
+    from .backend import get_backend
+
+    if get_backend().name != "sim":
+        raise _no_such_server_domain(server)
+    grace = _grace(timeout)
+    start = time.monotonic()
+    while time.monotonic() - start < grace:
+        time.sleep(0.02)
+        if domain_exists(evtchn, server):
+            return time.monotonic() - start
+    raise _no_such_server_domain(server, grace)
+
+
 async def wait_for_server_domain(evtchn: EventChannel, server: int,
                                  timeout: float | None) -> float:
     """Make sure the server's domain exists; the seconds spent waiting for it.
@@ -321,7 +343,7 @@ async def wait_for_server_domain(evtchn: EventChannel, server: int,
 
     if get_backend().name != "sim":
         raise _no_such_server_domain(server)
-    grace = SIM_DOMAIN_GRACE if timeout is None else min(SIM_DOMAIN_GRACE, timeout / 2)
+    grace = _grace(timeout)
     start = time.monotonic()
     while time.monotonic() - start < grace:
         await asyncio.sleep(0.02)
