@@ -13,13 +13,19 @@ from .cli import UsageError, add_commands
 
 def _demo(args: argparse.Namespace) -> int:
     from . import sim
-    from .backend import default_backend_name
+    from .backend import BackendError, check_environment, default_backend_name
     from .demo import run_demo
 
     # The demo's processes start the emulator if it is not running: stop
     # what it started (and say so), leave alone what it found.
+    if default_backend_name() == "xen":
+        raise BackendError("the demo plays two domains on the emulator: run it with "
+                         "VCHAN_BACKEND=sim (on real Xen, run a server and a client in two "
+                         "real domains)")
+    check_environment(domid=False)     # its processes set their own domains
     directory = sim.state_dir()
-    started = default_backend_name() == "sim" and not sim.is_running(directory)
+    started = not sim.is_running(directory)
+    sim.ensure_running(directory)       # its failure in one line, not in each process
     try:
         return _run_demo(args, run_demo)
     finally:
@@ -70,7 +76,9 @@ def _sim(args: argparse.Namespace) -> int:
     import json
 
     from . import sim
+    from .backend import check_environment
 
+    check_environment("sim", domid=False)      # VCHAN_SIM_DIR, VCHAN_SIM_TIMEOUT
     directory = sim.state_dir()
     if args.sim_command == "start":
         running = sim.is_running(directory)
@@ -133,7 +141,7 @@ def _sim(args: argparse.Namespace) -> int:
         print(f"{args.key} = {answer[args.key]}")
         return 0
     if args.sim_command == "run":
-        return _sim_run(args.domid, args.command, directory)
+        return _sim_run(args.domid, args.command, directory, args.peer)
     raise UsageError("vchan sim: say start, stop, status, set or run (see vchan sim --help)")
 
 
@@ -187,8 +195,8 @@ def _sim_ls(path: str, directory: Path) -> int:
     return 0
 
 
-def _sim_run(domid: int, command: list[str], directory: Path) -> int:
-    """Exec a program as a process of emulated domain ``domid``."""
+def _sim_run(domid: int, command: list[str], directory: Path, peers: list[int]) -> int:
+    """Exec a program as a process of emulated domain ``domid`` (``peers`` exist too)."""
     import os
     import shutil
 
@@ -198,15 +206,19 @@ def _sim_run(domid: int, command: list[str], directory: Path) -> int:
         command = command[1:]
     if not command:
         raise UsageError("sim run: name the program (vchan sim run --domid N -- PROGRAM ARGS)")
-    if not 0 <= domid < 0x7FF0:
-        raise UsageError(f"sim run: --domid must be a domain id in 0..32751, got {domid}")
-    env = compat.run_environment(domid, directory)
-    program = shutil.which(command[0], path=env.get("PATH"))
+    for n, what in [(domid, "--domid"), *((p, "--peer") for p in peers)]:
+        if not 0 <= n < 0x7FF0:
+            raise UsageError(f"sim run: {what} must be a domain id in 0..32751, got {n}")
+    # Everything that can fail is checked before the emulator is started.
+    program = shutil.which(command[0])
     if program is None:
         raise UsageError(f"sim run: no program {command[0]!r}")
-    # The program inherits this connection: its domain exists while it runs.
-    held = compat.hold_domain(domid, directory)
-    os.set_inheritable(held.fileno(), True)
+    env = compat.run_environment(domid, directory)
+    # The program inherits these connections: its domain (and its peers')
+    # exist while it runs.
+    held = [compat.hold_domain(d, directory) for d in dict.fromkeys([domid, *peers])]
+    for sock in held:
+        os.set_inheritable(sock.fileno(), True)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(program, command, env)
@@ -293,16 +305,20 @@ def main(argv: list[str] | None = None) -> int:
         description="Run PROGRAM as a process of emulated domain N (the emulator is started\n"
                     "if it is not running).  Unmodified C programs linked with Xen's\n"
                     "libxenvchan (Debian's vchan-socket-proxy, ...) get drop-in libxengnttab,\n"
-                    "libxenevtchn and libxenctrl over the emulator (LD_LIBRARY_PATH; built\n"
-                    "from kernel/compat when missing) and the domain's XenStore\n"
-                    "(XENSTORED_PATH); vchan's Python side gets VCHAN_DOMID.",
+                    "libxenevtchn and libxenctrl over the emulator (LD_LIBRARY_PATH; a wheel\n"
+                    "carries them built, else they are built on first use) and the domain's\n"
+                    "XenStore (XENSTORED_PATH); vchan's Python side gets VCHAN_DOMID.",
         epilog="examples:\n"
-               "  vchan sim run --domid 1 -- /usr/lib/xen-4.17/bin/vchan-socket-proxy \\\n"
+               "  vchan sim run --domid 1 --peer 2 -- /usr/lib/xen-4.17/bin/vchan-socket-proxy \\\n"
                "      --mode=server 2 /local/domain/1/data/vchan/2/echo /run/echo.sock\n"
                "  vchan sim run --domid 2 -- python3 client.py",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     runp.add_argument("--domid", type=int, default=0, metavar="N",
                       help="the emulated domain to run in (default 0)")
+    runp.add_argument("--peer", type=int, action="append", default=[], metavar="M",
+                      help="domain M exists too while PROGRAM runs, as on Xen, where both "
+                           "domains exist before their programs: a C server "
+                           "(libxenvchan_server_init) needs its client's domain (repeatable)")
     runp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- PROGRAM ARGS",
                       help="the program and its arguments")
     simp.set_defaults(func=_sim)
@@ -334,23 +350,31 @@ def main(argv: list[str] | None = None) -> int:
         help="benchmark vchan against TCP and Unix sockets (vchan bench --help)")
 
     args_list = sys.argv[1:] if argv is None else list(argv)
-    if args_list[:1] == ["bench"]:
-        # The benchmark suite has its own parser (also run as python -m vchan.bench).
-        from .bench import main as bench_main
-
-        return bench_main(args_list[1:])
-    args = parser.parse_args(args_list)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    from .backend import BackendError
     from .sim import SimError
 
     try:
+        if args_list[:1] == ["bench"]:
+            # The benchmark suite has its own parser (also run as python -m vchan.bench).
+            from .backend import check_environment
+            from .bench import main as bench_main
+
+            if not {"-h", "--help"} & set(args_list):
+                check_environment(domid=False)      # it chooses its domains itself
+            return bench_main(args_list[1:])
+        args = parser.parse_args(args_list)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         result: int = args.func(args)
+    except KeyboardInterrupt:
+        # Ctrl-C: one line, and the status a shell gives a process SIGINT ended.
+        print("vchan: interrupted", file=sys.stderr)
+        return 130
     except UsageError as exc:
         print(f"vchan: {exc}", file=sys.stderr)
         return 2
-    except (SimError, OSError) as exc:
+    except (BackendError, SimError, OSError) as exc:
         print(f"vchan: {exc}", file=sys.stderr)
         return 1
     return result

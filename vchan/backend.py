@@ -11,6 +11,7 @@ Under ``sim`` the process's domain is ``VCHAN_DOMID`` (default 0).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -19,10 +20,17 @@ from typing import Any
 
 from ._native import lib
 
-__all__ = ["BACKENDS", "Backend", "BackendError", "get_backend", "select_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendError", "check_environment", "get_backend",
+           "select_backend"]
 
 BACKENDS = ("xen", "sim")
 XEN_DEVICE = "/dev/xen/gntalloc"
+# sockaddr_un.sun_path holds 108 bytes with the NUL; the longest socket name
+# the emulator makes in its directory is "xenstored-32751.sock".
+_SUN_PATH = 107
+_LONGEST_SOCKET = "xenstored-32751.sock"
+
+log = logging.getLogger("vchan.backend")
 
 
 class BackendError(RuntimeError):
@@ -62,18 +70,90 @@ def _sim_domid() -> int:
     return domid
 
 
-def select_backend(name: str | None = None) -> Backend:
-    """Make the named backend (or the default one) ready and return it."""
+def _check_sim_dir() -> None:
+    """``VCHAN_SIM_DIR`` (when set) names a directory the emulator can use."""
+    raw = os.environ.get("VCHAN_SIM_DIR")
+    if not raw:
+        return
+    path = Path(raw)
+    longest = len(os.fsencode(path / _LONGEST_SOCKET))
+    if longest > _SUN_PATH:
+        raise BackendError(f"VCHAN_SIM_DIR={raw} is too long: the emulator's sockets there "
+                           f"would need {longest} bytes, and a Unix socket path holds "
+                           f"{_SUN_PATH} (use a shorter directory)")
+    if path.exists():
+        if not path.is_dir():
+            raise BackendError(f"VCHAN_SIM_DIR={raw} is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise BackendError(f"VCHAN_SIM_DIR={raw}: no permission to use this directory")
+        return
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise BackendError(f"VCHAN_SIM_DIR={raw} does not exist and cannot be made "
+                           f"({parent} is not a directory this user may write)")
+
+
+def _check_sim_timeout() -> None:
+    raw = os.environ.get("VCHAN_SIM_TIMEOUT")
+    if raw is None:
+        return
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86400:
+        raise BackendError(f"VCHAN_SIM_TIMEOUT must be a number of seconds in (0, 86400), "
+                           f"got {raw!r}")
+
+
+def check_environment(name: str | None = None, *, domid: bool = True) -> str:
+    """Check the ``VCHAN_*`` variables, starting nothing; the backend they choose.
+
+    Raises :class:`BackendError`, naming the variable, for an unknown
+    ``VCHAN_BACKEND``, ``xen`` without ``/dev/xen/gntalloc``, and under
+    ``sim`` a ``VCHAN_DOMID`` that is not a domain id (unless ``domid`` is
+    false: the caller sets the domain itself), a ``VCHAN_SIM_DIR`` that
+    cannot be used, or a ``VCHAN_SIM_TIMEOUT`` that is not a duration.
+    ``name`` checks for that backend instead of the chosen one.
+    """
     name = name or default_backend_name()
     if name not in BACKENDS:
         raise BackendError(f"unknown vchan backend {name!r} (VCHAN_BACKEND must be one of "
                            f"{', '.join(BACKENDS)})")
+    if name == "xen":
+        if not os.path.exists(XEN_DEVICE):
+            raise BackendError(f"backend 'xen' needs {XEN_DEVICE}: this is not a Xen domain "
+                               "with the gntalloc driver loaded (use VCHAN_BACKEND=sim for "
+                               "the emulator)")
+        return name
+    if domid:
+        _sim_domid()
+    _check_sim_dir()
+    _check_sim_timeout()
+    return name
+
+
+def _why(name: str) -> str:
+    if os.environ.get("VCHAN_BACKEND", "").strip():
+        return f"VCHAN_BACKEND={name}"
+    return f"{XEN_DEVICE} {'exists' if name == 'xen' else 'is missing'}"
+
+
+def select_backend(name: str | None = None) -> Backend:
+    """Make the named backend (or the default one) ready and return it."""
+    if name is None or name == default_backend_name():
+        name = check_environment()
+    elif name not in BACKENDS:
+        raise BackendError(f"unknown vchan backend {name!r} (one of {', '.join(BACKENDS)})")
     ops = lib.vk_backend(name.encode())
     if name == "xen":
         if not os.path.exists(XEN_DEVICE):
             raise BackendError(f"backend 'xen' needs {XEN_DEVICE}: this is not a Xen domain "
                                "with the gntalloc driver loaded (use VCHAN_BACKEND=sim for "
                                "the emulator)")
+        log.info("backend: xen, the devices of this Xen domain (%s)", _why(name))
         return Backend("xen", ops, None)
     from . import sim
 
@@ -82,11 +162,15 @@ def select_backend(name: str | None = None) -> Backend:
         directory = sim.ensure_running()
     except sim.EmulatorError:
         raise                   # one is there, dead or stopped: it says so itself
-    except (OSError, sim.SimError) as exc:
+    except sim.SimError as exc:
+        raise BackendError(f"backend 'sim': {exc}") from exc
+    except OSError as exc:
         raise BackendError(f"backend 'sim': cannot start the emulator: {exc}") from exc
     path = str(sim.socket_path(directory)).encode()
     if lib.vk_sim_set_socket(path) < 0:
         raise BackendError(f"backend 'sim': socket path too long: {path!r}")
+    log.info("backend: sim, the emulated hypervisor in %s, as domain %d (%s)", directory,
+             domid, _why(name))
     return Backend("sim", ops, domid, directory)
 
 

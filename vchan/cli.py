@@ -203,9 +203,17 @@ def _setup_logging(verbose: int) -> None:
 
 def _run(args: argparse.Namespace, coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Run ``coro_fn()`` on the chosen loop; runtime failures as one line, exit 1."""
+    from .backend import BackendError, check_environment, get_backend
     from .errors import NoSuchDomainError, VchanError
+    from .sim import SimError
 
     _setup_logging(args.verbose)
+    try:
+        check_environment()     # a bad VCHAN_* variable: one line before anything starts
+        get_backend()           # and one that shows only in use, before we serve anyone
+    except (BackendError, SimError) as exc:
+        _error(str(exc))
+        return 1
     runner: Callable[[Coroutine[Any, Any, int]], int]
     if args.loop == "uvloop":
         try:
@@ -223,7 +231,10 @@ def _run(args: argparse.Namespace, coro_fn: Callable[[], Coroutine[Any, Any, int
     except UsageError:
         raise
     except KeyboardInterrupt:
+        _error("interrupted")
         return 130
+    except (BackendError, SimError) as exc:
+        _error(str(exc))
     except NoSuchDomainError as exc:
         _error(f"{exc}")
     except TimeoutError as exc:
@@ -452,8 +463,18 @@ async def _cat(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stdio
         await down
         if transport.is_closing() and not up.done():
             up.cancel()     # the peer closed the connection: nothing more can go
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await up
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise               # we are cancelled (Ctrl-C), not just up by us
+    except asyncio.CancelledError:
+        # Ctrl-C: end now, as nc does.  A close would wait for the peer to
+        # read what is still buffered, which a peer that stopped reading never
+        # does; what it has not read is dropped.
+        transport.abort()
+        raise
     finally:
         progress.stop()
         for task in (up, down):
@@ -598,9 +619,15 @@ async def _serve_until_signal(servers: list[asyncio.AbstractServer]) -> int:
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    got: list[int] = []
+
+    def stopping(sig: int) -> None:
+        got.append(sig)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stopping, sig)
     try:
         await stop.wait()
     finally:
@@ -609,7 +636,10 @@ async def _serve_until_signal(servers: list[asyncio.AbstractServer]) -> int:
                 loop.remove_signal_handler(sig)
         for server in servers:
             server.close()
-    return 0
+    if got[:1] == [signal.SIGINT]:
+        _error("interrupted")       # Ctrl-C: as every command says it, and 128 + SIGINT
+        return 130
+    return 0                        # SIGTERM: a service asked to stop, which it did
 
 
 @contextlib.asynccontextmanager

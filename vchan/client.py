@@ -15,7 +15,7 @@ from typing import Any, overload
 
 from .endpoint import DEFAULT_RING_SIZE, Endpoint, check_ring_size
 from .hub import _loop_state, event_hub
-from .listener import check_domid, check_port, client_connect
+from .listener import check_domid, check_port, client_connect, wait_for_server_domain
 from .mux import check_busy_poll
 from .pool import session_pool
 from .transport import SpliceProtocol, VchanTransport
@@ -124,11 +124,17 @@ async def _create_connection(
     try:
         endpoint: Endpoint | None = None
         pool = None
+        held = None
         if not dedicated:
             pool = session_pool(loop)
             held = pool.sessions.get((domid, port_s))
             if timeout == 0 and (held is None or not held.can_open()):
                 pool = None     # no session to wait for: look once (client_connect)
+        if held is None or not held.can_open():
+            # On the emulator a server started just before us may not be there yet.
+            spent = await wait_for_server_domain(hub.evtchn, domid, timeout)
+            if timeout is not None:
+                timeout -= spent
         if pool is not None:
             got = await pool.connect(domid, port_s, timeout)
             if isinstance(got, tuple):

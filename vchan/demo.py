@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -141,7 +142,12 @@ def _run_pair(transport: str, nbytes: int, server_domid: int, client_domid: int,
         if not server.stdout.readline():
             raise RuntimeError(f"the {transport} demo server failed to start")
         client = _child("client", transport, nbytes, c_addr, c_env)
-        out, _ = client.communicate(timeout=600)
+        try:
+            out, _ = client.communicate(timeout=600)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
         if client.returncode:
             raise RuntimeError(f"the {transport} demo client failed ({client.returncode})")
         r = json.loads(out)
@@ -171,4 +177,7 @@ def run_demo(nbytes: int = 512 << 20, *, compare: bool = True) -> list[DemoResul
 
 
 if __name__ == "__main__":
+    # Ctrl-C reaches the whole process group: the demo command ends (and
+    # kills) its processes itself, which must not print tracebacks of their own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     asyncio.run(_role(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]))

@@ -65,6 +65,7 @@ import asyncio
 import contextlib
 import re
 import secrets
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -287,6 +288,70 @@ def _pending_slots(xs: XenStore, key: tuple[int, str]) -> asyncio.Semaphore:
 
 
 
+#: How long a client on the emulator waits for its server's domain to appear.
+SIM_DOMAIN_GRACE = 3.0
+
+
+def _no_such_server_domain(server: int, waited: float | None = None) -> NoSuchDomainError:
+    from .backend import get_backend
+
+    if get_backend().name != "sim":
+        return NoSuchDomainError(f"vchan server domain {server} does not exist")
+    waiting = f"; waited {waited:g} s for it" if waited else ""
+    return NoSuchDomainError(
+        f"vchan server domain {server} does not exist (on the emulator a domain exists "
+        f"while a process of it runs: start the server in domain {server} first{waiting})")
+
+
+def _grace(timeout: float | None) -> float:
+    return SIM_DOMAIN_GRACE if timeout is None else min(SIM_DOMAIN_GRACE, timeout / 2)
+
+
+def wait_for_server_domain_sync(evtchn: EventChannel, server: int,
+                                timeout: float | None) -> float:
+    """:func:`wait_for_server_domain` for blocking code (:class:`vchan.Vchan`)."""
+    if domain_exists(evtchn, server):
+        return 0.0
+    from .backend import get_backend
+
+    if get_backend().name != "sim":
+        raise _no_such_server_domain(server)
+    grace = _grace(timeout)
+    start = time.monotonic()
+    while time.monotonic() - start < grace:
+        time.sleep(0.02)
+        if domain_exists(evtchn, server):
+            return time.monotonic() - start
+    raise _no_such_server_domain(server, grace)
+
+
+async def wait_for_server_domain(evtchn: EventChannel, server: int,
+                                 timeout: float | None) -> float:
+    """Make sure the server's domain exists; the seconds spent waiting for it.
+
+    On Xen a missing domain is final: :class:`NoSuchDomainError` at once.
+    On the emulator a domain exists while a process of it is connected, so a
+    client started right after its server (``server & client``) would race
+    the server's start, where on Xen both domains exist before their
+    programs run.  There the client gives the server's domain up to
+    :data:`SIM_DOMAIN_GRACE` seconds, and at most half its ``timeout``
+    (``timeout=0``: none), to appear; then it says what to do.
+    """
+    if domain_exists(evtchn, server):
+        return 0.0
+    from .backend import get_backend
+
+    if get_backend().name != "sim":
+        raise _no_such_server_domain(server)
+    grace = _grace(timeout)
+    start = time.monotonic()
+    while time.monotonic() - start < grace:
+        await asyncio.sleep(0.02)
+        if domain_exists(evtchn, server):
+            return time.monotonic() - start
+    raise _no_such_server_domain(server, grace)
+
+
 async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChannel, *,
                          own: int, server: int, port: str, read_min: int, write_min: int,
                          timeout: float | None,
@@ -308,7 +373,7 @@ async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChan
     check_ring_size(read_min, "read_min")
     check_ring_size(write_min, "write_min")
     if not domain_exists(evtchn, server):
-        raise NoSuchDomainError(f"vchan server domain {server} does not exist")
+        raise _no_such_server_domain(server)      # create_connection waited for it
     base = vchan_path(server, own, port)
     nonce = secrets.token_hex(8)
     connect = make_endpoint or (lambda ref, p: Endpoint.connect(server, ref, p, evtchn=evtchn))

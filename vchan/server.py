@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -40,21 +41,62 @@ from .transport import VchanTransport
 if TYPE_CHECKING:
     from .dropin import DropinServer
 
-__all__ = ["Peers", "Server", "create_server"]
+__all__ = ["Peers", "Server", "ServerAddress", "create_server"]
 
 log = logging.getLogger("vchan")
 
 Peers = int | Collection[int] | Literal["any"]
 
 
+class ServerAddress:
+    """What :attr:`Server.sockets` lists: a served ``(domid, port)`` address.
+
+    vchan has no sockets; this stands for the address a server serves as a
+    listening socket stands for its own, with the calls of
+    :class:`asyncio.trsock.TransportSocket` that make sense for it
+    (``getsockname()``, and ``fileno()`` -1 as for a closed socket).
+    """
+
+    __slots__ = ("_address",)
+
+    def __init__(self, domid: int, port: int | str) -> None:
+        self._address = (domid, port)
+
+    def getsockname(self) -> tuple[int, int | str]:
+        """The served address: ``(domid, port)``."""
+        return self._address
+
+    def getpeername(self) -> tuple[int, int | str]:
+        """A serving address has no peer: :class:`OSError` (ENOTCONN), as for a
+        listening socket."""
+        raise OSError(errno.ENOTCONN, "a vchan server's address has no peer")
+
+    def fileno(self) -> int:
+        """-1: there is no file descriptor to poll or pass on."""
+        return -1
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ServerAddress) and other._address == self._address
+
+    def __hash__(self) -> int:
+        return hash(self._address)
+
+    def __repr__(self) -> str:
+        return f"<vchan.ServerAddress domid={self._address[0]} port={self._address[1]!r}>"
+
+
 class Server(asyncio.AbstractServer):
-    """A vchan server: what ``asyncio.Server`` is for TCP.
+    """A vchan server: what ``asyncio.Server`` is for TCP, with its API.
 
     ``close()`` stops accepting; connections already made stay open and
-    ``wait_closed()`` waits for them too (as asyncio does since 3.12).
-    ``addresses`` lists the ``(domid, port)`` it serves.  A server that can
-    no longer be reached (XenStore lost: on the emulator, its daemon died or
-    was stopped) stops serving at once and ``serve_forever()`` raises why.
+    ``wait_closed()`` waits for them too (as asyncio does since 3.12);
+    ``close_clients()`` / ``abort_clients()`` end them (as asyncio's do
+    since 3.13).  ``sockets`` lists a :class:`ServerAddress` per served
+    ``(domid, port)`` while serving (``addresses`` the tuples themselves).
+    ``async with server:`` closes it and waits on the way out.  A server
+    that can no longer be reached (XenStore lost: on the emulator, its
+    daemon died or was stopped) stops serving at once and
+    ``serve_forever()`` raises why.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
@@ -90,6 +132,8 @@ class Server(asyncio.AbstractServer):
         self._serving_forever: asyncio.Future[None] | None = None
         self._all_closed = asyncio.Event()
         self._all_closed.set()
+        self._closing = asyncio.Event()
+        self._release: asyncio.Task[None] | None = None
         self.own: int | None = None
 
     def __repr__(self) -> str:
@@ -100,16 +144,26 @@ class Server(asyncio.AbstractServer):
 
     @property
     def addresses(self) -> list[tuple[int, int | str]]:
-        """The (domid, port) addresses this server serves."""
-        return [] if self.own is None else [(self.own, self._port)]
+        """The (domid, port) addresses this server serves (none once closed)."""
+        return [] if self.own is None or self._closed else [(self.own, self._port)]
+
+    @property
+    def sockets(self) -> tuple[ServerAddress, ...]:
+        """As ``asyncio.Server.sockets``: what it serves, as :class:`ServerAddress`
+        objects (``getsockname()`` is ``(domid, port)``); empty once closed, and
+        until serving has started (the domain is known from then on)."""
+        return tuple(ServerAddress(domid, port) for domid, port in self.addresses)
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the server runs on."""
         return self._loop
 
     def is_serving(self) -> bool:
+        """Whether the server accepts connections (started and not closed)."""
         return self._serving
 
     async def start_serving(self) -> None:
+        """Start accepting connections (once; create_server does it by default)."""
         if self._serving:
             return
         if self._closed:
@@ -352,19 +406,16 @@ class Server(asyncio.AbstractServer):
         except BaseException:
             self._pending.discard(held)
             held.close()
-            with contextlib.suppress(OSError):
-                await self._state.xs.rm(path)
+            await _rm_quietly(self._state.xs, path)
             raise
         self._pending.discard(held)
         if not keep_path:
-            with contextlib.suppress(OSError):
-                await self._state.xs.rm(path)
+            await _rm_quietly(self._state.xs, path)
         if connected and self._serving:
             return True
         held.close()
         if keep_path:
-            with contextlib.suppress(OSError):
-                await self._state.xs.rm(path)
+            await _rm_quietly(self._state.xs, path)
         return False
 
     def _accept_stream(self, session: Any, stream_id: int, port: str) -> Any:
@@ -433,8 +484,7 @@ class Server(asyncio.AbstractServer):
             return
 
         async def cleanup() -> None:
-            with contextlib.suppress(OSError):
-                await state.xs.rm(path)
+            await _rm_quietly(state.xs, path)
             if self._serving:
                 self._watched.pop(peer, None)
                 self._watch_peer(peer)
@@ -480,6 +530,7 @@ class Server(asyncio.AbstractServer):
             return
         self._closed = True
         self._serving = False
+        self._closing.set()
         for task in list(self._tasks):
             task.cancel()
         for endpoint in list(self._pending):
@@ -505,27 +556,37 @@ class Server(asyncio.AbstractServer):
             transport.abort()
 
     async def wait_closed(self) -> None:
+        """Wait until the server is closed and every connection it accepted ended."""
         if not self._closed:
-            raise RuntimeError("wait_closed() before close()")
+            await self._closing.wait()      # asyncio's waits for close() too
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         # Path clean-ups need XenStore: release it only after them.
         await self._all_closed.wait()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._state is not None:
+        if self._release is None and self._state is not None:
+            # Once, however many tasks wait: the others wait for this one.
+            self._release = self._loop.create_task(self._release_state(self._state))
+        if self._release is not None:
+            await asyncio.shield(self._release)
+
+    async def _release_state(self, state: _LoopState) -> None:
+        try:
             if not self._raw and self.own is not None:
                 # The port's directory for each peer, once its connections'
                 # rings are gone (a domain serving many ports in turn must
                 # not fill its XenStore node quota).
                 for peer in sorted(self._seen):
                     with contextlib.suppress(OSError):
-                        await remove_if_empty(self._state.xs,
+                        await remove_if_empty(state.xs,
                                               vchan_path(self.own, peer, self._port_s))
-            self._state.release()
+        finally:
+            state.release()
             self._state = None
 
     async def serve_forever(self) -> None:
+        """Serve until cancelled (then close and wait), or raise why serving stopped."""
         if self._serving_forever is not None:
             raise RuntimeError(f"server {self!r} is already being awaited on serve_forever()")
         if self._closed:
@@ -542,6 +603,19 @@ class Server(asyncio.AbstractServer):
                 raise
         finally:
             self._serving_forever = None
+
+
+async def _rm_quietly(xs: Any, path: str) -> None:
+    """Remove ``path`` if XenStore can still be reached.
+
+    A clean-up: when the connection is closed already (``asyncio.run()``
+    ending cancels every task at once, the loop's XenStore connection among
+    them) there is nothing to remove it from, and nothing worth a traceback.
+    """
+    if xs.closed:
+        return
+    with contextlib.suppress(OSError, ValueError):      # ValueError: closed meanwhile
+        await xs.rm(path)
 
 
 async def _either(a: asyncio.Event, b: asyncio.Event) -> None:

@@ -461,21 +461,40 @@ class StreamReader(asyncio.StreamReader):
         return data
 
 
+@overload
+async def open_connection(
+    domid: int, port: int | str, *, limit: int = _DEFAULT_LIMIT, timeout: float | None = None,
+    read_min: int | None = None, write_min: int | None = None, dedicated: bool | None = None,
+    busy_poll: float | None = None,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
+
+
+@overload
+async def open_connection(
+    host: str, port: int, /, *, limit: int = _DEFAULT_LIMIT, timeout: float | None = None,
+    ssl: Any = None, family: int = 0, proto: int = 0, flags: int = 0, sock: Any = None,
+    local_addr: tuple[str, int] | None = None, server_hostname: str | None = None,
+    ssl_handshake_timeout: float | None = None, ssl_shutdown_timeout: float | None = None,
+    happy_eyeballs_delay: float | None = None, interleave: int | None = None,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
+
+
 async def open_connection(
     domid: int | str, port: int | str, *, limit: int = _DEFAULT_LIMIT,
     timeout: float | None = None, **options: Any,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to vchan ``port`` of domain ``domid``; a (reader, writer) pair.
 
-    ``timeout`` bounds the wait for a server that is not there yet;
-    ``options`` (``read_min``, ``write_min``, ``dedicated``, ``busy_poll``)
-    go to :func:`vchan.create_connection`.
+    ``limit`` is the reader's buffer limit, as in :func:`asyncio.open_connection`;
+    ``timeout``, ``read_min``, ``write_min``, ``dedicated`` and ``busy_poll``
+    are those of :func:`vchan.create_connection`.
 
     With a host name or address (a str) instead of a domid and a TCP port,
     as :func:`asyncio.open_connection`: vchan when a co-resident domain
     serves that address as a drop-in server (and proves it), else TCP;
-    ``options`` then go to :meth:`asyncio.loop.create_connection`, and
-    ``timeout`` (if given) bounds the whole connection set-up.
+    the other keyword arguments then go to
+    :meth:`asyncio.loop.create_connection`, and ``timeout`` (if given)
+    bounds the whole connection set-up.
     """
     loop = asyncio.get_running_loop()
     reader = StreamReader(limit=limit, loop=loop)
@@ -487,6 +506,7 @@ async def open_connection(
         connecting = create_connection(lambda: protocol, domid, port, **options)
         transport, _ = await asyncio.wait_for(connecting, timeout)
     else:
+        # (the vchan form's keywords are create_connection's: a typo is a TypeError)
         transport, _ = await create_connection(lambda: protocol, domid, port, timeout=timeout,
                                                **options)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
@@ -496,7 +516,9 @@ async def open_connection(
 @overload
 async def start_server(
     client_connected_cb: ClientConnected, port: int | str, *, peers: Peers,
-    limit: int = _DEFAULT_LIMIT, **ring_options: Any,
+    limit: int = _DEFAULT_LIMIT, raw: bool = False, read_min: int | None = None,
+    write_min: int | None = None, accept_timeout: float = 30.0, start_serving: bool = True,
+    sessions: bool = True, busy_poll: float | None = None,
 ) -> Server: ...
 
 
@@ -516,10 +538,11 @@ async def start_server(
     to co-resident domains at once (drop-in): ``start_server(cb, host, port)``.
 
     The callback may be a plain function or a coroutine function (run as a
-    task), as with :func:`asyncio.start_server`.  ``peers`` and ``options``
-    (``raw``, ``read_min``, ``write_min``, ``accept_timeout``; for the
-    drop-in form ``grace`` and :meth:`asyncio.loop.create_server`'s) go to
-    :func:`vchan.create_server`.
+    task), as with :func:`asyncio.start_server`; ``limit`` is each reader's
+    buffer limit.  ``peers``, ``raw``, ``read_min``, ``write_min``,
+    ``accept_timeout``, ``start_serving``, ``sessions`` and ``busy_poll`` are
+    those of :func:`vchan.create_server` (for the drop-in form ``grace`` and
+    :meth:`asyncio.loop.create_server`'s).
     """
     loop = asyncio.get_running_loop()
 

@@ -103,7 +103,12 @@ class Vchan:
         trip away).  Raises as :func:`vchan.create_connection` does.
         """
         from .handshake import client_cleanup, client_rendezvous, not_ready, vchan_path
-        from .listener import check_domid, check_port, domain_exists
+        from .listener import (
+            check_domid,
+            check_port,
+            domain_exists,
+            wait_for_server_domain_sync,
+        )
 
         check_domid(domid)
         port_s = check_port(port)
@@ -115,8 +120,8 @@ class Vchan:
         evtchn = EventChannel()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            if not domain_exists(evtchn, domid):
-                raise NoSuchDomainError(f"vchan server domain {domid} does not exist")
+            # On the emulator, a server started just before us may not be there yet.
+            wait_for_server_domain_sync(evtchn, domid, timeout)
             nonce = secrets.token_hex(8)
             with XenStoreSync() as xs:
                 watch = xs.watch(vchan_path(domid, own, port_s))

@@ -53,3 +53,16 @@ void compat_trace(const char *fmt, ...)
     fprintf(stderr, "%s\n", line);
     errno = saved;
 }
+
+void compat_note(const char *fmt, ...)
+{
+    int saved = errno;
+    char line[512];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof(line), fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "vchan sim: %s\n", line);
+    errno = saved;
+}

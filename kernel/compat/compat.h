@@ -40,6 +40,8 @@ static inline int compat_ret(int rc)
 /* Tracing ($VCHAN_COMPAT_TRACE).  Keeps errno. */
 int compat_tracing(void);
 void compat_trace(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* One line on stderr, traced or not: a failure the program will not explain. */
+void compat_note(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 #define TRACE(...) do { if (compat_tracing()) compat_trace(__VA_ARGS__); } while (0)
 
 #endif /* VCHAN_COMPAT_H */

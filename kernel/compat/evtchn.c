@@ -95,6 +95,13 @@ xenevtchn_port_or_error_t xenevtchn_bind_unbound_port(xenevtchn_handle *xce, uin
                                                  : -EACCES;
 
     TRACE("xenevtchn_bind_unbound_port(domain %u) = %d", domid, rc);
+    if (rc == -ESRCH)
+        /* Xen would grant to a domain that is not there yet; the emulator
+         * knows a domain only while a process of it runs.  The program's own
+         * error ("No such process") does not say what to do: this does. */
+        compat_note("emulated domain %u does not exist: on the emulator a domain exists "
+                    "while a process of it runs; start domain %u's program first, or run "
+                    "this one with `vchan sim run --peer %u ...`", domid, domid, domid);
     return compat_ret(rc);
 }
 

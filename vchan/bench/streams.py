@@ -718,6 +718,9 @@ def _die_with_parent(parent: int) -> None:
 
 def child_main(role: str, parent: int) -> int:
     _die_with_parent(parent)
+    # Ctrl-C reaches the whole process group: the parent ends its children
+    # (Runner.close), which must not print tracebacks of their own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # 10,000 socket connections need 10,000 descriptors in each process.
     import resource
 
@@ -1131,7 +1134,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  vchan bench --cases pingpong --loops uvloop --rounds 50000",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="a smaller run (under two minutes): 64 KiB writes, fewer "
+                        help="a smaller run (about a minute): 64 KiB writes, fewer "
                              "round trips, 10 and 1,000 connections, 8 matrix cells")
     parser.add_argument("--out", metavar="DIR", type=Path, default=None,
                         help="where to write results.json, report.md and the plots "

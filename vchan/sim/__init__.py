@@ -315,8 +315,14 @@ def ensure_running(directory: Path | None = None, timeout: float = 10.0) -> Path
         _check_default_dir(directory)
     if _probe(directory):
         return directory
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with open(directory / "start.lock", "w") as lock:
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = open(directory / "start.lock", "w")  # noqa: SIM115 -- closed by with below
+    except OSError as exc:
+        named = "VCHAN_SIM_DIR=" if os.environ.get("VCHAN_SIM_DIR") else "state directory "
+        raise SimError(f"the emulator cannot use its {named}{directory}: "
+                       f"{exc.strerror or exc}") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _probe(directory):
             return directory
@@ -327,6 +333,9 @@ def ensure_running(directory: Path | None = None, timeout: float = 10.0) -> Path
                 [sys.executable, "-m", "vchan.sim.hypervisor", "--dir", str(directory),
                  "--daemonize"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
+                # Not the caller's directory: python -m looks there first, and a
+                # vchan source tree there (an unpacked sdist) would shadow ours.
+                cwd=directory,
             )
         if status != 0:
             raise SimError(f"the emulator failed to start (status {status}); "

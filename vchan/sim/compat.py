@@ -11,24 +11,36 @@ all of that up::
     vchan sim run --domid 1 -- /usr/lib/xen-4.17/bin/vchan-socket-proxy \\
         --mode=server 2 /local/domain/1/data/vchan/2/echo /run/echo.sock
 
-:func:`build` compiles the libraries when they are missing or older than
-their sources (``make -C kernel/compat`` does the same with the same
-flags); :func:`run_environment` is the environment a program needs.
+:func:`build` finds the libraries: a wheel carries them built (at wheel
+build time, by ``setup.py``); otherwise they are compiled on first use from
+the sources vchan carries (or from ``kernel/compat`` of a source checkout,
+as ``make -C kernel/compat`` does) into a per-user cache.
+:func:`run_environment` is the environment a program needs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
-import shutil
 import socket
 import struct
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import VS_HELLO, VS_VERSION, SimError, _rpc, control, ensure_running, socket_path
+from . import (
+    VS_HELLO,
+    VS_VERSION,
+    SimError,
+    _compat_build,
+    _rpc,
+    control,
+    ensure_running,
+    socket_path,
+)
+
+LIBRARIES = _compat_build.LIBRARIES
 
 __all__ = [
     "LIBRARIES",
@@ -36,21 +48,11 @@ __all__ = [
     "build",
     "build_dir",
     "hold_domain",
+    "prebuilt_dir",
     "run_environment",
     "source_dir",
 ]
 
-# soname -> (its main source, its version script)
-LIBRARIES = {
-    "libxengnttab.so.1": ("gnttab.c", "libxengnttab.map"),
-    "libxenevtchn.so.1": ("evtchn.c", "libxenevtchn.map"),
-    "libxenctrl.so.4.17": ("ctrl.c", "libxenctrl.map"),
-}
-# Linked into every library: the device layer and the shared helpers.
-_COMMON = ("../common.c", "../sim.c", "../xen.c", "compat.c")
-# Keep in step with kernel/compat/Makefile.
-_CFLAGS = ["-O2", "-g", "-std=gnu11", "-fPIC", "-Wall", "-Wextra", "-Wno-unused-parameter"]
-_LDFLAGS = ["-shared", "-Wl,--no-undefined", "-Wl,-z,defs"]
 _KIND_EVTCHN = 3
 
 
@@ -58,26 +60,54 @@ class CompatError(SimError):
     """The compat libraries cannot be built or used here."""
 
 
+_PACKAGE = Path(__file__).resolve().parents[1]          # the installed vchan/
+_CHECKOUT = _PACKAGE.parent / "kernel" / "compat"      # a source checkout's
+_SHIPPED = _PACKAGE / "_kernel" / "compat"             # a wheel's (setup.py puts it there)
+
+
 def source_dir() -> Path:
-    """``kernel/compat`` of the vchan source tree this package runs from."""
-    src = Path(__file__).resolve().parents[2] / "kernel" / "compat"
-    if not (src / "gnttab.c").is_file():
-        raise CompatError(f"the compat libraries' sources are not in {src}: they are built "
-                          "from a vchan source checkout (pip install -e)")
-    return src
+    """The libraries' sources: ``kernel/compat`` of the source checkout vchan
+    runs from, else the copy an installed vchan carries (``vchan/_kernel``)."""
+    for src in (_CHECKOUT, _SHIPPED):
+        if (src / "gnttab.c").is_file():
+            return src
+    raise CompatError(f"the compat libraries' sources are missing from this vchan "
+                      f"installation (looked in {_SHIPPED}): reinstall vchan")
+
+
+def prebuilt_dir() -> Path | None:
+    """The libraries a wheel was built with (``vchan/_kernel/compat/lib``), if any."""
+    lib = _SHIPPED / "lib"
+    return lib if all((lib / name).is_file() for name in LIBRARIES) else None
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vchan" / "compat"
+
+
+def _digest(src: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(_inputs(src)):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def build_dir() -> Path:
-    """Where :func:`build` puts the libraries: ``kernel/compat/build``, or a
-    per-user cache directory when the source tree is read-only."""
+    """Where :func:`build` puts the libraries.
+
+    In a source checkout, ``kernel/compat/build`` (as ``make`` does);
+    otherwise, or when the tree is read-only, a per-user cache directory named
+    after the sources' digest (``~/.cache/vchan/compat/DIGEST``), so an
+    upgraded vchan never runs libraries of an older one.
+    """
     src = source_dir()
-    out = src / "build"
-    with contextlib.suppress(OSError):
-        out.mkdir(exist_ok=True)
-    if os.access(out, os.W_OK):
-        return out
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "vchan" / "compat"
+    if src == _CHECKOUT:
+        out = src / "build"
+        with contextlib.suppress(OSError):
+            out.mkdir(exist_ok=True)
+        if os.access(out, os.W_OK):
+            return out
+    return _cache_root() / _digest(src)
 
 
 def _inputs(src: Path) -> list[Path]:
@@ -93,50 +123,40 @@ def _fresh(out: Path, newest: float) -> bool:
         return False
 
 
-def _compiler() -> str:
-    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cc and shutil.which(cc):
-            return cc
-    raise CompatError("building the compat libraries needs a C compiler "
-                      "(Debian: apt-get install gcc)")
-
-
 def build(out: Path | None = None, *, force: bool = False) -> Path:
-    """Build the compat libraries if needed; returns their directory.
+    """The directory of the compat libraries, built first if needed.
 
-    Up to date means every library is newer than every source (the compat
-    sources, the version scripts and the device layer in ``kernel/``).
-    Concurrent callers wait for one another (a lock in the directory).
+    A wheel carries them built (:func:`prebuilt_dir`): those are used as they
+    are, unless ``out`` or ``force`` is given.  Otherwise they are compiled
+    from :func:`source_dir` into ``out`` (default :func:`build_dir`) when
+    missing or older than any source (the compat sources, the version
+    scripts and the device layer in ``kernel/``).  Concurrent callers wait
+    for one another (a lock in the directory).
     """
+    if out is None and not force:
+        shipped = prebuilt_dir()
+        if shipped is not None:
+            return shipped
     src = source_dir()
     out = (out or build_dir()).resolve()
     newest = max(p.stat().st_mtime for p in _inputs(src))
     if not force and _fresh(out, newest):
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".build.lock", "w") as lock:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".build.lock", "w")  # noqa: SIM115 -- closed below
+    except OSError as exc:
+        raise CompatError(f"cannot build the compat libraries in {out}: "
+                          f"{exc.strerror or exc}") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not force and _fresh(out, newest):
             return out
-        cc = _compiler()
-        for name, (main, version_script) in LIBRARIES.items():
-            tmp = out / f".{name}.{os.getpid()}.tmp"
-            cmd = [cc, *_CFLAGS, "-I..", *_LDFLAGS, f"-Wl,-soname,{name}",
-                   f"-Wl,--version-script={version_script}", "-o", str(tmp), main, *_COMMON]
-            done = subprocess.run(cmd, cwd=src, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                tmp.unlink(missing_ok=True)
-                raise CompatError(_explain(name, cc, done.returncode, done.stderr))
-            tmp.replace(out / name)
+        try:
+            _compat_build.compile_all(src, out)
+        except _compat_build.BuildError as exc:
+            raise CompatError(str(exc)) from None
     return out
-
-
-def _explain(name: str, cc: str, status: int, stderr: str) -> str:
-    if any(f"{h}: No such file" in stderr for h in ("xengnttab.h", "xenevtchn.h", "xenctrl.h")):
-        return f"building {name} needs Xen's headers (Debian: apt-get install libxen-dev)"
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    why = " | ".join(lines[-3:]) if lines else f"{cc} exited with status {status}"
-    return f"building {name} failed: {why}"
 
 
 def run_environment(domid: int, directory: Path | None = None,
@@ -151,8 +171,8 @@ def run_environment(domid: int, directory: Path | None = None,
     """
     if not isinstance(domid, int) or isinstance(domid, bool) or not 0 <= domid < 0x7FF0:
         raise ValueError(f"domid must be a domain id in 0..32751, got {domid!r}")
+    libs = build()             # before the emulator starts: a failure leaves nothing behind
     directory = ensure_running(directory)
-    libs = build()
     xenstore = control({"cmd": "xenstore-socket", "domid": domid}, directory)["path"]
     env = dict(os.environ if base is None else base)
     search = env.get("LD_LIBRARY_PATH")

@@ -828,6 +828,7 @@ class Hypervisor:
     async def serve(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
+        self.stopped_by: int | None = None      # the signal that stopped us
         path = self.dir / "hypervisor.sock"
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -842,7 +843,7 @@ class Hypervisor:
         self.listener = listener
         self.loop.add_reader(listener.fileno(), self.accept)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, self.stopping.set)
+            self.loop.add_signal_handler(sig, self._stop_on, sig)
         self.xenstored = XenStored(self.dir, self.xenstore_presence,
                                    admit=self.why_not if self.policy else None,
                                    shared=shared)
@@ -856,7 +857,13 @@ class Hypervisor:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             listener.close()
-            log.info("emulator %d stopped", os.getpid())
+            why = ": interrupted" if self.stopped_by == signal.SIGINT else ""
+            log.info("emulator %d stopped%s", os.getpid(), why)
+
+    def _stop_on(self, sig: int) -> None:
+        self.stopped_by = sig
+        if self.stopping is not None:
+            self.stopping.set()
 
 
 def _raise_fd_limit() -> None:
@@ -903,7 +910,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("domains bound to users by %s: %s", policy.source,
                  "; ".join(policy.describe()) or "no domain for anyone")
     asyncio.run(hypervisor.serve())
-    return 0
+    # Ctrl-C in the foreground: the status a shell gives a process SIGINT ended.
+    return 130 if hypervisor.stopped_by == signal.SIGINT else 0
 
 
 if __name__ == "__main__":

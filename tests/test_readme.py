@@ -1,0 +1,112 @@
+"""The README's code blocks run as they are written.
+
+* A ``python`` block is a file of ``examples/``: its first line names it
+  (``# examples/NAME.py``) and the block is that file, byte for byte.
+* A ``sh`` block runs with bash (``-e -o pipefail``) in a directory that has
+  the README and ``examples/``, with ``python`` and ``vchan`` the ones under
+  test, on a private emulator.  It must exit 0 without a traceback, and every
+  ``prints X`` its comments promise must be in its output.
+* A block the test does not run is preceded by ``<!-- readme-test: not run:
+  REASON -->``; the test pins down which ones those are, so that a new block
+  is run unless someone decides otherwise here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import support
+
+from vchan import sim
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+FENCE = re.compile(r"^(<!-- readme-test: not run: (?P<why>.*?) -->\n)?```(?P<lang>\w*)\n"
+                   r"(?P<body>.*?)^```$", re.M | re.S)
+
+# The first line of each block that is not run, and why (the README says it too).
+NOT_RUN = {
+    "./scripts/quickstart      # set up (.venv) and run the quick start on the emulator":
+        "installs into .venv",
+    "vchan bench --quick      # vchan vs Unix sockets vs TCP loopback, both loops: table "
+    "+ targets (about a minute)": "benchmarks",
+    ".venv/bin/python benchmarks/ring_throughput.py     # the ring in one process, next to "
+    "memcpy": "benchmarks",
+}
+
+
+def _blocks() -> list[tuple[str, str, str | None]]:
+    """(language, body, why not run) of every fenced block."""
+    return [(m["lang"], m["body"], m["why"]) for m in FENCE.finditer(README.read_text())]
+
+
+def _sh_blocks() -> list[str]:
+    return [body for lang, body, why in _blocks() if lang == "sh" and why is None]
+
+
+def test_every_block_has_a_known_language_and_only_the_listed_ones_are_not_run() -> None:
+    blocks = _blocks()
+    assert blocks, "no code blocks found"
+    assert {lang for lang, _, _ in blocks} <= {"python", "sh", "text"}
+    skipped = {body.splitlines()[0] for _, body, why in blocks if why is not None}
+    assert skipped == set(NOT_RUN)
+
+
+@pytest.mark.parametrize("body", [b for lang, b, _ in _blocks() if lang == "python"],
+                         ids=lambda b: b.splitlines()[0].split()[1])
+def test_a_python_block_is_its_example_file(body: str) -> None:
+    first = body.splitlines()[0]
+    match = re.match(r"# (examples/\S+\.py)", first)
+    assert match, f"a README python block must name its file: {first!r}"
+    assert (ROOT / match[1]).read_text() == body
+
+
+def _promises(body: str) -> list[str]:
+    return [m.strip() for m in re.findall(r"#.*\bprints (.+)$", body, re.M)]
+
+
+@pytest.mark.parametrize("body", _sh_blocks(), ids=lambda b: b.splitlines()[0][:40])
+def test_a_shell_block_runs_as_written(body: str, tmp_path: Path) -> None:
+    if "aiohttp" in body:
+        support.need(shutil.which("pip") or (Path(sys.executable).parent / "pip").exists(),
+                     "pip")
+    if "redis_over_vchan" in body:
+        for tool in ("redis-server", "redis-benchmark", "redis-cli"):
+            support.need(shutil.which(tool), f"{tool} (Debian: redis-server, redis-tools)")
+    if "vchan-socket-proxy" in body:
+        support.need(Path("/usr/lib/xen-4.17/bin/vchan-socket-proxy").exists(),
+                     "Debian's vchan-socket-proxy (apt-get install xen-utils-4.17)")
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("README.md", "examples"):
+        (work / name).symlink_to(ROOT / name)
+    script = tmp_path / "block.sh"
+    script.write_text(body)
+    private = tmp_path / "sim"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VCHAN_")}
+    env.update(VCHAN_SIM_DIR=str(private), PYTHON=sys.executable,
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(["bash", "-e", "-o", "pipefail", str(script)], cwd=work, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        # Whatever the block left behind (it should leave nothing).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        sim.stop(private)
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out, out
+    for promise in _promises(body):
+        assert promise in out, f"the README says it prints {promise}:\n{out}"
