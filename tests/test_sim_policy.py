@@ -217,7 +217,7 @@ def test_domains_bound_to_real_users_meet_each_other_and_nobody_else() -> None:
                 text=True)
             try:
                 assert server.stdout is not None
-                assert server.stdout.readline().strip() == "ready", server.stderr
+                assert server.stdout.readline().strip() == "ready", server.stderr.read()
                 assert client("c = vchan.Vchan.client(9, 'cross-user', timeout=20)\n"
                               "c.write(b'from root'); answer = c.recv(9); c.close(); "
                               "answer") == "FROM ROOT"

@@ -84,8 +84,14 @@ def _check_sim_dir() -> None:
     if path.exists():
         if not path.is_dir():
             raise BackendError(f"VCHAN_SIM_DIR={raw} is not a directory")
-        if not os.access(path, os.W_OK | os.X_OK):
+        if not os.access(path, os.X_OK):
             raise BackendError(f"VCHAN_SIM_DIR={raw}: no permission to use this directory")
+        # Another user's emulator (a bound-domains policy, `vchan sim start
+        # --bind-domains`) is used through its sockets: only starting one
+        # needs to write here.
+        if not os.access(path, os.W_OK) and not (path / "hypervisor.sock").exists():
+            raise BackendError(f"VCHAN_SIM_DIR={raw}: no emulator runs there, and this user "
+                               f"may not start one (the directory is not writable)")
         return
     parent = path.parent
     while not parent.exists():
