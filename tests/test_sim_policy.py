@@ -216,7 +216,7 @@ def test_domains_bound_to_real_users_meet_each_other_and_nobody_else() -> None:
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 text=True)
             try:
-                assert server.stdout is not None
+                assert server.stdout is not None and server.stderr is not None
                 assert server.stdout.readline().strip() == "ready", server.stderr.read()
                 assert client("c = vchan.Vchan.client(9, 'cross-user', timeout=20)\n"
                               "c.write(b'from root'); answer = c.recv(9); c.close(); "
