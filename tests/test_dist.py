@@ -6,8 +6,7 @@ fresh virtualenv in a temporary directory, on Python 3.11 and 3.12, and run
 the commands a user runs there: ``vchan demo``, ``vchan sim run`` with
 Debian's ``vchan-socket-proxy`` talking to a Python client, and the examples
 (the README's echo pair, the aiohttp one).  From the
-unpacked sdist they run mypy and the suite's collection (every test module
-imports and finds its fixtures).  The quick tests pin down the pieces: the
+unpacked sdist they run mypy and the whole default suite.  The quick tests pin down the pieces: the
 version's one source, the sdist's file list, and where ``vchan.sim.compat``
 finds or builds the drop-in libraries of an installed vchan.
 """
@@ -272,6 +271,7 @@ def _socket_proxy_round_trip(bin_: Path, tmp: Path, env: dict[str, str]) -> None
 
 
 @slow
+@pytest.mark.timeout(2400)
 def test_the_sdist_installs_and_its_suite_and_mypy_run(dist: dict[str, Path],
                                                       tmp_path: Path) -> None:
     python = _python("3.11")
@@ -290,15 +290,14 @@ def test_the_sdist_installs_and_its_suite_and_mypy_run(dist: dict[str, Path],
     assert "(match)" in out, out
     # mypy checks the unpacked tree (vchan, tests, examples, benchmarks) as CI does.
     _run([bin_ / "mypy"], cwd=tree, env=env, timeout=900)
-    # The suite from the unpacked tree, as a developer runs it: installed
-    # editable there (scripts/setup.sh does the same), collected whole (every
-    # module imports, every fixture is found), and a part of it run.
+    # The whole default suite from the unpacked tree, as a developer runs it:
+    # installed editable there (scripts/setup.sh does the same).  Not the Xen
+    # rig, not the soak runs (CI runs those from the checkout), and not this
+    # file again.
     _run([bin_ / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check",
           "--no-deps", "-e", tree], cwd=tmp_path, timeout=900)
-    collected = _run([bin_ / "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
-                     cwd=tree, env=env, timeout=600)
-    assert re.search(r"^\d+ tests collected", collected, re.M), collected[-2000:]
-    ran = _run([bin_ / "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ring.py",
-                "tests/test_cli.py", "tests/test_server_api.py"], cwd=tree, env=env,
-               timeout=900)
-    assert re.search(r"\d+ passed", ran) and "failed" not in ran, ran[-2000:]
+    suite_env = {k: v for k, v in env.items() if k != "CI"}
+    ran = _run([bin_ / "pytest", "-q", "-p", "no:cacheprovider", "tests", "--ignore=tests/xen",
+                "--ignore=tests/test_dist.py", "--timeout", "240"], cwd=tree, env=suite_env,
+               timeout=2100)
+    assert re.search(r"\d+ passed", ran) and " failed" not in ran, ran[-2000:]
