@@ -489,3 +489,39 @@ def test_busy_poll_rows_have_their_own_table_and_leave_the_targets_alone() -> No
     cells = row(polled_part, "64 B", "asyncio")
     assert cells == ["64 B", "asyncio", "50 us", "4.0 / 10.0 / 12.0", "12.0 / 30.0 / 36.0",
                      "3.00", "4.5 + 5.5", "2.0 + 3.0", "2.0 + 3.0"]
+
+
+def _dropin_rows(fallback_p50: float) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for loop in ("asyncio", "uvloop"):
+        for path, p50, rate, mbps in (("tcp", 100.0, 9000.0, 1e9),
+                                      ("dropin-tcp", fallback_p50, 8500.0, 1e9),
+                                      ("dropin", 300.0, 3000.0, 5e9),
+                                      ("vchan", 90.0, 10000.0, 6e9)):
+            rows.append({"transport": path, "loop": loop, "what": "setup",
+                         "connections_per_s": rate, "p50_us": p50, "p99_us": 2 * p50})
+            rows.append({"transport": path, "loop": loop, "what": "bulk", "bytes_per_s": mbps})
+    return rows
+
+
+def test_dropin_section_and_fallback_target() -> None:
+    results = full_results()
+    results["dropin"] = _dropin_rows(fallback_p50=115.0)
+    md = report.render_markdown(results)
+    dropin = section(md, "## Drop-in by address")
+    cells = row(dropin, "asyncio", "drop-in to a TCP server (falls back)")
+    assert cells[2:7] == ["8,500", "115", "230", "1.15", "1,000"]
+    assert row(dropin, "uvloop", "drop-in to a drop-in server (upgraded to vchan)")[-1] == "5,000"
+    targets = {t["target"]: t for t in report.check_targets(results)}
+    name = "Drop-in (asyncio): a connection that falls back to TCP <= 1.2x a TCP connect"
+    assert targets[name]["met"] is True and targets[name]["value"].startswith("1.15x")
+    results["dropin"] = _dropin_rows(fallback_p50=121.0)
+    assert {t["target"]: t for t in report.check_targets(results)}[name]["met"] is False
+
+
+def test_no_dropin_rows_no_dropin_targets() -> None:
+    results = full_results()
+    results.pop("dropin", None)
+    assert not [t for t in report.check_targets(results) if "Drop-in" in t["target"]]
+    assert "Not measured in this run." in section(report.render_markdown(results),
+                                                  "## Drop-in by address")

@@ -125,6 +125,15 @@ def test_vchan_bench_quick_run(tmp_path: Path) -> None:
     assert all(_positive(r["connections_per_s"]) and r["n"] == 20 for r in setup.values())
     assert all(_positive(r[f"{side}_cpu_ns_per_byte"]) for r in results["bulk"]
                for side in ("client", "server"))
+    # Drop-in by address: setup and bulk on each path; the upgraded path was vchan
+    # (the client checks), the others TCP.
+    dropin = {(r["what"], r["transport"]): r for r in results["dropin"]}
+    assert set(dropin) == {(w, p) for w in ("setup", "bulk")
+                           for p in ("tcp", "dropin-tcp", "dropin", "vchan")}
+    assert all(_positive(r["connections_per_s"]) and r["n"] == 20
+               for (w, _), r in dropin.items() if w == "setup")
+    assert all(_positive(r["bytes_per_s"]) for (w, _), r in dropin.items() if w == "bulk")
+    assert "## Drop-in by address" in proc.stdout
     # --quick's matrix: its representative cells, every transport.
     matrix = results["matrix"]
     assert {r["transport"] for r in matrix} == {"vchan", "unix", "tcp"}

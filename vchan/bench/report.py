@@ -445,6 +445,20 @@ def check_targets(results: Json) -> list[Json]:
             else:
                 out.append(_target(name, f"{v / u:.2f}x ({fmt_mbps(v)} vs {fmt_mbps(u)} MB/s)",
                                    v >= u, "aggregate MB/s of all connections at once"))
+    # Issue #16: a drop-in connection to a peer without vchan costs about a TCP connect.
+    dropin = [r for r in _rows(results, "dropin") if r.get("what") == "setup"]
+    for loop in (loops if dropin else []):
+        fall = _get(_find(dropin, transport="dropin-tcp", loop=loop), "p50_us")
+        tcp = _get(_find(dropin, transport="tcp", loop=loop), "p50_us")
+        name = f"Drop-in ({loop}): a connection that falls back to TCP <= 1.2x a TCP connect"
+        if fall is None or tcp is None:
+            out.append(_target(name, "-", None, "no drop-in and TCP setup measurements"))
+        else:
+            out.append(_target(name, f"{fall / tcp:.2f}x (p50 {_us(fall)} vs {_us(tcp)} us)",
+                               fall <= 1.2 * tcp,
+                               "connect + 1 byte echoed + close: vchan.open_connection(host, "
+                               "port) to a plain asyncio TCP server, against "
+                               "asyncio.open_connection"))
     # Issue #15: the streams matrix (only when the run has one).
     out += check_matrix_targets(results)
     return out
@@ -754,14 +768,50 @@ def _setup_section(results: Json) -> list[str]:
     return lines
 
 
+DROPIN_TEXT = {"tcp": "TCP (asyncio)", "dropin-tcp": "drop-in to a TCP server (falls back)",
+               "dropin": "drop-in to a drop-in server (upgraded to vchan)",
+               "vchan": "vchan by (domid, port)"}
+
+
+def _dropin_section(results: Json) -> list[str]:
+    rows = _rows(results, "dropin")
+    lines = ["", "## Drop-in by address", ""]
+    if not rows:
+        lines.append("Not measured in this run.")
+        return lines
+    lines.append("`vchan.open_connection(host, port)`: to a plain TCP server it falls back to "
+                 "TCP; to a drop-in server (`vchan.start_server(cb, host, port)`) in another "
+                 "domain it upgrades to vchan; next to plain asyncio TCP and vchan by "
+                 "`(domid, port)`.  Setup: connect + 1 byte echoed + close, one after another "
+                 "(rate, p50 and p99 per connection; x TCP: p50 against plain TCP's).  Bulk: "
+                 "one connection, 64 KiB writes, streams at both ends.")
+    table = []
+    for loop in _loops(results):
+        tcp50 = _get(_find(rows, transport="tcp", loop=loop, what="setup"), "p50_us")
+        for path, text in DROPIN_TEXT.items():
+            setup = _find(rows, transport=path, loop=loop, what="setup")
+            bulk = _find(rows, transport=path, loop=loop, what="bulk")
+            if setup is None and bulk is None:
+                continue
+            p50 = _get(setup, "p50_us")
+            table.append([_cell(loop), text, _fmt(_get(setup, "connections_per_s"), ",.0f"),
+                          _us(p50), _us(_get(setup, "p99_us")), fmt_ratio(p50, tcp50),
+                          fmt_mbps(_get(bulk, "bytes_per_s"))])
+    lines += [""]
+    lines += _table(["loop", "path", "conn/s", "p50 us", "p99 us", "p50 x TCP", "bulk MB/s"],
+                    [False, False] + [True] * 5, table)
+    return lines
+
+
 def render_markdown(results: Json, plots: Iterable[Path | str] = ()) -> str:
     """The whole report of one run as Markdown.
 
     A header (machine, settings), then Targets, bulk one direction and both
     directions (per receiver), the vchan ring-size sweep, ping-pong, many
-    connections, connection setup and the streams matrix.  ``plots`` are image files (as
-    :func:`write_plots` names them) to embed by relative link -- each under
-    its section, by file name; images of unknown names go at the end.
+    connections, connection setup, drop-in by address and the streams
+    matrix.  ``plots`` are image files (as :func:`write_plots` names them)
+    to embed by relative link -- each under its section, by file name;
+    images of unknown names go at the end.
     """
     links = {Path(p).stem: Path(p).name for p in plots}
     lines = _header(results)
@@ -771,6 +821,7 @@ def render_markdown(results: Json, plots: Iterable[Path | str] = ()) -> str:
     lines += _pingpong_section(results, links)
     lines += _connections_section(results, links)
     lines += _setup_section(results)
+    lines += _dropin_section(results)
     lines += matrix_section(results, links)
     if links:
         lines += ["", "## More plots"]

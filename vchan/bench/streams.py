@@ -90,7 +90,12 @@ from .machine import machine_info
 TRANSPORTS = ("vchan", "unix", "tcp")
 LOOPS = ("asyncio", "uvloop")
 RECEIVERS = ("streams", "protocol", "buffered")
-CASES = ("bulk", "pingpong", "connections", "setup", "matrix")
+CASES = ("bulk", "pingpong", "connections", "setup", "matrix", "dropin")
+# The drop-in case's paths: plain TCP; a drop-in client (vchan.open_connection
+# by host and port) to a plain TCP server, so it falls back; a drop-in client
+# to a drop-in server (vchan.start_server(cb, host, port)), upgraded to vchan;
+# and vchan by (domid, port).
+DROPIN_PATHS = ("tcp", "dropin-tcp", "dropin", "vchan")
 REPEATED = ("bulk", "pingpong", "matrix")     # cases measured --repeat times
 DIRECTIONS = ("one", "both")
 READ_SIZE = 1 << 20                 # reader.read() size and the BufferedProtocol's buffer
@@ -369,6 +374,16 @@ async def _listen(cmd: Json, factory: Callable[[], asyncio.BaseProtocol] | None,
             assert factory is not None
             vserver = await vchan.create_server(factory, port, peers=peer, **sizes)
         return vserver, {"domid": vserver.own, "port": port}
+    if transport == "dropin":
+        import vchan
+
+        dserver: Any
+        if callback is not None:
+            dserver = await vchan.start_server(callback, "127.0.0.1", 0)
+        else:
+            assert factory is not None
+            dserver = await vchan.create_server(factory, "127.0.0.1", 0)
+        return dserver, {"host": "127.0.0.1", "port": dserver.port}
     server: asyncio.Server
     if transport == "unix":
         path = cmd["path"]
@@ -551,6 +566,15 @@ async def _connect(cmd: Json) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
                                            busy_poll=cmd.get("busy_poll") or None)
     if transport == "unix":
         return await asyncio.open_unix_connection(address["path"])
+    if transport in ("dropin", "dropin-tcp"):
+        import vchan
+
+        reader, writer = await vchan.open_connection(address["host"], address["port"],
+                                                     timeout=cmd["timeout"])
+        if transport == "dropin" and vchan.dropin.via(writer) != "vchan":
+            raise BenchError("a drop-in connection to a drop-in server did not upgrade")
+        _nodelay(writer.transport)
+        return reader, writer
     reader, writer = await asyncio.open_connection(address["host"], address["port"])
     _nodelay(writer.transport)
     return reader, writer
@@ -741,6 +765,8 @@ def child_main(role: str, parent: int) -> int:
         cmd: Json = json.loads(line)
         if cmd["cmd"] == "quit":
             break
+        if cmd.get("case") == "dropin":     # a setup or bulk run on a drop-in path
+            cmd = {**cmd, "case": cmd["what"]}
         try:
             if role == "server":
                 if cmd["transport"] == "vchan" and cmd.get("peer") is None:
@@ -948,6 +974,15 @@ def plan_runs(args: argparse.Namespace) -> Plan:
                 add("setup", transport, loop,
                     0.4 + (args.setup_count + 20) * 4e-4,
                     count=args.setup_count, warmup=20)
+    if "dropin" in args.cases:
+        nbytes = min(int(args.bytes), 256 << 20)
+        for loop in args.loops:
+            for path in DROPIN_PATHS:
+                add("dropin", path, loop, 0.4 + (args.setup_count + 20) * 6e-4,
+                    what="setup", count=args.setup_count, warmup=20)
+            for path in DROPIN_PATHS:
+                add("dropin", path, loop, 0.5 + nbytes / 1e9, what="bulk", bytes=nbytes,
+                    write_size=64 << 10, direction="one", receiver="streams", ring_size=None)
     if "matrix" in args.cases:
         plan += _matrix().plan(args)
     return plan
@@ -965,6 +1000,8 @@ def _describe(m: Json) -> str:
         what = f"{m['connections']} connections"
     elif case == "matrix":
         return str(_matrix().describe(m))
+    elif case == "dropin":
+        what = f"drop-in {'connection setup' if m['what'] == 'setup' else 'bulk 64 KiB'}"
     else:
         what = "connection setup"
     return f"{what} {m['loop']} {m['transport']}"
@@ -973,6 +1010,8 @@ def _describe(m: Json) -> str:
 def _row(m: Json, server: Json, client: Json) -> Json:
     """One result row from a measurement's two halves."""
     case = m["case"]
+    if case == "dropin":            # a setup or bulk row of a drop-in path
+        return {**_row({**m, "case": m["what"]}, server, client), "what": m["what"]}
     keep = {k: v for k, v in m.items() if k not in ("estimate", "case")}
     if case == "bulk":
         if server["bytes"] != m["bytes"]:
