@@ -595,3 +595,30 @@ async def test_the_advertisement_goes_when_the_server_closes(sim_dir: Path) -> N
         await server.wait_closed()
     finally:
         await xs.close()
+
+
+async def test_a_server_that_starts_right_after_a_lookup_is_found_at_once(sim_dir: Path) -> None:
+    """A lookup that found nothing is not believed for HINT_TTL: the client's
+    watch on the index sees the new server, and the next connection upgrades."""
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(await r.read(100))
+        w.close()
+
+    dropin.forget_hints()
+    plain = await asyncio.start_server(echo, HOST, 0)
+    async with plain:
+        t0 = time.monotonic()
+        _, w = await vchan.open_connection(HOST, plain.sockets[0].getsockname()[1])
+        assert dropin.via(w) == "tcp"   # the index was read: nothing there
+        w.close()
+        await asyncio.sleep(0.1)        # (the watch is set up)
+        server = await vchan.start_server(echo, HOST, 0)
+        async with server:
+            assert server.port is not None
+            await asyncio.sleep(0.05)   # (its index entry's watch event comes)
+            r, w = await vchan.open_connection(HOST, server.port)
+            assert time.monotonic() - t0 < dropin.HINT_TTL
+            assert dropin.via(w) == "vchan"
+            w.write(b"ping")
+            assert await r.read(100) == b"ping"
+            w.close()

@@ -30,9 +30,12 @@ trusted without the TCP negotiation.
 Client (domain C) to ``(host, P)``:
 
 1. Hints: the domains S whose index entry names P and whose claim lists
-   ``host`` (or an address ``host`` resolves to).  Cached per process for
-   :data:`HINT_TTL` seconds; an address that failed to upgrade is not tried
-   again for :data:`FAILURE_TTL` seconds.  Loopback addresses count only for
+   ``host`` (or an address ``host`` resolves to).  Cached per process: the
+   index until a XenStore watch on it fires (kept while lookups come, for
+   :data:`INDEX_WATCH_IDLE` seconds after the last), or for :data:`HINT_TTL`
+   seconds where the watch is not set up yet; claims for :data:`HINT_TTL`
+   seconds or until the index changes.  An address that failed to upgrade
+   is not tried again for :data:`FAILURE_TTL` seconds.  Loopback addresses count only for
    our own domain (or on the emulator, where every domain shares the host's
    network).  No hint: a plain TCP connection, no byte added.
 2. TCP connect, send HELLO, read the answer (within :data:`ANSWER_TIMEOUT`).
@@ -71,6 +74,7 @@ import secrets
 import socket
 import struct
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
@@ -95,6 +99,7 @@ __all__ = [
     "GRACE",
     "HINT_TTL",
     "INDEX",
+    "INDEX_WATCH_IDLE",
     "DropinServer",
     "create_connection",
     "create_connection_on",
@@ -120,8 +125,11 @@ ANSWER_TIMEOUT = 0.5
 UPGRADE_TIMEOUT = 3.0
 #: How long a server keeps an offered token for its claim.
 CLAIM_TIMEOUT = 5.0
-#: How long a client believes what it read in XenStore.
+#: How long a client believes what it read in XenStore (without a watch on
+#: the index telling it of changes).
 HINT_TTL = 1.0
+#: How long the client side keeps its watch on the index after a lookup.
+INDEX_WATCH_IDLE = 5.0
 #: How long a client does not try to upgrade an address that failed to.
 FAILURE_TTL = 30.0
 
@@ -254,15 +262,40 @@ class _Hints:
     def __init__(self) -> None:
         self.own: int | None = None
         self.emulated = False
-        self._index: tuple[float, dict[int, list[int]]] | None = None
-        self._claims: dict[tuple[int, int], tuple[float, frozenset[str]]] = {}
+        # (generation read at, believed until, port -> domids)
+        self._index: tuple[int, float, dict[int, list[int]]] | None = None
+        self._claims: dict[tuple[int, int], tuple[int, float, frozenset[str]]] = {}
         self._failed: dict[tuple[str, int], float] = {}
         self._refresh: asyncio.Future[None] | None = None
+        # A change of the index seen by a watch moves the generation on: what
+        # was read before it is read again.  A server that starts right after
+        # a lookup found nothing is found by the next one (not a second later).
+        self._generation = 0
+        self._readable = False          # the index could be read last time
+        self._watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _IndexWatch] = \
+            weakref.WeakKeyDictionary()
 
     def forget(self) -> None:
         self._index = None
         self._claims.clear()
         self._failed.clear()
+        self._generation += 1
+
+    def _watched(self, now: float) -> bool:
+        """Whether a watch on the index is in place for this loop; one is
+        started where the index could be read last time (never one that
+        would start an emulator), and not again within HINT_TTL of a failure."""
+        loop = asyncio.get_running_loop()
+        watcher = self._watchers.get(loop)
+        if watcher is None or (watcher.done and watcher.ended + HINT_TTL < now):
+            if not self._readable:
+                return False
+            watcher = self._watchers[loop] = _IndexWatch(self, loop)
+        watcher.used = now
+        return watcher.ready
+
+    def _changed(self) -> None:
+        self._generation += 1
 
     def failed(self, host: str, port: int) -> None:
         now = time.monotonic()
@@ -278,10 +311,14 @@ class _Hints:
             if until > now:
                 return []
             del self._failed[(host, port)]
-        if self._index is None or self._index[0] < now:
+        watched = self._watched(now)
+        index = self._index
+        if index is None or index[0] != self._generation or (not watched and index[1] < now):
             await self._read_index(now)
+            if not watched:
+                self._watched(now)      # (it can be read: watch it from now on)
         assert self._index is not None
-        servers = self._index[1].get(port)
+        servers = self._index[2].get(port)
         if not servers:
             return []
         wanted = {_normal(host)}
@@ -306,7 +343,8 @@ class _Hints:
             return
         self._refresh = refresh = loop.create_future()
         try:
-            self._index = (now + HINT_TTL, await self._index_now())
+            generation = self._generation
+            self._index = (generation, now + HINT_TTL, await self._index_now())
         finally:
             refresh.set_result(None)
             if self._refresh is refresh:
@@ -321,6 +359,7 @@ class _Hints:
 
             # No emulator running: nobody to find (and none to start for it).
             if not await asyncio.to_thread(sim.is_running):
+                self._readable = False
                 return {}
         from .hub import _loop_state
 
@@ -330,7 +369,9 @@ class _Hints:
                 names = await state.xs.directory(INDEX)
         except (OSError, VchanError) as exc:
             log.debug("drop-in: no hints: %s cannot be read (%s)", INDEX, exc)
+            self._readable = False
             return {}
+        self._readable = True
         table: dict[int, list[int]] = {}
         for name in names:
             domid_s, _, port_s = name.partition("-")
@@ -340,8 +381,9 @@ class _Hints:
 
     async def _claim(self, domid: int, port: int, now: float) -> frozenset[str]:
         held = self._claims.get((domid, port))
-        if held is not None and held[0] >= now:
-            return held[1]
+        if held is not None and held[0] == self._generation and held[1] >= now:
+            return held[2]
+        generation = self._generation
         from .hub import _loop_state
 
         try:
@@ -352,8 +394,53 @@ class _Hints:
             log.debug("drop-in: domain %d's claim for port %d cannot be read (%s)",
                       domid, port, exc)
             claims = frozenset()
-        self._claims[(domid, port)] = (now + HINT_TTL, claims)
+        self._claims[(domid, port)] = (generation, now + HINT_TTL, claims)
         return claims
+
+
+class _IndexWatch:
+    """A XenStore watch on the drop-in index for one loop's lookups: every
+    change moves the hints' generation on.  It holds the loop's XenStore
+    connection while lookups come, and lets go :data:`INDEX_WATCH_IDLE`
+    seconds after the last; it ends quietly if XenStore fails (lookups then
+    believe what they read for :data:`HINT_TTL` seconds)."""
+
+    def __init__(self, hints: _Hints, loop: asyncio.AbstractEventLoop) -> None:
+        self.hints = hints
+        self.ready = False              # registered: changes from now on are seen
+        self.done = False
+        self.used = time.monotonic()
+        self.ended = 0.0
+        self._task = loop.create_task(self._run(), name="vchan drop-in index watch")
+
+    async def _run(self) -> None:
+        from .hub import _loop_state
+
+        try:
+            async with _loop_state() as state, state.watches.watching(INDEX) as changed:
+                while True:
+                    idle = self.used + INDEX_WATCH_IDLE - time.monotonic()
+                    if idle <= 0:
+                        return
+                    try:
+                        await asyncio.wait_for(changed.wait(), idle)
+                    except TimeoutError:
+                        continue
+                    changed.clear()
+                    # (the first one is the registration: what was read
+                    # before it may be older than the watch)
+                    self.hints._changed()
+                    self.ready = True
+        except (OSError, VchanError) as exc:
+            log.debug("drop-in: no watch on %s (%s): hints are believed for %g s",
+                      INDEX, exc, HINT_TTL)
+        finally:
+            self.done = True
+            self.ready = False
+            self.ended = time.monotonic()
+            # Changes from now on go unseen: what was read is believed for
+            # HINT_TTL no longer (a new loop's lookups read the index again).
+            self.hints._changed()
 
 
 def _is_ip(host: str) -> bool:
