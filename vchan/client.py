@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, overload
 
+from . import dropin
 from .endpoint import DEFAULT_RING_SIZE, Endpoint, check_ring_size
 from .hub import _loop_state, event_hub
 from .listener import check_domid, check_port, client_connect, wait_for_server_domain
@@ -58,12 +59,10 @@ async def create_connection(
     :meth:`asyncio.loop.create_connection` (see :func:`vchan.dropin.create_connection`).
     """
     if isinstance(domid, str):
-        from .dropin import create_connection as by_address
-
         if not isinstance(port, int) or isinstance(port, bool):
             raise TypeError(f"connecting to host {domid!r}: the TCP port must be an int, "
                             f"not {type(port).__name__}")
-        return await by_address(protocol_factory, domid, port, **options)
+        return await dropin.create_connection(protocol_factory, domid, port, **options)
     return await _create_connection(protocol_factory, domid, port, **options)
 
 
