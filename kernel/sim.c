@@ -618,6 +618,22 @@ static int sim_set_max_grants(struct vk_dev *d, uint32_t count)
 /* Event channels.                                                     */
 /* ------------------------------------------------------------------ */
 
+/* Put a port in the handle's epoll set (op ADD) or re-arm it (MOD): it
+ * fires once, then stays quiet until armed again. */
+static int arm(struct vk_dev *d, int op, uint32_t port)
+{
+    struct sim_evtchn *ev = d->priv;
+    struct epoll_event e;
+
+    if (port >= ev->cap || ev->rx[port] < 0)
+        return -ENOTCONN;
+    e.events = EPOLLIN | EPOLLONESHOT;
+    e.data.u64 = port;
+    if (epoll_ctl(d->epfd, op, ev->rx[port], &e) < 0)
+        return -errno;
+    return 0;
+}
+
 static int grow(struct sim_evtchn *ev, uint32_t port)
 {
     uint32_t cap = ev->cap ? ev->cap : 64;
@@ -644,7 +660,6 @@ static int grow(struct sim_evtchn *ev, uint32_t port)
 static int bind_common(struct vk_dev *d, uint32_t op, const uint32_t *req, uint32_t len)
 {
     struct sim_evtchn *ev = d->priv;
-    struct epoll_event e;
     uint32_t port;
     int fds[VS_MAX_FDS], nfds = 0, rc;
 
@@ -660,10 +675,7 @@ static int bind_common(struct vk_dev *d, uint32_t op, const uint32_t *req, uint3
     drop_port(ev, d->epfd, port);   /* stale fds of a port we unbound */
     ev->rx[port] = fds[0];
     ev->tx[port] = fds[1];
-    e.events = EPOLLIN | EPOLLONESHOT;
-    e.data.u64 = port;
-    if (epoll_ctl(d->epfd, EPOLL_CTL_ADD, fds[0], &e) < 0) {
-        rc = -errno;
+    if ((rc = arm(d, EPOLL_CTL_ADD, port)) < 0) {
         drop_port(ev, d->epfd, port);
         dev_rpc(d, VS_EVT_UNBIND, &port, sizeof(port), NULL, 0, NULL, NULL, NULL);
         return rc;
@@ -731,16 +743,7 @@ static int sim_pending(struct vk_dev *d)
 
 static int sim_unmask(struct vk_dev *d, uint32_t port)
 {
-    struct sim_evtchn *ev = d->priv;
-    struct epoll_event e;
-
-    if (port >= ev->cap || ev->rx[port] < 0)
-        return -ENOTCONN;
-    e.events = EPOLLIN | EPOLLONESHOT;
-    e.data.u64 = port;
-    if (epoll_ctl(d->epfd, EPOLL_CTL_MOD, ev->rx[port], &e) < 0)
-        return -errno;
-    return 0;
+    return arm(d, EPOLL_CTL_MOD, port);
 }
 
 static int sim_take_events(struct vk_dev *d, uint32_t *ports, int max)
@@ -800,16 +803,9 @@ static int sim_port_fd(struct vk_dev *d, uint32_t port)
 
 static int sim_port_unwatch(struct vk_dev *d, uint32_t port)
 {
-    struct sim_evtchn *ev = d->priv;
-    struct epoll_event e;
+    int rc = arm(d, EPOLL_CTL_ADD, port);
 
-    if (port >= ev->cap || ev->rx[port] < 0)
-        return -ENOTCONN;
-    e.events = EPOLLIN | EPOLLONESHOT;
-    e.data.u64 = port;
-    if (epoll_ctl(d->epfd, EPOLL_CTL_ADD, ev->rx[port], &e) < 0 && errno != EEXIST)
-        return -errno;
-    return 0;
+    return rc == -EEXIST ? 0 : rc;      /* (never taken out: nothing to put back) */
 }
 
 const struct vk_ops vk_sim_ops = {

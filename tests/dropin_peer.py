@@ -25,17 +25,16 @@ import asyncio
 import hashlib
 import json
 import os
-import random
 import secrets
 import sys
 import time
 from typing import Any
 
+from vchan_peer import duplex
+
 import vchan
 from vchan import dropin, upgrade
 from vchan.xenstore import Perm
-
-BLOCK = random.Random(7).randbytes(1 << 20)
 
 
 def emit(**kw: Any) -> None:
@@ -94,43 +93,13 @@ async def serve(args: argparse.Namespace) -> None:
         await _stdin_closed()
 
 
-async def _echo_both_ways(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          nbytes: int, seed: int) -> dict[str, Any]:
-    """Send ``nbytes`` pseudo-random bytes while reading back what comes."""
-    rnd = random.Random(seed)
-    sent_hash, recv_hash = hashlib.sha256(), hashlib.sha256()
-
-    async def send() -> None:
-        sent = 0
-        while sent < nbytes:
-            n = min(nbytes - sent, rnd.choice([1, 1000, 65536, 1 << 20]))
-            start = rnd.randrange(0, len(BLOCK) - n + 1)
-            chunk = BLOCK[start:start + n]
-            sent_hash.update(chunk)
-            writer.write(chunk)
-            sent += n
-            await writer.drain()
-        writer.write_eof()
-
-    async def receive() -> int:
-        got = 0
-        while data := await reader.read(1 << 20):
-            recv_hash.update(data)
-            got += len(data)
-        return got
-
-    _, got = await asyncio.gather(send(), receive())
-    return {"sent_sha256": sent_hash.hexdigest(), "received": got,
-            "received_sha256": recv_hash.hexdigest()}
-
-
 async def connect_parallel(args: argparse.Namespace) -> None:
     """``count`` connections at once, each echoing its own bytes; one report."""
     t0 = time.perf_counter()
     pairs = await asyncio.gather(*(vchan.open_connection(args.host, args.port)
                                    for _ in range(args.count)))
     opened = time.perf_counter() - t0
-    results = await asyncio.gather(*(_echo_both_ways(r, w, args.nbytes, seed=i)
+    results = await asyncio.gather(*(duplex(r, w, args.nbytes, seed=i, close=False)
                                      for i, (r, w) in enumerate(pairs)))
     vias = [dropin.via(w) for _, w in pairs]
     for _, w in pairs:
@@ -159,7 +128,7 @@ async def connect(args: argparse.Namespace) -> None:
             writer.write(b"HELO client\r\n")
             info["answer"] = (await reader.readline()).decode("latin-1")
         else:
-            info.update(await _echo_both_ways(reader, writer, args.nbytes, seed=i))
+            info.update(await duplex(reader, writer, args.nbytes, seed=i, close=False))
         writer.close()
         await writer.wait_closed()
         emit(result=info)

@@ -40,7 +40,10 @@ def emit(**kw: Any) -> None:
 
 
 async def duplex(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, nbytes: int,
-                 seed: int) -> dict[str, Any]:
+                 seed: int, *, close: bool = True) -> dict[str, Any]:
+    """Send ``nbytes`` pseudo-random bytes (pieces of random sizes, then EOF)
+    while reading back what comes until EOF; sizes and SHA-256 of both.
+    ``close``: close the writer after."""
     rnd = random.Random(seed)
     sent_hash, recv_hash = hashlib.sha256(), hashlib.sha256()
     t0 = time.perf_counter()
@@ -68,8 +71,9 @@ async def duplex(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, nby
 
     sent, got = await asyncio.gather(send(), receive())
     dt = time.perf_counter() - t0
-    writer.close()
-    await writer.wait_closed()
+    if close:
+        writer.close()
+        await writer.wait_closed()
     return {"sent": sent, "received": got, "sent_sha256": sent_hash.hexdigest(),
             "received_sha256": recv_hash.hexdigest(), "seconds": dt}
 

@@ -303,20 +303,27 @@ def _no_such_server_domain(server: int, waited: float | None = None) -> NoSuchDo
         f"while a process of it runs: start the server in domain {server} first{waiting})")
 
 
-def _grace(timeout: float | None) -> float:
-    return SIM_DOMAIN_GRACE if timeout is None else min(SIM_DOMAIN_GRACE, timeout / 2)
-
-
-def wait_for_server_domain_sync(evtchn: EventChannel, server: int,
-                                timeout: float | None) -> float:
-    """:func:`wait_for_server_domain` for blocking code (:class:`vchan.Vchan`)."""
+def _server_domain_grace(evtchn: EventChannel, server: int, timeout: float | None) -> float:
+    """0 if the server's domain exists; else how long to wait for it to
+    appear (the emulator), or :class:`NoSuchDomainError` (Xen: at once)."""
     if domain_exists(evtchn, server):
         return 0.0
     from .backend import get_backend
 
     if get_backend().name != "sim":
         raise _no_such_server_domain(server)
-    grace = _grace(timeout)
+    grace = SIM_DOMAIN_GRACE if timeout is None else min(SIM_DOMAIN_GRACE, timeout / 2)
+    if not grace:
+        raise _no_such_server_domain(server, grace)
+    return grace
+
+
+def wait_for_server_domain_sync(evtchn: EventChannel, server: int,
+                                timeout: float | None) -> float:
+    """:func:`wait_for_server_domain` for blocking code (:class:`vchan.Vchan`)."""
+    grace = _server_domain_grace(evtchn, server, timeout)
+    if not grace:
+        return 0.0
     start = time.monotonic()
     while time.monotonic() - start < grace:
         time.sleep(0.02)
@@ -337,13 +344,9 @@ async def wait_for_server_domain(evtchn: EventChannel, server: int,
     :data:`SIM_DOMAIN_GRACE` seconds, and at most half its ``timeout``
     (``timeout=0``: none), to appear; then it says what to do.
     """
-    if domain_exists(evtchn, server):
+    grace = _server_domain_grace(evtchn, server, timeout)
+    if not grace:
         return 0.0
-    from .backend import get_backend
-
-    if get_backend().name != "sim":
-        raise _no_such_server_domain(server)
-    grace = _grace(timeout)
     start = time.monotonic()
     while time.monotonic() - start < grace:
         await asyncio.sleep(0.02)

@@ -527,6 +527,14 @@ def _image(lines: list[str], plots: dict[str, str], name: str, alt: str) -> None
         lines += ["", f"![{alt}]({link})"]
 
 
+def _heading(title: str, rows: Sequence[Any]) -> list[str]:
+    """A section's heading, and "Not measured in this run." under it without rows."""
+    lines = ["", f"## {title}", ""]
+    if not rows:
+        lines.append("Not measured in this run.")
+    return lines
+
+
 def _targets_section(results: Json) -> list[str]:
     lines = ["", "## Targets", "",
              "Recorded by the benchmark, not asserted.", ""]
@@ -632,9 +640,8 @@ def _sweep_section(results: Json, plots: dict[str, str]) -> list[str]:
 def _pingpong_section(results: Json, plots: dict[str, str]) -> list[str]:
     s = _settings(results)
     rows = _ping_rows(results)
-    lines = ["", "## Ping-pong", ""]
+    lines = _heading("Ping-pong", rows)
     if not rows:
-        lines.append("Not measured in this run.")
         return lines
     lines.append(f"Request/response echo, {_count(s.get('rounds'))} timed round trips after "
                  f"{_count(s.get('warmup'))} warm-up; latency per round trip at the client "
@@ -700,9 +707,8 @@ def _busy_poll_lines(results: Json) -> list[str]:
 def _connections_section(results: Json, plots: dict[str, str]) -> list[str]:
     s = _settings(results)
     rows = _rows(results, "connections")
-    lines = ["", "## Many connections", ""]
+    lines = _heading("Many connections", rows)
     if not rows:
-        lines.append("Not measured in this run.")
         return lines
     lines.append("Aggregate MB/s over all connections at once; memory per connection = "
                  "RSS growth / connections, in KiB, server / client.")
@@ -745,9 +751,8 @@ def _connections_section(results: Json, plots: dict[str, str]) -> list[str]:
 
 def _setup_section(results: Json) -> list[str]:
     rows = _rows(results, "setup")
-    lines = ["", "## Connection setup", ""]
+    lines = _heading("Connection setup", rows)
     if not rows:
-        lines.append("Not measured in this run.")
         return lines
     lines.append("Connect + first byte echoed + close, one after another; latency per "
                  "connection in us, vchan / unix / tcp.")
@@ -775,9 +780,8 @@ DROPIN_TEXT = {"tcp": "TCP (asyncio)", "dropin-tcp": "drop-in to a TCP server (f
 
 def _dropin_section(results: Json) -> list[str]:
     rows = _rows(results, "dropin")
-    lines = ["", "## Drop-in by address", ""]
+    lines = _heading("Drop-in by address", rows)
     if not rows:
-        lines.append("Not measured in this run.")
         return lines
     lines.append("`vchan.open_connection(host, port)`: to a plain TCP server it falls back to "
                  "TCP; to a drop-in server (`vchan.start_server(cb, host, port)`) in another "
