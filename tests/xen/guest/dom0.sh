@@ -19,6 +19,10 @@ ip link set lo up
 echo 'XENCONSOLED_ARGS="--log=guest --log-dir=/var/log/xen/console"' >>/etc/default/xen
 mkdir -p /var/log/xen/console /var/lib/xen /var/run/xen
 /etc/init.d/xen start || say "/etc/init.d/xen start failed"
+# The drop-in index (docs/dropin.md): made by dom0 once per host, owned by dom0,
+# readable and writable by every domain (drop-in servers list themselves in it).
+xenstore-write /local/vchan-dropin "" && xenstore-chmod /local/vchan-dropin b0 \
+    || say "cannot make the drop-in index /local/vchan-dropin"
 # Xen's own virtual network for the benchmark: domUs' vifs join xenbr0.
 ip link add xenbr0 type bridge
 ip addr add 10.99.0.1/24 dev xenbr0
