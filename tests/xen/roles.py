@@ -68,7 +68,12 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 async def echo_server(args: argparse.Namespace) -> int:
     """Serve ``--connections`` clients: echo everything, report each one's SHA-256
     (``--summary``: counts, the peak of connections open at once, the sessions and
-    grants that carried them, instead of one entry per connection)."""
+    grants that carried them, instead of one entry per connection).
+
+    By default a vchan server (``PORT --peers``); with ``--host`` a drop-in server
+    (``vchan.start_server(cb, host, port)``: TCP and vchan at once), or with
+    ``--plain`` too a plain asyncio TCP server, and each connection's report says
+    which way it went (:func:`_path`) and its first bytes."""
     import vchan
 
     done: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -91,24 +96,41 @@ async def echo_server(args: argparse.Namespace) -> int:
         note_ring(writer)
         digest = hashlib.sha256()
         count = 0
+        path = _path(writer) if args.host is not None else {}
         try:
             while chunk := await reader.read(65536):
+                if args.host is not None and not count:
+                    path["first"] = chunk[:8].hex()
                 digest.update(chunk)
                 count += len(chunk)
                 writer.write(chunk)
                 await writer.drain()
             writer.close()
             await writer.wait_closed()
-            await done.put({"received": count, "sha256": digest.hexdigest()})
+            await done.put({"received": count, "sha256": digest.hexdigest(), **path})
         except OSError as exc:
-            await done.put({"received": count, "error": f"{type(exc).__name__}: {exc}"})
+            await done.put({"received": count, "error": f"{type(exc).__name__}: {exc}",
+                            **path})
         finally:
             active -= 1
 
-    domids = [int(p) for p in args.peers.split(",")]
-    peers: Any = domids[0] if len(domids) == 1 else domids
-    server = await vchan.start_server(handle, _port(args.port), peers=peers, raw=args.raw)
-    report(event="listening", gntalloc_limit=gntalloc_limit())
+    server: Any
+    if args.host is None:
+        if args.peers is None:
+            raise SystemExit("echo-server: --peers (a vchan server) or --host (drop-in)")
+        domids = [int(p) for p in args.peers.split(",")]
+        peers: Any = domids[0] if len(domids) == 1 else domids
+        server = await vchan.start_server(handle, _port(args.port), peers=peers, raw=args.raw)
+        report(event="listening", gntalloc_limit=gntalloc_limit())
+    elif args.plain:
+        server = await asyncio.start_server(handle, args.host, int(args.port))
+        report(event="listening", kind="tcp")
+    else:
+        _log_dropin()
+        server = await vchan.start_server(handle, args.host, int(args.port))
+        report(event="listening", kind="dropin", advertised=server.advertised,
+               vchan_port=server.vchan_port,
+               vchan_error=repr(server.vchan_error) if server.vchan_error else None)
     results = []
     try:
         async with asyncio.timeout(args.deadline):
@@ -129,15 +151,59 @@ async def echo_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_dropin() -> None:
+    """The drop-in layer's debug lines (why a connection took TCP) on stderr,
+    which is the role's log (``domus/<name>-<id>/logs/`` for a domU)."""
+    import logging
+
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("vchan.dropin").setLevel(logging.DEBUG)
+
+
+def _path(writer: asyncio.StreamWriter) -> dict[str, Any]:
+    """Which way a drop-in connection went (``vchan`` or ``tcp``), the (TCP)
+    address of its peer and, over vchan, the vchan peer ``[domid, port]``."""
+    from vchan import dropin
+
+    return {"via": dropin.via(writer), "peername": writer.get_extra_info("peername"),
+            "vchan_peer": writer.get_extra_info("vchan_peer")}
+
+
+async def _hinted(host: str, port: int) -> list[int] | str:
+    """The domains that advertise ``(host, port)`` as this domain's drop-in
+    client reads XenStore (the index and the claims), or why they cannot be read."""
+    from vchan import dropin
+
+    try:
+        return sorted(await dropin._hints.lookup(host, port))
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
 async def echo_client(args: argparse.Namespace) -> int:
-    """Send ``--bytes`` of data, read the echo back, compare SHA-256s."""
+    """Send ``--bytes`` of data, read the echo back, compare SHA-256s.
+
+    ``echo-client DOMID PORT``: vchan.  ``dropin-client HOST PORT``: by address
+    (``vchan.open_connection(host, port)``, vchan or TCP); the report adds which way
+    it went (:func:`_path`), the domains that advertised the address (``hinted``)
+    and the set-up time."""
     import vchan
 
     data = payload(args.bytes, args.seed)
+    host: str | None = getattr(args, "host", None)
+    path: dict[str, Any] = {}
     started = time.monotonic()
     async with asyncio.timeout(args.deadline):
-        reader, writer = await vchan.open_connection(args.domid, _port(args.port),
-                                                     timeout=args.deadline)
+        if host is None:
+            reader, writer = await vchan.open_connection(args.domid, _port(args.port),
+                                                         timeout=args.deadline)
+        else:
+            _log_dropin()
+            path["hinted"] = await _hinted(host, args.port)
+            connecting = time.monotonic()
+            reader, writer = await vchan.open_connection(host, args.port,
+                                                         timeout=args.deadline)
+            path.update(_path(writer), connect_s=round(time.monotonic() - connecting, 3))
         report(event="connected")
 
         async def send() -> None:
@@ -157,8 +223,69 @@ async def echo_client(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     report(result="echoed", bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
            echo_sha256=hashlib.sha256(got).hexdigest(), match=got == data, extra=len(extra),
-           seconds=round(elapsed, 3))
+           seconds=round(elapsed, 3), **path)
     return 0 if got == data and not extra else 1
+
+
+async def dropin_advertise(args: argparse.Namespace) -> int:
+    """Play a domain that claims somebody else's address: advertise ``ADDRESS``
+    port ``PORT`` in XenStore as a drop-in server would (its claim and an index
+    entry) and serve the vchan port a client would be sent to (``tcp-PORT``) to
+    ``--peers``, answering any claim with an ACCEPT.  Reports ``advertising``,
+    then, at SIGTERM or the deadline, every vchan stream that reached it."""
+    import vchan
+    from vchan import dropin, upgrade
+    from vchan.xenstore import Perm, XenStore
+
+    contacts: list[dict[str, Any]] = []
+
+    class Thief(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+            self.bytes = 0
+            report(event="contacted", peer=transport.get_extra_info("peername"))
+
+        def data_received(self, data: bytes) -> None:
+            if not self.bytes:
+                # Accept whatever claim comes: the nonce is the client's secret.
+                self.transport.write(upgrade.Accept(os.urandom(16)).encode())
+            self.bytes += len(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            contacts.append({"peer": self.transport.get_extra_info("peername"),
+                             "bytes": self.bytes})
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    peers = [int(p) for p in args.peers.split(",")]
+    async with await XenStore.open() as xs:
+        own = int(await xs.read("domid"))
+        claim = f"/local/domain/{own}/data/vchan-dropin/{args.port}"
+        entry = f"{dropin.INDEX}/{own}-{args.port}"
+        await xs.write(claim, args.address)
+        await xs.set_perms(claim, [Perm(own, "r")])
+        await xs.write(entry, "")
+        # As a drop-in server does (vchan.dropin): an entry whose permissions
+        # cannot be set (real xenstored: EACCES) keeps the index's.
+        entry_perms = "set"
+        try:
+            await xs.set_perms(entry, [Perm(own, "r")])
+        except OSError as exc:
+            entry_perms = errno.errorcode.get(exc.errno or 0, str(exc))
+        server = await vchan.create_server(Thief, upgrade.dropin_port(int(args.port)),
+                                           peers=peers)
+        report(event="advertising", domid=own, claim=claim, entry=entry,
+               entry_perms=entry_perms)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), args.deadline)
+        server.close()
+        await server.wait_closed()
+        still = (await xs.read(claim)).decode()
+        for path in (entry, claim):
+            await xs.rm(path)
+    report(result="advertised", address=still, contacts=contacts)
+    return 0
 
 
 async def _hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -728,7 +855,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="role", required=True)
     p = sub.add_parser("echo-server")
     p.add_argument("port")
-    p.add_argument("--peers", required=True, help="peer domid(s), comma-separated")
+    p.add_argument("--peers", help="peer domid(s), comma-separated (a vchan server)")
+    p.add_argument("--host", help="a drop-in server of this TCP address instead")
+    p.add_argument("--plain", action="store_true", help="with --host: plain asyncio TCP")
     p.add_argument("--connections", type=int, default=1)
     p.add_argument("--raw", action="store_true", help="raw libxenvchan server (C peers)")
     p.add_argument("--summary", action="store_true",
@@ -740,6 +869,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-eof", action="store_true",
                    help="do not half-close (a libxenvchan peer has no half-close)")
+    p = sub.add_parser("dropin-client")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--bytes", type=int, default=1 << 20)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--no-eof", action="store_true")
+    p = sub.add_parser("dropin-advertise")
+    p.add_argument("port", type=int)
+    p.add_argument("address", help="the address claimed (somebody else's)")
+    p.add_argument("--peers", required=True, help="domids served on tcp-PORT")
     p = sub.add_parser("hold-server")
     p.add_argument("port")
     p.add_argument("--peers", required=True)
@@ -794,8 +933,10 @@ def main(argv: list[str] | None = None) -> int:
     role = args.role
     if role == "echo-server":
         return asyncio.run(echo_server(args))
-    if role == "echo-client":
+    if role in ("echo-client", "dropin-client"):
         return asyncio.run(echo_client(args))
+    if role == "dropin-advertise":
+        return asyncio.run(dropin_advertise(args))
     if role == "hold-server":
         return asyncio.run(hold_server(args))
     if role == "hold-client":

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import os
+import signal
 import statistics
 import subprocess
 import threading
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import OUT, Domu, in_rig, local
+from harness import OUT, Domu, RemoteJob, domu_address, in_rig, local
 from roles import GNTALLOC_LIMIT, gntalloc_limit, stream_message
 
 pytestmark = pytest.mark.skipif(
@@ -471,3 +472,176 @@ def test_our_raw_server_in_a_domu_and_socket_proxy_client_in_dom0(
     assert rc == 0
     assert served["connections"] == [{"received": MIB, "sha256": hashlib.sha256(data).hexdigest()}]
 
+
+# -- drop-in by address: domU to domU by their addresses on xenbr0 ---------------------------
+
+#: dom0's address on xenbr0 (guest/dom0.sh).  The rig's QEMU has no network
+#: (``-nic none``), so nothing outside the Xen host is reachable: the address
+#: that no co-resident domain serves is dom0's, with a plain asyncio TCP server.
+DOM0_ADDRESS = "10.99.0.1"
+_tcp_ports = itertools.count(7801)
+
+
+def _dropin_index() -> list[str]:
+    """The drop-in index's entries (``<domid>-<port>``), as dom0 reads them."""
+    from vchan.dropin import INDEX
+
+    done = subprocess.run(["xenstore-list", INDEX], capture_output=True, text=True,
+                          check=False, timeout=30)
+    assert done.returncode == 0, f"no drop-in index {INDEX} (guest/dom0.sh makes it): " \
+                                 f"{done.stderr.strip()}"
+    return done.stdout.split()
+
+
+def _dropin_server(dom: Domu, port: int) -> RemoteJob:
+    """A drop-in echo server on every address of ``dom`` (``vchan.start_server(cb,
+    "0.0.0.0", port)``), listening and listed in dom0's index."""
+    server = dom.spawn("echo-server", port, "--host", "0.0.0.0")
+    listening = server.wait_for("listening")
+    assert listening["vchan_error"] is None, listening
+    assert listening["vchan_port"] == f"tcp-{port}"
+    assert domu_address(dom.domid) in listening["advertised"], listening
+    assert f"{dom.domid}-{port}" in _dropin_index()
+    return server
+
+
+def _payload_head(size: int, seed: int) -> str:
+    from roles import payload
+
+    return payload(size, seed)[:8].hex()
+
+
+def _intact(client: dict[str, Any], conn: dict[str, Any], size: int, seed: int) -> None:
+    """The client's bytes came back whole, and the server received exactly them."""
+    assert client["match"] is True and client["extra"] == 0, client
+    assert client["sha256"] == client["echo_sha256"] == _digest(size, seed)
+    assert conn["received"] == size and conn["sha256"] == _digest(size, seed), conn
+    assert "error" not in conn, conn
+
+
+def test_dropin_domu_to_domu_by_bridge_address_goes_over_vchan(
+        domus: tuple[Domu, Domu]) -> None:
+    """guest-b's ``vchan.open_connection(guest-a's IP, port)`` to guest-a's
+    ``vchan.start_server(cb, "0.0.0.0", port)``: upgraded to vchan, 1 MiB each
+    way intact; both ends see the TCP addresses and the other domain."""
+    from vchan.dropin import INDEX
+
+    a, b = domus
+    port = next(_tcp_ports)
+    server = _dropin_server(a, port)
+    try:
+        index = subprocess.run(["xenstore-ls", "-p", INDEX], capture_output=True, text=True,
+                               check=False, timeout=30).stdout
+        client = b.run("dropin-client", domu_address(a.domid), port, "--bytes", MIB,
+                       "--seed", 21, timeout=180).last
+        served = server.wait(60).last
+    finally:
+        server.kill()
+    _record("domU -> domU by address (drop-in)", client=client, server=served,
+            index=index.splitlines())
+    (conn,) = served["connections"]
+    assert client["hinted"] == [a.domid], client
+    assert client["via"] == conn["via"] == "vchan", (client, conn)
+    assert client["vchan_peer"] == [a.domid, f"tcp-{port}"]
+    assert conn["vchan_peer"][0] == b.domid
+    assert client["peername"] == [domu_address(a.domid), port]
+    assert conn["peername"][0] == domu_address(b.domid)
+    _intact(client, conn, MIB, 21)
+
+
+def test_dropin_the_same_client_to_an_address_outside_the_host_goes_over_tcp(
+        domus: tuple[Domu, Domu]) -> None:
+    """The same client program to dom0's address on the bridge, where a plain asyncio
+    server listens on the same port as a drop-in server in guest-a: no domain
+    advertises that address, so the connection is plain TCP, not one byte added."""
+    a, b = domus
+    port = next(_tcp_ports)
+    server = _dropin_server(a, port)      # port P is in the index: the address decides
+    try:
+        with local("echo-server", port, "--host", DOM0_ADDRESS, "--plain") as outside:
+            outside.wait_for("listening")
+            client = b.run("dropin-client", DOM0_ADDRESS, port, "--bytes", MIB,
+                           "--seed", 22, timeout=180).last
+            served = outside.wait(60).last
+        untouched = server.poll_output()
+    finally:
+        server.kill()
+    _record("domU -> outside address (drop-in client, plain server)",
+            client=client, server=served)
+    (conn,) = served["connections"]
+    assert client["hinted"] == [], client
+    assert client["via"] == conn["via"] == "tcp", (client, conn)
+    assert client["vchan_peer"] is None and conn["vchan_peer"] is None
+    assert client["peername"] == [DOM0_ADDRESS, port]
+    assert conn["peername"][0] == domu_address(b.domid)
+    assert conn["first"] == _payload_head(MIB, 22)        # no HELLO before the data
+    _intact(client, conn, MIB, 22)
+    assert '"served"' not in untouched                   # guest-a's server saw nothing
+
+
+def test_dropin_a_domu_advertising_the_servers_address_does_not_get_the_connection(
+        domus: tuple[Domu, Domu]) -> None:
+    """guest-b claims guest-a's address and port in XenStore (its own claim, an index
+    entry) and serves the vchan port a client would be sent to: dom0's client still
+    meets guest-a, over vchan, and guest-b is never contacted."""
+    a, b = domus
+    port = next(_tcp_ports)
+    server = _dropin_server(a, port)
+    liar = b.spawn("dropin-advertise", port, domu_address(a.domid), "--peers", 0)
+    try:
+        lying = liar.wait_for("advertising")
+        assert {f"{a.domid}-{port}", f"{b.domid}-{port}"} <= set(_dropin_index())
+        with local("dropin-client", domu_address(a.domid), port, "--bytes", MIB,
+                   "--seed", 23) as job:
+            client = job.wait(180).last
+        served = server.wait(60).last
+        liar.kill(signal.SIGTERM)
+        lied = liar.wait(60).last
+    finally:
+        server.kill()
+        liar.kill()
+    _record("dom0 -> domU by address, another domU claiming it",
+            client=client, server=served, liar=[lying, lied])
+    (conn,) = served["connections"]
+    assert lying["claim"] == f"/local/domain/{b.domid}/data/vchan-dropin/{port}"
+    assert lied["address"] == domu_address(a.domid)
+    assert client["hinted"] == sorted([a.domid, b.domid]), client   # both advertise it
+    assert client["via"] == conn["via"] == "vchan", (client, conn)
+    assert client["vchan_peer"] == [a.domid, f"tcp-{port}"]            # the owner's domain
+    assert conn["vchan_peer"][0] == 0
+    _intact(client, conn, MIB, 23)
+    assert lied["contacts"] == [], lied                                 # never contacted
+
+
+def test_dropin_a_domu_advertising_a_plain_servers_address_does_not_get_the_connection(
+        domus: tuple[Domu, Domu]) -> None:
+    """guest-b claims the address of dom0's plain asyncio server: guest-a's client
+    sends its HELLO there (the one thing a lying advertisement can cause), gets
+    no drop-in answer and goes on over a fresh TCP connection; guest-b is never
+    contacted."""
+    from vchan.upgrade import MAGIC_HELLO
+
+    a, b = domus
+    port = next(_tcp_ports)
+    liar = b.spawn("dropin-advertise", port, DOM0_ADDRESS, "--peers", a.domid)
+    try:
+        liar.wait_for("advertising")
+        with local("echo-server", port, "--host", DOM0_ADDRESS, "--plain",
+                   "--connections", 2) as outside:
+            outside.wait_for("listening")
+            client = a.run("dropin-client", DOM0_ADDRESS, port, "--bytes", MIB,
+                           "--seed", 24, timeout=180).last
+            served = outside.wait(60).last
+        liar.kill(signal.SIGTERM)
+        lied = liar.wait(60).last
+    finally:
+        liar.kill()
+    _record("domU -> plain server's address, another domU claiming it",
+            client=client, server=served, liar=lied)
+    assert client["hinted"] == [b.domid], client
+    assert client["via"] == "tcp" and client["vchan_peer"] is None, client
+    hello, conn = sorted(served["connections"], key=lambda c: c["received"])
+    assert hello["first"] == MAGIC_HELLO.hex() and hello["via"] == "tcp", hello
+    assert conn["first"] == _payload_head(MIB, 24)
+    _intact(client, conn, MIB, 24)
+    assert lied["contacts"] == [], lied
