@@ -494,6 +494,7 @@ async def test_without_an_emulator_no_hint_is_looked_for_and_none_is_started(
             assert await reader.read() == b"hello"
             assert dropin.via(writer) == "tcp"
             writer.close()
+        await asyncio.sleep(0.3)        # (nothing started later either: no index watch)
         assert not sim.is_running(tmp_path / "nowhere")
     finally:
         monkeypatch.undo()

@@ -279,6 +279,7 @@ class _Hints:
         self._index = None
         self._claims.clear()
         self._failed.clear()
+        self._readable = False
         self._generation += 1
 
     def _watched(self, now: float) -> bool:
@@ -414,9 +415,16 @@ class _IndexWatch:
         self._task = loop.create_task(self._run(), name="vchan drop-in index watch")
 
     async def _run(self) -> None:
+        from .backend import default_backend_name
         from .hub import _loop_state
 
         try:
+            if default_backend_name() == "sim":
+                from . import sim
+
+                # A watch must never be what starts an emulator.
+                if not await asyncio.to_thread(sim.is_running):
+                    return
             async with _loop_state() as state, state.watches.watching(INDEX) as changed:
                 while True:
                     idle = self.used + INDEX_WATCH_IDLE - time.monotonic()
