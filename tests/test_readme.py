@@ -110,3 +110,34 @@ def test_a_shell_block_runs_as_written(body: str, tmp_path: Path) -> None:
     assert "Traceback" not in out, out
     for promise in _promises(body):
         assert promise in out, f"the README says it prints {promise}:\n{out}"
+
+
+@pytest.mark.skipif(not (support.IN_CI or os.environ.get("VCHAN_TEST_DIST") == "1"),
+                    reason="sets up a venv in a fresh clone (a minute or two): CI or "
+                           "VCHAN_TEST_DIST=1 runs it")
+@pytest.mark.timeout(1200)
+def test_the_quick_start_runs_as_written_in_a_fresh_clone(tmp_path: Path) -> None:
+    """The README's quick start, its first command as printed, in a fresh clone
+    of this commit (the block's other command, ``./scripts/test``, is what CI
+    runs as ``.ci/run``)."""
+    block = next(body for lang, body, why in _blocks() if why is not None
+                 and body.startswith("./scripts/quickstart"))
+    command = block.splitlines()[0].split("#")[0].strip()
+    assert command == "./scripts/quickstart"
+    clone = tmp_path / "vchan"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
+    private = tmp_path / "sim"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("VCHAN_", "PYTHON", "VIRTUAL_ENV"))}
+    env["VCHAN_SIM_DIR"] = str(private)
+    try:
+        done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", command], cwd=clone,
+                              env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=1100)
+    finally:
+        sim.stop(private)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert "Traceback" not in out, out[-4000:]
+    assert "(match)" in out, out[-4000:]
+    assert (clone / ".venv" / "bin" / "vchan").exists()
