@@ -1320,6 +1320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 own_sim = tmp / "sim"
                 env["VCHAN_SIM_DIR"] = str(own_sim)
             directory = Path(env["VCHAN_SIM_DIR"])
+            if own_sim is None and not sim.is_running(directory):
+                own_sim = directory     # started here: stopped here (as vchan demo does)
             sim.ensure_running(directory)
             # The emulator keeps its default grant limit (1,024 pages, as
             # gntalloc's): what a user gets.  Connections share their
@@ -1355,7 +1357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "timeout_seconds": args.timeout,
             "vchan_domains": ({"server": VCHAN_SERVER_DOMID, "client": VCHAN_CLIENT_DOMID}
                               if backend_name == "sim" else "own domain"),
-            "private_emulator": own_sim is not None,
+            "private_emulator": "VCHAN_SIM_DIR" not in os.environ,
             "units": "bytes_per_s at the receiver, first delivery to EOF (both directions: "
                      "the sum); latency in us at the client; memory in bytes",
         }
