@@ -623,3 +623,19 @@ async def test_a_server_that_starts_right_after_a_lookup_is_found_at_once(sim_di
             w.write(b"ping")
             assert await r.read(100) == b"ping"
             w.close()
+
+
+async def test_cancelling_serve_forever_closes_either_kind_of_server(sim_dir: Path) -> None:
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.close()
+
+    dropin.forget_hints()
+    for server in (await vchan.start_server(handle, HOST, 0),
+                   await vchan.start_server(handle, "forever", peers=vchan.own_domid())):
+        task = asyncio.ensure_future(server.serve_forever())
+        await asyncio.sleep(0.05)
+        assert server.is_serving()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not server.is_serving()

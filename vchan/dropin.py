@@ -1139,14 +1139,9 @@ class DropinServer(asyncio.AbstractServer):
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")
         assert self._tcp is not None
-        try:
-            await self._tcp.serve_forever()
-        except asyncio.CancelledError:
-            try:
-                self.close()
-                await self.wait_closed()
-            finally:
-                raise
+        from .server import serve_until_cancelled
+
+        await serve_until_cancelled(self, self._tcp.serve_forever())
 
 
 async def create_server(

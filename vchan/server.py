@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import errno
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from .client import _ring_sizes
@@ -594,15 +594,22 @@ class Server(asyncio.AbstractServer):
         await self.start_serving()
         self._serving_forever = self._loop.create_future()
         try:
-            await self._serving_forever
-        except asyncio.CancelledError:
-            try:
-                self.close()
-                await self.wait_closed()
-            finally:
-                raise
+            await serve_until_cancelled(self, self._serving_forever)
         finally:
             self._serving_forever = None
+
+
+async def serve_until_cancelled(server: Any, serving: Awaitable[Any]) -> None:
+    """``serve_forever()``'s end, as asyncio's: await ``serving``; cancelled,
+    close ``server`` and wait for it, then let the cancellation go on."""
+    try:
+        await serving
+    except asyncio.CancelledError:
+        try:
+            server.close()
+            await server.wait_closed()
+        finally:
+            raise
 
 
 async def _rm_quietly(xs: Any, path: str) -> None:
