@@ -127,10 +127,14 @@ def _json(proc: subprocess.Popen[str]) -> dict[str, Any]:
 def _proxy(domid: int, loop: str, *args: str) -> tuple[subprocess.Popen[str], str]:
     proc = _spawn(domid, ["-m", "vchan", "proxy", *args, "-v"], loop)
     assert proc.stderr is not None
-    line = proc.stderr.readline()
-    if "listening" not in line:
-        raise RuntimeError(f"proxy: {line}{proc.stderr.read()}")
-    return proc, line
+    # -v says which backend it chose, then where it listens.
+    seen = []
+    while line := proc.stderr.readline():
+        if "listening" in line:
+            return proc, line
+        seen.append(line)
+    proc.wait(20)
+    raise RuntimeError(f"proxy exited ({proc.returncode}): {''.join(seen)}")
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:

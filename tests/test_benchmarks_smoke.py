@@ -164,3 +164,18 @@ def test_stream_pair_and_reader_calls_run() -> None:
                           check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("ns a message") == 2, proc.stdout
+
+
+PROXY_BENCH = SCRIPT.with_name("proxy_bench.py")
+
+
+def test_proxy_bench_runs_every_path() -> None:
+    """benchmarks/proxy_bench.py end to end, small: every path moves its bytes.
+    (It once waited forever when ``vchan proxy -v`` printed a line before
+    "listening".)"""
+    env = {k: v for k, v in os.environ.items() if k not in ("VCHAN_SIM_DIR", "VCHAN_DOMID")}
+    proc = subprocess.run([sys.executable, str(PROXY_BENCH), "--mib", "4", "--repeat", "1"],
+                          capture_output=True, text=True, timeout=180, check=False, env=env)
+    assert proc.returncode == 0, proc.stderr
+    for path in ("direct", "vchan->tcp", "tcp->vchan", "tcp"):
+        assert re.search(rf"\b{re.escape(path)}\b.*[0-9]", proc.stdout), proc.stdout
