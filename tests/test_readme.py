@@ -6,9 +6,13 @@
   the README and ``examples/``, with ``python`` and ``vchan`` the ones under
   test, on a private emulator.  It must exit 0 without a traceback, and every
   ``prints X`` its comments promise must be in its output.
+* A block that takes minutes of both cores (the benchmarks) is preceded by
+  ``<!-- readme-test: ci: REASON -->``: it runs as written under CI (or with
+  ``VCHAN_TEST_BENCH=1``) and is skipped otherwise.
 * A block the test does not run is preceded by ``<!-- readme-test: not run:
-  REASON -->``; the test pins down which ones those are, so that a new block
-  is run unless someone decides otherwise here.
+  REASON -->``; the test pins down which ones those are (and which run under
+  CI only), so that a new block runs every time unless someone decides
+  otherwise here.
 """
 
 from __future__ import annotations
@@ -29,13 +33,17 @@ from vchan import sim
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-FENCE = re.compile(r"^(<!-- readme-test: not run: (?P<why>.*?) -->\n)?```(?P<lang>\w*)\n"
-                   r"(?P<body>.*?)^```$", re.M | re.S)
+FENCE = re.compile(r"^(<!-- readme-test: (?P<mode>not run|ci): (?P<why>.*?) -->\n)?"
+                   r"```(?P<lang>\w*)\n(?P<body>.*?)^```$", re.M | re.S)
+RUN_BENCH = support.IN_CI or os.environ.get("VCHAN_TEST_BENCH") == "1"
 
 # The first line of each block that is not run, and why (the README says it too).
 NOT_RUN = {
     "./scripts/quickstart      # set up (.venv) and run the quick start on the emulator":
         "installs into .venv",
+}
+# The first line of each block that runs under CI only.
+CI_ONLY = {
     "vchan bench --quick      # vchan vs Unix sockets vs TCP loopback, both loops: table "
     "+ targets (about a minute)": "benchmarks",
     ".venv/bin/python benchmarks/ring_throughput.py     # the ring in one process, next to "
@@ -44,20 +52,26 @@ NOT_RUN = {
 
 
 def _blocks() -> list[tuple[str, str, str | None]]:
-    """(language, body, why not run) of every fenced block."""
-    return [(m["lang"], m["body"], m["why"]) for m in FENCE.finditer(README.read_text())]
+    """(language, body, mode) of every fenced block: mode None (run every
+    time), "ci" (under CI only) or "not run"."""
+    return [(m["lang"], m["body"], m["mode"]) for m in FENCE.finditer(README.read_text())]
 
 
-def _sh_blocks() -> list[str]:
-    return [body for lang, body, why in _blocks() if lang == "sh" and why is None]
+def _sh_blocks() -> list[object]:
+    return [pytest.param(body, marks=[pytest.mark.skipif(
+                not RUN_BENCH, reason="minutes of both cores: CI or VCHAN_TEST_BENCH=1 runs it"),
+                pytest.mark.timeout(1800)]) if mode == "ci" else body
+            for lang, body, mode in _blocks() if lang == "sh" and mode != "not run"]
 
 
 def test_every_block_has_a_known_language_and_only_the_listed_ones_are_not_run() -> None:
     blocks = _blocks()
     assert blocks, "no code blocks found"
     assert {lang for lang, _, _ in blocks} <= {"python", "sh", "text"}
-    skipped = {body.splitlines()[0] for _, body, why in blocks if why is not None}
+    skipped = {body.splitlines()[0] for _, body, mode in blocks if mode == "not run"}
     assert skipped == set(NOT_RUN)
+    ci_only = {body.splitlines()[0] for _, body, mode in blocks if mode == "ci"}
+    assert ci_only == set(CI_ONLY)
 
 
 @pytest.mark.parametrize("body", [b for lang, b, _ in _blocks() if lang == "python"],
@@ -86,8 +100,11 @@ def test_a_shell_block_runs_as_written(body: str, tmp_path: Path) -> None:
                      "Debian's vchan-socket-proxy (apt-get install xen-utils-4.17)")
     work = tmp_path / "work"
     work.mkdir()
-    for name in ("README.md", "examples"):
+    for name in ("README.md", "examples", "benchmarks"):
         (work / name).symlink_to(ROOT / name)
+    # `.venv/bin/python` in a block is the Python under test.
+    (work / ".venv" / "bin").mkdir(parents=True)
+    (work / ".venv" / "bin" / "python").symlink_to(sys.executable)
     script = tmp_path / "block.sh"
     script.write_text(body)
     private = tmp_path / "sim"
@@ -99,7 +116,7 @@ def test_a_shell_block_runs_as_written(body: str, tmp_path: Path) -> None:
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=180)
+        out, _ = proc.communicate(timeout=1700 if body.splitlines()[0] in CI_ONLY else 180)
     finally:
         # Whatever the block left behind (it should leave nothing).
         with contextlib.suppress(ProcessLookupError):
@@ -110,6 +127,11 @@ def test_a_shell_block_runs_as_written(body: str, tmp_path: Path) -> None:
     assert "Traceback" not in out, out
     for promise in _promises(body):
         assert promise in out, f"the README says it prints {promise}:\n{out}"
+    if "--out DIR" in body:
+        # What the README says the full run writes.
+        assert (work / "DIR" / "report.md").is_file(), out
+        assert list((work / "DIR").glob("*.json")), out
+        assert list((work / "DIR").glob("*.png")), out
 
 
 @pytest.mark.skipif(not (support.IN_CI or os.environ.get("VCHAN_TEST_DIST") == "1"),
@@ -120,7 +142,7 @@ def test_the_quick_start_runs_as_written_in_a_fresh_clone(tmp_path: Path) -> Non
     """The README's quick start, its first command as printed, in a fresh clone
     of this commit (the block's other command, ``./scripts/test``, is what CI
     runs as ``.ci/run``)."""
-    block = next(body for lang, body, why in _blocks() if why is not None
+    block = next(body for lang, body, mode in _blocks() if mode == "not run"
                  and body.startswith("./scripts/quickstart"))
     command = block.splitlines()[0].split("#")[0].strip()
     assert command == "./scripts/quickstart"
