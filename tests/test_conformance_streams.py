@@ -37,7 +37,7 @@ from test_conformance import KINDS, _payload
 
 import vchan
 from vchan.errors import LocalProtocolError
-from vchan.mux import StreamTransport
+from vchan.mux_stream import StreamTransport
 from vchan.pool import close_sessions
 
 T = TypeVar("T")

@@ -39,7 +39,8 @@ from vchan._native import ffi, lib
 
 import vchan
 from vchan import RemoteProtocolError
-from vchan.mux import (
+from vchan.mux import Session
+from vchan.mux_frames import (
     CLOSE,
     DATA,
     DEFAULT_WINDOW,
@@ -53,9 +54,8 @@ from vchan.mux import (
     RESET,
     VERSION,
     WINDOW,
-    Session,
-    StreamTransport,
 )
+from vchan.mux_stream import StreamTransport
 from vchan.ring import NOTIFY_READ, Ring
 
 FULL: int = lib.VCHAN_MUX_FULL

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from test_mux import header, inject, served
 
-from vchan.mux import DATA, EOF, GATHER
+from vchan.mux_frames import DATA, EOF, GATHER
 
 
 async def test_a_waiting_reader_takes_its_bytes_from_the_ring(sim_dir: Path) -> None:

@@ -3,7 +3,7 @@
 Flow control is asyncio's _FlowControlMixin, copied in behaviour, not
 imported: asyncio's private helpers move between Python versions.
 :class:`VchanTransport` (a connection on a ring of its own) and
-:class:`~vchan.mux.StreamTransport` (a stream of a session) derive from
+:class:`~vchan.mux_stream.StreamTransport` (a stream of a session) derive from
 :class:`TransportBase`.
 """
 

@@ -35,7 +35,8 @@ from .listener import (
     vchan_path,
     wait_client,
 )
-from .mux import Session, StreamTransport, check_busy_poll
+from .mux import Session, check_busy_poll
+from .mux_stream import StreamTransport
 from .transport import VchanTransport
 
 if TYPE_CHECKING:
