@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,14 @@ def test_half_close_and_misuse(sim_dir: Path) -> None:
         srv.read()
     with pytest.raises(ValueError, match="closed Vchan"):
         cli.write(b"x")
+
+
+def test_vchan_vchan_is_a_deprecated_alias_of_vchan_blocking(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "vchan.vchan", raising=False)
+    with pytest.warns(DeprecationWarning, match="vchan.blocking"):
+        old = importlib.import_module("vchan.vchan")
+    assert old.Vchan is vchan.Vchan and old.own_domid is vchan.own_domid
 
 
 def test_bad_arguments(sim_dir: Path) -> None:
