@@ -31,7 +31,7 @@ def test_blocking_exchange_between_two_domains(sim_dir: Path) -> None:
         assert got == [256000, True]
         d2("t.join()")
         d1("srv.send(b'12345678')")
-        assert d2("cli.recv(8)") == "12345678"
+        assert d2("cli.recv_exactly(8)") == "12345678"
         d2("cli.close()")
         assert d1("srv.read()") == ""                           # end of stream
         with pytest.raises(Exception, match="BrokenPipeError"):
@@ -45,8 +45,8 @@ def test_non_blocking_calls_raise_blocking_io_error(sim_dir: Path) -> None:
             vchan.Vchan.client(own, "nb", timeout=10, blocking=False) as cli:
         with pytest.raises(BlockingIOError, match="read would block"):
             srv.read()
-        with pytest.raises(BlockingIOError, match="recv would block"):
-            srv.recv(4)
+        with pytest.raises(BlockingIOError, match="recv_exactly would block"):
+            srv.recv_exactly(4)
         assert cli.write(b"a" * 5000) == 1024                   # partial: what fits
         with pytest.raises(BlockingIOError, match="ring is full"):
             cli.write(b"b")
@@ -75,6 +75,19 @@ def test_half_close_and_misuse(sim_dir: Path) -> None:
         srv.read()
     with pytest.raises(ValueError, match="closed Vchan"):
         cli.write(b"x")
+
+
+def test_recv_is_a_deprecated_alias_of_recv_exactly(sim_dir: Path) -> None:
+    own = vchan.own_domid()
+    with vchan.Vchan.server(own, "old-recv") as srv, \
+            vchan.Vchan.client(own, "old-recv", timeout=10) as cli:
+        cli.send(b"exactly8")
+        with pytest.warns(DeprecationWarning, match=r"recv_exactly\(n\)"):
+            assert srv.recv(8) == b"exactly8"
+        with pytest.warns(DeprecationWarning), \
+                pytest.raises(BlockingIOError, match="recv_exactly would block"):
+            srv.blocking = False
+            srv.recv(1)
 
 
 def test_vchan_vchan_is_a_deprecated_alias_of_vchan_blocking(

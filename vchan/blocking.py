@@ -5,7 +5,10 @@ a client connects to it; both then read and write, blocking or not, and
 ``fileno()`` can be handed to ``select``/``poll``.  Python conventions
 replace C's return codes: a non-blocking call that cannot proceed raises
 :class:`BlockingIOError`, end of stream is ``b""``, a peer that went away
-while we write is :class:`BrokenPipeError`.
+while we write is :class:`BrokenPipeError`.  The names say how much a call
+moves: :meth:`Vchan.read` / :meth:`Vchan.read_into` / :meth:`Vchan.write` what
+there is (``libxenvchan_read`` / ``write``), :meth:`Vchan.recv_exactly` and
+:meth:`Vchan.send` all of it or nothing (``libxenvchan_recv`` / ``send``).
 """
 
 from __future__ import annotations
@@ -264,9 +267,15 @@ class Vchan:
         got = self.read_into(buf)
         return bytes(buf[:got])
 
-    def recv(self, n: int) -> bytes:
-        """Exactly ``n`` bytes (at most the ring's size)."""
-        ep = self._live("recv")
+    def recv_exactly(self, n: int) -> bytes:
+        """Exactly ``n`` bytes (at most the ring's size), as ``libxenvchan_recv``.
+
+        Blocking, waits until all ``n`` are there; non-blocking, takes them
+        only when all are there, else raises :class:`BlockingIOError`.
+        Raises :class:`EOFError` if the stream ends first.  For "up to ``n``"
+        (what ``socket.recv`` means), use :meth:`read`.
+        """
+        ep = self._live("recv_exactly")
         buf = bytearray(n)
         while True:
             if ep.ring.recv_into(buf):
@@ -278,7 +287,14 @@ class Vchan:
                     ep.flush_notify()
                     return bytes(buf)
                 raise EOFError(f"end of stream before {n} bytes were ready")
-            self._block("recv")
+            self._block("recv_exactly")
+
+    def recv(self, n: int) -> bytes:
+        """Deprecated name of :meth:`recv_exactly` (unlike ``socket.recv``, never "up to n")."""
+        warnings.warn("Vchan.recv(n) is deprecated: it reads exactly n bytes, unlike "
+                      "socket.recv; call recv_exactly(n) (or read(n) for up to n)",
+                      DeprecationWarning, stacklevel=2)
+        return self.recv_exactly(n)
 
     def write(self, data: Any) -> int:
         """Write ``data``: all of it when blocking, what fits otherwise."""
