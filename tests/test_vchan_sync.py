@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import subprocess
 import sys
@@ -11,6 +12,11 @@ import pytest
 from domains import DomainProcess
 
 import vchan
+from vchan.ring import NOTIFY_HELLO, OFFSET_CLI_LIVE, OFFSET_SRV_LIVE
+
+# Page 0 of libxenvchan: the two live bytes, then the two notify bytes in the
+# same order; each side's notify byte carries the extension bits its peer set.
+CLI_NOTIFY, SRV_NOTIFY = OFFSET_CLI_LIVE + 2, OFFSET_SRV_LIVE + 2
 
 
 def test_blocking_exchange_between_two_domains(sim_dir: Path) -> None:
@@ -75,6 +81,44 @@ def test_half_close_and_misuse(sim_dir: Path) -> None:
         srv.read()
     with pytest.raises(ValueError, match="closed Vchan"):
         cli.write(b"x")
+
+
+def _as_if_the_peer_were_plain(endpoint: vchan.endpoint.Endpoint) -> None:
+    """Clear the HELLO its vchan peer set: what a plain libxenvchan peer leaves."""
+    offset = SRV_NOTIFY if endpoint.is_server else CLI_NOTIFY
+    with memoryview(endpoint.pages[0].buffer()) as page0:
+        page0[offset] &= ~NOTIFY_HELLO & 0xFF
+
+
+async def test_write_eof_to_a_plain_peer_is_one_error_from_vchan_and_the_transport(
+        sim_dir: Path) -> None:
+    """Vchan and the asyncio transport refuse a half-close the peer cannot see
+    with the same error: HalfCloseUnsupportedError, a LocalProtocolError and
+    the NotImplementedError asyncio's transports raise when can_write_eof()
+    is False."""
+    own = vchan.own_domid()
+    with vchan.Vchan.server(own, "plain-eof") as srv:
+        transport, _ = await vchan.create_connection(asyncio.Protocol, own, "plain-eof",
+                                                     timeout=10)
+        try:
+            await asyncio.to_thread(srv.wait_connected, 10)
+            assert srv.can_write_eof() and transport.can_write_eof()
+            _as_if_the_peer_were_plain(srv._ep)
+            _as_if_the_peer_were_plain(transport.get_extra_info("endpoint"))
+            assert not srv.can_write_eof() and not transport.can_write_eof()
+            errors = []
+            for half_close in (srv.write_eof, transport.write_eof):
+                with pytest.raises(vchan.HalfCloseUnsupportedError) as info:
+                    half_close()
+                errors.append(info.value)
+            assert [type(e) for e in errors] == [vchan.HalfCloseUnsupportedError] * 2
+            assert str(errors[0]) == str(errors[1])
+            assert all(isinstance(e, NotImplementedError)
+                       and isinstance(e, vchan.LocalProtocolError) for e in errors)
+            srv.write(b"still open")                            # a refusal, not a failure
+            assert not transport.is_closing()
+        finally:
+            transport.close()
 
 
 def test_recv_is_a_deprecated_alias_of_recv_exactly(sim_dir: Path) -> None:

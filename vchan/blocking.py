@@ -23,9 +23,9 @@ from typing import Any, Self
 from . import handshake
 from .devices import EventChannel
 from .endpoint import DEFAULT_RING_SIZE, Endpoint, check_ring_size
-from .errors import LocalProtocolError, NoSuchDomainError
+from .errors import HalfCloseUnsupportedError, NoSuchDomainError
 from .handshake import run_sync
-from .ring import LIVE_CONNECTED, LIVE_WAITING, NOTIFY_CLOSED, NOTIFY_HELLO
+from .ring import LIVE_CONNECTED, LIVE_WAITING, peer_gone_error
 from .xenstore import XenStoreSync
 
 __all__ = ["Vchan", "own_domid"]
@@ -234,10 +234,7 @@ class Vchan:
         return self._ep.ring.peer_live() == 0
 
     def _gone_error(self) -> OSError:
-        flags = self._ep.ring.peer_flags()
-        if flags & NOTIFY_HELLO and not flags & NOTIFY_CLOSED:
-            return ConnectionResetError("the vchan peer went away without closing")
-        return BrokenPipeError("the vchan peer closed the connection")
+        return peer_gone_error(self._ep.ring.peer_flags(), self.peer)
 
     def _block(self, what: str) -> None:
         if not self.blocking:
@@ -327,11 +324,19 @@ class Vchan:
             ep.flush_notify()
             self._block("send")
 
+    def can_write_eof(self) -> bool:
+        """Whether the peer can be half-closed: False for a plain libxenvchan peer."""
+        return self._live("can_write_eof").ring.peer_speaks_extensions
+
     def write_eof(self) -> None:
-        """Half-close: the peer reads what was written, then end of stream."""
+        """Half-close: the peer reads what was written, then end of stream.
+
+        Raises :class:`~vchan.HalfCloseUnsupportedError` (as the asyncio
+        transport does) if :meth:`can_write_eof` is False.
+        """
         ep = self._live("write_eof")
         if not ep.ring.peer_speaks_extensions:
-            raise LocalProtocolError("the peer is a plain libxenvchan endpoint: no half-close")
+            raise HalfCloseUnsupportedError
         ep.ring.write_eof()
         ep.flush_notify()
 
