@@ -74,12 +74,17 @@ def parse_choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
+def _numbers(text: str, kind: type[float] | type[int], what: str) -> list[Any]:
+    """The comma-separated numbers of ``text``, or the argparse error naming ``what``."""
+    try:
+        return [kind(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+
+
 def parse_us_list(text: str) -> list[float]:
     """An argparse type: comma-separated microseconds, 0 to 1,000,000."""
-    try:
-        values = [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not microseconds: {text!r}") from None
+    values = _numbers(text, float, "microseconds")
     if any(not 0 <= v <= 1e6 for v in values):
         raise argparse.ArgumentTypeError(f"microseconds from 0 to 1,000,000: {text!r}")
     return values
@@ -87,10 +92,7 @@ def parse_us_list(text: str) -> list[float]:
 
 def parse_counts(text: str) -> list[int]:
     """An argparse type: comma-separated counts, each at least 1."""
-    try:
-        counts = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    counts = _numbers(text, int, "a list of numbers")
     if not counts or min(counts) < 1:
         raise argparse.ArgumentTypeError(f"counts must be >= 1, got {text!r}")
     return counts

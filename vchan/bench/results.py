@@ -149,6 +149,12 @@ def find_row(rows: Iterable[Json], **match: Any) -> Json | None:
     return found
 
 
+def per_transport(rows: Iterable[Json], **match: Any) -> dict[str, Json | None]:
+    """The row of each of vchan, unix and tcp that matches (:func:`find_row`), or None."""
+    rows = list(rows)
+    return {t: find_row(rows, transport=t, **match) for t in TRANSPORTS}
+
+
 def get_num(row: Json | None, key: str) -> float | None:
     return None if row is None else num(row.get(key))
 

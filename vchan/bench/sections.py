@@ -31,6 +31,7 @@ from .results import (
     md_table,
     num,
     ordered,
+    per_transport,
     ping_rows,
     rows_of,
     settings_of,
@@ -148,8 +149,7 @@ def bulk_sections(results: Json, plots: dict[str, str]) -> list[str]:
             table = []
             for size in sizes:
                 for loop in loops:
-                    found = {t: find_row(rrows, write_size=size, loop=loop, transport=t)
-                             for t in TRANSPORTS}
+                    found = per_transport(rrows, write_size=size, loop=loop)
                     by = {t: get_num(found[t], "bytes_per_s") for t in TRANSPORTS}
                     v, u, t = by["vchan"], by["unix"], by["tcp"]
                     table.append([human_size(size), md_cell(loop), fmt_mbps(v), fmt_mbps(u),
@@ -222,8 +222,7 @@ def pingpong_section(results: Json, plots: dict[str, str]) -> list[str]:
     table = []
     for size in ordered(s.get("ping_sizes"), (r.get("message_size") for r in rows)):
         for loop in loops_of(results):
-            by = {t: find_row(rows, message_size=size, loop=loop, transport=t)
-                  for t in TRANSPORTS}
+            by = per_transport(rows, message_size=size, loop=loop)
             if all(r is None for r in by.values()):
                 continue
             rts = [fmt(get_num(by[t], "round_trips_per_s"), ",.0f") for t in TRANSPORTS]
@@ -288,8 +287,7 @@ def connections_section(results: Json, plots: dict[str, str]) -> list[str]:
     errors = []
     for count in ordered(s.get("connection_counts"), (r.get("connections") for r in rows)):
         for loop in loops_of(results):
-            by = {t: find_row(rows, connections=count, loop=loop, transport=t)
-                  for t in TRANSPORTS}
+            by = per_transport(rows, connections=count, loop=loop)
             if all(r is None for r in by.values()):
                 continue
             rate: dict[str, float | None] = {}
@@ -330,7 +328,7 @@ def setup_section(results: Json) -> list[str]:
                  "connection in us, vchan / unix / tcp.")
     table = []
     for loop in loops_of(results):
-        by = {t: find_row(rows, loop=loop, transport=t) for t in TRANSPORTS}
+        by = per_transport(rows, loop=loop)
         if all(r is None for r in by.values()):
             continue
         rate = [get_num(by[t], "connections_per_s") for t in TRANSPORTS]
