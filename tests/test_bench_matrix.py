@@ -21,7 +21,9 @@ from typing import Any
 import pytest
 
 from vchan.bench import matrix, report
-from vchan.bench.streams import BenchError, build_parser
+from vchan.bench.command import build_parser
+from vchan.bench.common import BenchError
+from vchan.bench.targets import check_targets
 
 Json = dict[str, Any]
 
@@ -291,7 +293,7 @@ def synthetic() -> Json:
 
 def test_matrix_targets() -> None:
     results = synthetic()
-    by = {t["target"]: t for t in report.check_targets(results)}
+    by = {t["target"]: t for t in check_targets(results)}
     big = by["Matrix (asyncio): writes of 16 KiB and up: vchan >= 2x Unix sockets"]
     small = by["Matrix (asyncio): 64 B and 1 KiB writes: vchan >= 1.5x Unix sockets"]
     floor = by["Matrix (asyncio): no cell below 1x Unix sockets"]
@@ -300,7 +302,7 @@ def test_matrix_targets() -> None:
     assert small["met"] is False and small["value"].startswith("1 of 2 cells; worst 1.20x")
     assert floor["met"] is False and floor["value"].startswith("4 of 5 cells")
     # No matrix in the run: no matrix targets, and no matrix section.
-    assert not [t for t in report.check_targets({}) if t["target"].startswith("Matrix")]
+    assert not [t for t in check_targets({}) if t["target"].startswith("Matrix")]
     assert "## Matrix" not in report.render_markdown({})
 
 

@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
-from vchan.bench import report
+from vchan.bench import plots, report
+from vchan.bench.results import bulk_ratios
+from vchan.bench.targets import check_targets
 
 Json = dict[str, Any]
 
@@ -157,7 +159,7 @@ def row(text: str, *prefix: str) -> list[str]:
 
 
 def targets_by_name(results: Json) -> dict[str, Json]:
-    return {t["target"]: t for t in report.check_targets(results)}
+    return {t["target"]: t for t in check_targets(results)}
 
 
 # ---------------------------------------------------------------------------
@@ -166,7 +168,7 @@ def targets_by_name(results: Json) -> dict[str, Json]:
 
 
 def test_targets_met_unmet_per_loop() -> None:
-    targets = report.check_targets(full_results())
+    targets = check_targets(full_results())
     assert all(set(t) == {"target", "value", "met", "detail"} for t in targets)
     by = {t["target"]: t for t in targets}
     # Issue #8's 4 targets x 2 loops and issue 15's ping-pong x 2 loops, then
@@ -241,7 +243,7 @@ def test_targets_none_when_data_missing() -> None:
         assert by[f"Ping-pong 64 B ({loop}): vchan p50 no worse than 0.8x Unix sockets"][
             "met"] is None
         assert by[f"1,000 concurrent vchan connections work ({loop})"]["met"] is None
-    empty = report.check_targets({})
+    empty = check_targets({})
     assert empty and all(t["met"] is None for t in empty)
 
 
@@ -316,7 +318,7 @@ def test_markdown_bulk_cpu_per_byte() -> None:
 
 
 def test_bulk_ratios_computed_from_rows() -> None:
-    ratios = report.bulk_ratios(full_results())
+    ratios = bulk_ratios(full_results())
     point = next(r for r in ratios if (r["direction"], r["receiver"], r["write_size"],
                                        r["loop"]) == ("one", "streams", KIB64, "asyncio"))
     assert point["vchan_vs_unix"] == pytest.approx(2.5)
@@ -401,7 +403,7 @@ def test_render_is_pure() -> None:
     results = full_results()
     before = copy.deepcopy(results)
     assert report.render_markdown(results) == report.render_markdown(results)
-    report.check_targets(results)
+    check_targets(results)
     assert results == before
 
 
@@ -439,17 +441,17 @@ def test_write_report_with_plots(tmp_path: Path) -> None:
 
 def test_write_plots_only_for_data(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    written = report.write_plots(partial_results(), tmp_path)
+    written = plots.write_plots(partial_results(), tmp_path)
     assert {p.stem for p in written} == {f"bulk_{r}_{d}" for r in RECEIVERS
                                          for d in ("one", "both")}
-    assert report.write_plots({}, tmp_path / "empty") == []
+    assert plots.write_plots({}, tmp_path / "empty") == []
 
 
 def test_write_report_without_matplotlib(tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # import raises ImportError
-    assert report.write_plots(full_results(), tmp_path) == []
+    assert plots.write_plots(full_results(), tmp_path) == []
     paths = report.write_report(full_results(), tmp_path)
     assert set(paths) == {"json", "markdown"}
     md = paths["markdown"].read_text(encoding="utf-8")
@@ -458,7 +460,7 @@ def test_write_report_without_matplotlib(tmp_path: Path,
 
 
 def test_connection_targets_of_issue_13() -> None:
-    by = {t["target"]: t for t in report.check_targets(full_results())}
+    by = {t["target"]: t for t in check_targets(full_results())}
     setup = by["Setup (asyncio): vchan connections/s >= TCP loopback, p50 < 150 us"]
     assert setup["met"] is False and setup["value"].startswith("0.50x")     # 3000 / 6000
     assert any(name.startswith("1,000 vchan connections opened at once") for name in by)
@@ -512,16 +514,16 @@ def test_dropin_section_and_fallback_target() -> None:
     cells = row(dropin, "asyncio", "drop-in to a TCP server (falls back)")
     assert cells[2:7] == ["8,500", "115", "230", "1.15", "1,000"]
     assert row(dropin, "uvloop", "drop-in to a drop-in server (upgraded to vchan)")[-1] == "5,000"
-    targets = {t["target"]: t for t in report.check_targets(results)}
+    targets = {t["target"]: t for t in check_targets(results)}
     name = "Drop-in (asyncio): a connection that falls back to TCP <= 1.2x a TCP connect"
     assert targets[name]["met"] is True and targets[name]["value"].startswith("1.15x")
     results["dropin"] = _dropin_rows(fallback_p50=121.0)
-    assert {t["target"]: t for t in report.check_targets(results)}[name]["met"] is False
+    assert {t["target"]: t for t in check_targets(results)}[name]["met"] is False
 
 
 def test_no_dropin_rows_no_dropin_targets() -> None:
     results = full_results()
     results.pop("dropin", None)
-    assert not [t for t in report.check_targets(results) if "Drop-in" in t["target"]]
+    assert not [t for t in check_targets(results) if "Drop-in" in t["target"]]
     assert "Not measured in this run." in section(report.render_markdown(results),
                                                   "## Drop-in by address")

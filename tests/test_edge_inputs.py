@@ -51,7 +51,7 @@ def test_timeout_zero_connects_at_once_to_a_raw_server_that_is_there(
     server("srv = vchan.Vchan.server(0, 'zero-sync')")
     with vchan.Vchan.client(server.domid, "zero-sync", timeout=0) as c:
         c.send(b"now")
-        assert server("srv.wait_connected(5); srv.recv(3)") == "now"
+        assert server("srv.wait_connected(5); srv.recv_exactly(3)") == "now"
     server("srv.close()")
 
 
@@ -65,7 +65,7 @@ async def test_timeout_zero_async_connects_at_once_to_a_raw_server_that_is_there
                                                   dedicated=dedicated)
     writer.write(b"now")
     await writer.drain()
-    assert server("srv.wait_connected(5); srv.recv(3)") == "now"
+    assert server("srv.wait_connected(5); srv.recv_exactly(3)") == "now"
     writer.close()
     await writer.wait_closed()
     server("srv.close()")

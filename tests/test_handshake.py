@@ -210,7 +210,7 @@ def test_blocking_vchan_runs_no_event_loop_and_no_thread(
     with vchan.Vchan.server(own, "noloop", read_min=4096, write_min=4096) as srv, \
             vchan.Vchan.client(own, "noloop", timeout=10) as cli:
         cli.send(b"ping")
-        assert srv.recv(4) == b"ping"
+        assert srv.recv_exactly(4) == b"ping"
 
 
 async def test_blocking_vchan_works_inside_a_running_loop(sim_dir: Path) -> None:
@@ -218,7 +218,7 @@ async def test_blocking_vchan_works_inside_a_running_loop(sim_dir: Path) -> None
     with vchan.Vchan.server(own, "inloop", read_min=4096, write_min=4096) as srv, \
             vchan.Vchan.client(own, "inloop", timeout=10) as cli:
         cli.send(b"pong")
-        assert srv.recv(4) == b"pong"
+        assert srv.recv_exactly(4) == b"pong"
 
 
 def test_blocking_client_times_out_and_tidies_up(sim_dir: Path) -> None:

@@ -8,7 +8,17 @@ import pytest
 from ringpair import Pair
 
 from vchan import LocalProtocolError, RemoteProtocolError
-from vchan.ring import EINDEX, ELIVE, EORDER, NOTIFY_CLOSED, Ring
+from vchan.ring import (
+    EINDEX,
+    ELIVE,
+    EORDER,
+    NOTIFY_CLOSED,
+    NOTIFY_EOF,
+    NOTIFY_HELLO,
+    Ring,
+    peer_crashed,
+    peer_gone_error,
+)
 
 LEFT_PROD, RIGHT_CONS, RIGHT_PROD, LEFT_CONS = 4, 8, 12, 0
 
@@ -265,6 +275,17 @@ def test_extension_bits_tell_close_from_crash() -> None:
     crashed.page[20] = 0                                      # what unmap-notify does
     assert crashed.server.peer_live() == 0
     assert not crashed.server.peer_flags() & NOTIFY_CLOSED   # a crash
+
+
+def test_peer_gone_error_tells_close_from_crash() -> None:
+    """The one reading of a peer gone, for Vchan and the transport alike."""
+    crash = peer_gone_error(NOTIFY_HELLO, (1, "p"))
+    assert isinstance(crash, ConnectionResetError) and "(1, 'p')" in str(crash)
+    assert isinstance(peer_gone_error(NOTIFY_HELLO | NOTIFY_CLOSED), BrokenPipeError)
+    assert isinstance(peer_gone_error(0), BrokenPipeError)    # plain libxenvchan: a close
+    assert "3 bytes of ours" in str(peer_gone_error(NOTIFY_HELLO | NOTIFY_CLOSED, unsent=3))
+    assert peer_crashed(NOTIFY_HELLO | NOTIFY_EOF)
+    assert not peer_crashed(NOTIFY_HELLO | NOTIFY_CLOSED) and not peer_crashed(0)
 
 
 def test_plain_libxenvchan_peer_does_not_speak_extensions() -> None:

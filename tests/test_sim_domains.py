@@ -46,7 +46,7 @@ import sys, vchan
 
 with vchan.Vchan.client(int(sys.argv[1]), 'race', timeout=float(sys.argv[2])) as v:
     v.send(b'ping')
-    print(v.recv(4).decode(), flush=True)
+    print(v.recv_exactly(4).decode(), flush=True)
 """
 SERVER = """\
 import asyncio, vchan

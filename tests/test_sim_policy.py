@@ -210,7 +210,7 @@ def test_domains_bound_to_real_users_meet_each_other_and_nobody_else() -> None:
             server = subprocess.Popen(
                 [*python, "-c", "import vchan\n"
                                 "srv = vchan.Vchan.server(6, 'cross-user'); print('ready')\n"
-                                "srv.wait_connected(20); srv.write(srv.recv(9).upper())\n"
+                                "srv.wait_connected(20); srv.write(srv.recv_exactly(9).upper())\n"
                                 "assert srv.read() == b''; srv.close(); print('done')"],
                 user=NOBODY, group=NOBODY, env=dict(other, VCHAN_DOMID="9"), cwd="/tmp",
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -219,7 +219,7 @@ def test_domains_bound_to_real_users_meet_each_other_and_nobody_else() -> None:
                 assert server.stdout is not None and server.stderr is not None
                 assert server.stdout.readline().strip() == "ready", server.stderr.read()
                 assert client("c = vchan.Vchan.client(9, 'cross-user', timeout=20)\n"
-                              "c.write(b'from root'); answer = c.recv(9); c.close(); "
+                              "c.write(b'from root'); answer = c.recv_exactly(9); c.close(); "
                               "answer") == "FROM ROOT"
                 out, err = server.communicate(timeout=30)
             finally:

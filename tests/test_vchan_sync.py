@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,11 @@ import pytest
 from domains import DomainProcess
 
 import vchan
+from vchan.ring import NOTIFY_HELLO, OFFSET_CLI_LIVE, OFFSET_SRV_LIVE
+
+# Page 0 of libxenvchan: the two live bytes, then the two notify bytes in the
+# same order; each side's notify byte carries the extension bits its peer set.
+CLI_NOTIFY, SRV_NOTIFY = OFFSET_CLI_LIVE + 2, OFFSET_SRV_LIVE + 2
 
 
 def test_blocking_exchange_between_two_domains(sim_dir: Path) -> None:
@@ -30,7 +37,7 @@ def test_blocking_exchange_between_two_domains(sim_dir: Path) -> None:
         assert got == [256000, True]
         d2("t.join()")
         d1("srv.send(b'12345678')")
-        assert d2("cli.recv(8)") == "12345678"
+        assert d2("cli.recv_exactly(8)") == "12345678"
         d2("cli.close()")
         assert d1("srv.read()") == ""                           # end of stream
         with pytest.raises(Exception, match="BrokenPipeError"):
@@ -44,8 +51,8 @@ def test_non_blocking_calls_raise_blocking_io_error(sim_dir: Path) -> None:
             vchan.Vchan.client(own, "nb", timeout=10, blocking=False) as cli:
         with pytest.raises(BlockingIOError, match="read would block"):
             srv.read()
-        with pytest.raises(BlockingIOError, match="recv would block"):
-            srv.recv(4)
+        with pytest.raises(BlockingIOError, match="recv_exactly would block"):
+            srv.recv_exactly(4)
         assert cli.write(b"a" * 5000) == 1024                   # partial: what fits
         with pytest.raises(BlockingIOError, match="ring is full"):
             cli.write(b"b")
@@ -74,6 +81,65 @@ def test_half_close_and_misuse(sim_dir: Path) -> None:
         srv.read()
     with pytest.raises(ValueError, match="closed Vchan"):
         cli.write(b"x")
+
+
+def _as_if_the_peer_were_plain(endpoint: vchan.endpoint.Endpoint) -> None:
+    """Clear the HELLO its vchan peer set: what a plain libxenvchan peer leaves."""
+    offset = SRV_NOTIFY if endpoint.is_server else CLI_NOTIFY
+    with memoryview(endpoint.pages[0].buffer()) as page0:
+        page0[offset] &= ~NOTIFY_HELLO & 0xFF
+
+
+async def test_write_eof_to_a_plain_peer_is_one_error_from_vchan_and_the_transport(
+        sim_dir: Path) -> None:
+    """Vchan and the asyncio transport refuse a half-close the peer cannot see
+    with the same error: HalfCloseUnsupportedError, a LocalProtocolError and
+    the NotImplementedError asyncio's transports raise when can_write_eof()
+    is False."""
+    own = vchan.own_domid()
+    with vchan.Vchan.server(own, "plain-eof") as srv:
+        transport, _ = await vchan.create_connection(asyncio.Protocol, own, "plain-eof",
+                                                     timeout=10)
+        try:
+            await asyncio.to_thread(srv.wait_connected, 10)
+            assert srv.can_write_eof() and transport.can_write_eof()
+            _as_if_the_peer_were_plain(srv._ep)
+            _as_if_the_peer_were_plain(transport.get_extra_info("endpoint"))
+            assert not srv.can_write_eof() and not transport.can_write_eof()
+            errors = []
+            for half_close in (srv.write_eof, transport.write_eof):
+                with pytest.raises(vchan.HalfCloseUnsupportedError) as info:
+                    half_close()
+                errors.append(info.value)
+            assert [type(e) for e in errors] == [vchan.HalfCloseUnsupportedError] * 2
+            assert str(errors[0]) == str(errors[1])
+            assert all(isinstance(e, NotImplementedError)
+                       and isinstance(e, vchan.LocalProtocolError) for e in errors)
+            srv.write(b"still open")                            # a refusal, not a failure
+            assert not transport.is_closing()
+        finally:
+            transport.close()
+
+
+def test_recv_is_a_deprecated_alias_of_recv_exactly(sim_dir: Path) -> None:
+    own = vchan.own_domid()
+    with vchan.Vchan.server(own, "old-recv") as srv, \
+            vchan.Vchan.client(own, "old-recv", timeout=10) as cli:
+        cli.send(b"exactly8")
+        with pytest.warns(DeprecationWarning, match=r"recv_exactly\(n\)"):
+            assert srv.recv(8) == b"exactly8"
+        with pytest.warns(DeprecationWarning), \
+                pytest.raises(BlockingIOError, match="recv_exactly would block"):
+            srv.blocking = False
+            srv.recv(1)
+
+
+def test_vchan_vchan_is_a_deprecated_alias_of_vchan_blocking(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "vchan.vchan", raising=False)
+    with pytest.warns(DeprecationWarning, match="vchan.blocking"):
+        old = importlib.import_module("vchan.vchan")
+    assert old.Vchan is vchan.Vchan and old.own_domid is vchan.own_domid
 
 
 def test_bad_arguments(sim_dir: Path) -> None:

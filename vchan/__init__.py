@@ -18,14 +18,21 @@ or by address, vchan to domains of the same host and TCP to the rest
 from __future__ import annotations
 
 from . import dropin, dropin_loop
+from .blocking import Vchan, own_domid
 from .client import create_connection
-from .errors import LocalProtocolError, NoSuchDomainError, RemoteProtocolError, VchanError
+from .errors import (
+    HalfCloseUnsupportedError,
+    LocalProtocolError,
+    NoSuchDomainError,
+    RemoteProtocolError,
+    VchanError,
+)
 from .server import Server, create_server
 from .streams import StreamReader, open_connection, start_server
 from .transport import VchanTransport
-from .vchan import Vchan, own_domid
 
 __all__ = [
+    "HalfCloseUnsupportedError",
     "LocalProtocolError",
     "NoSuchDomainError",
     "RemoteProtocolError",

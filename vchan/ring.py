@@ -38,6 +38,8 @@ __all__ = [
     "PAGE_SIZE",
     "Ring",
     "client_orders",
+    "peer_crashed",
+    "peer_gone_error",
     "ring_offset",
     "ring_pages",
     "server_orders",
@@ -57,6 +59,34 @@ NOTIFY_CLOSED: int = lib.VCHAN_NOTIFY_CLOSED
 NOTIFY_HELLO: int = lib.VCHAN_NOTIFY_HELLO
 OFFSET_CLI_LIVE: int = lib.VCHAN_OFFSET_CLI_LIVE
 OFFSET_SRV_LIVE: int = lib.VCHAN_OFFSET_SRV_LIVE
+
+
+def peer_crashed(flags: int) -> bool:
+    """Whether a peer whose live byte is 0 went away without closing.
+
+    ``flags`` are its extension bits (:meth:`Ring.peer_flags`).  A vchan peer
+    sets HELLO at set-up and CLOSED just before its live byte goes to 0; a
+    live byte cleared without CLOSED was cleared by the kernel's unmap
+    notification alone: the peer crashed or was killed.  A plain libxenvchan
+    peer sets neither, so its going away always reads as a close.
+    """
+    return bool(flags & NOTIFY_HELLO) and not flags & NOTIFY_CLOSED
+
+
+def peer_gone_error(flags: int, peer: object = None, *, unsent: int = 0) -> OSError:
+    """The error of a connection whose peer's live byte is 0.
+
+    :class:`ConnectionResetError` if the peer crashed (:func:`peer_crashed`);
+    else it closed: :class:`BrokenPipeError`, for a write now or for
+    ``unsent`` bytes of ours that never reached the ring.  ``peer`` names it.
+    """
+    who = "vchan peer" if peer is None else f"vchan peer {peer}"
+    if peer_crashed(flags):
+        return ConnectionResetError(f"the {who} went away without closing (crashed or killed)")
+    if unsent:
+        return BrokenPipeError(f"the {who} closed with {unsent} bytes of ours not yet in "
+                               "the ring")
+    return BrokenPipeError(f"the {who} closed the connection")
 
 EINVAL: int = lib.VCHAN_EINVAL
 EMSGSIZE: int = lib.VCHAN_EMSGSIZE

@@ -41,9 +41,9 @@ from typing import TYPE_CHECKING, Any
 from ._flow import TransportBase
 from ._native import ffi, lib
 from .endpoint import Endpoint
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import HalfCloseUnsupportedError, LocalProtocolError, RemoteProtocolError
 from .hub import _EventHub
-from .ring import ECLOSED, NOTIFY_CLOSED, NOTIFY_EOF, NOTIFY_HELLO, strerror
+from .ring import ECLOSED, NOTIFY_EOF, peer_crashed, peer_gone_error, strerror
 
 if TYPE_CHECKING:     # re-exported (see __getattr__ at the end)
     from .client import create_connection as create_connection
@@ -216,15 +216,13 @@ class VchanTransport(TransportBase):
         if self._closing or self._eof:
             return
         if not self.can_write_eof():
-            raise NotImplementedError(
-                "write_eof(): the peer is a plain libxenvchan endpoint, which has no "
-                "half-close (only vchan peers understand the EOF extension)")
+            raise HalfCloseUnsupportedError
         self._eof = True
         if not self._buffer:
             self._send_eof()
 
     def can_write_eof(self) -> bool:
-        return bool(lib.vchan_ring_peer_flags(self._r) & NOTIFY_HELLO)
+        return self._endpoint.ring.peer_speaks_extensions
 
     def _send_eof(self) -> None:
         rc = lib.vchan_ring_write_eof(self._r, self._notify)
@@ -435,17 +433,14 @@ class VchanTransport(TransportBase):
             if ready:
                 return          # paused: resume_reading() comes back here
         if live == 0:
-            if flags & NOTIFY_HELLO and not flags & NOTIFY_CLOSED:
-                peer = self._extra.get("peername")
-                self._force_close(ConnectionResetError(
-                    f"vchan peer {peer} went away without closing (crashed or killed)"))
+            peer = self._extra.get("peername")
+            if peer_crashed(flags):
+                self._force_close(peer_gone_error(flags, peer))
                 return
             if not self._eof_received:
                 self._deliver_eof(peer_gone=True)
             if self._buffer:
-                lost = len(self._buffer)
-                self._force_close(BrokenPipeError(
-                    f"vchan peer closed with {lost} bytes of ours not yet in the ring"))
+                self._force_close(peer_gone_error(flags, peer, unsent=len(self._buffer)))
             elif not self._closing:
                 self._close()
             return

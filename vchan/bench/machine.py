@@ -1,13 +1,17 @@
-"""What machine a benchmark ran on, recorded with every result."""
+"""What machine a benchmark ran on, recorded with every result, and its memcpy bandwidth."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.metadata
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Any
+
+from .common import BenchError
 
 
 def _version(package: str) -> str | None:
@@ -50,3 +54,20 @@ def machine_info(**extra: Any) -> dict[str, Any]:
     }
     info.update(extra)
     return info
+
+
+def memcpy_bandwidth(block: int = 64 << 20, rounds: int = 8) -> float:
+    """Single-core memcpy bandwidth (bytes/s), best of ``rounds`` block copies."""
+    src = bytearray(os.urandom(1 << 20) * (block >> 20))
+    dst = bytearray(block)
+    s_addr = ctypes.addressof(ctypes.c_char.from_buffer(src))
+    d_addr = ctypes.addressof(ctypes.c_char.from_buffer(dst))
+    ctypes.memmove(d_addr, s_addr, block)       # fault the pages in
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        ctypes.memmove(d_addr, s_addr, block)
+        best = min(best, time.perf_counter() - t)
+    if dst != src:
+        raise BenchError("memmove produced wrong data")
+    return block / best
