@@ -53,10 +53,11 @@ def _pct(values: list[float], q: float) -> float:
 async def _server() -> None:
     import vchan
     from vchan import dropin
+    from vchan.dropin.server import _Sniffer
 
     delays: list[float] = []
-    sniffer_made = dropin._Sniffer.connection_made
-    sniffer_data = dropin._Sniffer.data_received
+    sniffer_made = _Sniffer.connection_made
+    sniffer_data = _Sniffer.data_received
 
     def made(self: Any, transport: Any) -> None:
         self._t0 = time.perf_counter()
@@ -67,8 +68,8 @@ async def _server() -> None:
             delays.append(time.perf_counter() - self._t0)
         sniffer_data(self, chunk)
 
-    setattr(dropin._Sniffer, "connection_made", made)  # noqa: B010 (mypy: a method)
-    setattr(dropin._Sniffer, "data_received", data)  # noqa: B010
+    setattr(_Sniffer, "connection_made", made)  # noqa: B010 (mypy: a method)
+    setattr(_Sniffer, "data_received", data)  # noqa: B010
 
     rates: dict[str, float] = {}
 

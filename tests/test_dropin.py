@@ -26,6 +26,7 @@ from test_streams import Peer, _loop_kind
 
 import vchan
 from vchan import dropin, upgrade
+from vchan.dropin.client import _Negotiation
 
 DROPIN_PEER = Path(__file__).with_name("dropin_peer.py")
 HOST = "127.0.0.1"
@@ -326,7 +327,7 @@ async def test_a_hello_later_than_the_grace_spoils_one_connection_and_no_data(
     application; the client sees its greeting, not an answer, and goes on over
     a fresh TCP connection that carries all of its own bytes."""
     server, port = await _server(domains, "--app", "greet", "--grace", "0.05")
-    made = dropin._Negotiation.connection_made
+    made = _Negotiation.connection_made
 
     def stalled(self: Any, transport: Any) -> None:
         self.transport = transport
@@ -337,11 +338,11 @@ async def test_a_hello_later_than_the_grace_spoils_one_connection_and_no_data(
 
         asyncio.get_running_loop().call_later(0.3, late)
 
-    monkeypatch.setattr(dropin._Negotiation, "connection_made", stalled)
+    monkeypatch.setattr(_Negotiation, "connection_made", stalled)
     try:
         reader, writer = await vchan.open_connection(HOST, port)
     finally:
-        monkeypatch.setattr(dropin._Negotiation, "connection_made", made)
+        monkeypatch.setattr(_Negotiation, "connection_made", made)
     assert dropin.via(writer) == "tcp"
     assert await reader.readline() == b"220 hello\r\n"
     writer.write(b"HELO mine\r\n")

@@ -172,10 +172,10 @@ def _path(writer: asyncio.StreamWriter) -> dict[str, Any]:
 async def _hinted(host: str, port: int) -> list[int] | str:
     """The domains that advertise ``(host, port)`` as this domain's drop-in
     client reads XenStore (the index and the claims), or why they cannot be read."""
-    from vchan import dropin
+    from vchan.dropin.hints import _hints
 
     try:
-        return sorted(await dropin._hints.lookup(host, port))
+        return sorted(await _hints.lookup(host, port))
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
 
