@@ -124,7 +124,7 @@ def _sim(args: argparse.Namespace) -> int:
         return _sim_ls(args.path, directory)
     if args.sim_command == "set":
         from .sim.hypervisor import MAX_GRANT_LIMIT
-        from .sim.xenstored import QUOTA_MAX, QUOTA_NAMES
+        from .sim.xenstore_model import QUOTA_MAX, QUOTA_NAMES
 
         known = ["grant-limit", *(f"xenstore-quota-{name}" for name in QUOTA_NAMES)]
         if args.key not in known:

@@ -6,11 +6,13 @@ The choice is made once per process, here and nowhere else:
 * ``VCHAN_BACKEND=sim`` -- the emulator (:mod:`vchan.sim`), started on first use;
 * unset -- ``xen`` when ``/dev/xen/gntalloc`` exists, else ``sim``.
 
-Under ``sim`` the process's domain is ``VCHAN_DOMID`` (default 0).
+Under ``sim`` the process's domain is ``VCHAN_DOMID`` (default 0).  Where
+XenStore is follows from the same choice (:func:`xenstore_path`).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -21,10 +23,12 @@ from typing import Any
 from ._native import lib
 
 __all__ = ["BACKENDS", "Backend", "BackendError", "check_environment", "get_backend",
-           "select_backend"]
+           "select_backend", "xenstore_path"]
 
 BACKENDS = ("xen", "sim")
 XEN_DEVICE = "/dev/xen/gntalloc"
+XENSTORED_SOCKET = "/var/run/xenstored/socket"     # dom0's xenstored
+XENBUS_DEVICE = "/dev/xen/xenbus"                  # a guest's way to it
 # sockaddr_un.sun_path holds 108 bytes with the NUL; the longest socket name
 # the emulator makes in its directory is "xenstored-32751.sock".
 _SUN_PATH = 107
@@ -178,6 +182,32 @@ def select_backend(name: str | None = None) -> Backend:
     log.info("backend: sim, the emulated hypervisor in %s, as domain %d (%s)", directory,
              domid, _why(name))
     return Backend("sim", ops, domid, directory)
+
+
+def xenstore_path() -> str:
+    """Where XenStore is for this process.
+
+    ``$XENSTORED_PATH`` (as libxenstore); else, under the emulator, the
+    socket of this process's domain ``$VCHAN_DOMID`` (the emulator is
+    started if needed: this blocks); else ``/var/run/xenstored/socket``
+    when it exists (dom0); else ``/dev/xen/xenbus`` (a guest).
+    """
+    env = os.environ.get("XENSTORED_PATH")
+    if env:
+        return env
+    if default_backend_name() == "sim":
+        from . import sim
+
+        try:
+            return sim.xenstore_socket(_sim_domid())
+        except sim.EmulatorError:
+            raise                   # there but stopped or silent: it says so itself
+        except (BackendError, sim.SimError) as exc:
+            raise ConnectionRefusedError(
+                errno.ECONNREFUSED, f"xenstore: the emulator cannot be reached: {exc}") from exc
+    if os.path.exists(XENSTORED_SOCKET):
+        return XENSTORED_SOCKET
+    return XENBUS_DEVICE
 
 
 _lock = threading.Lock()

@@ -30,13 +30,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import random
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-from .xenstore import Perm
+from .xenstore import Perm, TransactionRetry
 
 __all__ = [
     "Answer",
@@ -286,15 +285,9 @@ def client_cleanup(*, own: int, server: int, port: str, nonce: str) -> Meeting:
 # default), shared by all its programs: a driver holds at most a few at a
 # time, and on a conflict or an exhausted quota waits a little (jittered:
 # many rings published at once into one directory conflict with each other).
-TX_ATTEMPTS = 200
-
-
-def _tx_backoff(attempt: int) -> float:
-    return random.uniform(0, min(0.05, 0.001 * (attempt + 1)))
-
-
-def _retry_tx(exc: OSError, attempt: int) -> bool:
-    return exc.errno in (errno.EAGAIN, errno.ENOSPC, errno.EDQUOT) and attempt < TX_ATTEMPTS - 1
+# The retry policy is XenStore.transact's own, with the quota errors added.
+TX_RETRY = TransactionRetry(retries=199, also=frozenset({errno.EAGAIN, errno.ENOSPC,
+                                                         errno.EDQUOT}), max_delay=0.05)
 
 
 def _step(meeting: Meeting, value: Any, error: BaseException | None) -> tuple[bool, Any]:
@@ -375,14 +368,7 @@ async def _transaction_async(op: Transaction, xs: Any) -> Any:
             except OSError as exc:
                 error = exc
 
-    for n in range(TX_ATTEMPTS):
-        try:
-            return await xs.transact(attempt, retries=0)
-        except OSError as exc:
-            if not _retry_tx(exc, n):
-                raise
-        await asyncio.sleep(_tx_backoff(n))
-    raise AssertionError("unreachable")
+    return await xs.transact(attempt, retry=TX_RETRY)
 
 
 def run_sync(meeting: Meeting, xs: Any, *, wait: Callable[[], None] | None = None) -> Any:
@@ -432,11 +418,4 @@ def _transaction_sync(op: Transaction, xs: Any) -> Any:
             except OSError as exc:
                 error = exc
 
-    for n in range(TX_ATTEMPTS):
-        try:
-            return xs.transact(attempt, retries=0)
-        except OSError as exc:
-            if not _retry_tx(exc, n):
-                raise
-        time.sleep(_tx_backoff(n))
-    raise AssertionError("unreachable")
+    return xs.transact(attempt, retry=TX_RETRY)

@@ -373,3 +373,29 @@ def stop(directory: Path | None = None, timeout: float = 10.0) -> bool:
                 if time.monotonic() > deadline:
                     raise SimError(f"the emulator in {directory} did not stop") from None
                 time.sleep(0.005)
+
+
+# -- the emulated xenstored's sockets: <dir>/xenstore/<domid>.sock beside hypervisor.sock --
+
+
+def xenstore_socket(domid: int, directory: Path | None = None) -> str:
+    """The XenStore socket of emulated domain ``domid``; starts the emulator if needed.
+
+    The daemon makes the socket when asked (``xenstore-socket``), so a
+    domain can connect before any of its processes opened the hypervisor.
+    """
+    directory = ensure_running(directory)
+    answer = control({"cmd": "xenstore-socket", "domid": domid}, directory)
+    return str(answer["path"])
+
+
+def xenstore_daemon(sock: socket.socket, path: str) -> tuple[int, str] | None:
+    """(pid, state directory) of the emulator's daemon when ``sock``, connected
+    to ``path``, is one of its XenStore sockets; else None (real Xen)."""
+    where = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(where) != "xenstore":
+        return None
+    directory = os.path.dirname(where)
+    if not os.path.exists(os.path.join(directory, "hypervisor.sock")):
+        return None
+    return peer_pid(sock), directory

@@ -61,10 +61,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..xenstore.wire import XsError
 from . import DEFAULT_GRANT_LIMIT, VS_VERSION
 from . import policy as domain_policy
 from .policy import Policy, PolicyError, describe_uid, peer_credentials
-from .xenstored import XenStored, XsError
+from .xenstored import XenStored
 
 log = logging.getLogger("vchan.sim")
 
