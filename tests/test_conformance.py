@@ -336,6 +336,7 @@ async def test_drain_waits_for_a_clogged_peer(connect: Any) -> None:
     conn.st.resume_reading()
     await asyncio.wait_for(writer.drain(), 20)
     await conn.server.wait_for_bytes((drained + 1) * len(block))
+    writer.close()      # (a StreamWriter left open warns when it is collected)
 
 
 async def test_pause_reading_holds_data_back(connect: Any) -> None:
