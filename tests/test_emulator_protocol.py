@@ -211,7 +211,7 @@ def test_every_request_of_the_wrong_length_is_einval(daemon: Daemon) -> None:
         fz.BIND_INTERDOMAIN: (fz.KIND_EVTCHN, struct.pack("<II", 4, 1)),
         fz.UNBIND: (fz.KIND_EVTCHN, struct.pack("<I", 1)),
     }
-    daemon.conn(4, fz.KIND_EVTCHN)              # domain 4 exists
+    dom4 = daemon.conn(4, fz.KIND_EVTCHN)       # domain 4 exists
     for op, (kind, body) in bodies.items():
         c = daemon.conn(3, kind)
         for wrong in (body[:-1], body + b"\0", body + b"\0" * 4, b""):
@@ -221,6 +221,7 @@ def test_every_request_of_the_wrong_length_is_einval(daemon: Daemon) -> None:
     assert _status_of(c.request(fz.HELLO, struct.pack("<IIIII", 1, 3, 1, 1, 0))) \
         == -errno.EINVAL
     c.close()
+    dom4.close()
     daemon.check_log()
 
 
