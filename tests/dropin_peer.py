@@ -23,23 +23,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import os
 import secrets
 import sys
 import time
 from typing import Any
 
-from vchan_peer import duplex
+from peer_events import emit
+from peer_roles import duplex
 
 import vchan
 from vchan import dropin, upgrade
 from vchan.xenstore import Perm
-
-
-def emit(**kw: Any) -> None:
-    sys.stdout.write(json.dumps(kw) + "\n")
-    sys.stdout.flush()
 
 
 def _describe(writer: asyncio.StreamWriter) -> dict[str, Any]:

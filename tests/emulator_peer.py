@@ -30,19 +30,14 @@ import argparse
 import asyncio
 import contextlib
 import faulthandler
-import json
 import os
 import signal
 import sys
-import time
 from typing import Any
 
+from peer_events import emit_timed as emit
+
 import vchan
-
-
-def emit(**kw: Any) -> None:
-    sys.stdout.write(json.dumps({**kw, "t": time.monotonic()}) + "\n")
-    sys.stdout.flush()
 
 
 def error(where: str, exc: BaseException) -> None:
