@@ -26,17 +26,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
-from typing import Any
+
+from peer_events import emit
 
 import vchan
 from vchan.devices import GrantMapper
-
-
-def emit(**kw: Any) -> None:
-    sys.stdout.write(json.dumps(kw) + "\n")
-    sys.stdout.flush()
 
 
 async def stdin_line() -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import Children
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -82,6 +83,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "soak" in item.keywords:
             item.add_marker(skip)
+
+
+# -- child processes ---------------------------------------------------------
+
+
+@pytest.fixture
+def children() -> Iterator[Children]:
+    """``children.start(argv, ...)``: a ``procs.Proc`` closed (and reaped) when
+    the test ends, however it ends; the last started is closed first."""
+    started = Children()
+    try:
+        yield started
+    finally:
+        started.close()
 
 
 # -- the emulated hypervisor ------------------------------------------------

@@ -12,11 +12,12 @@ import importlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
+
+from procs import Proc
 
 AGENT = Path(__file__).with_name("agent.py")
 
@@ -67,25 +68,27 @@ class DomainProcess:
 
     def __init__(self, domid: int, env: dict[str, str] | None = None) -> None:
         self.domid = domid
+        # Answers come on a pipe of their own: the code run may print to stdout.
         r, w = os.pipe()
-        full_env = dict(os.environ, VCHAN_DOMID=str(domid), **(env or {}))
-        self.proc = subprocess.Popen(
-            [sys.executable, str(AGENT), str(w)], stdin=subprocess.PIPE, pass_fds=(w,),
-            env=full_env, text=True,
-        )
-        os.close(w)
-        self._answers = os.fdopen(r, "r")
+        try:
+            self.proc = Proc([sys.executable, AGENT, str(w)], env={
+                "VCHAN_DOMID": str(domid), **(env or {})}, stdout=None, events_fd=r,
+                pass_fds=(w,), name=f"domain {domid} process", grace=10)
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def __call__(self, code: str, timeout: float = 30.0) -> Any:
-        """Run ``code`` in the process; return its last expression's value."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"code": code}) + "\n")
-        self.proc.stdin.flush()
-        return agent_answer(self._answers.readline(), self.domid, self.proc.wait)
+        """Run ``code`` in the process; return its last expression's value (waiting
+        as long as it takes: ``timeout`` is for the rig's remote processes)."""
+        self.proc.send(json.dumps({"code": code}))
+        return agent_answer(self.proc.readline(None) or "", self.domid, self.proc.proc.wait)
 
     def kill(self, sig: int = signal.SIGKILL) -> float:
         """Send ``sig``; returns the monotonic time it was sent."""
@@ -94,22 +97,15 @@ class DomainProcess:
         return t
 
     def wait(self, timeout: float = 10.0) -> int:
-        return self.proc.wait(timeout)
+        return self.proc.proc.wait(timeout)
 
     def to_local_clock(self, t: float) -> float:
         """A time the process took with ``time.monotonic()``, on ours (the same clock)."""
         return t
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._answers.close()
+        """Close its stdin (the agent ends), give it 10 s, then SIGKILL; reaped."""
+        self.proc.close()
 
     def __enter__(self) -> DomainProcess:
         return self

@@ -23,23 +23,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
-import os
 import secrets
 import sys
 import time
 from typing import Any
 
-from vchan_peer import duplex
+from peer_events import emit
+from peer_roles import duplex, run_on_test_loop
 
 import vchan
 from vchan import dropin, upgrade
 from vchan.xenstore import Perm
-
-
-def emit(**kw: Any) -> None:
-    sys.stdout.write(json.dumps(kw) + "\n")
-    sys.stdout.flush()
 
 
 def _describe(writer: asyncio.StreamWriter) -> dict[str, Any]:
@@ -191,13 +185,7 @@ def main() -> None:
     a.add_argument("address")
     a.add_argument("--peers", default="2")
     args = parser.parse_args()
-    coro = {"serve": serve, "connect": connect, "advertise": advertise}[args.cmd](args)
-    if os.environ.get("VCHAN_TEST_LOOP") == "uvloop":
-        import uvloop
-
-        uvloop.run(coro)
-    else:
-        asyncio.run(coro)
+    run_on_test_loop({"serve": serve, "connect": connect, "advertise": advertise}[args.cmd](args))
 
 
 if __name__ == "__main__":

@@ -30,19 +30,15 @@ import argparse
 import asyncio
 import contextlib
 import faulthandler
-import json
 import os
 import signal
 import sys
-import time
 from typing import Any
 
+from peer_events import emit_timed as emit
+from peer_roles import run_on_test_loop
+
 import vchan
-
-
-def emit(**kw: Any) -> None:
-    sys.stdout.write(json.dumps({**kw, "t": time.monotonic()}) + "\n")
-    sys.stdout.flush()
 
 
 def error(where: str, exc: BaseException) -> None:
@@ -187,13 +183,8 @@ def main() -> None:
     w.add_argument("port")
     w.add_argument("--timeout", type=float, default=None)
     args = parser.parse_args()
-    coro = _running({"serve": serve, "stream": stream, "connect": connect}[args.cmd](args))
-    if os.environ.get("VCHAN_TEST_LOOP") == "uvloop":
-        import uvloop
-
-        uvloop.run(coro)
-    else:
-        asyncio.run(coro)
+    run_on_test_loop(_running({"serve": serve, "stream": stream, "connect": connect}[args.cmd](
+        args)))
     emit(event="exit")
 
 

@@ -10,7 +10,6 @@ import asyncio
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from procs import Children, Proc
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "vchan"]
@@ -37,61 +37,17 @@ def _port() -> str:
     return "t" + uuid.uuid4().hex[:12]
 
 
-class Cmd:
-    """A ``vchan`` command in an emulated domain; stderr goes to a file."""
-
-    def __init__(self, tmp: Path, domid: int, *args: str, stdin: Any = subprocess.DEVNULL,
-                 stdout: Any = subprocess.PIPE) -> None:
-        self.err_path = tmp / f"stderr-{uuid.uuid4().hex[:8]}"
-        self._err = open(self.err_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([*CLI, *args], env=_env(domid), cwd=ROOT, stdin=stdin,
-                                     stdout=stdout, stderr=self._err)
-
-    @property
-    def stderr(self) -> str:
-        return self.err_path.read_text()
-
-    def wait_for(self, pattern: str, timeout: float = 30) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern, self.stderr)
-            if m:
-                return m
-            if self.proc.poll() is not None:
-                raise AssertionError(f"exited {self.proc.returncode}: {self.stderr}")
-            time.sleep(0.05)
-        raise AssertionError(f"no {pattern!r} within {timeout} s: {self.stderr}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(20)
-        finally:
-            self._err.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._err.close()
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None:
-                f.close()
-
-
 @pytest.fixture
-def cmds(sim_dir: Path, tmp_path: Path) -> Iterator[list[Cmd]]:
-    started: list[Cmd] = []
-    yield started
-    for c in reversed(started):
-        c.kill()
+def cmds(sim_dir: Path, children: Children) -> Children:
+    """The test's ``vchan`` commands, killed and reaped at its end."""
+    return children
 
 
-def _start(cmds: list[Cmd], tmp: Path, domid: int, *args: str, **kw: Any) -> Cmd:
-    c = Cmd(tmp, domid, *args, **kw)
-    cmds.append(c)
-    return c
+def _start(cmds: Children, domid: int, *args: str, stdin: Any = subprocess.DEVNULL,
+           stdout: Any = subprocess.PIPE) -> Proc:
+    """A ``vchan`` command in emulated domain ``domid`` (stderr: ``.stderr``)."""
+    return cmds.start([*CLI, *args], domid=domid, env=_env(domid), cwd=ROOT, stdin=stdin,
+                      stdout=stdout, name=f"vchan {' '.join(args[:2])}", grace=0)
 
 
 def _read_in_thread(f: IO[bytes]) -> Future[bytes]:
@@ -113,17 +69,17 @@ LOOPS = ["asyncio", "uvloop"]
 
 
 @pytest.mark.parametrize("loop", LOOPS)
-def test_listen_connect_both_ways(cmds: list[Cmd], tmp_path: Path, loop: str) -> None:
+def test_listen_connect_both_ways(cmds: Children, tmp_path: Path, loop: str) -> None:
     rnd = random.Random(7)
     to_client, to_server = rnd.randbytes(3 << 20), rnd.randbytes(5 << 20)
     (tmp_path / "a").write_bytes(to_client)
     (tmp_path / "b").write_bytes(to_server)
     port = _port()
     with open(tmp_path / "a", "rb") as a, open(tmp_path / "b", "rb") as b:
-        server = _start(cmds, tmp_path, 1, "listen", port, "--peers", "2", "-v",
+        server = _start(cmds, 1, "listen", port, "--peers", "2", "-v",
                         "--loop", loop, stdin=a)
-        server.wait_for("listening")
-        client = _start(cmds, tmp_path, 2, "connect", "1", port, "--loop", loop, stdin=b)
+        server.wait_stderr("listening")
+        client = _start(cmds, 2, "connect", "1", port, "--loop", loop, stdin=b)
         assert server.proc.stdout is not None and client.proc.stdout is not None
         reading = _read_in_thread(server.proc.stdout)
         got_client = client.proc.stdout.read()
@@ -135,13 +91,13 @@ def test_listen_connect_both_ways(cmds: list[Cmd], tmp_path: Path, loop: str) ->
     assert client.stderr == ""
 
 
-def test_dev_null_and_progress(cmds: list[Cmd], tmp_path: Path) -> None:
+def test_dev_null_and_progress(cmds: Children, tmp_path: Path) -> None:
     """stdin /dev/null (not pollable) ends at once; --progress reports on stderr."""
     port = _port()
-    server = _start(cmds, tmp_path, 1, "listen", port, "--peers", "2", "-v",
+    server = _start(cmds, 1, "listen", port, "--peers", "2", "-v",
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    server.wait_for("listening")
-    client = _start(cmds, tmp_path, 2, "connect", "1", port, "--progress",
+    server.wait_stderr("listening")
+    client = _start(cmds, 2, "connect", "1", port, "--progress",
                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     assert client.proc.stdin is not None
     client.proc.stdin.write(b"x" * 100_000)
@@ -154,13 +110,13 @@ def test_dev_null_and_progress(cmds: list[Cmd], tmp_path: Path) -> None:
     assert "Traceback" not in client.stderr + server.stderr
 
 
-def test_eof_is_a_half_close(cmds: list[Cmd], tmp_path: Path) -> None:
+def test_eof_is_a_half_close(cmds: Children, tmp_path: Path) -> None:
     """stdin EOF -> the peer sees EOF, and data still flows the other way."""
     port = _port()
-    server = _start(cmds, tmp_path, 1, "listen", port, "--peers", "2", "-v",
+    server = _start(cmds, 1, "listen", port, "--peers", "2", "-v",
                     stdin=subprocess.PIPE)
-    server.wait_for("listening")
-    client = _start(cmds, tmp_path, 2, "connect", "1", port, stdin=subprocess.PIPE)
+    server.wait_stderr("listening")
+    client = _start(cmds, 2, "connect", "1", port, stdin=subprocess.PIPE)
     assert client.proc.stdin and server.proc.stdin and server.proc.stdout
     assert client.proc.stdout
     client.proc.stdin.write(b"hello")
@@ -220,17 +176,17 @@ def test_missing_peer(sim_dir: Path) -> None:
     assert time.monotonic() - t < 15
 
 
-def test_proxy_unreachable_target(cmds: list[Cmd], tmp_path: Path) -> None:
+def test_proxy_unreachable_target(cmds: Children, tmp_path: Path) -> None:
     """A refused socket connection closes the vchan side; the proxy goes on."""
     port = _port()
-    proxy = _start(cmds, tmp_path, 1, "proxy", "--listen-vchan", port, "--peers", "2",
+    proxy = _start(cmds, 1, "proxy", "--listen-vchan", port, "--peers", "2",
                    "--to", f"unix:{tmp_path}/nobody.sock", "-v")
-    proxy.wait_for("listening")
+    proxy.wait_stderr("listening")
     r = subprocess.run([*CLI, "connect", "1", port], env=_env(2), cwd=ROOT, input=b"x",
                        capture_output=True, timeout=30)
     assert r.stdout == b""
     assert "Traceback" not in r.stderr.decode()
-    proxy.wait_for("cannot reach")
+    proxy.wait_stderr("cannot reach")
     assert proxy.proc.poll() is None
     assert proxy.stop() == 0
 
@@ -267,8 +223,8 @@ async def _exchange(connect: Any, payload: bytes) -> bytes:
     return got
 
 
-async def _wait_for(cmd: Cmd, pattern: str) -> re.Match[str]:
-    return await asyncio.get_running_loop().run_in_executor(None, cmd.wait_for, pattern)
+async def _wait_for(cmd: Proc, pattern: str) -> re.Match[str]:
+    return await asyncio.get_running_loop().run_in_executor(None, cmd.wait_stderr, pattern)
 
 
 @pytest.fixture
@@ -282,17 +238,17 @@ def many_grants(sim_dir: Path) -> Iterator[None]:
     sim.control({"cmd": "set", "key": "grant-limit", "value": old}, sim_dir)
 
 
-async def test_proxy_both_directions_100_connections(cmds: list[Cmd], tmp_path: Path,
+async def test_proxy_both_directions_100_connections(cmds: Children, tmp_path: Path,
                                                      many_grants: None) -> None:
     """TCP clients -> proxy (dom 2) -> vchan -> proxy (dom 1) -> TCP echo server."""
     loop = _loop_kind()
     echo = await asyncio.start_server(_echo, "127.0.0.1", 0, backlog=512)
     echo_port = echo.sockets[0].getsockname()[1]
     port = _port()
-    inner = _start(cmds, tmp_path, 1, "proxy", "--listen-vchan", port, "--peers", "2",
+    inner = _start(cmds, 1, "proxy", "--listen-vchan", port, "--peers", "2",
                    "--to", f"tcp:127.0.0.1:{echo_port}", "--loop", loop, "-v")
     await _wait_for(inner, "listening")
-    outer = _start(cmds, tmp_path, 2, "proxy", "--listen", "tcp:127.0.0.1:0",
+    outer = _start(cmds, 2, "proxy", "--listen", "tcp:127.0.0.1:0",
                    "--to-vchan", "1", port, "--loop", loop, "-v")
     m = await _wait_for(outer, r"listening on tcp:127\.0\.0\.1:(\d+)")
     front = int(m[1])
@@ -311,7 +267,7 @@ async def test_proxy_both_directions_100_connections(cmds: list[Cmd], tmp_path: 
     assert "Traceback" not in outer.stderr + inner.stderr
 
 
-async def test_proxy_socket_proxy_form(cmds: list[Cmd], tmp_path: Path) -> None:
+async def test_proxy_socket_proxy_form(cmds: Children, tmp_path: Path) -> None:
     """vchan-socket-proxy's arguments: -m server in dom 1, -m client in dom 2 (Unix)."""
     loop = _loop_kind()
     echo_path = str(tmp_path / "echo.sock")
@@ -319,10 +275,10 @@ async def test_proxy_socket_proxy_form(cmds: list[Cmd], tmp_path: Path) -> None:
     echo = await asyncio.start_unix_server(_echo, echo_path)
     name = _port()
     nodepath = f"/local/domain/1/data/vchan/2/{name}"
-    server = _start(cmds, tmp_path, 1, "proxy", "-m", "server", "2", nodepath, echo_path,
+    server = _start(cmds, 1, "proxy", "-m", "server", "2", nodepath, echo_path,
                     "--loop", loop, "-v")
     await _wait_for(server, "listening")
-    client = _start(cmds, tmp_path, 2, "proxy", "--mode=client", "-s",
+    client = _start(cmds, 2, "proxy", "--mode=client", "-s",
                     "/local/domain/2/data/proxy-state", "1", nodepath, front, "-v",
                     "--loop", loop)
     await _wait_for(client, "listening")
@@ -343,14 +299,14 @@ async def test_proxy_socket_proxy_form(cmds: list[Cmd], tmp_path: Path) -> None:
     assert await asyncio.to_thread(server.stop) == 0, server.stderr
 
 
-def test_proxy_socket_proxy_form_stdio(cmds: list[Cmd], tmp_path: Path) -> None:
+def test_proxy_socket_proxy_form_stdio(cmds: Children, tmp_path: Path) -> None:
     """``-`` : stdin/stdout in both modes, ending when the connection does."""
     name = _port()
     nodepath = f"/local/domain/1/data/vchan/2/{name}"
-    server = _start(cmds, tmp_path, 1, "proxy", "-m", "server", "2", nodepath, "-", "-v",
+    server = _start(cmds, 1, "proxy", "-m", "server", "2", nodepath, "-", "-v",
                     stdin=subprocess.PIPE)
-    server.wait_for("listening")
-    client = _start(cmds, tmp_path, 2, "proxy", "1", nodepath, "-",
+    server.wait_stderr("listening")
+    client = _start(cmds, 2, "proxy", "1", nodepath, "-",
                     stdin=subprocess.PIPE)
     assert client.proc.stdin and client.proc.stdout and server.proc.stdin
     assert server.proc.stdout

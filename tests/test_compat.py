@@ -17,26 +17,23 @@ libxenstore at the emulated xenstored.  The peer is vchan in Python
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import json
 import os
-import queue
 import random
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import support
+from procs import Children, Proc
 
 from vchan import sim
 from vchan.sim import compat
@@ -90,144 +87,35 @@ def c_peer(compat_libs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 # -- processes -------------------------------------------------------------------
 
 
-class Proc:
-    """A process in an emulated domain whose stdout is JSON lines (or bytes)."""
+class Checked(Proc):
+    """A process of these tests: a JSON report of an ``error`` fails the test."""
 
-    def __init__(self, argv: list[str], *, domid: int, tmp: Path, name: str,
-                 lines: bool = True, stdin: bool = True) -> None:
-        self.name = name
-        self.err_path = tmp / f"{name}.stderr"
-        self._err = open(self.err_path, "wb")  # noqa: SIM115 -- closed in close()
-        env = dict(os.environ, VCHAN_DOMID=str(domid))
-        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=self._err,
-                                     stdin=subprocess.PIPE if stdin else subprocess.DEVNULL)
-        self._lines: queue.Queue[bytes] = queue.Queue()
-        self.data = bytearray()
-        self._cond = threading.Condition()
-        self.eof = False
-        target = self._read_lines if lines else self._read_bytes
-        self._thread = threading.Thread(target=target, daemon=True)
-        self._thread.start()
-
-    def _read_lines(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(b"")
-
-    def _read_bytes(self) -> None:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        while chunk := os.read(fd, 1 << 16):
-            with self._cond:
-                self.data += chunk
-                self._cond.notify_all()
-        with self._cond:
-            self.eof = True
-            self._cond.notify_all()
-
-    def stderr(self) -> str:
-        self._err.flush()
-        return self.err_path.read_text(errors="replace")
-
-    def line(self, timeout: float = TIMEOUT) -> dict[str, Any]:
-        """The next JSON line; fails the test with the stderr if there is none."""
-        try:
-            raw = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"{self.name}: nothing said within {timeout} s; "
-                                 f"stderr: {self.stderr()}") from None
-        if not raw:
-            status = self.proc.wait(10)
-            raise AssertionError(f"{self.name} exited ({status}): {self.stderr()}")
-        answer: dict[str, Any] = json.loads(raw)
-        assert "error" not in answer, f"{self.name}: {answer['error']}; {self.stderr()}"
+    def event(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        answer = super().event(timeout)
+        assert "error" not in answer, f"{self.name}: {answer['error']}; {self.stderr}"
         return answer
-
-    def expect(self, key: str, timeout: float = TIMEOUT) -> Any:
-        answer = self.line(timeout)
-        assert key in answer or answer.get("event") == key, f"{self.name}: {answer}"
-        return answer.get(key, answer)
-
-    def tell(self, text: str = "go") -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def read_bytes(self, n: int, timeout: float = TIMEOUT) -> bytes:
-        """(bytes mode) The first n bytes of stdout, waiting for them."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: len(self.data) >= n or self.eof, timeout):
-                raise AssertionError(f"{self.name}: {len(self.data)} of {n} bytes within "
-                                     f"{timeout} s; stderr: {self.stderr()}")
-            return bytes(self.data[:n])
-
-    def wait_eof(self, timeout: float = TIMEOUT) -> bytes:
-        """(bytes mode) Everything on stdout up to its end."""
-        with self._cond:
-            assert self._cond.wait_for(lambda: self.eof, timeout), f"{self.name}: no EOF"
-            return bytes(self.data)
-
-    def feed(self, data: bytes, *, close: bool = False) -> threading.Thread:
-        """Write data to stdin on a thread (the process reads it as it can)."""
-        stdin = self.proc.stdin
-        assert stdin is not None
-
-        def run() -> None:
-            with contextlib.suppress(BrokenPipeError):
-                stdin.write(data)
-                stdin.flush()
-                if close:
-                    stdin.close()
-
-        t = threading.Thread(target=run, daemon=True)
-        t.start()
-        return t
-
-    def close_stdin(self) -> None:
-        assert self.proc.stdin is not None
-        with contextlib.suppress(BrokenPipeError):
-            self.proc.stdin.close()
-
-    def wait(self, timeout: float = TIMEOUT) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name} still runs after {timeout} s; "
-                                 f"stderr: {self.stderr()}") from None
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None:
-                with contextlib.suppress(OSError):
-                    f.close()
-        self._err.close()
 
 
 @pytest.fixture
-def procs(sim_dir: Path, tmp_path: Path) -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in reversed(started):
-        p.close()
+def procs(sim_dir: Path, children: Children) -> Children:
+    """The test's processes, killed and reaped at its end."""
+    return children
 
 
-def in_domain(procs: list[Proc], tmp: Path, domid: int, name: str, *argv: str | Path | int,
+def in_domain(procs: Children, domid: int, name: str, *argv: str | Path | int,
               lines: bool = True) -> Proc:
     """Run a program in domain ``domid`` the documented way: ``vchan sim run``."""
-    p = Proc([sys.executable, "-m", "vchan", "sim", "run", "--domid", str(domid), "--",
-              *map(str, argv)], domid=domid, tmp=tmp, name=name, lines=lines)
-    procs.append(p)
+    p = Checked([sys.executable, "-m", "vchan", "sim", "run", "--domid", str(domid), "--",
+                 *map(str, argv)], domid=domid, name=name,
+                stdout="lines" if lines else "bytes", grace=0)
+    procs.adopt(p)
     return p
 
 
-def python_peer(procs: list[Proc], tmp: Path, domid: int, *argv: str | Path | int) -> Proc:
-    p = Proc([sys.executable, str(PEER), *map(str, argv)], domid=domid, tmp=tmp,
-             name=f"python peer (domain {domid})")
-    procs.append(p)
+def python_peer(procs: Children, domid: int, *argv: str | Path | int) -> Proc:
+    p = Checked([sys.executable, PEER, *map(str, argv)], domid=domid,
+                name=f"python peer (domain {domid})", grace=0)
+    procs.adopt(p)
     assert p.expect("ready") == domid
     return p
 
@@ -331,28 +219,28 @@ def test_held_domain_exists_until_let_go(sim_dir: Path) -> None:
     (4 << 20, "proxy"),         # large, the proxy closes (end of its input)
     (13, "killed"),             # the proxy dies: unmap notification
 ])
-def test_socket_proxy_server_and_python_client(procs: list[Proc], tmp_path: Path, proxy: Path,
+def test_socket_proxy_server_and_python_client(procs: Children, tmp_path: Path, proxy: Path,
                                                size: int, closer: str) -> None:
     a, b = next(_domids), next(_domids)
     path = f"/local/domain/{a}/data/vchan/{b}/proxy"
     rnd = random.Random(size)
     ours, theirs = rnd.randbytes(size), rnd.randbytes(size + 1)
-    py = python_peer(procs, tmp_path, b, "client", a, "proxy",
+    py = python_peer(procs, b, "client", a, "proxy",
                      "--send", data_file(tmp_path, "ours", ours),
                      "--expect", data_file(tmp_path, "theirs", theirs),
                      "--closer", "self" if closer == "python" else "peer", "--go-to-close")
-    srv = in_domain(procs, tmp_path, a, "vchan-socket-proxy server", proxy, "--mode=server",
+    srv = in_domain(procs, a, "vchan-socket-proxy server", proxy, "--mode=server",
                     str(b), path, "-", lines=False)
     wait_published(path)
-    py.tell()
+    py.send()
     # libxenvchan_server_init(..., 0, 0): the server reads 1 KiB, writes 2 KiB.
     assert py.expect("connected") == {"read_size": 2048, "write_size": 1024}
     srv.feed(theirs)
     assert srv.read_bytes(len(ours)) == ours            # python -> vchan -> proxy stdout
     # proxy stdin -> vchan -> python
-    assert py.line() == {"received": len(theirs), "match": True}
+    assert py.event() == {"received": len(theirs), "match": True}
     if closer == "python":
-        py.tell()                                       # close now
+        py.send()                                       # close now
         assert py.expect("closed")
         assert srv.wait() == 0                          # the proxy saw us go
         assert srv.wait_eof() == ours
@@ -361,9 +249,9 @@ def test_socket_proxy_server_and_python_client(procs: list[Proc], tmp_path: Path
             srv.close_stdin()
             assert srv.wait() == 0
         else:
-            srv.proc.send_signal(signal.SIGKILL)
+            srv.kill()
             assert srv.wait() == -signal.SIGKILL
-        answer = py.line()
+        answer = py.event()
         assert answer == {"eof": True, "extra": 0}      # we saw it go
 
 
@@ -371,47 +259,47 @@ def test_socket_proxy_server_and_python_client(procs: list[Proc], tmp_path: Path
     (13, "python"),
     (4 << 20, "proxy"),
 ])
-def test_python_raw_server_and_socket_proxy_client(procs: list[Proc], tmp_path: Path,
+def test_python_raw_server_and_socket_proxy_client(procs: Children, tmp_path: Path,
                                                    proxy: Path, size: int, closer: str) -> None:
     a, b = next(_domids), next(_domids)
     rnd = random.Random(size + 1)
     ours, theirs = rnd.randbytes(size), rnd.randbytes(size + 3)
-    py = python_peer(procs, tmp_path, a, "server", b, "proxy-client",
+    py = python_peer(procs, a, "server", b, "proxy-client",
                      "--send", data_file(tmp_path, "ours", ours),
                      "--expect", data_file(tmp_path, "theirs", theirs),
                      "--closer", "self" if closer == "python" else "peer", "--go-to-close",
                      "--read-min", "16384", "--write-min", "65536")
-    cli = in_domain(procs, tmp_path, b, "vchan-socket-proxy client", proxy, "--mode=client",
+    cli = in_domain(procs, b, "vchan-socket-proxy client", proxy, "--mode=client",
                     str(a), f"/local/domain/{a}/data/vchan/{b}/proxy-client", "-", lines=False)
     assert py.expect("connected") == {"read_size": 16384, "write_size": 65536}
     cli.feed(theirs)
     assert cli.read_bytes(len(ours)) == ours
-    assert py.line() == {"received": len(theirs), "match": True}
+    assert py.event() == {"received": len(theirs), "match": True}
     if closer == "python":
-        py.tell()
+        py.send()
         assert py.expect("closed")
         assert cli.wait() == 0
         assert cli.wait_eof() == ours
     else:
         cli.close_stdin()
         assert cli.wait() == 0
-        assert py.line() == {"eof": True, "extra": 0}
+        assert py.event() == {"eof": True, "extra": 0}
 
 
 def test_socket_proxy_client_gives_up_when_the_server_domain_goes(
-        procs: list[Proc], tmp_path: Path, proxy: Path) -> None:
+        procs: Children, tmp_path: Path, proxy: Path) -> None:
     # xc_domain_getinfo (the compat libxenctrl) tells the waiting proxy that
     # the server's domain is gone.
     a, b = next(_domids), next(_domids)
-    keeper = python_peer(procs, tmp_path, a, "client", 0, "unused", "--send", os.devnull,
+    keeper = python_peer(procs, a, "client", 0, "unused", "--send", os.devnull,
                          "--expect", os.devnull, "--closer", "self")
-    cli = in_domain(procs, tmp_path, b, "vchan-socket-proxy client", proxy, "--mode=client",
+    cli = in_domain(procs, b, "vchan-socket-proxy client", proxy, "--mode=client",
                     str(a), f"/local/domain/{a}/data/vchan/{b}/nobody", "-", lines=False)
     time.sleep(0.5)
-    assert cli.proc.poll() is None                      # waiting for a server
+    assert cli.poll() is None                      # waiting for a server
     keeper.close()                                      # domain a goes away
     assert cli.wait(20) == 1
-    assert "vchan client init" in cli.stderr()
+    assert "vchan client init" in cli.stderr
 
 
 # -- our C program on Debian's libxenvchan -------------------------------------------
@@ -444,7 +332,7 @@ def test_c_cases_cross_every_order_both_ways() -> None:
 
 @pytest.mark.parametrize("role, read_min, write_min, orders, closer", C_CASES,
                          ids=[f"{c[0]}-{c[3][0]}-{c[3][1]}-{c[4]}-closes" for c in C_CASES])
-def test_c_libxenvchan_peer(procs: list[Proc], tmp_path: Path, c_peer: Path, role: str,
+def test_c_libxenvchan_peer(procs: Children, tmp_path: Path, c_peer: Path, role: str,
                             read_min: int, write_min: int, orders: tuple[int, int],
                             closer: str) -> None:
     c_read, c_write = (1 << orders[0]), (1 << orders[1])
@@ -458,22 +346,22 @@ def test_c_libxenvchan_peer(procs: list[Proc], tmp_path: Path, c_peer: Path, rol
     if role == "server":
         c_dom, py_dom = next(_domids), next(_domids)
         path = f"/local/domain/{c_dom}/data/vchan/{py_dom}/cpeer"
-        py = python_peer(procs, tmp_path, py_dom, "client", c_dom, "cpeer", "--send", f_py,
+        py = python_peer(procs, py_dom, "client", c_dom, "cpeer", "--send", f_py,
                          "--expect", f_py_expect, "--closer", py_closer)
-        c = in_domain(procs, tmp_path, c_dom, "C server", c_peer, "server", py_dom, path,
+        c = in_domain(procs, c_dom, "C server", c_peer, "server", py_dom, path,
                       read_min, write_min, f_c, f_py, c_closer)
         init = c.expect("init")
         assert init["is_open"] == 2                     # waiting for the client
-        py.tell()                                       # connect now
+        py.send()                                       # connect now
         assert c.expect("connected")["is_open"] == 1    # 2 -> 1 as the client came
     else:
         py_dom, c_dom = next(_domids), next(_domids)
         path = f"/local/domain/{py_dom}/data/vchan/{c_dom}/cpeer"
         # The client first (it retries until the ring is published): a raw
         # server waits for its peer's domain to exist.
-        c = in_domain(procs, tmp_path, c_dom, "C client", c_peer, "client", py_dom, path,
+        c = in_domain(procs, c_dom, "C client", c_peer, "client", py_dom, path,
                       f_c, f_py, c_closer)
-        py = python_peer(procs, tmp_path, py_dom, "server", c_dom, "cpeer", "--send", f_py,
+        py = python_peer(procs, py_dom, "server", c_dom, "cpeer", "--send", f_py,
                          "--expect", f_py_expect, "--closer", py_closer,
                          "--read-min", str(read_min), "--write-min", str(write_min))
         init = c.expect("init")
@@ -483,13 +371,13 @@ def test_c_libxenvchan_peer(procs: list[Proc], tmp_path: Path, c_peer: Path, rol
     assert py.expect("connected") == {"read_size": c_write, "write_size": c_read}
     assert c.expect("sent")["bytes"] == len(from_c)     # woken by our reads
     assert c.expect("received")["bytes"] == len(to_c)   # woken by our writes; bytes checked
-    answer = py.line()
+    answer = py.event()
     assert answer == {"received": len(from_c) + 4, "match": True}
     if closer == "c":
         assert c.expect("closed")
-        assert py.line() == {"eof": True, "extra": 0}
+        assert py.event() == {"eof": True, "extra": 0}
     else:
-        assert py.line() == {"closed": True}
+        assert py.event() == {"closed": True}
         assert c.expect("peer closed")["is_open"] == 0  # 1 -> 0 as we went
         assert c.expect("closed")
     assert c.wait() == 0

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import ssl
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -22,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_streams import Peer, _loop_kind
+from procs import Children, Proc
+from test_streams import _loop_kind
 
 import vchan
 from vchan import dropin, upgrade
@@ -32,57 +32,43 @@ DROPIN_PEER = Path(__file__).with_name("dropin_peer.py")
 HOST = "127.0.0.1"
 
 
-class DomainPeer(Peer):
-    """A dropin_peer.py process in one emulated domain."""
-
-    def __init__(self, domid: int, *args: str) -> None:
-        env = dict(os.environ, VCHAN_DOMID=str(domid), VCHAN_TEST_LOOP=_loop_kind())
-        self.proc = subprocess.Popen([sys.executable, str(DROPIN_PEER), *args], env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-
-    def stop(self) -> None:
-        """Close stdin: the process reports what it has left and exits."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-
-
 @pytest.fixture
-def domains(sim_dir: Path) -> Iterator[list[DomainPeer]]:
-    started: list[DomainPeer] = []
+def domains(sim_dir: Path, children: Children) -> Iterator[Children]:
+    """The test's ``dropin_peer.py`` processes, reaped at its end; no hints
+    of an earlier test remembered."""
     dropin.forget_hints()
-    yield started
-    for p in reversed(started):
-        p.close()
+    yield children
+    children.close()
     dropin.forget_hints()
 
 
-def _spawn(domains: list[DomainPeer], domid: int, *args: str) -> DomainPeer:
-    p = DomainPeer(domid, *args)
-    domains.append(p)
-    return p
+def _spawn(domains: Children, domid: int, *args: str) -> Proc:
+    """``dropin_peer.py ARGS`` in emulated domain ``domid``, on the test's loop kind."""
+    return domains.start([sys.executable, DROPIN_PEER, *args], domid=domid,
+                         env={"VCHAN_TEST_LOOP": _loop_kind()},
+                         name=f"{' '.join(args[:2])} (domain {domid})")
 
 
-async def _server(domains: list[DomainPeer], *args: str, domid: int = 1) -> tuple[DomainPeer,
+async def _server(domains: Children, *args: str, domid: int = 1) -> tuple[Proc,
                                                                                   int]:
     server = _spawn(domains, domid, "serve", *args)
-    ready = await server.line()
+    ready = await server.aevent()
     assert ready.get("vchan_error") is None, ready
     return server, int(ready["ready"])
 
 
-async def _client(domains: list[DomainPeer], port: int, *args: str,
+async def _client(domains: Children, port: int, *args: str,
                   domid: int = 2) -> dict[str, Any]:
     client = _spawn(domains, domid, "connect", HOST, str(port), *args)
-    line = await client.line(120)
+    line = await client.aevent(120)
     assert "result" in line, line
     result: dict[str, Any] = line["result"]
     return result
 
 
-async def _advertiser(domains: list[DomainPeer], port: int, *, domid: int = 3) -> DomainPeer:
+async def _advertiser(domains: Children, port: int, *, domid: int = 3) -> Proc:
     third = _spawn(domains, domid, "advertise", str(port), HOST)
-    assert (await third.line())["ready"] == domid
+    assert (await third.aevent())["ready"] == domid
     return third
 
 
@@ -90,11 +76,11 @@ async def _advertiser(domains: list[DomainPeer], port: int, *, domid: int = 3) -
 
 
 async def test_two_domains_by_address_go_over_vchan_and_move_10_mib_each_way(
-        domains: list[DomainPeer]) -> None:
+        domains: Children) -> None:
     nbytes = 10 << 20
     server, port = await _server(domains)
     got = await _client(domains, port, "--nbytes", str(nbytes))
-    conn = (await server.line())["conn"]
+    conn = (await server.aevent())["conn"]
     # Both sides say vchan, through get_extra_info and through via().
     assert got["via"] == got["extra_via"] == "vchan"
     assert conn["via"] == conn["extra_via"] == "vchan"
@@ -109,10 +95,10 @@ async def test_two_domains_by_address_go_over_vchan_and_move_10_mib_each_way(
 
 
 async def test_later_connections_reuse_the_session_and_the_hints(
-        domains: list[DomainPeer], sim_dir: Path) -> None:
+        domains: Children, sim_dir: Path) -> None:
     _, port = await _server(domains)
     client = _spawn(domains, 2, "connect", HOST, str(port), "--count", "20", "--nbytes", "100")
-    results = [(await client.line())["result"] for _ in range(20)]
+    results = [(await client.aevent())["result"] for _ in range(20)]
     assert {r["via"] for r in results} == {"vchan"}
     later = sorted(r["connect_seconds"] for r in results[1:])
     # Hints are cached, the session is the loop's: a later connection costs
@@ -121,14 +107,14 @@ async def test_later_connections_reuse_the_session_and_the_hints(
 
 
 async def test_a_hundred_connections_at_once_all_upgrade_and_stay_apart(
-        domains: list[DomainPeer]) -> None:
+        domains: Children) -> None:
     """A client's first connections, all at once: they share one session set-up
     (and the server its one new peer), and each carries its own bytes."""
     server, port = await _server(domains)
     got = await _client(domains, port, "--count", "100", "--parallel", "--nbytes", "20000")
     assert got["vias"] == ["vchan"] * 100
     assert got["intact"] == 100
-    conns = [(await server.line())["conn"] for _ in range(100)]
+    conns = [(await server.aevent())["conn"] for _ in range(100)]
     assert {c["via"] for c in conns} == {"vchan"}
     assert len({tuple(c["peername"]) for c in conns}) == 100
 
@@ -137,10 +123,10 @@ async def test_a_hundred_connections_at_once_all_upgrade_and_stay_apart(
 
 
 async def test_a_plain_asyncio_server_gets_plain_tcp_and_no_added_byte(
-        domains: list[DomainPeer]) -> None:
+        domains: Children) -> None:
     server, port = await _server(domains, "--kind", "plain")
     got = await _client(domains, port, "--nbytes", "5000")
-    conn = (await server.line())["conn"]
+    conn = (await server.aevent())["conn"]
     assert got["via"] == "tcp"
     assert got["extra_via"] in ("tcp", None)      # (uvloop's TCP transports carry no key)
     assert conn["received"] == got["received"] == 5000
@@ -149,17 +135,17 @@ async def test_a_plain_asyncio_server_gets_plain_tcp_and_no_added_byte(
 
 
 async def test_an_advertised_plain_server_falls_back_to_tcp_and_is_remembered(
-        domains: list[DomainPeer]) -> None:
+        domains: Children) -> None:
     """A domain claims a plain server's address: the client's HELLO reaches the
     plain server, whose answer is no drop-in answer; the client goes on over a
     fresh TCP connection, and its later connections send no HELLO."""
     server, port = await _server(domains, "--kind", "plain")
     await _advertiser(domains, port)
     client = _spawn(domains, 2, "connect", HOST, str(port), "--count", "2", "--nbytes", "3000")
-    first, second = [(await client.line())["result"] for _ in range(2)]
+    first, second = [(await client.aevent())["result"] for _ in range(2)]
     assert first["via"] == second["via"] == "tcp"
     assert first["received"] == second["received"] == 3000
-    conns = [(await server.line())["conn"] for _ in range(3)]
+    conns = [(await server.aevent())["conn"] for _ in range(3)]
     firsts = sorted(c["first"].encode("latin-1") for c in conns)
     # One connection saw only the HELLO (echoed back, not an answer), the
     # two connections of the application saw its bytes.
@@ -169,7 +155,7 @@ async def test_an_advertised_plain_server_falls_back_to_tcp_and_is_remembered(
 
 
 async def test_an_advertised_silent_server_falls_back_after_the_answer_timeout(
-        sim_dir: Path, domains: list[DomainPeer]) -> None:
+        sim_dir: Path, domains: Children) -> None:
     """A server that says nothing to a HELLO (it waits for more): the client
     goes back to TCP after ANSWER_TIMEOUT, not its own timeout."""
     conns: list[bytes] = []
@@ -186,7 +172,7 @@ async def test_an_advertised_silent_server_falls_back_after_the_answer_timeout(
     async with server:
         # (The test process is domain 0: the third domain serves it.)
         third = _spawn(domains, 3, "advertise", str(port), HOST, "--peers", "0")
-        assert (await third.line())["ready"] == 3
+        assert (await third.aevent())["ready"] == 3
         t0 = time.monotonic()
         reader, writer = await vchan.open_connection(HOST, port)
         elapsed = time.monotonic() - t0
@@ -200,18 +186,17 @@ async def test_an_advertised_silent_server_falls_back_after_the_answer_timeout(
 
 
 async def test_an_advertisement_with_nothing_listening_is_tcps_refusal(
-        domains: list[DomainPeer]) -> None:
+        domains: Children) -> None:
     server, port = await _server(domains, "--kind", "plain")
     server.close()                  # the port is free again
-    domains.remove(server)
     await _advertiser(domains, port, domid=3)
     client = _spawn(domains, 2, "connect", HOST, str(port))
-    line = await client.line()
+    line = await client.aevent()
     assert line["error"].startswith("ConnectionRefusedError"), line
 
 
 async def test_a_server_short_of_grants_falls_back_to_tcp_at_once(
-        domains: list[DomainPeer], sim_dir: Path) -> None:
+        domains: Children, sim_dir: Path) -> None:
     """The server cannot grant a ring (its domain's grant limit is reached): it
     refuses the vchan request, and the client goes on over TCP at once."""
     from vchan import sim
@@ -223,7 +208,7 @@ async def test_a_server_short_of_grants_falls_back_to_tcp_at_once(
     finally:
         sim.control({"cmd": "set", "key": "grant-limit", "value": sim.DEFAULT_GRANT_LIMIT},
                     sim_dir)
-    conn = (await server.line())["conn"]
+    conn = (await server.aevent())["conn"]
     assert got["via"] == conn["via"] == "tcp"
     assert got["received"] == conn["received"] == 20000
     assert got["sent_sha256"] == conn["received_sha256"] == got["received_sha256"]
@@ -234,22 +219,21 @@ async def test_a_server_short_of_grants_falls_back_to_tcp_at_once(
 
 
 async def test_a_third_domain_claiming_the_address_is_never_contacted(
-        domains: list[DomainPeer]) -> None:
+        domains: Children) -> None:
     server, port = await _server(domains)
     third = await _advertiser(domains, port)
     got = await _client(domains, port, "--nbytes", "100000")
-    conn = (await server.line())["conn"]
+    conn = (await server.aevent())["conn"]
     assert got["via"] == conn["via"] == "vchan"
     assert got["vchan_peer"][0] == 1            # the domain that owns the address
     assert conn["received_sha256"] == got["sent_sha256"]
-    third.stop()
-    third.proc.wait(10)
-    assert third.proc.stdout is not None
-    assert "contacted" not in third.proc.stdout.read()
+    third.close_stdin()             # it reports what it has left and exits
+    third.wait(10)
+    assert not any("contacted" in line for line in third.rest())
 
 
 async def test_a_stream_sent_to_a_lying_domain_carries_nothing_but_the_claim(
-        domains: list[DomainPeer]) -> None:
+        domains: Children) -> None:
     """The owner of the TCP address names a domain that is not who the client
     meets over vchan (a server on another host whose domid a local domain
     has): the local domain cannot return the client's nonce, the client
@@ -274,7 +258,7 @@ async def test_a_stream_sent_to_a_lying_domain_carries_nothing_but_the_claim(
     port = server.sockets[0].getsockname()[1]
     async with server:
         third = _spawn(domains, 3, "advertise", str(port), HOST, "--peers", "0")
-        assert (await third.line())["ready"] == 3
+        assert (await third.aevent())["ready"] == 3
         reader, writer = await vchan.open_connection(HOST, port)
         assert dropin.via(writer) == "tcp"
         writer.write(b"secret")
@@ -282,7 +266,7 @@ async def test_a_stream_sent_to_a_lying_domain_carries_nothing_but_the_claim(
         assert await reader.read() == b"secret"
         writer.close()
         await writer.wait_closed()
-        contacted = (await third.line())["contacted"]
+        contacted = (await third.aevent())["contacted"]
         assert contacted == {"peer": 0, "bytes": upgrade.CLAIM_SIZE}
     assert seen[0].startswith(upgrade.MAGIC_HELLO) and seen[1] == b"secret"
 
@@ -291,7 +275,7 @@ async def test_a_stream_sent_to_a_lying_domain_carries_nothing_but_the_claim(
 
 
 async def test_a_plain_client_first_client_is_served_at_once(
-        domains: list[DomainPeer]) -> None:
+        domains: Children) -> None:
     server, port = await _server(domains, "--grace", "2")
     t0 = time.monotonic()
     reader, writer = await asyncio.open_connection(HOST, port)
@@ -301,12 +285,12 @@ async def test_a_plain_client_first_client_is_served_at_once(
     # Not after the (long) grace: the first byte decided.
     assert time.monotonic() - t0 < 1.0
     writer.close()
-    conn = (await server.line())["conn"]
+    conn = (await server.aevent())["conn"]
     assert conn["via"] == "tcp" and conn["first"].startswith("GET /")
 
 
 async def test_a_plain_server_first_client_is_served_after_the_grace(
-        domains: list[DomainPeer]) -> None:
+        domains: Children) -> None:
     grace = 0.3
     server, port = await _server(domains, "--app", "greet", "--grace", str(grace))
     t0 = time.monotonic()
@@ -317,12 +301,12 @@ async def test_a_plain_server_first_client_is_served_after_the_grace(
     assert await reader.readline() == b"250 HELO me\r\n"
     writer.close()
     assert grace * 0.9 <= waited < grace + 1.0
-    conn = (await server.line())["conn"]
+    conn = (await server.aevent())["conn"]
     assert conn["via"] == "tcp" and conn["first"] == "HELO me\r\n"
 
 
 async def test_a_hello_later_than_the_grace_spoils_one_connection_and_no_data(
-        domains: list[DomainPeer], monkeypatch: pytest.MonkeyPatch) -> None:
+        domains: Children, monkeypatch: pytest.MonkeyPatch) -> None:
     """A HELLO that comes after the grace (a stalled client) reaches the server's
     application; the client sees its greeting, not an answer, and goes on over
     a fresh TCP connection that carries all of its own bytes."""
@@ -349,23 +333,23 @@ async def test_a_hello_later_than_the_grace_spoils_one_connection_and_no_data(
     assert await reader.readline() == b"250 HELO mine\r\n"
     writer.close()
     await writer.wait_closed()
-    conns = [(await server.line())["conn"] for _ in range(2)]
+    conns = [(await server.aevent())["conn"] for _ in range(2)]
     # The spoiled connection went to the application as TCP; the other one
     # carried the client's bytes, and only them.
     assert {c["via"] for c in conns} == {"tcp"}
     assert "HELO mine\r\n" in [c.get("first") for c in conns]
 
 
-async def test_a_server_first_protocol_over_vchan(domains: list[DomainPeer]) -> None:
+async def test_a_server_first_protocol_over_vchan(domains: Children) -> None:
     server, port = await _server(domains, "--app", "greet")
     got = await _client(domains, port, "--app", "greet")
     assert got["via"] == "vchan"
     assert got["greeting"] == "220 hello\r\n" and got["answer"] == "250 HELO client\r\n"
-    assert (await server.line())["conn"]["via"] == "vchan"
+    assert (await server.aevent())["conn"]["via"] == "vchan"
 
 
 async def test_a_server_that_cannot_serve_vchan_declines_and_the_connection_goes_on(
-        domains: list[DomainPeer], monkeypatch: pytest.MonkeyPatch) -> None:
+        domains: Children, monkeypatch: pytest.MonkeyPatch) -> None:
     """No vchan here (XenStore refusing, say): the HELLO is declined and the
     same TCP connection carries the application, for both sides."""
     async def refuse(self: Any) -> None:
@@ -386,7 +370,7 @@ async def test_a_server_that_cannot_serve_vchan_declines_and_the_connection_goes
     assert port is not None
     async with server:
         third = _spawn(domains, 3, "advertise", str(port), HOST, "--peers", "0")
-        assert (await third.line())["ready"] == 3
+        assert (await third.aevent())["ready"] == 3
         reader, writer = await vchan.open_connection(HOST, port)
         assert dropin.via(writer) == "tcp"
         writer.write(b"on the same connection")
@@ -506,7 +490,7 @@ async def test_without_an_emulator_no_hint_is_looked_for_and_none_is_started(
 
 
 async def test_a_token_presented_by_another_domain_than_the_hellos_is_refused(
-        domains: list[DomainPeer]) -> None:
+        domains: Children) -> None:
     """The token goes to whoever holds the TCP connection, for the domain its
     HELLO named; a vchan stream from any other domain that presents it is
     refused, and the token stays unused for its own domain."""
@@ -558,11 +542,10 @@ async def test_a_token_presented_by_another_domain_than_the_hellos_is_refused(
     writer.close()
     our_tcp.close()
     await writer.wait_closed()
-    server.stop()
-    server.proc.wait(10)
-    assert server.proc.stdout is not None
+    server.close_stdin()
+    server.wait(10)
     # The declined connection and ours went to the application; nothing else did.
-    conns = [json.loads(line)["conn"] for line in server.proc.stdout.read().splitlines()]
+    conns = [json.loads(line)["conn"] for line in server.rest()]
     assert sorted(c["via"] for c in conns) == ["tcp", "vchan"]
 
 

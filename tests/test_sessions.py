@@ -2,7 +2,7 @@
 
 Every test runs at the emulator's default grant limit (1,024 pages per
 domain, as Linux's gntalloc), on both event loops.  Cross-process tests use
-``tests/vchan_peer.py`` processes in emulated domains.
+``tests/peer_roles.py`` processes in emulated domains (the roles the Xen rig runs).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_streams import Peer, _count_nodes, _fds, _rss, _spawn, peers  # noqa: F401
+from procs import Children
+from test_streams import _count_nodes, _fds, _rss, _spawn, peers  # noqa: F401
 
 import vchan
 from vchan import sim
@@ -66,24 +67,26 @@ async def _one_echo(own: int, port: str) -> None:
 
 
 async def test_ten_thousand_concurrent_connections_at_the_default_grant_limit(
-        peers: list[Peer], sim_dir: Path) -> None:  # noqa: F811
+        peers: Children, sim_dir: Path) -> None:  # noqa: F811
     """Two processes in two domains: 10,000 connections at once all connect, each
     moves its own bytes intact, all close -- within 1,024 grant pages."""
     st = _status(sim_dir)
     assert st["grant_limit"] == DEFAULT_LIMIT
     port = f"ten-k-{os.getpid()}"
-    server = _spawn(peers, 1, "serve", port, "--peers", "2", "--mode", "echo")
-    await server.line()
-    client = _spawn(peers, 2, "connect", "1", port, "--mode", "many", "--count", "10000",
-                    "--nbytes", "64", "--timeout", "60")
-    result = await client.line(timeout=240)
-    assert "error" not in result, result
-    got = result["result"]
-    assert got["connected"] == got["intact"] == 10_000
+    server = _spawn(peers, 1, "--deadline", "300", "echo-server", port, "--peers", "2",
+                    "--connections", "10000", "--summary")
+    await server.aevent()
+    client = _spawn(peers, 2, "--deadline", "240", "many-client", "1", port,
+                    "--connections", "10000")
+    got = await client.aevent(timeout=240)
+    while got.get("event") == "opened":
+        got = await client.aevent(timeout=240)
+    assert got["result"] == "many" and not got["errors"], got
+    assert got["opened"] == got["echoed"] == got["closed"] == 10_000
     # One session: one ring pair's grants, whatever the number of connections.
     assert _domain(_status(sim_dir), 1)["granted_pages"] <= DEFAULT_LIMIT
-    print(f"\n10,000 connections: opened in {got['open_seconds']:.2f} s, echoed in "
-          f"{got['echo_seconds']:.2f} s, closed in {got['close_seconds']:.2f} s; "
+    print(f"\n10,000 connections: opened in {got['open_s']:.2f} s, echoed in "
+          f"{got['echo_s']:.2f} s, closed in {got['close_s']:.2f} s; "
           f"client RSS {got['rss_per_connection'] / 1024:.1f} KiB per connection")
 
 
@@ -406,11 +409,11 @@ async def test_an_idle_session_closes_after_idle_close_and_not_while_busy(
 
 
 async def test_a_crashed_server_resets_every_connection_within_a_second(
-        peers: list[Peer], sim_dir: Path) -> None:  # noqa: F811
+        peers: Children, sim_dir: Path) -> None:  # noqa: F811
     port = f"crash-{os.getpid()}"
-    server = _spawn(peers, 1, "serve", port, "--peers", str(vchan.own_domid()),
-                    "--mode", "echo")
-    await server.line()
+    server = _spawn(peers, 1, "echo-server", port, "--peers", str(vchan.own_domid()),
+                    "--connections", "100", "--summary")
+    await server.aevent()
     pairs = await asyncio.gather(*(vchan.open_connection(1, port, timeout=10)
                                    for _ in range(100)))
     for r, w in pairs:

@@ -1,89 +1,49 @@
 """vchan streams across real processes in separate emulated domains.
 
-Server and client are separate Python processes (``tests/vchan_peer.py``)
-in emulated domains 1 and 2, on the same event loop kind as the test.
+Server and client are separate Python processes (``tests/peer_roles.py``, the
+roles the Xen rig runs too) in emulated domains 1 and 2, on the same event
+loop kind as the test.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import Children, Proc
 from support import soak_seconds
 
 import vchan
 from vchan import sim
 
-PEER = Path(__file__).with_name("vchan_peer.py")
+PEER = Path(__file__).with_name("peer_roles.py")
 
 
 def _loop_kind() -> str:
     return "uvloop" if "uvloop" in type(asyncio.get_running_loop()).__module__ else "asyncio"
 
 
-class Peer:
-    """A vchan_peer.py process in one emulated domain."""
-
-    def __init__(self, domid: int, *args: str) -> None:
-        env = dict(os.environ, VCHAN_DOMID=str(domid), VCHAN_TEST_LOOP=_loop_kind())
-        self.proc = subprocess.Popen([sys.executable, str(PEER), *args], env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-
-    async def line(self, timeout: float = 60) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        loop = asyncio.get_running_loop()
-        text = await asyncio.wait_for(loop.run_in_executor(None, self.proc.stdout.readline),
-                                      timeout)
-        if not text:
-            err = self.proc.stderr.read() if self.proc.stderr else ""
-            raise AssertionError(f"peer exited ({self.proc.wait()}): {err}")
-        result: dict[str, Any] = json.loads(text)
-        return result
-
-    def kill(self) -> float:
-        t = time.monotonic()
-        self.proc.send_signal(signal.SIGKILL)
-        return t
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            try:
-                self.proc.stdin.close()
-                self.proc.wait(20)
-            except (subprocess.TimeoutExpired, BrokenPipeError):
-                self.proc.kill()
-                self.proc.wait()
-        for f in (self.proc.stdout, self.proc.stderr):
-            if f is not None:
-                f.close()
-
-
 @pytest.fixture
-def peers(sim_dir: Path) -> Iterator[list[Peer]]:
-    started: list[Peer] = []
-    yield started
-    for p in reversed(started):     # clients first: servers wait for their connections
-        p.close()
+def peers(sim_dir: Path, children: Children) -> Children:
+    """The test's peer processes (``tests/peer_roles.py``), reaped at its end."""
+    return children
 
 
-def _spawn(peers: list[Peer], domid: int, *args: str) -> Peer:
-    p = Peer(domid, *args)
-    peers.append(p)
-    return p
+def _spawn(peers: Children, domid: int, *args: str) -> Proc:
+    """``peer_roles.py ARGS`` in emulated domain ``domid``, on the test's loop kind."""
+    return peers.start([sys.executable, PEER, *args], domid=domid,
+                       env={"VCHAN_TEST_LOOP": _loop_kind()},
+                       name=f"{' '.join(args[:3])} (domain {domid})")
 
 
 def _check_duplex(server: dict[str, Any], client: dict[str, Any], nbytes: int) -> None:
+    assert server.get("event") == "duplexed", server
+    assert client.get("result") == "duplexed", client
     assert server["sent"] == client["received"] == nbytes
     assert client["sent"] == server["received"] == nbytes
     assert server["sent_sha256"] == client["received_sha256"]
@@ -93,56 +53,59 @@ def _check_duplex(server: dict[str, Any], client: dict[str, Any], nbytes: int) -
 # -- bulk ---------------------------------------------------------------------------
 
 
-async def test_one_gibibyte_each_way_at_once(peers: list[Peer]) -> None:
+async def test_one_gibibyte_each_way_at_once(peers: Children) -> None:
     nbytes = 1 << 30
     await _bulk(peers, nbytes, "bulk")
 
 
 @pytest.mark.soak
-async def test_soak_ten_gibibytes_each_way(peers: list[Peer]) -> None:
+async def test_soak_ten_gibibytes_each_way(peers: Children) -> None:
     # Bounded by VCHAN_SOAK_SECONDS: ~0.5 GB/s each way under the emulator.
     nbytes = min(10 << 30, int(soak_seconds() * 0.25e9))
     await _bulk(peers, nbytes, "soak", timeout=soak_seconds() * 2 + 120)
 
 
-async def _bulk(peers: list[Peer], nbytes: int, port: str, timeout: float = 300) -> None:
-    server = _spawn(peers, 1, "serve", port, "--peers", "2", "--nbytes", str(nbytes),
-                    "--connections", "1")
-    assert (await server.line())["ready"] == 1
-    client = _spawn(peers, 2, "connect", "1", port, "--nbytes", str(nbytes))
-    assert (await client.line())["connected"]
-    s, c = await asyncio.gather(server.line(timeout), client.line(timeout))
-    _check_duplex(s["result"], c["result"], nbytes)
+async def _bulk(peers: Children, nbytes: int, port: str, timeout: float = 300) -> None:
+    deadline = str(timeout + 60)
+    server = _spawn(peers, 1, "--deadline", deadline, "duplex-server", port, "--peers", "2",
+                    "--bytes", str(nbytes), "--connections", "1")
+    assert (await server.aevent())["domid"] == 1
+    client = _spawn(peers, 2, "--deadline", deadline, "duplex-client", "1", port,
+                    "--bytes", str(nbytes))
+    assert (await client.aevent())["event"] == "connected"
+    s, c = await asyncio.gather(server.aevent(timeout), client.aevent(timeout))
+    _check_duplex(s, c, nbytes)
 
 
-async def test_raw_mode_server(peers: list[Peer]) -> None:
-    server = _spawn(peers, 1, "serve", "rawport", "--peers", "2", "--raw", "--nbytes",
+async def test_raw_mode_server(peers: Children) -> None:
+    server = _spawn(peers, 1, "duplex-server", "rawport", "--peers", "2", "--raw", "--bytes",
                     "3000000", "--connections", "2")
-    assert "ready" in await server.line()
+    assert (await server.aevent())["event"] == "listening"
     for seed in (1, 2):       # a raw server serves clients one after another
-        client = _spawn(peers, 2, "connect", "1", "rawport", "--nbytes", "3000000", "--seed",
-                        str(seed))
-        assert (await client.line())["connected"]
-        s, c = await asyncio.gather(server.line(), client.line())
-        _check_duplex(s["result"], c["result"], 3000000)
+        client = _spawn(peers, 2, "duplex-client", "1", "rawport", "--bytes", "3000000",
+                        "--seed", str(seed))
+        assert (await client.aevent())["event"] == "connected"
+        s, c = await asyncio.gather(server.aevent(), client.aevent())
+        _check_duplex(s, c, 3000000)
 
 
 # -- many clients ---------------------------------------------------------------------
 
 
-async def test_two_hundred_concurrent_connections(peers: list[Peer], sim_dir: Path) -> None:
+async def test_two_hundred_concurrent_connections(peers: Children, sim_dir: Path) -> None:
     # The clients ask for 64 KiB rings each way: 33 granted pages per
     # connection on the server's side; 200 connections need 6,600 of them, so
     # this runs with the emulator's grant limit raised to 8,192 pages per
     # domain (the default 1,024 allows 31).
     sim.control({"cmd": "set", "key": "grant-limit", "value": 8192}, sim_dir)
     try:
-        server = _spawn(peers, 1, "serve", "many", "--peers", "2", "--mode", "echo")
-        assert "ready" in await server.line()
-        client = _spawn(peers, 2, "connect", "1", "many", "--mode", "hold", "--count", "200",
-                        "--ring", "65536")
-        result = (await client.line(120))["result"]
-        assert result["connected"] == 200
+        server = _spawn(peers, 1, "echo-server", "many", "--peers", "2", "--connections",
+                        "200", "--summary")
+        assert (await server.aevent())["event"] == "listening"
+        client = _spawn(peers, 2, "many-client", "1", "many", "--connections", "200",
+                        "--ring", "65536", "--hold")
+        result = await client.await_event("holding", 120)
+        assert result["opened"] == result["echoed"] == 200
         status = sim.control({"cmd": "status"}, sim_dir)
         dom1 = next(d for d in status["domains"] if d["domid"] == 1)
         assert dom1["granted_pages"] == 200 * 33
@@ -151,17 +114,19 @@ async def test_two_hundred_concurrent_connections(peers: list[Peer], sim_dir: Pa
                     sim_dir)
 
 
-async def test_clients_connecting_at_the_same_instant(peers: list[Peer]) -> None:
+async def test_clients_connecting_at_the_same_instant(peers: Children) -> None:
     n = 12
-    server = _spawn(peers, 1, "serve", "rush", "--peers", "2,3", "--nbytes", "200000",
+    server = _spawn(peers, 1, "duplex-server", "rush", "--peers", "2,3", "--bytes", "200000",
                     "--connections", str(n))
-    assert "ready" in await server.line()
-    clients = [_spawn(peers, 2 + i % 2, "connect", "1", "rush", "--nbytes", "200000",
+    assert (await server.aevent())["event"] == "listening"
+    clients = [_spawn(peers, 2 + i % 2, "duplex-client", "1", "rush", "--bytes", "200000",
                       "--seed", str(100 + i)) for i in range(n)]
     for c in clients:
-        assert (await c.line())["connected"]
-    results = [(await c.line())["result"] for c in clients]
-    served = [(await server.line())["result"] for _ in range(n)]
+        assert (await c.aevent())["event"] == "connected"
+    results = [await c.aevent() for c in clients]
+    served = [await server.aevent() for _ in range(n)]
+    for r, sv in zip(results, served, strict=True):
+        assert r["result"] == "duplexed" and sv["event"] == "duplexed", (r, sv)
     # Every client's bytes reached the server intact, each on its own ring.
     assert sorted(r["sent_sha256"] for r in results) == \
         sorted(s["received_sha256"] for s in served)
@@ -169,7 +134,7 @@ async def test_clients_connecting_at_the_same_instant(peers: list[Peer]) -> None
         sorted(s["sent_sha256"] for s in served)
 
 
-async def test_client_started_before_its_server(peers: list[Peer]) -> None:
+async def test_client_started_before_its_server(peers: Children) -> None:
     # Domain 1 is up (as a VM would be) but its server has not started yet.
     from domains import DomainProcess
 
@@ -178,33 +143,33 @@ async def test_client_started_before_its_server(peers: list[Peer]) -> None:
         await _client_before_server(peers)
 
 
-async def _client_before_server(peers: list[Peer]) -> None:
-    client = _spawn(peers, 2, "connect", "1", "late", "--nbytes", "100000")
+async def _client_before_server(peers: Children) -> None:
+    client = _spawn(peers, 2, "duplex-client", "1", "late", "--bytes", "100000")
     await asyncio.sleep(1.0)
-    assert client.proc.poll() is None, "the client gave up instead of waiting"
-    server = _spawn(peers, 1, "serve", "late", "--peers", "2", "--nbytes", "100000",
+    assert client.poll() is None, "the client gave up instead of waiting"
+    server = _spawn(peers, 1, "duplex-server", "late", "--peers", "2", "--bytes", "100000",
                     "--connections", "1")
-    assert "ready" in await server.line()
-    assert (await client.line())["connected"]
-    s, c = await asyncio.gather(server.line(), client.line())
-    _check_duplex(s["result"], c["result"], 100000)
+    assert (await server.aevent())["event"] == "listening"
+    assert (await client.aevent())["event"] == "connected"
+    s, c = await asyncio.gather(server.aevent(), client.aevent())
+    _check_duplex(s, c, 100000)
 
 
 # -- crashes ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("victim", ["server", "client"])
-async def test_sigkill_mid_transfer_resets_the_survivor(peers: list[Peer], victim: str) -> None:
+async def test_sigkill_mid_transfer_resets_the_survivor(peers: Children, victim: str) -> None:
     nbytes = 1 << 40            # never finishes
-    server = _spawn(peers, 1, "serve", f"kill{victim}", "--peers", "2", "--nbytes",
+    server = _spawn(peers, 1, "duplex-server", f"kill{victim}", "--peers", "2", "--bytes",
                     str(nbytes), "--connections", "1")
-    assert "ready" in await server.line()
-    client = _spawn(peers, 2, "connect", "1", f"kill{victim}", "--nbytes", str(nbytes))
-    assert (await client.line())["connected"]
+    assert (await server.aevent())["event"] == "listening"
+    client = _spawn(peers, 2, "duplex-client", "1", f"kill{victim}", "--bytes", str(nbytes))
+    assert (await client.aevent())["event"] == "connected"
     await asyncio.sleep(0.5)                    # data is flowing
     dead, survivor = (server, client) if victim == "server" else (client, server)
     t0 = dead.kill()
-    report = await survivor.line(10)
+    report = await survivor.aevent(10)
     elapsed = time.monotonic() - t0
     assert "ConnectionResetError" in report.get("error", ""), report
     assert elapsed < 1.0, f"noticed after {elapsed:.2f} s"
@@ -428,7 +393,7 @@ async def test_peer_domain_vanishing_without_notice_resets(sim_dir: Path,
         server.close_clients()
 
 
-async def test_peer_domain_losing_its_home_resets(peers: list[Peer]) -> None:
+async def test_peer_domain_losing_its_home_resets(peers: Children) -> None:
     """A destroyed domain may linger as a zombie the hypervisor answers for like a
     live one; its XenStore home is gone at once: dom0 sees that and resets."""
     from vchan.xenstore import XenStore
@@ -436,8 +401,8 @@ async def test_peer_domain_losing_its_home_resets(peers: list[Peer]) -> None:
     own = vchan.own_domid()
     if own != 0:
         pytest.skip("needs the privileged domain 0 to read other domains' homes")
-    server = _spawn(peers, 7, "serve", "homeless", "--peers", str(own), "--mode", "echo")
-    await server.line()
+    server = _spawn(peers, 7, "echo-server", "homeless", "--peers", str(own))
+    await server.aevent()
     reader, writer = await vchan.open_connection(7, "homeless", timeout=10)
     try:
         writer.write(b"ping")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 import support
 from domains import DomainProcess
+from procs import Proc
 
 from vchan import sim
 from vchan.xenstore import Perm, XenStoreSync
@@ -79,33 +79,12 @@ def keeper(sim_dir: Path) -> Iterator[DomainProcess]:
         proc.close()
 
 
-class Watcher:
-    """``xenstore-watch`` running in the background; read its lines one by one."""
-
-    def __init__(self, sim_dir: Path, domid: int, *paths: str, count: int = -1) -> None:
-        env = dict(os.environ, XENSTORED_PATH=socket_of(sim_dir, domid))
-        argv = ["xenstore-watch", *(["-n", str(count)] if count > 0 else []), *paths]
-        # Unbuffered: select() must see every line that Python has not read yet.
-        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, bufsize=0)
-
-    def line(self, timeout: float = 5.0) -> str:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        assert ready, "xenstore-watch printed nothing"
-        return self.proc.stdout.readline().decode().rstrip("\n")
-
-    def quiet(self, timeout: float = 0.2) -> bool:
-        assert self.proc.stdout is not None
-        return not select.select([self.proc.stdout], [], [], timeout)[0]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        self.proc.wait(5)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+def xenstore_watch(sim_dir: Path, domid: int, *paths: str, count: int = -1) -> Proc:
+    """``xenstore-watch`` running in the background as a process of ``domid``;
+    read its lines one by one (``line(5)``), close it when done."""
+    argv = ["xenstore-watch", *(["-n", str(count)] if count > 0 else []), *paths]
+    return Proc(argv, env={"XENSTORED_PATH": socket_of(sim_dir, domid)},
+                stdin=subprocess.DEVNULL, grace=0)
 
 
 def test_dom0_write_read_list_ls_exists_rm(sim_dir: Path, base: str) -> None:
@@ -187,19 +166,19 @@ def test_chmod_grants_and_revokes_access_between_domains(
 
 
 def test_xenstore_watch_reports_create_change_and_delete(sim_dir: Path, base: str) -> None:
-    watcher = Watcher(sim_dir, 0, f"{base}/w", count=5)
+    watcher = xenstore_watch(sim_dir, 0, f"{base}/w", count=5)
     try:
-        assert watcher.line() == f"{base}/w"               # fired once when set
+        assert watcher.line(5) == f"{base}/w"               # fired once when set
         ok(sim_dir, 0, "xenstore-write", f"{base}/w", "created")
-        assert watcher.line() == f"{base}/w"
+        assert watcher.line(5) == f"{base}/w"
         ok(sim_dir, 0, "xenstore-write", f"{base}/w", "changed")
-        assert watcher.line() == f"{base}/w"
+        assert watcher.line(5) == f"{base}/w"
         ok(sim_dir, 0, "xenstore-write", f"{base}/w/child", "below")
-        assert watcher.line() == f"{base}/w/child"
+        assert watcher.line(5) == f"{base}/w/child"
         ok(sim_dir, 0, "xenstore-write", f"{base}/other", "elsewhere")
         ok(sim_dir, 0, "xenstore-rm", f"{base}/w")
-        assert watcher.line() == f"{base}/w"
-        assert watcher.proc.wait(5) == 0                     # -n 5: done
+        assert watcher.line(5) == f"{base}/w"
+        assert watcher.wait(5) == 0                     # -n 5: done
     finally:
         watcher.close()
 
@@ -208,15 +187,15 @@ def test_guest_watches_only_what_it_may_read(sim_dir: Path, base: str,
                                              keeper: DomainProcess) -> None:
     d = keeper.domid
     ok(sim_dir, 0, "xenstore-write", f"{base}/n", "0")
-    watcher = Watcher(sim_dir, d, f"{base}/n")
+    watcher = xenstore_watch(sim_dir, d, f"{base}/n")
     try:
-        assert watcher.line() == f"{base}/n"
+        assert watcher.line(5) == f"{base}/n"
         ok(sim_dir, 0, "xenstore-write", f"{base}/n", "1")  # unreadable for d: nothing
         assert watcher.quiet()
         ok(sim_dir, 0, "xenstore-chmod", f"{base}/n", "n0", f"r{d}")
-        assert watcher.line() == f"{base}/n"
+        assert watcher.line(5) == f"{base}/n"
         ok(sim_dir, 0, "xenstore-write", f"{base}/n", "2")
-        assert watcher.line() == f"{base}/n"
+        assert watcher.line(5) == f"{base}/n"
     finally:
         watcher.close()
 
@@ -224,9 +203,9 @@ def test_guest_watches_only_what_it_may_read(sim_dir: Path, base: str,
 def test_xenstore_watch_sees_domains_go(sim_dir: Path) -> None:
     domain = DomainProcess(next(_domids))
     mine = f"@releaseDomain/{domain.domid}"
-    watcher = Watcher(sim_dir, 0, "@releaseDomain", mine)
+    watcher = xenstore_watch(sim_dir, 0, "@releaseDomain", mine)
     try:
-        assert {watcher.line(), watcher.line()} == {"@releaseDomain", mine}
+        assert {watcher.line(5), watcher.line(5)} == {"@releaseDomain", mine}
         domain("from vchan.xenstore import XenStoreSync\nxs = XenStoreSync()\n"
                "xs.write('data/x', '1')")
         assert ok(sim_dir, 0, "xenstore-read", f"/local/domain/{domain.domid}/data/x") == "1\n"
@@ -234,7 +213,7 @@ def test_xenstore_watch_sees_domains_go(sim_dir: Path) -> None:
         domain.wait()
         seen: list[str] = []
         while not seen or seen[-1] != mine:     # other domains' releases may come first
-            seen.append(watcher.line())
+            seen.append(watcher.line(5))
         assert "@releaseDomain" in seen          # fired just before the domain's own
         assert tool(sim_dir, 0, "xenstore-exists",
                     f"/local/domain/{domain.domid}").returncode == 1
@@ -253,11 +232,10 @@ def test_quotas_are_set_with_vchan_sim_set(sim_dir: Path, keeper: DomainProcess)
     done = vchan("set", "xenstore-quota-watches", "2")
     assert done.returncode == 0 and "xenstore-quota-watches = 2" in done.stdout
     try:
-        watcher = Watcher(sim_dir, d, "data/a", "data/b", "data/c")
+        watcher = xenstore_watch(sim_dir, d, "data/a", "data/b", "data/c")
         try:
-            assert watcher.proc.wait(5) == 1
-            assert watcher.proc.stderr is not None
-            assert b"Unable to add watch on data/c" in watcher.proc.stderr.read()
+            assert watcher.wait(5) == 1
+            assert "Unable to add watch on data/c" in watcher.stderr
         finally:
             watcher.close()
     finally:

@@ -3,7 +3,8 @@
 Used by the cross-domain tests and the benchmark, inside the rig's dom0
 (``tests/xen/rig.py`` boots it).  A :class:`Domu` is a PV guest booted from
 the rig's image (read-only) with a job disk made here with ``mkfs.ext4 -d``:
-vchan installed for its Python, ``roles.py`` and the command agent
+vchan installed for its Python, ``roles.py`` (with the ``peer_roles.py`` and
+``peer_events.py`` it imports) and the command agent
 (``guest/rig_agent.py``), which takes commands through XenStore.  Every wait has
 a deadline; a domU that does not answer is destroyed.
 """
@@ -31,6 +32,9 @@ HERE = Path(__file__).resolve().parent
 SHARE = Path(os.environ.get("RIG_SHARE", "/rig"))
 OUT = Path(os.environ.get("RIG_OUT", "/rig/out"))
 ROLES = HERE / "roles.py"
+#: What ``roles.py`` imports: the peer roles it shares with the emulator tests
+#: and their JSON-line reports (a domU's job disk holds them beside it).
+SHARED_ROLES = (HERE.parent / "peer_roles.py", HERE.parent / "peer_events.py")
 #: The test-code agent of ``tests/test_devices.py``'s domain processes.
 AGENT = HERE.parent / "agent.py"
 
@@ -135,6 +139,8 @@ class Domu:
         tree.mkdir()
         shutil.copytree(SHARE / "site-vchan", tree / "site")
         shutil.copy(ROLES, tree / "roles.py")
+        for shared in SHARED_ROLES:
+            shutil.copy(shared, tree / shared.name)
         shutil.copy(AGENT, tree / "agent.py")
         shutil.copy(SHARE / "boot" / "rig_agent.py", tree / "rig_agent.py")
         shutil.copy(SHARE / "boot" / "domu.sh", tree / "domu.sh")

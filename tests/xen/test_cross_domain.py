@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from harness import OUT, Domu, RemoteJob, domu_address, in_rig, local
-from roles import GNTALLOC_LIMIT, gntalloc_limit, stream_message
+from peer_roles import GNTALLOC_LIMIT, gntalloc_limit, stream_message
 
 pytestmark = pytest.mark.skipif(
     not in_rig(), reason="not the Xen rig's dom0 (python tests/xen/rig.py run runs these)")
@@ -506,7 +506,7 @@ def _dropin_server(dom: Domu, port: int) -> RemoteJob:
 
 
 def _payload_head(size: int, seed: int) -> str:
-    from roles import payload
+    from peer_roles import payload
 
     return payload(size, seed)[:8].hex()
 
