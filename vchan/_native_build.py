@@ -37,7 +37,8 @@ with open(os.path.join(HERE, "_cdefs.h"), encoding="utf-8") as f:
 
 ffibuilder.set_source(
     "vchan._native",
-    '#include "ring.h"\n#include "splice.h"\n#include "mux.h"\n#include "kernel.h"\n',
+    '#include "ring.h"\n#include "splice.h"\n#include "mux.h"\n#include "kernel.h"\n'
+    '#include "sim_proto.h"\n',
     sources=SOURCES,
     depends=HEADERS,
     include_dirs=[_rel("vchan"), _rel("kernel")],

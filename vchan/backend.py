@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ._native import lib
+from .addresses import DOMID_MAX, parse_domid
 
 __all__ = ["BACKENDS", "Backend", "BackendError", "check_environment", "get_backend",
            "select_backend"]
@@ -26,9 +27,9 @@ __all__ = ["BACKENDS", "Backend", "BackendError", "check_environment", "get_back
 BACKENDS = ("xen", "sim")
 XEN_DEVICE = "/dev/xen/gntalloc"
 # sockaddr_un.sun_path holds 108 bytes with the NUL; the longest socket name
-# the emulator makes in its directory is "xenstored-32751.sock".
+# the emulator makes in its directory is that of the last domain's XenStore.
 _SUN_PATH = 107
-_LONGEST_SOCKET = "xenstored-32751.sock"
+_LONGEST_SOCKET = f"xenstored-{DOMID_MAX}.sock"
 
 log = logging.getLogger("vchan.backend")
 
@@ -60,14 +61,10 @@ def default_backend_name() -> str:
 
 
 def _sim_domid() -> int:
-    raw = os.environ.get("VCHAN_DOMID", "0")
     try:
-        domid = int(raw)
-    except ValueError:
-        raise BackendError(f"VCHAN_DOMID must be a domain number, got {raw!r}") from None
-    if not 0 <= domid < 0x7FF0:
-        raise BackendError(f"VCHAN_DOMID must be in 0..32751, got {domid}")
-    return domid
+        return parse_domid(os.environ.get("VCHAN_DOMID", "0"), "VCHAN_DOMID")
+    except ValueError as exc:
+        raise BackendError(str(exc)) from None
 
 
 def _check_sim_dir() -> None:

@@ -36,6 +36,10 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
+# vchan_path: also re-exported for vchan/vchan.py only, which imports it from
+# here (its home is vchan.addresses; that import moves with vchan.py).
+from .addresses import request_dir
+from .addresses import vchan_path as vchan_path
 from .xenstore import Perm
 
 __all__ = [
@@ -116,19 +120,6 @@ class Answer:
     ring_ref: int
     port: int
     mode: str
-
-
-# -- paths -------------------------------------------------------------------------------
-
-
-def vchan_path(server: int, client: int, port: str) -> str:
-    """Where a server in ``server`` meets clients of domain ``client``."""
-    return f"/local/domain/{server}/data/vchan/{client}/{port}"
-
-
-def request_dir(client: int, server: int, port: str) -> str:
-    """Where a client in ``client`` asks ``server`` for a listener connection."""
-    return f"/local/domain/{client}/data/vchan-req/{server}/{port}"
 
 
 # -- meetings ----------------------------------------------------------------------------
