@@ -110,7 +110,7 @@ def build_dir() -> Path:
 def _inputs(src: Path) -> list[Path]:
     kernel = src.parent
     return [p for pattern in ("*.c", "*.h", "*.map") for p in src.glob(pattern)] + \
-        [p for pattern in ("*.c", "*.h") for p in kernel.glob(pattern)]
+        [p for pattern in ("*.c", "*.h", "*.mk") for p in kernel.glob(pattern)]
 
 
 def _fresh(out: Path, newest: float) -> bool:
@@ -127,7 +127,7 @@ def build(out: Path | None = None, *, force: bool = False) -> Path:
     are, unless ``out`` or ``force`` is given.  Otherwise they are compiled
     from :func:`source_dir` into ``out`` (default :func:`build_dir`) when
     missing or older than any source (the compat sources, the version
-    scripts and the device layer in ``kernel/``).  Concurrent callers wait
+    scripts, the device layer in ``kernel/`` and its flags).  Concurrent callers wait
     for one another (a lock in the directory).
     """
     if out is None and not force:
