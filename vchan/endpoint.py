@@ -31,10 +31,7 @@ import threading
 from typing import Any
 
 from ._native import ffi
-
-# check_ring_size: also re-exported for vchan/vchan.py only, which imports it
-# from here (its home is vchan.addresses; that import moves with vchan.py).
-from .addresses import check_ring_size as check_ring_size
+from .addresses import check_ring_size
 from .devices import EventChannel, GrantMapper, GrantSharer, Pages
 from .ring import (
     OFFSET_CLI_LIVE,

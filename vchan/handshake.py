@@ -36,10 +36,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-# vchan_path: also re-exported for vchan/vchan.py only, which imports it from
-# here (its home is vchan.addresses; that import moves with vchan.py).
-from .addresses import request_dir
-from .addresses import vchan_path as vchan_path
+from .addresses import request_dir, vchan_path
 from .xenstore import Perm
 
 __all__ = [

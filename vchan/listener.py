@@ -71,11 +71,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from . import handshake
-
-# check_domid and check_port: re-exported for vchan/vchan.py only, which imports
-# them from here (their home is vchan.addresses; that import moves with vchan.py).
-from .addresses import check_domid as check_domid
-from .addresses import check_port as check_port
 from .addresses import check_ring_size, vchan_path
 from .devices import EventChannel
 from .endpoint import Endpoint
