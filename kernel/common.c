@@ -80,7 +80,7 @@ int vk_share(struct vk_dev *d, uint32_t domid, uint32_t count, int writable,
 
     if (rc)
         return rc;
-    if (count == 0 || count > VK_MAX_PAGES || domid > 0x7FF0)
+    if (count == 0 || count > VK_MAX_PAGES || domid > VK_DOMID_FIRST_RESERVED)
         return -EINVAL;
     if ((rc = check_notify(count, notify_offset, notify_port)))
         return rc;

@@ -19,6 +19,11 @@
 
 #define VK_PAGE_SIZE 4096u
 
+/* Xen's DOMID_FIRST_RESERVED (and DOMID_SELF): domain ids are below it.
+ * Written here only: vchan's Python reads it through the cffi build
+ * (vchan/addresses.py), the compat libraries include this header. */
+#define VK_DOMID_FIRST_RESERVED 0x7FF0
+
 /* What kind of device a handle is. */
 enum vk_kind {
     VK_GNTSHR = 1,      /* gntalloc: share our pages with a peer */

@@ -842,7 +842,7 @@ int vk_sim_control(const char *request, char *reply, size_t cap)
     if (!request || !reply || cap == 0)
         return -EINVAL;
     /* A control connection: it does not make domain 0 (or any) exist. */
-    sock = sim_connect(0, 0, &server);
+    sock = sim_connect(0, VS_KIND_CONTROL, &server);
     if (sock < 0)
         return sock;
     rc = rpc(sock, server, VS_CONTROL, request, (uint32_t)strlen(request), reply,

@@ -2,8 +2,10 @@
  * kernel/sim_proto.h -- the emulated hypervisor's wire protocol.
  *
  * Documented in docs/sim-protocol.md; vchan/sim/hypervisor.py is the other
- * end and keeps the same numbers.  All integers are little-endian (host
- * order: the emulator only ever runs on one machine).
+ * end.  This is the one place the numbers are written: Python reads them
+ * through the cffi build (vchan/_cdefs.h, vchan/sim/protocol.py).  All
+ * integers are little-endian (host order: the emulator only ever runs on
+ * one machine).
  *
  * Transport: a Unix SOCK_SEQPACKET socket; one request, one reply, each a
  * single message.  File descriptors travel as SCM_RIGHTS on either.
@@ -31,6 +33,10 @@ enum vs_op {
     VS_EVT_UNBIND = 8,          /* u32 port -> (nothing) */
     VS_CONTROL = 9,             /* JSON text -> JSON text (status, set, stop) */
 };
+
+/* VS_HELLO's kind: a device, one of enum vk_kind (kernel.h), or this: a
+ * control connection (VS_CONTROL only), which makes no domain exist. */
+#define VS_KIND_CONTROL         0
 
 /* Every request starts with this; every reply with vs_reply. */
 struct vs_request {

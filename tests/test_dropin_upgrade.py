@@ -100,7 +100,7 @@ def test_answers_no_drop_in_server_sends_are_the_peers_error(data: bytes, match:
 
 
 @pytest.mark.parametrize(("make", "match"), [
-    (lambda: Hello(-1, NONCE).encode(), "domid -1 out of range"),
+    (lambda: Hello(-1, NONCE).encode(), r"domid must be a domain id in 0\.\.32751, got -1"),
     (lambda: Hello(1, b"short").encode(), "nonce must be 16 bytes"),
     (lambda: Offer(1, TOKEN, "x" * 300).encode(), "too long"),
     (lambda: Claim(b"").encode(), "token must be 16 bytes"),

@@ -22,7 +22,7 @@ from domains import DomainProcess
 
 import vchan
 from vchan import sim
-from vchan.listener import PORT_MAX, check_port
+from vchan.addresses import PORT_MAX, check_port
 
 _domids = itertools.count(330)
 

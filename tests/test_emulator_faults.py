@@ -38,6 +38,7 @@ import pytest
 from domains import DomainProcess
 
 from vchan import sim
+from vchan.sim import protocol
 
 PEER = Path(__file__).with_name("emulator_peer.py")
 DETECT = 1.0            # every party notices a dead or stopped daemon within this
@@ -405,7 +406,7 @@ class _SilentDaemon:
             conn, _ = self.listener.accept()
             self.conns.append(conn)
             conn.recv(4096)                                 # HELLO
-            conn.send(struct.pack("<iII", 0, 4, sim.VS_VERSION))
+            conn.send(struct.pack("<iII", 0, 4, protocol.VS_VERSION))
             if self.hang_up:
                 conn.recv(4096)                             # the first ping: hang up
                 conn.close()

@@ -89,6 +89,37 @@ def test_the_daemon_survives_fuzzing_of_both_its_protocols_soak() -> None:
     _fuzz(soak_seconds())
 
 
+# -- one source for the protocol's numbers -------------------------------------------------
+
+
+def test_python_takes_the_protocol_from_the_c_header() -> None:
+    """kernel/sim_proto.h is the one place the numbers are written: vchan.sim.protocol
+    reads them through the cffi build, its struct layouts pack what the header's
+    structs hold, and the fuzzer (a client on its own, importing nothing of vchan)
+    agrees with both."""
+    from vchan._native import ffi
+
+    from vchan.sim import protocol as p
+
+    layouts = [
+        ("struct vs_request", p.REQUEST, {"op": 7, "len": 0x01020304}),
+        ("struct vs_reply", p.REPLY, {"status": -errno.EINVAL, "len": 0x01020304}),
+        ("struct vs_segment", p.SEGMENT,
+         {"first": 1, "npages": 2, "fd": 3, "pad": 4, "offset": 0x0102030405060708}),
+    ]
+    for cname, layout, fields in layouts:
+        c = ffi.new(f"{cname} *", fields)
+        assert bytes(ffi.buffer(c)) == layout.pack(*fields.values()), cname
+    ops = (p.VS_HELLO, p.VS_GNT_SHARE, p.VS_GNT_MAP, p.VS_GNT_RELEASE, p.VS_EVT_BIND_UNBOUND,
+           p.VS_EVT_BIND_INTERDOMAIN, p.VS_EVT_UNBIND, p.VS_CONTROL)
+    assert ops == fz.OPS
+    assert (fz.VS_VERSION, fz.MAX_MSG) == (p.VS_VERSION, p.VS_MAX_MSG)
+    assert (fz.KIND_CONTROL, fz.KIND_GNTSHR, fz.KIND_GNTTAB, fz.KIND_EVTCHN) == \
+        (p.KIND_CONTROL, p.KIND_GNTSHR, p.KIND_GNTTAB, p.KIND_EVTCHN)
+    assert (fz.HDR.format, fz.REPLY.format, fz.SEG.format) == \
+        (p.REQUEST.format, p.REPLY.format, p.SEGMENT.format)
+
+
 # -- one test per bug --------------------------------------------------------------------
 
 

@@ -13,9 +13,9 @@ import mmap
 import pytest
 
 from vchan import RemoteProtocolError
+from vchan.addresses import MAX_RING_SIZE
 from vchan.ring import (
     EORDER,
-    MAX_RING_SIZE,
     Ring,
     client_orders,
     ring_offset,

@@ -265,7 +265,7 @@ async def test_a_server_clears_what_an_earlier_one_left_at_its_port(sim_dir: Pat
     """A server that crashed in a domain that lives on leaves its answers;
     300 of them would fill the port's directory (xenstored's node size) so
     that nothing more could be published. A new server clears them first."""
-    from vchan.handshake import vchan_path
+    from vchan.addresses import vchan_path
     from vchan.xenstore import XenStore
 
     own = vchan.own_domid()

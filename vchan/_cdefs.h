@@ -131,8 +131,9 @@ const char *vchan_strerror(int code);
 /* ---- kernel/kernel.h: the device layer ---- */
 
 #define VK_PAGE_SIZE ...
+#define VK_DOMID_FIRST_RESERVED ...
 #define VK_MAX_VIEWS ...
-enum vk_kind { VK_GNTSHR = 1, VK_GNTTAB = 2, VK_EVTCHN = 3 };
+enum vk_kind { VK_GNTSHR, VK_GNTTAB, VK_EVTCHN, ... };
 
 struct vk_ops;
 struct vk_dev {
@@ -177,3 +178,32 @@ int vk_port_unwatch(struct vk_dev *d, uint32_t port);
 int vk_fd_consume(int fd);
 int vk_sim_set_socket(const char *path);
 int vk_sim_check(struct vk_dev *d);
+
+/* ---- kernel/sim_proto.h: the emulated hypervisor's wire protocol ----
+ * Declared so that Python takes the numbers from the header
+ * (vchan/sim/protocol.py); cffi checks the structs against it. */
+
+#define VS_VERSION ...
+#define VS_MAX_MSG ...
+#define VS_MAX_FDS ...
+#define VS_KIND_CONTROL ...
+enum vs_op { VS_HELLO, VS_GNT_SHARE, VS_GNT_MAP, VS_GNT_RELEASE, VS_EVT_BIND_UNBOUND,
+             VS_EVT_BIND_INTERDOMAIN, VS_EVT_UNBIND, VS_CONTROL, ... };
+
+struct vs_request {
+    uint32_t op;
+    uint32_t len;
+};
+
+struct vs_reply {
+    int32_t status;
+    uint32_t len;
+};
+
+struct vs_segment {
+    uint32_t first;
+    uint32_t npages;
+    uint32_t fd;
+    uint32_t pad;
+    uint64_t offset;
+};

@@ -7,6 +7,8 @@ time.  C lives in real ``.c``/``.h`` files; this file is only glue.
 from __future__ import annotations
 
 import os
+import runpy
+from pathlib import Path
 
 from cffi import FFI
 
@@ -29,7 +31,14 @@ HEADERS = [
     _rel("vchan", "_cdefs.h"),
     _rel("kernel", "kernel.h"),
     _rel("kernel", "sim_proto.h"),
+    _rel("kernel", "cflags.mk"),
 ]
+
+# The compiler flags are kept in kernel/cflags.mk, with those of the compat
+# libraries; their build script (standard library only: vchan is not built
+# yet) reads the file.
+_compat_build = runpy.run_path(os.path.join(HERE, "sim", "_compat_build.py"))
+CFLAGS: list[str] = _compat_build["read_flags"](Path(ROOT, "kernel"))["VCHAN_CFLAGS"]
 
 ffibuilder = FFI()
 with open(os.path.join(HERE, "_cdefs.h"), encoding="utf-8") as f:
@@ -37,11 +46,12 @@ with open(os.path.join(HERE, "_cdefs.h"), encoding="utf-8") as f:
 
 ffibuilder.set_source(
     "vchan._native",
-    '#include "ring.h"\n#include "splice.h"\n#include "mux.h"\n#include "kernel.h"\n',
+    '#include "ring.h"\n#include "splice.h"\n#include "mux.h"\n#include "kernel.h"\n'
+    '#include "sim_proto.h"\n',
     sources=SOURCES,
     depends=HEADERS,
     include_dirs=[_rel("vchan"), _rel("kernel")],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    extra_compile_args=CFLAGS,
 )
 
 if __name__ == "__main__":

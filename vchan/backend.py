@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ._native import lib
+from .addresses import DOMID_MAX, parse_domid
 
 __all__ = ["BACKENDS", "Backend", "BackendError", "check_environment", "get_backend",
            "select_backend", "xenstore_path"]
@@ -30,9 +31,9 @@ XEN_DEVICE = "/dev/xen/gntalloc"
 XENSTORED_SOCKET = "/var/run/xenstored/socket"     # dom0's xenstored
 XENBUS_DEVICE = "/dev/xen/xenbus"                  # a guest's way to it
 # sockaddr_un.sun_path holds 108 bytes with the NUL; the longest socket name
-# the emulator makes in its directory is "xenstored-32751.sock".
+# the emulator makes in its directory is that of the last domain's XenStore.
 _SUN_PATH = 107
-_LONGEST_SOCKET = "xenstored-32751.sock"
+_LONGEST_SOCKET = f"xenstored-{DOMID_MAX}.sock"
 
 log = logging.getLogger("vchan.backend")
 
@@ -64,14 +65,10 @@ def default_backend_name() -> str:
 
 
 def _sim_domid() -> int:
-    raw = os.environ.get("VCHAN_DOMID", "0")
     try:
-        domid = int(raw)
-    except ValueError:
-        raise BackendError(f"VCHAN_DOMID must be a domain number, got {raw!r}") from None
-    if not 0 <= domid < 0x7FF0:
-        raise BackendError(f"VCHAN_DOMID must be in 0..32751, got {domid}")
-    return domid
+        return parse_domid(os.environ.get("VCHAN_DOMID", "0"), "VCHAN_DOMID")
+    except ValueError as exc:
+        raise BackendError(str(exc)) from None
 
 
 def _check_sim_dir() -> None:

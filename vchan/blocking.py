@@ -21,8 +21,9 @@ import warnings
 from typing import Any, Self
 
 from . import handshake
+from .addresses import check_domid, check_port, check_ring_size, vchan_path
 from .devices import EventChannel
-from .endpoint import DEFAULT_RING_SIZE, Endpoint, check_ring_size
+from .endpoint import DEFAULT_RING_SIZE, Endpoint
 from .errors import HalfCloseUnsupportedError, NoSuchDomainError
 from .handshake import run_sync
 from .ring import LIVE_CONNECTED, LIVE_WAITING, peer_gone_error
@@ -70,9 +71,6 @@ class Vchan:
         where that is known (the emulator; Xen lets a ring be made for any
         domain id).
         """
-        from .handshake import vchan_path
-        from .listener import check_domid, check_port
-
         check_domid(domid)
         port_s = check_port(port)
         check_ring_size(read_min, "read_min")
@@ -105,13 +103,8 @@ class Vchan:
         else raises :class:`TimeoutError` (a listener's answer is a round
         trip away).  Raises as :func:`vchan.create_connection` does.
         """
-        from .handshake import client_cleanup, client_rendezvous, not_ready, vchan_path
-        from .listener import (
-            check_domid,
-            check_port,
-            domain_exists,
-            wait_for_server_domain_sync,
-        )
+        from .handshake import client_cleanup, client_rendezvous, not_ready
+        from .listener import domain_exists, wait_for_server_domain_sync
 
         check_domid(domid)
         port_s = check_port(port)

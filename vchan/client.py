@@ -14,9 +14,10 @@ from collections.abc import Callable
 from typing import Any, overload
 
 from . import dropin
-from .endpoint import DEFAULT_RING_SIZE, Endpoint, check_ring_size
+from .addresses import check_domid, check_port, check_ring_size
+from .endpoint import DEFAULT_RING_SIZE, Endpoint
 from .hub import _loop_state, event_hub
-from .listener import check_domid, check_port, client_connect, wait_for_server_domain
+from .listener import client_connect, wait_for_server_domain
 from .mux import check_busy_poll
 from .pool import session_pool
 from .transport import SpliceProtocol, VchanTransport

@@ -31,6 +31,7 @@ import threading
 from typing import Any
 
 from ._native import ffi
+from .addresses import check_ring_size
 from .devices import EventChannel, GrantMapper, GrantSharer, Pages
 from .ring import (
     OFFSET_CLI_LIVE,
@@ -42,7 +43,7 @@ from .ring import (
     server_orders,
 )
 
-__all__ = ["DEFAULT_RING_SIZE", "Endpoint", "check_ring_size"]
+__all__ = ["DEFAULT_RING_SIZE", "Endpoint"]
 
 # 1 MiB each way (the largest libxenvchan ring): 513 granted pages, 2 MiB,
 # per connection on the server's side.  Measured with `vchan bench` (64 KiB
@@ -56,19 +57,6 @@ __all__ = ["DEFAULT_RING_SIZE", "Endpoint", "check_ring_size"]
 # clients should ask for less (read_min / write_min: 64 KiB = 33 pages).
 DEFAULT_RING_SIZE = 1 << 20
 FALLBACK_RING_SIZES = (256 * 1024, 64 * 1024, 16 * 1024, 4 * 1024, 0)   # 0: in page 0
-MAX_RING_SIZE = 1 << 20
-
-
-def check_ring_size(value: int, name: str) -> int:
-    """Validate a requested ring size (bytes), naming the option on error."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int (bytes), not {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0 bytes, got {value}")
-    if value > MAX_RING_SIZE:
-        raise ValueError(f"{name}={value} is larger than the largest vchan ring "
-                         f"({MAX_RING_SIZE} bytes = 1 MiB)")
-    return value
 
 
 class _Devices:

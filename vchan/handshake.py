@@ -35,6 +35,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
+from .addresses import request_dir, vchan_path
 from .xenstore import Perm, TransactionRetry
 
 __all__ = [
@@ -115,19 +116,6 @@ class Answer:
     ring_ref: int
     port: int
     mode: str
-
-
-# -- paths -------------------------------------------------------------------------------
-
-
-def vchan_path(server: int, client: int, port: str) -> str:
-    """Where a server in ``server`` meets clients of domain ``client``."""
-    return f"/local/domain/{server}/data/vchan/{client}/{port}"
-
-
-def request_dir(client: int, server: int, port: str) -> str:
-    """Where a client in ``client`` asks ``server`` for a listener connection."""
-    return f"/local/domain/{client}/data/vchan-req/{server}/{port}"
 
 
 # -- meetings ----------------------------------------------------------------------------

@@ -71,10 +71,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from . import handshake
+from .addresses import check_ring_size, vchan_path
 from .devices import EventChannel
-from .endpoint import Endpoint, check_ring_size
+from .endpoint import Endpoint
 from .errors import NoSuchDomainError, VchanError
-from .handshake import request_dir, run_async, vchan_path
+from .handshake import run_async
 from .ring import LIVE_WAITING
 from .xenstore import Perm, XenStore
 
@@ -82,69 +83,21 @@ if TYPE_CHECKING:
     from .hub import _EventHub
 
 __all__ = [
-    "Port",
     "WatchRegistry",
-    "check_domid",
-    "check_port",
     "client_connect",
     "domain_exists",
     "parse_request",
     "publish",
     "refuse",
-    "request_dir",
-    "vchan_path",
     "wait_client",
 ]
 
-Port = int | str
-_PORT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _NONCE = re.compile(r"^[0-9a-f]{16,64}$")
 
 # XenStore counts a directory's child names against its node-size quota
 # (2,048 bytes by default): a request directory holds about a hundred
 # 16-character nonces.  Keep each process well below that per address.
 MAX_PENDING_PER_ADDRESS = 32
-
-
-#: The largest integer port: libvchan's (Qubes) ports are C ints, and a
-#: port is a XenStore path component, which must stay short.
-PORT_MAX = (1 << 31) - 1
-
-
-def _show_int(n: int) -> str:
-    """``n``, or for a huge one its size (str() of a 5,000-digit int raises)."""
-    if abs(n) < 10**20:
-        return str(n)
-    bits = abs(n).bit_length()
-    digits = f"{len(str(abs(n)))}" if bits < 12000 else f"about {int(bits * 0.30103) + 1}"
-    return f"(a {'negative ' if n < 0 else ''}number of {digits} digits)"
-
-
-def check_port(port: Any) -> str:
-    """Validate a vchan port (an int in 0..PORT_MAX or a short name); its path form.
-
-    Every API and command that takes a port checks it here.
-    """
-    if isinstance(port, bool):
-        raise TypeError("port must be an int or a str, not bool")
-    if isinstance(port, int):
-        if not 0 <= port <= PORT_MAX:
-            raise ValueError(f"port {_show_int(port)} is out of range 0..{PORT_MAX}")
-        return str(port)
-    if isinstance(port, str):
-        if not _PORT_NAME.match(port):
-            raise ValueError(f"port name {port!r} must be 1-64 characters of A-Z a-z 0-9 _ -")
-        return port
-    raise TypeError(f"port must be an int or a str, not {type(port).__name__}")
-
-
-def check_domid(domid: Any, what: str = "domid") -> int:
-    """Validate a domain id."""
-    if not isinstance(domid, int) or isinstance(domid, bool):
-        raise TypeError(f"{what} must be an int, not {type(domid).__name__}")
-    if not 0 <= domid < 0x7FF0:
-        raise ValueError(f"{what} must be a domain id in 0..32751, got {domid}")
-    return domid
 
 
 def domain_exists(evtchn: EventChannel, domid: int) -> bool:

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ._native import ffi, lib
+from .addresses import check_ring_size
 from .errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
     "LIVE_CONNECTED",
     "LIVE_WAITING",
     "MAX_ORDER",
-    "MAX_RING_SIZE",
     "MIN_ORDER",
     "PAGE_SIZE",
     "Ring",
@@ -48,7 +48,6 @@ __all__ = [
 PAGE_SIZE: int = lib.VCHAN_PAGE_SIZE
 MIN_ORDER: int = lib.VCHAN_MIN_ORDER
 MAX_ORDER: int = lib.VCHAN_MAX_ORDER
-MAX_RING_SIZE: int = lib.VCHAN_MAX_RING_SIZE
 LIVE_CLOSED: int = lib.VCHAN_LIVE_CLOSED
 LIVE_CONNECTED: int = lib.VCHAN_LIVE_CONNECTED
 LIVE_WAITING: int = lib.VCHAN_LIVE_WAITING
@@ -120,15 +119,8 @@ def server_orders(read_min: int, write_min: int) -> tuple[int, int]:
     2048 bytes use the in-page rings; larger ones are rounded up to a power
     of two of at least one page.
     """
-    for name, value in (("read_min", read_min), ("write_min", write_min)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-        if value > MAX_RING_SIZE:
-            raise ValueError(
-                f"{name}={value} is larger than the largest vchan ring ({MAX_RING_SIZE} bytes)"
-            )
+    check_ring_size(read_min, "read_min")
+    check_ring_size(write_min, "write_min")
     out = ffi.new("int[2]")
     _check(lib.vchan_server_orders(read_min, write_min, out, out + 1), "server_orders")
     return out[0], out[1]

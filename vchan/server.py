@@ -18,21 +18,18 @@ import logging
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
 
+from .addresses import check_domid, check_port, request_dir, vchan_path
 from .client import _ring_sizes
 from .endpoint import Endpoint
 from .errors import VchanError
 from .hub import _EventHub, _LoopState, _state_of, event_hub
 from .listener import (
     MAX_PENDING_PER_ADDRESS,
-    check_domid,
-    check_port,
     is_nonce,
     parse_request,
     publish,
     refuse,
     remove_if_empty,
-    request_dir,
-    vchan_path,
     wait_client,
 )
 from .mux import Session, check_busy_poll

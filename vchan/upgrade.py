@@ -55,6 +55,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from .addresses import DOMID_MAX, check_domid
 from .errors import RemoteProtocolError
 
 __all__ = [
@@ -81,17 +82,11 @@ HELLO_SIZE = len(MAGIC_HELLO) + 2 + NONCE_SIZE
 CLAIM_SIZE = len(MAGIC_CLAIM) + TOKEN_SIZE
 ACCEPT_SIZE = len(MAGIC_ACCEPT) + NONCE_SIZE
 _OFFER, _DECLINE = 0, 1
-_DOMID_MAX = 0x7FEF
 
 
 def dropin_port(tcp_port: int) -> str:
     """The vchan port a drop-in server serves for TCP port ``tcp_port``."""
     return f"tcp-{tcp_port}"
-
-
-def _check_domid(domid: int) -> None:
-    if not 0 <= domid <= _DOMID_MAX:
-        raise ValueError(f"domid {domid} out of range 0..{_DOMID_MAX}")
 
 
 def _check_secret(value: bytes, what: str) -> None:
@@ -107,7 +102,7 @@ class Hello:
     nonce: bytes
 
     def encode(self) -> bytes:
-        _check_domid(self.domid)
+        check_domid(self.domid)
         _check_secret(self.nonce, "nonce")
         return MAGIC_HELLO + struct.pack(">H", self.domid) + self.nonce
 
@@ -116,7 +111,7 @@ class Hello:
         if len(data) != HELLO_SIZE or not data.startswith(MAGIC_HELLO):
             raise RemoteProtocolError("malformed drop-in HELLO")
         (domid,) = struct.unpack_from(">H", data, len(MAGIC_HELLO))
-        if domid > _DOMID_MAX:
+        if domid > DOMID_MAX:
             raise RemoteProtocolError(f"drop-in HELLO names domain {domid}, not a domain id")
         return cls(domid, bytes(data[len(MAGIC_HELLO) + 2:]))
 
@@ -130,7 +125,7 @@ class Offer:
     port: str
 
     def encode(self) -> bytes:
-        _check_domid(self.domid)
+        check_domid(self.domid)
         _check_secret(self.token, "token")
         port = self.port.encode("ascii")
         if not 0 < len(port) < 256:
@@ -265,6 +260,6 @@ class AnswerReader:
             port = buf[head_len:end].decode("ascii")
         except UnicodeDecodeError:
             raise RemoteProtocolError("drop-in OFFER with a non-ASCII port name") from None
-        if domid > _DOMID_MAX or not port:
+        if domid > DOMID_MAX or not port:
             raise RemoteProtocolError("malformed drop-in OFFER")
         return Offer(domid, token, port)

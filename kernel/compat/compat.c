@@ -19,8 +19,8 @@ int compat_domid(void)
         return 0;
     errno = 0;
     v = strtol(raw, &end, 10);
-    /* The same rule as vchan.backend: a domain id below DOMID_FIRST_RESERVED. */
-    if (errno || *end || v < 0 || v >= 0x7FF0) {
+    /* The same rule as vchan.addresses: a domain id below DOMID_FIRST_RESERVED. */
+    if (errno || *end || v < 0 || v >= VK_DOMID_FIRST_RESERVED) {
         errno = EINVAL;
         return -1;
     }

@@ -87,7 +87,7 @@ int xc_interface_close(xc_interface *xch)
 int xc_domain_getinfo(xc_interface *xch, uint32_t first_domid, unsigned int max_doms,
                       xc_dominfo_t *info)
 {
-    const int cap = 0x7FF0;     /* every possible domain id */
+    const int cap = VK_DOMID_FIRST_RESERVED;     /* every possible domain id */
     uint32_t *domids = malloc(cap * sizeof(*domids));
     int n, got = 0;
 

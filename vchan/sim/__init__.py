@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VchanError
+from .protocol import HELLO, KIND_CONTROL, REPLY, REQUEST, VS_CONTROL, VS_HELLO, VS_VERSION
 
 __all__ = [
     "DEFAULT_GRANT_LIMIT",
@@ -54,11 +55,6 @@ __all__ = [
 ]
 
 DEFAULT_GRANT_LIMIT = 1024      # gntalloc's module parameter default
-VS_VERSION = 1
-VS_HELLO = 1
-VS_CONTROL = 9
-_HDR = struct.Struct("<II")
-_REPLY = struct.Struct("<iI")
 
 
 class SimError(RuntimeError):
@@ -215,7 +211,7 @@ def connect(path: Path | str, kind: int = socket.SOCK_SEQPACKET) -> socket.socke
 def _connect(directory: Path) -> socket.socket:
     sock = connect(socket_path(directory))
     try:
-        _rpc(sock, VS_HELLO, struct.pack("<IIII", VS_VERSION, 0, 0, os.getpid()),
+        _rpc(sock, VS_HELLO, HELLO.pack(VS_VERSION, 0, KIND_CONTROL, os.getpid()),
              directory=directory)
     except BaseException:
         sock.close()
@@ -228,7 +224,7 @@ def _rpc(sock: socket.socket, op: int, payload: bytes, *,
     """One request, one reply; the wait for it is bounded (:func:`wait_for`)."""
     pid = peer_pid(sock)
     try:
-        sock.sendall(_HDR.pack(op, len(payload)) + payload)
+        sock.sendall(REQUEST.pack(op, len(payload)) + payload)
     except (BrokenPipeError, ConnectionResetError):
         raise emulator_error(errno.ECONNRESET, pid, directory) from None
     wait_for(sock, pid, directory)
@@ -238,14 +234,14 @@ def _rpc(sock: socket.socket, op: int, payload: bytes, *,
         reply = b""
     if not reply:               # it never hangs up on a request it can read
         raise emulator_error(errno.ECONNRESET, pid, directory)
-    if len(reply) < _REPLY.size:
+    if len(reply) < REPLY.size:
         raise emulator_error(errno.EBADMSG, pid, directory)
-    status, length = _REPLY.unpack_from(reply)
+    status, length = REPLY.unpack_from(reply)
     if status < 0:
         # Control commands say why they failed; other requests only how.
-        why = reply[_REPLY.size:_REPLY.size + length].decode("utf-8", "replace")
+        why = reply[REPLY.size:REPLY.size + length].decode("utf-8", "replace")
         raise OSError(-status, f"emulator: {why or os.strerror(-status)}")
-    return reply[_REPLY.size:_REPLY.size + length]
+    return reply[REPLY.size:REPLY.size + length]
 
 
 def is_running(directory: Path | None = None) -> bool:

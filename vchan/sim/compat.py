@@ -25,13 +25,11 @@ import fcntl
 import hashlib
 import os
 import socket
-import struct
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..addresses import DOMID_MAX, is_domid
 from . import (
-    VS_HELLO,
-    VS_VERSION,
     SimError,
     _compat_build,
     _rpc,
@@ -39,6 +37,7 @@ from . import (
     ensure_running,
     socket_path,
 )
+from .protocol import HELLO, KIND_EVTCHN, VS_HELLO, VS_VERSION
 
 LIBRARIES = _compat_build.LIBRARIES
 
@@ -52,8 +51,6 @@ __all__ = [
     "run_environment",
     "source_dir",
 ]
-
-_KIND_EVTCHN = 3
 
 
 class CompatError(SimError):
@@ -113,7 +110,7 @@ def build_dir() -> Path:
 def _inputs(src: Path) -> list[Path]:
     kernel = src.parent
     return [p for pattern in ("*.c", "*.h", "*.map") for p in src.glob(pattern)] + \
-        [p for pattern in ("*.c", "*.h") for p in kernel.glob(pattern)]
+        [p for pattern in ("*.c", "*.h", "*.mk") for p in kernel.glob(pattern)]
 
 
 def _fresh(out: Path, newest: float) -> bool:
@@ -130,7 +127,7 @@ def build(out: Path | None = None, *, force: bool = False) -> Path:
     are, unless ``out`` or ``force`` is given.  Otherwise they are compiled
     from :func:`source_dir` into ``out`` (default :func:`build_dir`) when
     missing or older than any source (the compat sources, the version
-    scripts and the device layer in ``kernel/``).  Concurrent callers wait
+    scripts, the device layer in ``kernel/`` and its flags).  Concurrent callers wait
     for one another (a lock in the directory).
     """
     if out is None and not force:
@@ -169,8 +166,8 @@ def run_environment(domid: int, directory: Path | None = None,
     (so vchan's Python side agrees) and ``XENSTORED_PATH`` (the domain's
     XenStore socket, for libxenstore).
     """
-    if not isinstance(domid, int) or isinstance(domid, bool) or not 0 <= domid < 0x7FF0:
-        raise ValueError(f"domid must be a domain id in 0..32751, got {domid!r}")
+    if not is_domid(domid):     # a ValueError for a non-int too, as it always was
+        raise ValueError(f"domid must be a domain id in 0..{DOMID_MAX}, got {domid!r}")
     libs = build()             # before the emulator starts: a failure leaves nothing behind
     directory = ensure_running(directory)
     xenstore = control({"cmd": "xenstore-socket", "domid": domid}, directory)["path"]
@@ -200,7 +197,7 @@ def hold_domain(domid: int, directory: Path | None = None) -> socket.socket:
     try:
         sock.connect(str(socket_path(directory)))
         # An event-channel handle without ports: it only counts as a user.
-        _rpc(sock, VS_HELLO, struct.pack("<IIII", VS_VERSION, domid, _KIND_EVTCHN, os.getpid()))
+        _rpc(sock, VS_HELLO, HELLO.pack(VS_VERSION, domid, KIND_EVTCHN, os.getpid()))
     except OSError as exc:
         sock.close()
         raise CompatError(f"cannot reach the emulator to hold domain {domid}: {exc}") from None

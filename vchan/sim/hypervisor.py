@@ -61,44 +61,48 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..addresses import DOMID_FIRST_RESERVED, DOMID_MAX, is_domid
 from ..xenstore.wire import XsError
-from . import DEFAULT_GRANT_LIMIT, VS_VERSION
+from . import DEFAULT_GRANT_LIMIT
 from . import policy as domain_policy
 from .policy import Policy, PolicyError, describe_uid, peer_credentials
+from .protocol import (
+    HELLO,
+    KIND_CONTROL,
+    KIND_EVTCHN,
+    KIND_GNTSHR,
+    KIND_GNTTAB,
+    REPLY,
+    REQUEST,
+    SEGMENT,
+    VS_CONTROL,
+    VS_EVT_BIND_INTERDOMAIN,
+    VS_EVT_BIND_UNBOUND,
+    VS_EVT_UNBIND,
+    VS_GNT_MAP,
+    VS_GNT_RELEASE,
+    VS_GNT_SHARE,
+    VS_HELLO,
+    VS_MAX_FDS,
+    VS_MAX_MSG,
+    VS_VERSION,
+)
 from .xenstored import XenStored
 
 log = logging.getLogger("vchan.sim")
 
 PAGE = 4096
-MAX_MSG = 65536
-MAX_FDS = 64
 MAX_PORTS = 4096            # per domain
 MAX_GRANT_LIMIT = (1 << 31) - 1     # gntalloc's limit is a C int
 FIRST_REF = 8               # Xen reserves the first grant entries
-DOMID_FIRST_RESERVED = 0x7FF0
 
-VS_HELLO = 1
-VS_GNT_SHARE = 2
-VS_GNT_MAP = 3
-VS_GNT_RELEASE = 4
-VS_EVT_BIND_UNBOUND = 6
-VS_EVT_BIND_INTERDOMAIN = 7
-VS_EVT_UNBIND = 8
-VS_CONTROL = 9
-
-KIND_CONTROL, KIND_GNTSHR, KIND_GNTTAB, KIND_EVTCHN = 0, 1, 2, 3
-
-_HDR = struct.Struct("<II")
-_REPLY = struct.Struct("<iI")
-_SEG = struct.Struct("<IIIIQ")
-_HELLO = struct.Struct("<IIII")
 _SHARE = struct.Struct("<IIIii")
 _MAP = struct.Struct("<IIii")
 _PAIR = struct.Struct("<II")
 _ID = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
-MAX_SHARE_PAGES = (MAX_MSG - 64) // 4   # the refs of one share fit in one reply
-MAX_MAP_PAGES = (MAX_MSG - 64) // 8     # the (domid, ref) pairs fit in one request
+MAX_SHARE_PAGES = (VS_MAX_MSG - 64) // 4   # the refs of one share fit in one reply
+MAX_MAP_PAGES = (VS_MAX_MSG - 64) // 8     # the (domid, ref) pairs fit in one request
 ACCEPT_RETRY = 0.1          # out of descriptors: accept again after this long
 
 
@@ -352,7 +356,7 @@ class Hypervisor:
     def on_message(self, conn: Conn) -> None:
         try:
             data, anc, _flags, _ = conn.sock.recvmsg(
-                MAX_MSG, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+                VS_MAX_MSG, socket.CMSG_SPACE(VS_MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             return
         except OSError:
@@ -371,10 +375,10 @@ class Hypervisor:
         reply_fds: list[int] = []
         close_after: list[int] = []
         try:
-            if len(data) < _HDR.size:
+            if len(data) < REQUEST.size:
                 raise Fail(errno.EPROTO, "short request")
-            op, length = _HDR.unpack_from(data)
-            body = data[_HDR.size:]
+            op, length = REQUEST.unpack_from(data)
+            body = data[REQUEST.size:]
             if length != len(body):
                 raise Fail(errno.EPROTO, "bad length")
             if op != VS_HELLO and conn.kind < 0:
@@ -401,7 +405,7 @@ class Hypervisor:
             for fd in close_after:
                 os.close(fd)
             reply_fds, close_after = [], []
-        message = _REPLY.pack(status, len(payload)) + payload
+        message = REPLY.pack(status, len(payload)) + payload
         try:
             if reply_fds:
                 socket.send_fds(conn.sock, [message], reply_fds)
@@ -439,7 +443,7 @@ class Hypervisor:
             if conn.kind >= 0:
                 # One domain and kind per connection, for its whole life.
                 raise Fail(errno.EISCONN, "HELLO was already sent on this connection")
-            version, domid, kind, pid = _fields(_HELLO, body, "HELLO")
+            version, domid, kind, pid = _fields(HELLO, body, "HELLO")
             if version != VS_VERSION:
                 raise Fail(errno.EPROTONOSUPPORT, f"protocol version {version}")
             if domid >= DOMID_FIRST_RESERVED or kind > KIND_EVTCHN:
@@ -564,7 +568,7 @@ class Hypervisor:
                 segs[-1] = (first, n + 1, idx, page)
             else:
                 segs.append((i, 1, idx, g.page))
-        if 1 + len(files) > MAX_FDS or len(segs) >= MAX_FDS:
+        if 1 + len(files) > VS_MAX_FDS or len(segs) >= VS_MAX_FDS:
             raise Fail(errno.E2BIG, "mapping spans too many files")
         notify_tx = self._capture_port(dom, notify_port)
         try:
@@ -581,7 +585,7 @@ class Hypervisor:
         self._track(m)
         out = struct.pack("<QII", m.id, len(segs), 0)
         for first, n, idx, page in segs:
-            out += _SEG.pack(first, n, idx, 0, page * PAGE)
+            out += SEGMENT.pack(first, n, idx, 0, page * PAGE)
         return out
 
     def _track(self, m: Mapping) -> None:
@@ -746,9 +750,8 @@ class Hypervisor:
             self._check_admin(conn, str(what))
         if what == "may-claim":
             domid = cmd.get("domid")
-            if not isinstance(domid, int) or isinstance(domid, bool) or \
-                    not 0 <= domid < DOMID_FIRST_RESERVED:
-                raise Fail(errno.EINVAL, "may-claim needs a domid in 0..32751")
+            if not is_domid(domid):
+                raise Fail(errno.EINVAL, f"may-claim needs a domid in 0..{DOMID_MAX}")
             uid = conn.uid if conn is not None else self.owner
             why = self.why_not(uid, domid)
             return {"domid": domid, "uid": uid, "allowed": why is None, "why": why}
@@ -777,9 +780,8 @@ class Hypervisor:
             raise Fail(errno.EINVAL, f"unknown setting {key!r}")
         if what == "xenstore-socket":
             domid = cmd.get("domid")
-            if not isinstance(domid, int) or isinstance(domid, bool) or \
-                    not 0 <= domid < DOMID_FIRST_RESERVED or self.xenstored is None:
-                raise Fail(errno.EINVAL, "xenstore-socket needs a domid in 0..32751")
+            if not is_domid(domid) or self.xenstored is None:
+                raise Fail(errno.EINVAL, f"xenstore-socket needs a domid in 0..{DOMID_MAX}")
             if conn is not None:
                 self.check_claim(conn, domid)
             return {"domid": domid, "path": str(self.xenstored.socket_for(domid))}

@@ -44,6 +44,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..addresses import DOMID_MAX
+
 __all__ = [
     "POLICY_FILE",
     "Policy",
@@ -54,7 +56,6 @@ __all__ = [
 ]
 
 POLICY_FILE = "domains.policy"
-DOMID_LIMIT = 0x7FF0            # DOMID_FIRST_RESERVED: ids 0..32751
 
 _RANGE = re.compile(r"(\d+)(?:-(\d+))?\Z")
 _CRED = struct.Struct("3i")     # struct ucred: pid, uid, gid
@@ -121,8 +122,8 @@ class Policy:
                                   "or *")
             first = int(m.group(1))
             last = int(m.group(2)) if m.group(2) is not None else first
-            if first > last or last >= DOMID_LIMIT:
-                raise PolicyError(f"{where}: domain ids are 0..{DOMID_LIMIT - 1} (first <= "
+            if first > last or last > DOMID_MAX:
+                raise PolicyError(f"{where}: domain ids are 0..{DOMID_MAX} (first <= "
                                   f"last), got {domains}")
             rules.append((first, last, uids))
         return cls(tuple(rules), None if default is None else frozenset(default), source)

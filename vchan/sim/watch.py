@@ -19,16 +19,11 @@ import asyncio
 import errno
 import os
 import socket
-import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from . import (
-    _HDR,
-    VS_CONTROL,
-    VS_HELLO,
-    VS_VERSION,
     EmulatorError,
     connect,
     daemon_state,
@@ -37,11 +32,12 @@ from . import (
     request_timeout,
     socket_path,
 )
+from .protocol import HELLO, KIND_CONTROL, REQUEST, VS_CONTROL, VS_HELLO, VS_VERSION
 
 __all__ = ["DaemonWatch"]
 
 _PING_BODY = b'{"cmd": "domains"}'     # cheap for the daemon
-_PING = _HDR.pack(VS_CONTROL, len(_PING_BODY)) + _PING_BODY
+_PING = REQUEST.pack(VS_CONTROL, len(_PING_BODY)) + _PING_BODY
 
 
 class DaemonWatch:
@@ -59,8 +55,8 @@ class DaemonWatch:
         self.pid = peer_pid(self._sock)
         self._due: float | None = None          # when the answer in flight was asked for
         self._timer: asyncio.TimerHandle | None = None
-        self._send(_HDR.pack(VS_HELLO, 16) +
-                   struct.pack("<IIII", VS_VERSION, 0, 0, os.getpid()))
+        self._send(REQUEST.pack(VS_HELLO, HELLO.size) +
+                   HELLO.pack(VS_VERSION, 0, KIND_CONTROL, os.getpid()))
         loop.add_reader(self._sock.fileno(), self._readable)
         self._timer = loop.call_later(self.INTERVAL, self._tick)
 

@@ -52,7 +52,6 @@ READ, WRITE, OWNER = 1, 2, 4
 ALL = READ | WRITE | OWNER
 _BITS = {"n": 0, "r": READ, "w": WRITE, "b": READ | WRITE}
 DOMID_ANY = 0x7FF5
-DOMID_FIRST_RESERVED = 0x7FF0
 
 #: xenstored's default hard quotas (Xen 4.17: tools/xenstore/xenstored_core.c;
 #: 4.18 on: tools/xenstored/domain.c, the same numbers).  0 disables one.

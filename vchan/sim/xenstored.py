@@ -50,11 +50,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..addresses import DOMID_FIRST_RESERVED
 from ..xenstore import wire
 from ..xenstore.wire import Op, Perm, XsError
 from .xenstore_model import (
     DEPTH,
-    DOMID_FIRST_RESERVED,
     EXACT,
     NODEPTH,
     READ,

@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Literal, NamedTuple
 
+from ..addresses import DOMID_FIRST_RESERVED
+
 __all__ = [
     "ABS_PATH_MAX",
     "HEADER",
@@ -101,7 +103,7 @@ HEADER = struct.Struct("=IIII")
 PAYLOAD_MAX = 4096          # XENSTORE_PAYLOAD_MAX, both directions
 ABS_PATH_MAX = 3072         # XENSTORE_ABS_PATH_MAX
 REL_PATH_MAX = 2048         # XENSTORE_REL_PATH_MAX
-DOMID_SELF = 0x7FF0
+DOMID_SELF = DOMID_FIRST_RESERVED     # Xen names the caller's own domain so
 OK = b"OK\0"
 
 # -- errors ----------------------------------------------------------------------------
