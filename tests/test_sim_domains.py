@@ -119,9 +119,9 @@ def test_a_c_server_needs_its_peer_domain_and_sim_run_peer_provides_it(
     proxy = subprocess.Popen([*CLI, "sim", "run", "--domid", "1", "--peer", "2", "--",
                               str(PROXY), *args], env=env, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    client = subprocess.Popen([sys.executable, str(tmp_path / "client.py"), "1", "30"],
+                              env=_env(sim_dir, 2), stdout=subprocess.PIPE, text=True)
     try:
-        client = subprocess.Popen([sys.executable, str(tmp_path / "client.py"), "1", "30"],
-                                  env=_env(sim_dir, 2), stdout=subprocess.PIPE, text=True)
         assert proxy.stdin is not None and proxy.stdout is not None
         assert proxy.stdout.read(4) == b"ping"          # the client's bytes, through libxenvchan
         proxy.stdin.write(b"ping")
@@ -129,6 +129,7 @@ def test_a_c_server_needs_its_peer_domain_and_sim_run_peer_provides_it(
         out, _ = client.communicate(timeout=60)
         assert out.strip() == "ping"
     finally:
-        if proxy.poll() is None:
-            proxy.kill()
-        proxy.wait()
+        for proc in (proxy, client):
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()          # reaped, its pipes closed

@@ -410,10 +410,15 @@ class _LoopState:
             self.watches = WatchRegistry(self.xs)
             self.own = await own_domid_async(self.xs)
         except BaseException as exc:
+            _states.pop(self.loop, None)
+            if isinstance(exc, asyncio.CancelledError):
+                # (Ctrl-C while connecting: an exception stored here, with every
+                # waiter cancelled too, was logged as "never retrieved".)
+                self._ready.cancel()
+            else:
+                self._ready.set_exception(exc)
             if self.xs is not None:
                 await self.xs.close()
-            self._ready.set_exception(exc)
-            _states.pop(self.loop, None)
             return
         self._ready.set_result(None)
         try:
