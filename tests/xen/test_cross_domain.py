@@ -467,6 +467,9 @@ def test_our_raw_server_in_a_domu_and_socket_proxy_client_in_dom0(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
+        if not proc.stdin.closed:
+            proc.stdin.close()
     served = server.wait(60).last
     assert bytes(got) == data
     assert rc == 0
