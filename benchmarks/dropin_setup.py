@@ -27,13 +27,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 
@@ -151,11 +148,12 @@ def main() -> None:
         print(json.dumps(_run(_client(args.count, plain, drop, args.bulk_mib << 20),
                               args.loop)), flush=True)
         return
-    with tempfile.TemporaryDirectory() as sim_dir:
-        env = dict(os.environ, VCHAN_SIM_DIR=sim_dir, VCHAN_BACKEND="sim")
+    from vchan.sim.private import private
+
+    with private() as emulator:
         me = [sys.executable, __file__, "--loop", args.loop]
-        server = subprocess.Popen([*me, "--role", "server"], env=dict(env, VCHAN_DOMID="1"),
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        server = emulator.popen([*me, "--role", "server"], domid=1,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert server.stdout is not None and server.stdin is not None
             ports = json.loads(server.stdout.readline())
@@ -163,7 +161,7 @@ def main() -> None:
                 [*me, "--role", "client", "--count", str(args.count),
                  "--bulk-mib", str(args.bulk_mib),
                  "--ports", f"{ports['plain']},{ports['dropin']}"],
-                env=dict(env, VCHAN_DOMID="2"), capture_output=True, text=True)
+                env=emulator.env(2), capture_output=True, text=True)
             if client.returncode:
                 raise SystemExit(f"the client failed:\n{client.stderr}")
             times = json.loads(client.stdout)
@@ -175,9 +173,8 @@ def main() -> None:
             if server.stdin is not None:
                 server.stdin.close()
             server.wait(10)
-            from vchan import sim
-
-            sim.stop(Path(sim_dir))
+            if server.stdout is not None:
+                server.stdout.close()
     out: dict[str, Any] = {"loop": args.loop, "count": args.count}
     for kind, values in times.items():
         out[f"{kind}_p50_us"] = round(_pct(values, 0.5), 1)

@@ -14,14 +14,13 @@ are emulated domains 1 and 2 of a private emulator instance.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -135,14 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         presence.close()
         return 0
 
-    from vchan import backend, sim
+    from vchan import backend
+    from vchan.sim.private import private
 
-    own_sim = None
-    if backend.default_backend_name() == "sim" and "VCHAN_SIM_DIR" not in os.environ:
-        own_sim = tempfile.mkdtemp(prefix="vchan-bench-")
-        os.environ["VCHAN_SIM_DIR"] = own_sim
+    emulated = backend.default_backend_name() == "sim"
     os.environ["VCHAN_DOMID"] = "1"
-    try:
+    with private(reuse_env=True, own_domid=1) if emulated else contextlib.nullcontext():
         results: dict[str, Any] = {
             "machine": machine_info(backend=backend.get_backend().name),
             "rounds": args.rounds,
@@ -151,10 +148,6 @@ def main(argv: list[str] | None = None) -> int:
         ping_pipes(warm)
         results["pipe"] = _percentiles(ping_pipes(args.rounds))
         results["event_channel"] = _percentiles(ping_events(args.rounds + warm)[warm:])
-    finally:
-        if own_sim:
-            sim.stop()
-            shutil.rmtree(own_sim, ignore_errors=True)
     print(f"event round trip between two processes, {args.rounds} rounds "
           f"({results['machine']['backend']} backend)\n")
     print("| transport | p50 us | p99 us | p99.9 us | mean us |")

@@ -33,7 +33,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -213,31 +212,16 @@ def main(argv: list[str] | None = None) -> int:
             _run(_source(args.kind, args.where, args.nbytes), args.loop)
         return 0
 
-    own_sim = "VCHAN_SIM_DIR" not in os.environ
-    tmp = None
-    if own_sim:
-        from vchan import sim
+    from vchan.sim.private import private
 
-        tmp = tempfile.mkdtemp(prefix="vchan-proxy-bench-")
-        os.environ["VCHAN_SIM_DIR"] = tmp
-        os.environ.setdefault("VCHAN_BACKEND", "sim")
-        sim.ensure_running(Path(tmp))
     nbytes = int(args.mib * (1 << 20)) // BLOCK * BLOCK
-    try:
+    with private(reuse_env=True, own_domid=None):
         rates = {}
         for path in ("direct", "vchan->tcp", "tcp->vchan", "tcp"):
             rates[path] = max(measure(path, nbytes, args.loop) for _ in range(args.repeat))
         print(f"{args.mib:g} MiB, loop {args.loop}, best of {args.repeat}")
         for path, rate in rates.items():
             print(f"  {path:<12}{rate / 1e6:>10.0f} MB/s   {rate / rates['direct']:.2f}x direct")
-    finally:
-        if own_sim and tmp is not None:
-            from vchan import sim
-
-            sim.stop(Path(tmp))
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

@@ -114,23 +114,23 @@ def main() -> None:
     if args.role:
         _run(_server(args) if args.role == "server" else _client(args), args.loop)
         return
-    with tempfile.TemporaryDirectory(prefix="stream-pair-") as tmp:
-        env = dict(os.environ, VCHAN_SIM_DIR=os.path.join(tmp, "sim"))
+    from vchan.sim.private import private
+
+    with private() as emulator, tempfile.TemporaryDirectory(prefix="stream-pair-") as tmp:
         base = [sys.executable, __file__, *sys.argv[1:], "--path", os.path.join(tmp, "sock")]
-        server = subprocess.Popen([*base, "--role", "server"], stdout=subprocess.PIPE,
-                                  text=True, env={**env, "VCHAN_DOMID": "1"})
+        server = emulator.popen([*base, "--role", "server"], domid=1, stdout=subprocess.PIPE,
+                                text=True)
         try:
             assert server.stdout is not None
             json.loads(server.stdout.readline())            # ready
             client = subprocess.run([*base, "--role", "client"], capture_output=True,
-                                    text=True, env={**env, "VCHAN_DOMID": "2"}, check=True,
-                                    timeout=600)
+                                    text=True, env=emulator.env(2), check=True, timeout=600)
             result = {**json.loads(server.stdout.readline()),
                       **json.loads(client.stdout.splitlines()[-1])}
         finally:
             server.wait(timeout=30)
-            subprocess.run([sys.executable, "-m", "vchan", "sim", "stop"], env=env,
-                           capture_output=True, check=False)
+            if server.stdout is not None:
+                server.stdout.close()
     kind = args.transport + (" dedicated" if args.dedicated else "")
     print(f"{kind} {args.loop} limit={args.limit} read={args.read} write={args.write_size}: "
           f"{result['mb_per_s']:,.0f} MB/s, CPU ns/B send {result['send_cpu_ns_per_byte']:.3f} "

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -104,26 +103,12 @@ def children() -> Iterator[Children]:
 
 @pytest.fixture(scope="session")
 def sim_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A private emulator for the test session (and VCHAN_* pointing at it)."""
-    from vchan import backend, sim
+    """A private emulator for the test session (and VCHAN_* pointing at it; this
+    process is domain 0 with VCHAN_DOMID unset)."""
+    from vchan.sim.private import Emulator
 
-    directory = tmp_path_factory.mktemp("sim")
-    saved = {k: os.environ.get(k) for k in ("VCHAN_SIM_DIR", "VCHAN_BACKEND", "VCHAN_DOMID")}
-    os.environ["VCHAN_SIM_DIR"] = str(directory)
-    os.environ["VCHAN_BACKEND"] = "sim"
-    os.environ.pop("VCHAN_DOMID", None)
-    backend._reset_for_tests()
-    sim.ensure_running(directory)
-    try:
-        yield directory
-    finally:
-        sim.stop(directory)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        backend._reset_for_tests()
+    with Emulator(tmp_path_factory.mktemp("sim"), own_domid=None) as emulator:
+        yield emulator.directory
 
 
 # -- the Xen rig ----------------------------------------------------------------

@@ -5,8 +5,9 @@ Every cross-process test starts its peers with :class:`Proc` (through the
 fails): a peer script that reports JSON lines (``peer_events.emit``), a
 ``vchan`` command, a C program, Debian's tools, a test-code agent.
 
-* the environment: the test's, plus ``env``, plus ``VCHAN_DOMID`` when
-  ``domid`` is given (the emulated domain the process plays);
+* the environment: the test's (or ``base_env``), plus ``env``, plus
+  ``VCHAN_DOMID`` when ``domid`` is given (the emulated domain the process
+  plays);
 * stdout: read by a thread as lines (``stdout="lines"``: :meth:`line`,
   :meth:`event`, :meth:`aevent`, :meth:`expect`, :meth:`wait_event`) or as
   bytes (``"bytes"``: :meth:`read_bytes`, :meth:`wait_eof`), or handed to
@@ -18,7 +19,10 @@ fails): a peer script that reports JSON lines (``peer_events.emit``), a
 * stdin: a pipe (:meth:`send`, :meth:`feed`, :meth:`close_stdin`) unless
   told otherwise;
 * the end: :meth:`kill` (and when), :meth:`stop` (SIGTERM), :meth:`wait`,
-  and :meth:`close`: stdin closed, ``grace`` seconds to finish, then SIGKILL.
+  and :meth:`close`: stdin closed, ``grace`` seconds to finish, then SIGKILL;
+  with ``new_session`` the process leads a process group of its own (a
+  terminal's foreground job): :meth:`ctrl_c` sends SIGINT to the group, and
+  :meth:`close` kills the whole group.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, Any
 
 TIMEOUT = 60.0
@@ -49,10 +53,12 @@ class Proc:
                  env: dict[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
                  name: str | None = None, stdin: Any = subprocess.PIPE,
                  stdout: Any = "lines", events_fd: int | None = None,
-                 pass_fds: Sequence[int] = (), grace: float = 20.0) -> None:
+                 pass_fds: Sequence[int] = (), grace: float = 20.0,
+                 base_env: Mapping[str, str] | None = None, new_session: bool = False) -> None:
         self.name = name or os.path.basename(str(argv[0]))
         self.grace = grace
-        full_env = dict(os.environ, **(env or {}))
+        self.new_session = new_session
+        full_env = dict(os.environ if base_env is None else base_env, **(env or {}))
         if domid is not None:
             full_env["VCHAN_DOMID"] = str(domid)
         self._err = tempfile.TemporaryFile()  # noqa: SIM115 -- closed by close()
@@ -68,7 +74,7 @@ class Proc:
             [str(a) for a in argv], env=full_env, cwd=cwd, stdin=stdin,
             stdout=subprocess.PIPE if mode is not None and events_fd is None else
             (None if mode is not None else stdout),
-            stderr=self._err, pass_fds=tuple(pass_fds))
+            stderr=self._err, pass_fds=tuple(pass_fds), start_new_session=new_session)
         source: IO[bytes] | None = None
         if events_fd is not None:
             source = os.fdopen(events_fd, "rb")
@@ -254,6 +260,21 @@ class Proc:
             self.proc.send_signal(sig)
         return t
 
+    def ctrl_c(self, timeout: float = 10.0) -> tuple[int, str]:
+        """(``new_session``) SIGINT to the process group, as a terminal's Ctrl-C:
+        the exit status, and what stderr got after it."""
+        assert self.new_session, "Ctrl-C goes to a process group: start with new_session"
+        before = len(self.stderr)
+        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            status = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise self._failed(f"still running {timeout} s after Ctrl-C") from None
+        time.sleep(0.2)         # children that print late would print by now
+        return status, self.stderr[before:]
+
     def wait(self, timeout: float = TIMEOUT) -> int:
         """Its exit status; fails the test if it still runs after ``timeout``."""
         try:
@@ -277,6 +298,9 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.new_session:            # what the group's leader left behind
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         self.close_stdin()
         if self._thread is not None:
             self._thread.join(5)

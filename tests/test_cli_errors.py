@@ -12,15 +12,18 @@ would wait for the peer to drain the ring).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import support
+from procs import Children, Proc
 
 from vchan import sim
 
@@ -136,55 +139,19 @@ def test_verbose_says_which_backend_was_chosen(tmp_path: Path) -> None:
 # -- Ctrl-C ---------------------------------------------------------------------------
 
 
-class Running:
-    """A command in its own process group (a terminal's foreground job)."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], tmp: Path, name: str,
-                 stdin: int | None = subprocess.DEVNULL, stdout: int | None = None) -> None:
-        self.err_path = tmp / f"{name}.err"
-        with open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(argv, env=env, cwd=tmp, stdin=stdin,
-                                         stdout=stdout if stdout is not None else
-                                         subprocess.DEVNULL, stderr=err,
-                                         start_new_session=True)
-
-    def stderr(self) -> str:
-        return self.err_path.read_text(errors="replace")
-
-    def wait_for(self, text: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.stderr():
-            assert self.proc.poll() is None, f"exited {self.proc.returncode}: {self.stderr()}"
-            assert time.monotonic() < deadline, f"no {text!r} in: {self.stderr()}"
-            time.sleep(0.05)
-
-    def ctrl_c(self, timeout: float = 10) -> tuple[int, str]:
-        """SIGINT to the process group; the exit status and what stderr got after."""
-        before = len(self.stderr())
-        os.killpg(self.proc.pid, signal.SIGINT)
-        try:
-            status = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            raise AssertionError(f"still running {timeout} s after Ctrl-C: "
-                                 f"{self.stderr()}") from None
-        time.sleep(0.2)         # children that print late would print by now
-        return status, self.stderr()[before:]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            with_group = self.proc.pid
-            os.killpg(with_group, signal.SIGKILL)
-            self.proc.wait()
+def _command(children: Children, argv: list[str], env: dict[str, str], tmp: Path,
+             stdin: Any = subprocess.DEVNULL, stdout: Any = subprocess.DEVNULL) -> Proc:
+    """A command in its own process group (a terminal's foreground job), in ``tmp``,
+    with exactly the environment ``env``."""
+    return children.start(argv, base_env=env, cwd=tmp, stdin=stdin, stdout=stdout,
+                          new_session=True, grace=0, name=" ".join(argv[2:4]))
 
 
 @pytest.fixture
-def running(tmp_path: Path) -> Iterator[list[Running]]:
-    started: list[Running] = []
-    yield started
-    for r in started:
-        r.kill()
+def running(children: Children, tmp_path: Path) -> Iterator[Children]:
+    """The test's commands; their emulator is stopped after them."""
+    yield children
+    children.close()
     sim.stop(tmp_path / "sim")
 
 
@@ -196,7 +163,7 @@ def _interrupted(status: int, after: str) -> None:
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("sender", ["connect", "listen"])
 def test_ctrl_c_ends_listen_and_connect_while_the_peer_does_not_read(
-        tmp_path: Path, running: list[Running], sender: str, loop: str) -> None:
+        tmp_path: Path, running: Children, sender: str, loop: str) -> None:
     """The sender's stdin is a 64 MiB file, the receiver's stdout a pipe nobody
     reads: the sender's ring and buffers fill and it waits; one Ctrl-C ends it."""
     env = _env(VCHAN_SIM_DIR=str(tmp_path / "sim"))
@@ -208,20 +175,20 @@ def test_ctrl_c_ends_listen_and_connect_while_the_peer_does_not_read(
         with open(big, "rb") as data:
             listen_in = data.fileno() if sender == "listen" else subprocess.DEVNULL
             connect_in = data.fileno() if sender == "connect" else subprocess.DEVNULL
-            listen = Running([*CLI, "listen", "7001", "--peers", "2", "-v", "--loop", loop],
-                             dict(env, VCHAN_DOMID="1"), tmp_path, "listen", stdin=listen_in,
-                             stdout=stuck_out[1] if sender == "connect" else None)
-            running.append(listen)
-            listen.wait_for("listening on vchan port")
-            connect = Running([*CLI, "connect", "1", "7001", "-v", "--loop", loop],
-                              dict(env, VCHAN_DOMID="2"),
-                              tmp_path, "connect", stdin=connect_in,
-                              stdout=stuck_out[1] if sender == "listen" else None)
-            running.append(connect)
-        connect.wait_for("connected to domain 1")
+            listen = _command(running,
+                              [*CLI, "listen", "7001", "--peers", "2", "-v", "--loop", loop],
+                              dict(env, VCHAN_DOMID="1"), tmp_path, stdin=listen_in,
+                              stdout=stuck_out[1] if sender == "connect" else
+                              subprocess.DEVNULL)
+            listen.wait_stderr("listening on vchan port")
+            connect = _command(running, [*CLI, "connect", "1", "7001", "-v", "--loop", loop],
+                               dict(env, VCHAN_DOMID="2"), tmp_path, stdin=connect_in,
+                               stdout=stuck_out[1] if sender == "listen" else
+                               subprocess.DEVNULL)
+        connect.wait_stderr("connected to domain 1")
         time.sleep(1.5)             # the receiver stops reading; the sender fills up
         first = {"listen": listen, "connect": connect}[sender]
-        assert first.proc.poll() is None, first.stderr()
+        assert first.proc.poll() is None, first.stderr
         _interrupted(*first.ctrl_c())
         other = connect if sender == "listen" else listen
         if other.proc.poll() is None:
@@ -242,30 +209,28 @@ def test_ctrl_c_ends_listen_and_connect_while_the_peer_does_not_read(
 ], ids=["proxy-listen", "proxy-listen-vchan", "connect-waiting", "listen-waiting", "demo",
         "sim-start-foreground"])
 def test_ctrl_c_in_a_subcommand_is_one_line_and_130(
-        tmp_path: Path, running: list[Running], command: list[str], ready: str | None) -> None:
+        tmp_path: Path, running: Children, command: list[str], ready: str | None) -> None:
     env = _env(VCHAN_SIM_DIR=str(tmp_path / "sim"), VCHAN_DOMID="1")
     if command[0] == "connect":
         # Domain 1 exists (a process of it waits), the server never comes.
-        holder = Running([*CLI, "sim", "run", "--domid", "1", "--", "sleep", "60"], env,
-                         tmp_path, "holder")
-        running.append(holder)
+        holder = _command(running, [*CLI, "sim", "run", "--domid", "1", "--", "sleep", "60"],
+                          env, tmp_path)
         deadline = time.monotonic() + 30
         while not (sim.is_running(tmp_path / "sim") and any(
                 d["domid"] == 1 and d["alive"] for d in
                 sim.control({"cmd": "status"}, tmp_path / "sim")["domains"])):
-            assert time.monotonic() < deadline, holder.stderr()
+            assert time.monotonic() < deadline, holder.stderr
             time.sleep(0.05)
         env["VCHAN_DOMID"] = "2"
-    cmd = Running([*CLI, *command], env, tmp_path, command[0])
-    running.append(cmd)
+    cmd = _command(running, [*CLI, *command], env, tmp_path)
     if ready is not None:
-        cmd.wait_for(ready)
+        cmd.wait_stderr(re.escape(ready))
     elif command[0] == "demo":
         time.sleep(2.0)             # its server and client are moving data by now
     else:
         deadline = time.monotonic() + 30
         while not sim.is_running(tmp_path / "sim"):
-            assert time.monotonic() < deadline, cmd.stderr()
+            assert time.monotonic() < deadline, cmd.stderr
             time.sleep(0.05)
     status, after = cmd.ctrl_c()
     if command[:2] == ["sim", "start"]:
@@ -280,13 +245,13 @@ def test_ctrl_c_in_a_subcommand_is_one_line_and_130(
                     reason="starts the benchmark suite (its processes, then Ctrl-C): CI or "
                            "VCHAN_TEST_BENCH=1 runs it, not a machine taking measurements")
 def test_ctrl_c_in_vchan_bench_is_one_line_and_130(tmp_path: Path,
-                                                   running: list[Running]) -> None:
+                                                   running: Children) -> None:
     """Its server and client processes are running when Ctrl-C comes: they get
     it too (the process group) and must stay quiet; the command stops them."""
-    cmd = Running([*CLI, "bench", "--quick", "--no-report"],
-                  _env(VCHAN_SIM_DIR=str(tmp_path / "sim")), tmp_path, "bench")
-    running.append(cmd)
-    cmd.wait_for("[  1/", timeout=120)      # the first measurement is done: children run
+    cmd = _command(running, [*CLI, "bench", "--quick", "--no-report"],
+                   _env(VCHAN_SIM_DIR=str(tmp_path / "sim")), tmp_path)
+    # The first measurement is done: its children run.
+    cmd.wait_stderr(re.escape("[  1/"), timeout=120)
     status, after = cmd.ctrl_c(timeout=30)
     _interrupted(status, after)
     assert not sim.is_running(tmp_path / "sim")

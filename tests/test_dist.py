@@ -267,6 +267,9 @@ def _socket_proxy_round_trip(bin_: Path, tmp: Path, env: dict[str, str]) -> None
             if p.poll() is None:
                 p.kill()
                 p.wait()
+            for f in (p.stdin, p.stdout, p.stderr):
+                if f is not None:
+                    f.close()
         _run([bin_ / "vchan", "sim", "stop"], cwd=tmp, env=env)
 
 

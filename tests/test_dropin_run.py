@@ -252,10 +252,20 @@ async def test_a_wrapped_loop_leaves_what_is_not_a_tcp_address_alone(
         await server.wait_closed()
         # Unix sockets are untouched.
         path = str(tmp_path / "s")
-        unix = await asyncio.start_unix_server(lambda r, w: w.close(), path)
+        served = asyncio.Event()
+
+        async def serve(_: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.close()
+            await w.wait_closed()
+            served.set()
+
+        unix = await asyncio.start_unix_server(serve, path)
         async with unix:
-            _, writer = await asyncio.open_unix_connection(path)
+            reader, writer = await asyncio.open_unix_connection(path)
+            assert await reader.read() == b""       # the server's side was a Unix socket
+            await asyncio.wait_for(served.wait(), 10)
             writer.close()
+            await writer.wait_closed()
         # A TCP address is drop-in.
         server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
         assert isinstance(server, dropin.DropinServer)

@@ -35,12 +35,9 @@ def _vchan(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 @pytest.fixture
 def server(sim_dir: Path) -> Iterator[DomainProcess]:
     """A process of its own domain, with vchan imported."""
-    proc = DomainProcess(next(_domids))
-    proc("import vchan, asyncio, threading")
-    try:
+    with DomainProcess(next(_domids)) as proc:
+        proc("import vchan, asyncio, threading")
         yield proc
-    finally:
-        proc.close()
 
 
 # -- timeout=0 ---------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import contextlib
 import errno
 import json
 import os
-import select
 import shutil
 import signal
 import socket
@@ -36,6 +35,7 @@ from typing import Any
 
 import pytest
 from domains import DomainProcess
+from procs import Children, Proc
 
 from vchan import sim
 from vchan.sim import protocol
@@ -87,51 +87,42 @@ def daemon() -> Iterator[Daemon]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-class Party:
-    """An emulator_peer.py process in one emulated domain."""
+class Party(Proc):
+    """An emulator_peer.py process in one emulated domain, on the test's loop kind."""
 
     def __init__(self, daemon: Daemon, domid: int, *args: str) -> None:
-        env = dict(os.environ, VCHAN_SIM_DIR=str(daemon.dir), VCHAN_BACKEND="sim",
-                   VCHAN_DOMID=str(domid), VCHAN_TEST_LOOP=_loop_kind())
-        self.name = f"{args[0]} (domain {domid})"
-        self.proc = subprocess.Popen([sys.executable, str(PEER), *args], env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        self._lines = b""       # read from the pipe, not yet returned
+        super().__init__([sys.executable, PEER, *args], domid=domid, grace=1.0,
+                         name=f"{args[0]} (domain {domid})",
+                         env={"VCHAN_SIM_DIR": str(daemon.dir), "VCHAN_BACKEND": "sim",
+                              "VCHAN_TEST_LOOP": _loop_kind()})
 
-    def _read(self, timeout: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()      # (unbuffered: select must see what is left)
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._lines:
-            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                return {"event": "nothing", "t": time.monotonic()}
-            data = os.read(fd, 65536)
-            if not data:
-                return {"event": "exited", "status": self.proc.wait(), "t": time.monotonic(),
-                        "stderr": self.proc.stderr.read() if self.proc.stderr else ""}
-            self._lines += data
-        line, self._lines = self._lines.split(b"\n", 1)
-        event: dict[str, Any] = json.loads(line)
+    def _one_event(self, timeout: float) -> dict[str, Any]:
+        if self.quiet(timeout):
+            return {"event": "nothing", "t": time.monotonic()}
+        text = self.readline(0)
+        if text is None:
+            return {"event": "exited", "status": self.proc.wait(), "t": time.monotonic(),
+                    "stderr": self.stderr}
+        event: dict[str, Any] = json.loads(text)
         return event
 
-    async def event(self, timeout: float = 30.0) -> dict[str, Any]:
-        """The next event the process reports (``nothing`` if none within ``timeout``)."""
-        return await asyncio.to_thread(self._read, timeout)
+    async def next_event(self, timeout: float = 30.0) -> dict[str, Any]:
+        """The next event the process reports (``nothing`` if none within
+        ``timeout``, ``exited`` if its output ended)."""
+        return await asyncio.to_thread(self._one_event, timeout)
 
-    async def expect(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
-        event = await self.event(timeout)
+    async def expect_event(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
+        """The next event must be ``name``."""
+        event = await self.next_event(timeout)
         assert event["event"] == name, f"{self.name}: expected {name!r}, got {event}"
         return event
 
     async def exits(self) -> None:
         """Told to (stdin closed), it exits at once -- nothing hangs."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
+        self.close_stdin()
         t0 = time.monotonic()
         while True:
-            event = await self.event(EXIT)
+            event = await self.next_event(EXIT)
             if event["event"] in ("exit", "exited", "nothing"):
                 break
         assert event["event"] != "nothing", f"{self.name} still running {EXIT} s after " \
@@ -141,33 +132,15 @@ class Party:
 
     def stacks(self) -> str:
         """What the process is doing (it dumps its threads and tasks on SIGUSR1)."""
-        assert self.proc.stderr is not None
         self.proc.send_signal(signal.SIGUSR1)
         time.sleep(1.0)
         self.proc.kill()
-        return self.proc.stderr.read()[-20000:]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if f is not None:
-                with contextlib.suppress(OSError):
-                    f.close()
+        return self.stderr[-20000:]
 
 
-@pytest.fixture
-def parties() -> Iterator[list[Party]]:
-    started: list[Party] = []
-    yield started
-    for p in started:
-        p.close()
-
-
-def _spawn(parties: list[Party], daemon: Daemon, domid: int, *args: str) -> Party:
+def _spawn(children: Children, daemon: Daemon, domid: int, *args: str) -> Party:
     p = Party(daemon, domid, *args)
-    parties.append(p)
+    children.adopt(p)
     return p
 
 
@@ -188,7 +161,7 @@ async def _errors(party: Party, wanted: set[str]) -> dict[str, dict[str, Any]]:
     """The error events of ``party``, one for each place in ``wanted``."""
     found: dict[str, dict[str, Any]] = {}
     while not wanted <= set(found):
-        event = await party.event(DETECT + 5)
+        event = await party.next_event(DETECT + 5)
         if event["event"] == "nothing":
             raise AssertionError(f"{party.name}: nothing more (found so far: {found}):\n"
                                  f"{party.stacks()}")
@@ -201,19 +174,19 @@ async def _errors(party: Party, wanted: set[str]) -> dict[str, dict[str, Any]]:
 
 
 @pytest.mark.parametrize("sig", SIGNALS)
-async def test_a_transfer_fails_clearly_within_a_second(daemon: Daemon, parties: list[Party],
+async def test_a_transfer_fails_clearly_within_a_second(daemon: Daemon, children: Children,
                                                         sig: int) -> None:
     """Data flowing both ways when the daemon is killed or stopped: the server,
     its connection and the client each fail with EmulatorError within a second."""
-    server = _spawn(parties, daemon, 1, "serve", "flow", "--peers", "2")
-    await server.expect("ready")
-    client = _spawn(parties, daemon, 2, "stream", "1", "flow")
-    await client.expect("ready")
-    await client.expect("flowing")
+    server = _spawn(children, daemon, 1, "serve", "flow", "--peers", "2")
+    await server.expect_event("ready")
+    client = _spawn(children, daemon, 2, "stream", "1", "flow")
+    await client.expect_event("ready")
+    await client.expect_event("flowing")
     t0 = daemon.signal(sig)
     got = await _errors(server, {"serve_forever", "connection"})
     took = [_check_failure(got[w], w, daemon, sig, t0) for w in ("serve_forever", "connection")]
-    took.append(_check_failure(await client.event(DETECT + 5), "read", daemon, sig, t0))
+    took.append(_check_failure(await client.next_event(DETECT + 5), "read", daemon, sig, t0))
     print(f"\n{signal.Signals(sig).name}: noticed after {', '.join(f'{t:.3f}' for t in took)} s "
           "(server, its connection, client)")
     await client.exits()
@@ -221,17 +194,17 @@ async def test_a_transfer_fails_clearly_within_a_second(daemon: Daemon, parties:
 
 
 async def test_a_client_notices_its_server_crash_after_the_daemon_died(
-        daemon: Daemon, parties: list[Party]) -> None:
+        daemon: Daemon, children: Children) -> None:
     """Daemon killed, then the server process too: nothing is left to tell the
     client that its peer crashed -- it fails within a second all the same."""
-    server = _spawn(parties, daemon, 1, "serve", "crash", "--peers", "2")
-    await server.expect("ready")
-    client = _spawn(parties, daemon, 2, "stream", "1", "crash")
-    await client.expect("ready")
-    await client.expect("flowing")
+    server = _spawn(children, daemon, 1, "serve", "crash", "--peers", "2")
+    await server.expect_event("ready")
+    client = _spawn(children, daemon, 2, "stream", "1", "crash")
+    await client.expect_event("ready")
+    await client.expect_event("flowing")
     t0 = daemon.signal(signal.SIGKILL)
     server.proc.kill()
-    _check_failure(await client.event(DETECT + 5), "read", daemon, signal.SIGKILL, t0)
+    _check_failure(await client.next_event(DETECT + 5), "read", daemon, signal.SIGKILL, t0)
     await client.exits()
 
 
@@ -240,17 +213,17 @@ async def test_a_client_notices_its_server_crash_after_the_daemon_died(
 
 @pytest.mark.parametrize("sig", SIGNALS)
 async def test_a_connect_in_progress_fails_clearly_within_a_second(
-        daemon: Daemon, parties: list[Party], sig: int) -> None:
+        daemon: Daemon, children: Children, sig: int) -> None:
     """A client waiting (timeout=None) for a server of a domain that exists:
     killing or stopping the daemon ends the wait with EmulatorError within a
     second; the other domain's server stops serving as fast."""
-    server = _spawn(parties, daemon, 1, "serve", "elsewhere", "--peers", "2")
-    await server.expect("ready")
-    client = _spawn(parties, daemon, 2, "connect", "1", "nobody-here")
-    await client.expect("ready")
+    server = _spawn(children, daemon, 1, "serve", "elsewhere", "--peers", "2")
+    await server.expect_event("ready")
+    client = _spawn(children, daemon, 2, "connect", "1", "nobody-here")
+    await client.expect_event("ready")
     await asyncio.sleep(0.5)            # it is waiting on XenStore now
     t0 = daemon.signal(sig)
-    took = _check_failure(await client.event(DETECT + 5), "connect", daemon, sig, t0)
+    took = _check_failure(await client.next_event(DETECT + 5), "connect", daemon, sig, t0)
     took_server = _check_failure((await _errors(server, {"serve_forever"}))["serve_forever"],
                                  "serve_forever", daemon, sig, t0)
     print(f"\n{signal.Signals(sig).name}: noticed after {took:.3f} s (client), "
@@ -261,18 +234,18 @@ async def test_a_connect_in_progress_fails_clearly_within_a_second(
 
 @pytest.mark.parametrize("sig", SIGNALS)
 async def test_new_connections_fail_at_once_on_a_dead_or_stopped_daemon(
-        daemon: Daemon, parties: list[Party], sig: int) -> None:
+        daemon: Daemon, children: Children, sig: int) -> None:
     """After the daemon was killed there is nobody to connect to (its domains
     went with it); while it is stopped, a new connection fails with
     EmulatorError at once instead of blocking -- whatever its timeout."""
-    server = _spawn(parties, daemon, 1, "serve", "late", "--peers", "2")
-    await server.expect("ready")
+    server = _spawn(children, daemon, 1, "serve", "late", "--peers", "2")
+    await server.expect_event("ready")
     t0 = daemon.signal(sig)
     await _errors(server, {"serve_forever"})
-    client = _spawn(parties, daemon, 2, "connect", "1", "late", "--timeout", "3")
-    await client.expect("ready")
+    client = _spawn(children, daemon, 2, "connect", "1", "late", "--timeout", "3")
+    await client.expect_event("ready")
     t1 = time.monotonic()
-    event = await client.event(DETECT + 5)
+    event = await client.next_event(DETECT + 5)
     assert event["event"] == "error" and event["where"] == "connect", event
     if sig == signal.SIGSTOP:
         _check_failure(event, "connect", daemon, sig, t0)
@@ -293,11 +266,11 @@ async def test_new_connections_fail_at_once_on_a_dead_or_stopped_daemon(
 
 @pytest.mark.parametrize("sig", SIGNALS)
 async def test_an_idle_server_stops_serving_within_a_second(
-        daemon: Daemon, parties: list[Party], sig: int) -> None:
+        daemon: Daemon, children: Children, sig: int) -> None:
     """No connection, nothing waiting: serve_forever() raises EmulatorError
     within a second rather than serve, unreachable, for ever."""
-    server = _spawn(parties, daemon, 1, "serve", "idle", "--peers", "2")
-    await server.expect("ready")
+    server = _spawn(children, daemon, 1, "serve", "idle", "--peers", "2")
+    await server.expect_event("ready")
     await asyncio.sleep(0.3)
     t0 = daemon.signal(sig)
     took = _check_failure((await _errors(server, {"serve_forever"}))["serve_forever"],
@@ -307,18 +280,18 @@ async def test_an_idle_server_stops_serving_within_a_second(
 
 
 async def test_a_server_started_anew_is_reachable_on_a_restarted_daemon(
-        daemon: Daemon, parties: list[Party]) -> None:
+        daemon: Daemon, children: Children) -> None:
     """After a kill, the server process starts its server again: the first use
     starts a new daemon, the server publishes there, a client connects."""
-    server = _spawn(parties, daemon, 1, "serve", "again", "--peers", "2", "--again")
-    await server.expect("ready")
+    server = _spawn(children, daemon, 1, "serve", "again", "--peers", "2", "--again")
+    await server.expect_event("ready")
     t0 = daemon.signal(signal.SIGKILL)
     _check_failure((await _errors(server, {"serve_forever"}))["serve_forever"],
                    "serve_forever", daemon, signal.SIGKILL, t0)
-    await server.expect("serving again", 20)
-    client = _spawn(parties, daemon, 2, "connect", "1", "again", "--timeout", "10")
-    await client.expect("ready")
-    await client.expect("echoed", 20)
+    await server.expect_event("serving again", 20)
+    client = _spawn(children, daemon, 2, "connect", "1", "again", "--timeout", "10")
+    await client.expect_event("ready")
+    await client.expect_event("echoed", 20)
     new_pid = int(sim.control({"cmd": "status"}, daemon.dir)["pid"])
     assert new_pid != daemon.pid
     await client.exits()

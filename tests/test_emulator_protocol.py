@@ -24,10 +24,8 @@ import os
 import random
 import resource
 import shutil
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -148,24 +146,10 @@ class Daemon:
 @contextlib.contextmanager
 def _daemon(preexec: Any = None) -> Iterator[Daemon]:
     directory = _short_dir()
-    log = directory / "daemon.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "vchan.sim.hypervisor", "--dir",
-                                 str(directory)], stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=out, preexec_fn=preexec)
     try:
-        deadline = time.monotonic() + 30
-        while not fz._answers(directory / "hypervisor.sock"):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.02)
-        yield Daemon(directory, proc.pid, log)
+        with fz.private_daemon(directory, preexec) as (pid, log):
+            yield Daemon(directory, pid, log)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
         shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from memory import Memory, assert_nothing_grows
 from procs import Children
-from test_streams import _count_nodes, _fds, _rss, _spawn, peers  # noqa: F401
+from test_streams import _count_nodes, _fds, _spawn, peers  # noqa: F401
 
 import vchan
 from vchan import sim
@@ -348,9 +348,8 @@ async def test_nothing_leaks_after_ten_thousand_connect_close_cycles(sim_dir: Pa
 
     await close_sessions()
     async with await vchan.start_server(_echo, port, peers=own) as server:
-        # Warm up: the allocator's and the interpreter's caches grow over the
-        # first few thousand connections (1.5 MiB per 10,000, flat from about
-        # 30,000 on, measured alone); what the test is after grows for ever.
+        # Warm up: the interpreter's caches and free lists fill over the first
+        # connections; what the test is after grows with every one (memory.py).
         for _ in range(2_000):
             await _one_echo(own, port)
         base = f"/local/domain/{own}/data"
@@ -358,22 +357,20 @@ async def test_nothing_leaks_after_ten_thousand_connect_close_cycles(sim_dir: Pa
         try:
             nodes = await _count_nodes(xs, base)
             st = _status(sim_dir)
-            gc.collect()
             before = (_fds(), st["maps"], _domain(st, own)["granted_pages"],
-                      len(_domain(st, own)["ports"]), _rss())
+                      len(_domain(st, own)["ports"]), Memory.now())
             for _ in range(10_000):
                 await _one_echo(own, port)
             await asyncio.sleep(0.2)
             st = _status(sim_dir)
-            gc.collect()
             after = (_fds(), st["maps"], _domain(st, own)["granted_pages"],
-                     len(_domain(st, own)["ports"]), _rss())
+                     len(_domain(st, own)["ports"]), Memory.now())
             assert await _count_nodes(xs, base) == nodes, "XenStore nodes leaked"
         finally:
             await xs.close()
         server.close_clients()
     assert after[:4] == before[:4], "descriptors, mappings, grants or ports leaked"
-    assert after[4] - before[4] < 20 << 20, f"RSS grew by {(after[4] - before[4]) >> 20} MiB"
+    print(f"\n10,000 connect/close cycles: {assert_nothing_grows(before[4], after[4], 10_000)}")
     await close_sessions()
     st = _status(sim_dir)
     assert _domain(st, own)["granted_pages"] == 0, "the idle session kept its grants"

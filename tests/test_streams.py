@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from memory import Memory, assert_nothing_grows
 from procs import Children, Proc
 from support import soak_seconds
 
@@ -272,19 +273,19 @@ async def test_no_leaks_after_5000_connect_close_cycles(sim_dir: Path) -> None:
         xs = await XenStore.open()
         try:
             before_nodes = await _count_nodes(xs, base)
-            before = (_fds(), _status(sim_dir), _rss())
+            before = (_fds(), _status(sim_dir), Memory.now())
             for _ in range(5000):
                 await cycle()
             await asyncio.sleep(0.2)
             after_nodes = await _count_nodes(xs, vchan_base)
-            after = (_fds(), _status(sim_dir), _rss())
+            after = (_fds(), _status(sim_dir), Memory.now())
         finally:
             await xs.close()
         assert server.is_serving()
     assert after[0] == before[0], "file descriptors leaked"
     assert after[1] == before[1], "emulator tables grew"
     assert after_nodes == before_nodes, "XenStore nodes leaked"
-    assert after[2] - before[2] < 20 << 20, f"RSS grew by {(after[2] - before[2]) >> 20} MiB"
+    print(f"\n5,000 cycles: {assert_nothing_grows(before[2], after[2], 5000)}")
 
 
 async def _count_nodes(xs: Any, path: str) -> int:
@@ -299,11 +300,6 @@ def _status(sim_dir: Path) -> tuple[int, int, int]:
     st = sim.control({"cmd": "status"}, sim_dir)
     dom = next(d for d in st["domains"] if d["domid"] == vchan.own_domid())
     return st["maps"], dom["granted_pages"], len(dom["ports"])
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 async def test_grant_limit_exhaustion_names_the_limit(sim_dir: Path) -> None:

@@ -71,12 +71,9 @@ def base(sim_dir: Path) -> str:
 @pytest.fixture
 def keeper(sim_dir: Path) -> Iterator[DomainProcess]:
     """A process that keeps a fresh domain alive (by holding a XenStore connection)."""
-    proc = DomainProcess(next(_domids))
-    proc("from vchan.xenstore import XenStoreSync\nxs = XenStoreSync()\nxs.read('domid')")
-    try:
+    with DomainProcess(next(_domids)) as proc:
+        proc("from vchan.xenstore import XenStoreSync\nxs = XenStoreSync()\nxs.read('domid')")
         yield proc
-    finally:
-        proc.close()
 
 
 def xenstore_watch(sim_dir: Path, domid: int, *paths: str, count: int = -1) -> Proc:

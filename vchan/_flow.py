@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Sized
 from typing import Any
 
 from .errors import LocalProtocolError
@@ -152,11 +151,17 @@ class WriteQueue:
 class TransportBase(WriteFlowControl, asyncio.Transport):
     """State and accessors common to vchan's transports.
 
-    A subclass sets ``_buffer`` (bytes accepted, not yet in the ring),
-    ``_closing``, ``_closed``, ``_paused``, ``_extra`` and ``_protocol``.
+    A subclass sets ``_loop``, ``_buffer`` (bytes accepted, not yet in the
+    ring), ``_closing``, ``_closed``, ``_paused``, ``_extra`` and
+    ``_protocol``, and gives ``_call_connection_lost``.  The way to the end is
+    written once here: :meth:`close` (the buffer drains first),
+    :meth:`_fatal_error` and :meth:`_force_close` (at once); a subclass tells
+    its peer on the way with :meth:`_closed_and_flushed` and
+    :meth:`_tell_peer_of_failure`.
     """
 
-    _buffer: Sized
+    _loop: asyncio.AbstractEventLoop
+    _buffer: bytearray | WriteQueue
     _closing: bool
     _closed: bool
     _paused: bool
@@ -223,9 +228,59 @@ class TransportBase(WriteFlowControl, asyncio.Transport):
             return False
         return True
 
+    # -- the way to the end ---------------------------------------------------------
+
     def close(self) -> None:
         self._user_closed = True
         self._close()
 
     def _close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._paused = False
+        if not self._buffer:
+            self._closed_and_flushed()
+
+    def _closed_and_flushed(self) -> None:
+        """Closing, and every byte written is in the ring: the connection ends
+        (a subclass tells its peer first)."""
+        self._conn_lost += 1
+        self._loop.call_soon(self._call_connection_lost, None)
+
+    def abort(self) -> None:
+        self._user_closed = True
+        self._force_close(None)
+
+    def _fatal_error(self, exc: BaseException, message: str = "Fatal error on vchan") -> None:
+        """Our side failed: an OSError is the connection's end (logged in debug
+        mode), anything else a bug to report to the loop's exception handler."""
+        if isinstance(exc, OSError):
+            if self._loop.get_debug():
+                log.debug("%r: %s", self, message, exc_info=True)
+        else:
+            self._loop.call_exception_handler({
+                "message": message, "exception": exc, "transport": self,
+                "protocol": self._protocol,
+            })
+        self._tell_peer_of_failure(exc)
+        self._force_close(exc)
+
+    def _tell_peer_of_failure(self, exc: BaseException) -> None:
+        """(A subclass) Let the peer know our side failed, before the close."""
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        """End now: what was not sent (nor delivered) is dropped."""
+        if self._conn_lost:
+            return
+        self._buffer.clear()
+        self._drop_unread()
+        self._closing = True
+        self._conn_lost += 1
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _drop_unread(self) -> None:
+        """(A subclass) Forget bytes received and not yet delivered."""
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
         raise NotImplementedError

@@ -443,19 +443,11 @@ class StreamTransport(TransportBase):
         if self._eof and not self._eof_sent:
             self._send_eof()
         if self._closing and not self._conn_lost:
-            self._send_close()
+            self._closed_and_flushed()
 
     # -- closing --------------------------------------------------------------------
 
-    def _close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        self._paused = False
-        if not self._buffer:
-            self._send_close()
-
-    def _send_close(self) -> None:
+    def _closed_and_flushed(self) -> None:
         self._conn_lost += 1
         if not self._peer_closed:
             self._session._send_control(CLOSE, 0, self.stream_id, 0, b"")
@@ -469,31 +461,17 @@ class StreamTransport(TransportBase):
             return
         self._buffer.clear()
         self._closing = True
-        self._send_close()
+        self._closed_and_flushed()
 
-    def _fatal_error(self, exc: BaseException, message: str) -> None:
-        if isinstance(exc, OSError):
-            if self._loop.get_debug():
-                log.debug("%r: %s", self, message, exc_info=True)
-        else:
-            self._loop.call_exception_handler({
-                "message": message, "exception": exc, "transport": self,
-                "protocol": self._protocol})
+    def _tell_peer_of_failure(self, exc: BaseException) -> None:
         if not self._conn_lost and not self._peer_closed and not self._session.closed:
             self._session._send_control(RESET, 0, self.stream_id, 0,
                                         f"the peer's protocol failed: {exc!r}".encode())
             self._session._forget(self)
             self._session._kick()
-        self._force_close(exc)
 
-    def _force_close(self, exc: BaseException | None) -> None:
-        if self._conn_lost:
-            return
-        self._buffer.clear()
+    def _drop_unread(self) -> None:
         self._rbuf.clear()
-        self._closing = True
-        self._conn_lost += 1
-        self._loop.call_soon(self._call_connection_lost, exc)
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         if self._closed:

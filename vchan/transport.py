@@ -468,38 +468,6 @@ class VchanTransport(TransportBase):
 
     # -- closing --------------------------------------------------------------
 
-    def _close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        self._paused = False
-        if not self._buffer:
-            self._conn_lost += 1
-            self._loop.call_soon(self._call_connection_lost, None)
-
-    def abort(self) -> None:
-        self._user_closed = True
-        self._force_close(None)
-
-    def _fatal_error(self, exc: BaseException, message: str = "Fatal error on vchan") -> None:
-        if isinstance(exc, OSError):
-            if self._loop.get_debug():
-                log.debug("%r: %s", self, message, exc_info=True)
-        else:
-            self._loop.call_exception_handler({
-                "message": message, "exception": exc, "transport": self,
-                "protocol": self._protocol,
-            })
-        self._force_close(exc)
-
-    def _force_close(self, exc: BaseException | None) -> None:
-        if self._conn_lost:
-            return
-        self._buffer.clear()
-        self._closing = True
-        self._conn_lost += 1
-        self._loop.call_soon(self._call_connection_lost, exc)
-
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         if self._closed:
             return

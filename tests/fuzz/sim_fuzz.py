@@ -893,13 +893,14 @@ class Fuzzer:
 
 
 @contextlib.contextmanager
-def private_daemon(directory: Path) -> Iterator[tuple[int, Path]]:
-    """A daemon in ``directory`` for the run (its pid and log), stopped afterwards."""
+def private_daemon(directory: Path, preexec: Any = None) -> Iterator[tuple[int, Path]]:
+    """A daemon in ``directory`` for the run (its pid and log), stopped afterwards
+    (SIGTERM; SIGKILL after 10 s).  ``preexec`` runs in the child before it starts."""
     log = directory / "fuzz-daemon.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "vchan.sim.hypervisor", "--dir",
                                  str(directory)], stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=out)
+                                stderr=out, preexec_fn=preexec)
     try:
         deadline = time.monotonic() + 30
         sock = directory / "hypervisor.sock"

@@ -205,29 +205,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     from .. import backend, sim
+    from ..sim.private import Emulator
+    from ..sim.private import private as sim_private
 
     backend_name = backend.default_backend_name()
-    env = dict(os.environ)
-    own_sim: Path | None = None
+    private_emulator = "VCHAN_SIM_DIR" not in os.environ
+    emulator: Emulator | None = None
     tmp = Path(tempfile.mkdtemp(prefix="vchan-bench-"))
     runner: Runner | None = None
     started = time.time()
     try:
         vchan_peer: int | None = None
-        server_env, client_env = dict(env), dict(env)
+        server_env, client_env = dict(os.environ), dict(os.environ)
         if backend_name == "sim":
-            if "VCHAN_SIM_DIR" not in env:
-                own_sim = tmp / "sim"
-                env["VCHAN_SIM_DIR"] = str(own_sim)
-            directory = Path(env["VCHAN_SIM_DIR"])
-            if own_sim is None and not sim.is_running(directory):
-                own_sim = directory     # started here: stopped here (as vchan demo does)
-            sim.ensure_running(directory)
-            # The emulator keeps its default grant limit (1,024 pages, as
-            # gntalloc's): what a user gets.  Connections share their
-            # session's ring, so even 10,000 need no more.
-            server_env = dict(env, VCHAN_DOMID=str(VCHAN_SERVER_DOMID))
-            client_env = dict(env, VCHAN_DOMID=str(VCHAN_CLIENT_DOMID))
+            # VCHAN_SIM_DIR's emulator as it is, else one of our own; one
+            # started here is stopped here (as vchan demo does).  It keeps its
+            # default grant limit (1,024 pages, as gntalloc's): what a user
+            # gets.  Connections share their session's ring, so even 10,000
+            # need no more.
+            emulator = sim_private(reuse_env=True, own_domid=None).start()
+            server_env = emulator.env(VCHAN_SERVER_DOMID)
+            client_env = emulator.env(VCHAN_CLIENT_DOMID)
             vchan_peer = VCHAN_CLIENT_DOMID
         print("vchan bench: measuring memcpy", file=sys.stderr, flush=True)
         results: Json = {
@@ -257,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "timeout_seconds": args.timeout,
             "vchan_domains": ({"server": VCHAN_SERVER_DOMID, "client": VCHAN_CLIENT_DOMID}
                               if backend_name == "sim" else "own domain"),
-            "private_emulator": "VCHAN_SIM_DIR" not in os.environ,
+            "private_emulator": private_emulator,
             "units": "bytes_per_s at the receiver, first delivery to EOF (both directions: "
                      "the sum); latency in us at the client; memory in bytes",
         }
@@ -269,9 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if runner is not None:
             runner.close(kill=True)
-        if own_sim is not None:
+        if emulator is not None:
             with contextlib.suppress(sim.SimError, OSError):
-                sim.stop(own_sim)
+                emulator.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
     from .report import render_markdown, write_report

@@ -115,6 +115,33 @@ def one_connection(done: asyncio.Future[Json],
     return callback
 
 
+async def _unix_connect(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A Unix-socket connection, waiting while the server's listen backlog is full.
+
+    There a non-blocking connect() fails with EAGAIN (not EINPROGRESS: nothing
+    is under way), which asyncio's selector loop takes for a connect in
+    progress: the socket turns writable at once with no error and is handed
+    over unconnected (its first write fails with ENOTCONN or EINVAL).  A
+    client opening thousands at once tries again, as a blocking connect()
+    would wait.
+    """
+    delay = 1e-4
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            sock.close()
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.01)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_unix_connection(sock=sock)
+
+
 async def connect(cmd: Json) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to the address a server child gave, on the command's transport."""
     transport, address = cmd["transport"], cmd["address"]
@@ -126,7 +153,7 @@ async def connect(cmd: Json) -> tuple[asyncio.StreamReader, asyncio.StreamWriter
                                            dedicated=cmd.get("dedicated", False),
                                            busy_poll=cmd.get("busy_poll") or None)
     if transport == "unix":
-        return await asyncio.open_unix_connection(address["path"])
+        return await _unix_connect(address["path"])
     if transport in ("dropin", "dropin-tcp"):
         import vchan
 

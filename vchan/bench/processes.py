@@ -88,7 +88,10 @@ def child_main(role: str, parent: int) -> int:
                 coro = CLIENTS[cmd["case"]](cmd)
             result = run_on(cmd["loop"], asyncio.wait_for(coro, cmd["timeout"]))
         except Exception as exc:
-            traceback.print_exc(file=sys.stderr)
+            # A limit hit or a peer gone is the measurement's result, said in
+            # one line by the parent; anything else is a bug: its traceback.
+            if not isinstance(exc, BenchError | OSError | EOFError | TimeoutError):
+                traceback.print_exc(file=sys.stderr)
             emit(error=f"{role}: {type(exc).__name__}: {exc}")
             continue
         emit(result=result)
