@@ -82,6 +82,41 @@ def test_leaked_handles_warn(sim_dir: Path) -> None:
         gc.collect()
 
 
+def test_a_program_that_exits_closes_its_device_handles(sim_dir: Path) -> None:
+    # The process's shared gntalloc/gntdev handles (vchan.endpoint.devices)
+    # live until it exits: closed then, not left to the collector's warning.
+    code = """if True:
+        import asyncio, atexit, sys
+
+        def after_vchan():          # registered first: runs after vchan's own
+            from vchan import endpoint
+            handles = (endpoint._devices._sharer, endpoint._devices._mapper)
+            print("closed at exit:", [h.closed for h in handles])
+
+        atexit.register(after_vchan)
+        import vchan
+
+        async def main():
+            async def echo(reader, writer):
+                writer.write(await reader.read(5))
+                writer.close()
+
+            own = vchan.own_domid()
+            async with await vchan.start_server(echo, "exit", peers=own):
+                reader, writer = await vchan.open_connection(own, "exit", timeout=10)
+                writer.write(b"hello")
+                print((await reader.read()).decode())
+                writer.close()
+                await writer.wait_closed()
+
+        asyncio.run(main())
+    """
+    done = subprocess.run([sys.executable, "-X", "dev", "-W", "error", "-c", code],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == "hello\nclosed at exit: [True, True]\n"
+
+
 def test_concurrent_first_use_starts_exactly_one_emulator(tmp_path: Path) -> None:
     directory = tmp_path / "sim"
     code = ("from vchan import sim; sim.ensure_running(); "

@@ -24,6 +24,7 @@ sharing and mapping are opened once per process and shared.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import os
@@ -90,14 +91,31 @@ class _Devices:
                 self._mapper = GrantMapper()
             return self._mapper
 
+    def close(self) -> None:
+        """Close both handles (mappings made through them stay valid).  In a
+        forked child, which got them from its parent, only its copies go."""
+        for handle in (self._sharer, self._mapper):
+            if handle is not None:
+                handle.close()
+
 
 _devices: _Devices | None = None
+
+
+@atexit.register
+def _close_devices() -> None:
+    # The shared handles live as long as the process: closed as it exits,
+    # not left to the collector (which warns of unclosed handles).
+    if _devices is not None:
+        _devices.close()
 
 
 def devices() -> _Devices:
     """This process's shared device handles (a forked child gets its own)."""
     global _devices
     if _devices is None or _devices.pid != os.getpid():
+        if _devices is not None:
+            _devices.close()        # the parent's, copied by a fork
         _devices = _Devices()
     return _devices
 
