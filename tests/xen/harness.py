@@ -28,6 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+_TESTS = str(Path(__file__).resolve().parent.parent)     # for bench.py, run as a script
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+from procs import Proc  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 SHARE = Path(os.environ.get("RIG_SHARE", "/rig"))
 OUT = Path(os.environ.get("RIG_OUT", "/rig/out"))
@@ -303,52 +308,50 @@ class RemoteJob:
         self.dom.command({"op": "kill", "id": self.job, "signal": int(sig)})
 
 
-class LocalJob:
-    """A role running in dom0 (a subprocess), with the same reports."""
+class LocalJob(Proc):
+    """A role running in dom0: a :class:`procs.Proc` (the suite's one process
+    helper) with :class:`RemoteJob`'s interface, so a test drives a role the
+    same way in either domain."""
 
     def __init__(self, *args: str | int, stdin: int | None = subprocess.DEVNULL) -> None:
-        self.output = tempfile.TemporaryFile()   # noqa: SIM115 -- closed by close()
-        self.proc = subprocess.Popen([sys.executable, str(ROLES), *map(str, args)],
-                                     stdout=self.output, stderr=subprocess.STDOUT, stdin=stdin)
+        super().__init__([sys.executable, ROLES, *map(str, args)], stdin=stdin, grace=0,
+                         name=f"dom0 role {' '.join(map(str, args))}")
 
-    def _out(self) -> str:
-        self.output.seek(0)
-        return self.output.read().decode(errors="replace")
+    def _result(self) -> JobResult:
+        with self._cond:
+            stdout = "\n".join(self._lines)
+        status = self.proc.returncode
+        return JobResult(-1 if status is None else status, f"{stdout}\n{self.stderr}")
 
     def wait_for(self, event: str, timeout: float = 60.0) -> dict[str, Any]:
         """Wait for the role to report ``{"event": event, ...}``."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for report in JobResult(0, self._out()).lines:
-                if report.get("event") == event:
-                    return report
-            if self.proc.poll() is not None:
-                raise DomuError(f"dom0 role ended ({self.proc.returncode}) before {event!r}:\n"
-                                f"{self._out()}")
-            time.sleep(0.1)
-        raise DomuError(f"dom0 role: no {event!r} within {timeout:.0f} s:\n{self._out()}")
+        with self._cond:
+            while True:
+                for report in JobResult(0, "\n".join(self._lines)).lines:
+                    if report.get("event") == event:
+                        return report
+                left = deadline - time.monotonic()
+                if self.eof or left <= 0:
+                    break
+                self._cond.wait(left)
+        if self.eof:
+            self.proc.wait(30)
+            raise DomuError(f"{self.name} ended ({self.proc.returncode}) before {event!r}:\n"
+                            f"{self._result().out}")
+        raise DomuError(f"{self.name}: no {event!r} within {timeout:.0f} s:\n"
+                        f"{self._result().out}")
 
-    def wait(self, timeout: float = 120.0) -> JobResult:
+    def wait(self, timeout: float = 120.0) -> JobResult:   # type: ignore[override]
         """Wait for the role to end (killing it at the deadline)."""
         try:
-            rc = self.proc.wait(timeout)
+            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.kill()
-            raise DomuError(f"dom0 role still running after {timeout:.0f} s:\n"
-                            f"{self._out()}") from None
-        return JobResult(rc, self._out())
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to the role."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            if sig == signal.SIGKILL:
-                self.proc.wait(30)
-
-    def close(self) -> None:
-        """Kill the role if it still runs."""
-        self.kill()
-        self.output.close()
+            self.close()
+            raise DomuError(f"{self.name} still running after {timeout:.0f} s:\n"
+                            f"{self._result().out}") from None
+        self.rest(30)               # every line read
+        return self._result()
 
 
 @contextlib.contextmanager
