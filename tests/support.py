@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +52,29 @@ def compiler_candidates(*, gcc: bool = False) -> list[str]:
         if path and path not in found:
             found.append(path)
     return found
+
+
+def build_c(cc: str, flags: Sequence[str], sources: Sequence[Path], exe: Path) -> Path:
+    """Compile ``sources`` into ``exe`` with warnings as errors (the test fails
+    with the compiler's output if it does not build)."""
+    cmd = [cc, *flags, "-std=gnu11", "-Wall", "-Wextra", "-Werror", *map(str, sources),
+           "-o", str(exe)]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
+    print(f"\nbuilt {exe.name} with {cc} in {time.monotonic() - started:.1f} s")
+    return exe
+
+
+@contextlib.contextmanager
+def grant_limit(sim_dir: Path, pages: int) -> Iterator[None]:
+    """The emulator's grant limit per domain set to ``pages`` for a ``with``
+    block, then put back as it was."""
+    from vchan import sim
+
+    old = sim.control({"cmd": "status"}, sim_dir)["grant_limit"]
+    sim.control({"cmd": "set", "key": "grant-limit", "value": pages}, sim_dir)
+    try:
+        yield
+    finally:
+        sim.control({"cmd": "set", "key": "grant-limit", "value": old}, sim_dir)

@@ -22,6 +22,7 @@ from typing import IO, Any
 
 import pytest
 from procs import Children, Proc
+from support import grant_limit
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "vchan"]
@@ -230,12 +231,8 @@ async def _wait_for(cmd: Proc, pattern: str) -> re.Match[str]:
 @pytest.fixture
 def many_grants(sim_dir: Path) -> Iterator[None]:
     """100 connections of 1 MiB rings need more than Xen's default 1,024 pages."""
-    from vchan import sim
-
-    old = sim.control({"cmd": "status"}, sim_dir)["grant_limit"]
-    sim.control({"cmd": "set", "key": "grant-limit", "value": 65536}, sim_dir)
-    yield
-    sim.control({"cmd": "set", "key": "grant-limit", "value": old}, sim_dir)
+    with grant_limit(sim_dir, 65536):
+        yield
 
 
 async def test_proxy_both_directions_100_connections(cmds: Children, tmp_path: Path,

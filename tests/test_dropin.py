@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from procs import Children, Proc
+from support import grant_limit
 from test_streams import _loop_kind
 
 import vchan
@@ -199,15 +200,9 @@ async def test_a_server_short_of_grants_falls_back_to_tcp_at_once(
         domains: Children, sim_dir: Path) -> None:
     """The server cannot grant a ring (its domain's grant limit is reached): it
     refuses the vchan request, and the client goes on over TCP at once."""
-    from vchan import sim
-
     server, port = await _server(domains)
-    sim.control({"cmd": "set", "key": "grant-limit", "value": 0}, sim_dir)
-    try:
+    with grant_limit(sim_dir, 0):
         got = await _client(domains, port, "--nbytes", "20000")
-    finally:
-        sim.control({"cmd": "set", "key": "grant-limit", "value": sim.DEFAULT_GRANT_LIMIT},
-                    sim_dir)
     conn = (await server.aevent())["conn"]
     assert got["via"] == conn["via"] == "tcp"
     assert got["received"] == conn["received"] == 20000
@@ -259,16 +254,22 @@ async def test_a_stream_sent_to_a_lying_domain_carries_nothing_but_the_claim(
     async with server:
         third = _spawn(domains, 3, "advertise", str(port), HOST, "--peers", "0")
         assert (await third.aevent())["ready"] == 3
-        reader, writer = await vchan.open_connection(HOST, port)
-        assert dropin.via(writer) == "tcp"
-        writer.write(b"secret")
-        writer.write_eof()
-        assert await reader.read() == b"secret"
-        writer.close()
-        await writer.wait_closed()
+        await _echoed_over_tcp(port, b"secret")
         contacted = (await third.aevent())["contacted"]
         assert contacted == {"peer": 0, "bytes": upgrade.CLAIM_SIZE}
     assert seen[0].startswith(upgrade.MAGIC_HELLO) and seen[1] == b"secret"
+
+
+async def _echoed_over_tcp(port: int, message: bytes) -> None:
+    """A drop-in connection to the echo server at ``port`` goes over TCP and
+    gets ``message`` back."""
+    reader, writer = await vchan.open_connection(HOST, port)
+    assert dropin.via(writer) == "tcp"
+    writer.write(message)
+    writer.write_eof()
+    assert await reader.read() == message
+    writer.close()
+    await writer.wait_closed()
 
 
 # -- plain clients of a drop-in server -------------------------------------------------------
@@ -371,13 +372,7 @@ async def test_a_server_that_cannot_serve_vchan_declines_and_the_connection_goes
     async with server:
         third = _spawn(domains, 3, "advertise", str(port), HOST, "--peers", "0")
         assert (await third.aevent())["ready"] == 3
-        reader, writer = await vchan.open_connection(HOST, port)
-        assert dropin.via(writer) == "tcp"
-        writer.write(b"on the same connection")
-        writer.write_eof()
-        assert await reader.read() == b"on the same connection"
-        writer.close()
-        await writer.wait_closed()
+        await _echoed_over_tcp(port, b"on the same connection")
     assert accepted == ["tcp"]          # one connection: no second one was made
 
 

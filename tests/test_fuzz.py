@@ -28,7 +28,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from support import compiler_candidates, need, soak_seconds
+from support import build_c, compiler_candidates, need, soak_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ_DIR = ROOT / "tests" / "fuzz"
@@ -104,14 +104,8 @@ def fuzz_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cc, log = _fuzz_compiler(workdir)
     need(cc, f"no compiler with libFuzzer + ASan + UBSan: {log.strip()}")
     assert cc is not None
-    exe = workdir / "ring_fuzz"
-    cmd = [cc, *FLAGS, "-std=gnu11", "-Wall", "-Wextra", "-Werror",
-           "-I", str(ROOT / "vchan"), str(SOURCE), str(RING_C), str(SPLICE_C), "-o", str(exe)]
-    started = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
-    print(f"\nbuilt {exe.name} with {cc} in {time.monotonic() - started:.1f} s")
-    return exe
+    return build_c(cc, [*FLAGS, "-I", str(ROOT / "vchan")], [SOURCE, RING_C, SPLICE_C],
+                   workdir / "ring_fuzz")
 
 
 @pytest.mark.timeout(FUZZ_SECONDS + 240)

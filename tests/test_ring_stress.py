@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import compiler_candidates, need, soak_seconds
+from support import build_c, compiler_candidates, need, soak_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "tests" / "c" / "ring_stress.c"
@@ -88,14 +88,8 @@ def stress_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cc, log = _tsan_compiler(workdir)
     need(cc, f"no compiler with a working ThreadSanitizer: {log.strip()}")
     assert cc is not None
-    exe = workdir / "ring_stress"
-    cmd = [cc, "-fsanitize=thread", "-O1", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Werror",
-           "-pthread", "-I", str(ROOT / "vchan"), str(SOURCE), str(RING_C), "-o", str(exe)]
-    started = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
-    print(f"\nbuilt {exe.name} with {cc} in {time.monotonic() - started:.1f} s")
-    return exe
+    return build_c(cc, ["-fsanitize=thread", "-O1", "-g", "-pthread", "-I", str(ROOT / "vchan")],
+                   [SOURCE, RING_C], workdir / "ring_stress")
 
 
 @pytest.mark.parametrize(("order", "writer"), CASES, ids=[f"order{o}-{w}" for o, w in CASES])

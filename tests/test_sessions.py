@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from memory import Memory, assert_nothing_grows
 from procs import Children
+from support import grant_limit
 from test_streams import _count_nodes, _fds, _spawn, peers  # noqa: F401
 
 import vchan
@@ -36,15 +37,6 @@ def _domain(st: dict[str, Any], domid: int) -> dict[str, Any]:
 
 def _requests(sim_dir: Path, domid: int) -> int:
     return int(_status(sim_dir)["xenstore"]["requests"].get(str(domid), 0))
-
-
-@contextlib.contextmanager
-def _grant_limit(sim_dir: Path, value: int) -> Any:
-    sim.control({"cmd": "set", "key": "grant-limit", "value": value}, sim_dir)
-    try:
-        yield
-    finally:
-        sim.control({"cmd": "set", "key": "grant-limit", "value": DEFAULT_LIMIT}, sim_dir)
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -147,7 +139,7 @@ async def test_out_of_grants_is_refused_at_once_and_leaves_nothing_behind(
         xs = await XenStore.open()
         try:
             nodes_before = await _count_nodes(xs, base)
-            with _grant_limit(sim_dir, 0):
+            with grant_limit(sim_dir, 0):
                 # One refusal first: what a first connection opens for good
                 # (the loop's XenStore connection, device handles) is no leak.
                 with pytest.raises(ConnectionRefusedError):
@@ -246,7 +238,7 @@ async def _refusals_then_a_connection(sim_dir: Path, refuser: str, n: int) -> No
                 DomainProcess(2) as served:
             proc(_REFUSALS)
             served(_REFUSALS)
-            with _grant_limit(sim_dir, 0):
+            with grant_limit(sim_dir, 0):
                 t0 = time.monotonic()
                 median, slowest = await asyncio.to_thread(
                     proc, f"asyncio.run(_refusals({own}, {port!r}, {n}))", 600)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from memory import Memory, assert_nothing_grows
 from procs import Children, Proc
-from support import soak_seconds
+from support import grant_limit, soak_seconds
 
 import vchan
 from vchan import sim
@@ -98,8 +98,7 @@ async def test_two_hundred_concurrent_connections(peers: Children, sim_dir: Path
     # connection on the server's side; 200 connections need 6,600 of them, so
     # this runs with the emulator's grant limit raised to 8,192 pages per
     # domain (the default 1,024 allows 31).
-    sim.control({"cmd": "set", "key": "grant-limit", "value": 8192}, sim_dir)
-    try:
+    with grant_limit(sim_dir, 8192):
         server = _spawn(peers, 1, "echo-server", "many", "--peers", "2", "--connections",
                         "200", "--summary")
         assert (await server.aevent())["event"] == "listening"
@@ -110,9 +109,6 @@ async def test_two_hundred_concurrent_connections(peers: Children, sim_dir: Path
         status = sim.control({"cmd": "status"}, sim_dir)
         dom1 = next(d for d in status["domains"] if d["domid"] == 1)
         assert dom1["granted_pages"] == 200 * 33
-    finally:
-        sim.control({"cmd": "set", "key": "grant-limit", "value": sim.DEFAULT_GRANT_LIMIT},
-                    sim_dir)
 
 
 async def test_clients_connecting_at_the_same_instant(peers: Children) -> None:
@@ -310,8 +306,7 @@ async def test_grant_limit_exhaustion_names_the_limit(sim_dir: Path) -> None:
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         hold.append(w)
 
-    sim.control({"cmd": "set", "key": "grant-limit", "value": 40}, sim_dir)
-    try:
+    with grant_limit(sim_dir, 40):
         # Ring sizes the server insists on: 33 pages per ring.
         async with await vchan.start_server(handler, "scarce", peers=own, read_min=65536,
                                             write_min=65536) as server:
@@ -331,9 +326,6 @@ async def test_grant_limit_exhaustion_names_the_limit(sim_dir: Path) -> None:
             for w in (w1, w2, *hold):
                 w.close()
             server.close_clients()
-    finally:
-        sim.control({"cmd": "set", "key": "grant-limit", "value": sim.DEFAULT_GRANT_LIMIT},
-                    sim_dir)
 
 
 async def test_default_rings_shrink_when_grants_run_short(sim_dir: Path) -> None:
@@ -344,8 +336,7 @@ async def test_default_rings_shrink_when_grants_run_short(sim_dir: Path) -> None
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         hold.append(w)
 
-    sim.control({"cmd": "set", "key": "grant-limit", "value": 600}, sim_dir)
-    try:
+    with grant_limit(sim_dir, 600):
         async with await vchan.start_server(handler, "shrink", peers=own) as server:
             writers = []
             for _ in range(4):
@@ -358,9 +349,6 @@ async def test_default_rings_shrink_when_grants_run_short(sim_dir: Path) -> None
             for w in writers + hold:
                 w.close()
             server.close_clients()
-    finally:
-        sim.control({"cmd": "set", "key": "grant-limit", "value": sim.DEFAULT_GRANT_LIMIT},
-                    sim_dir)
 
 
 async def test_peer_domain_vanishing_without_notice_resets(sim_dir: Path,
