@@ -38,6 +38,24 @@ def _target(target: str, value: str, met: bool | None, detail: str) -> Json:
     return {"target": target, "value": value, "met": met, "detail": detail}
 
 
+def _unmeasured(target: str, detail: str, **figures: float | None) -> Json:
+    """The target undecided, naming what was not measured (a figure that is
+    None or 0)."""
+    missing = " and ".join(what.replace("_", " ") for what, x in figures.items() if not x)
+    return _target(target, "-", None, f"{detail}: no {missing} measurement")
+
+
+def _at_least(target: str, detail: str, need: float, **bytes_per_s: float | None) -> Json:
+    """Bytes/s of the first figure >= ``need`` times the second's."""
+    (_, ours), (theirs_name, theirs) = bytes_per_s.items()
+    if not ours or not theirs:
+        return _unmeasured(target, detail, **bytes_per_s)
+    ratio = ours / theirs
+    return _target(target, f"{ratio:.2f}x ({fmt_mbps(ours)} vs {theirs_name.replace('_', ' ')} "
+                           f"{fmt_mbps(theirs)} MB/s)", ratio >= need,
+                   f"{detail}; the ratio of bytes/s, needs >= {need:g}")
+
+
 def check_targets(results: Json) -> list[Json]:
     """The targets of issue #8, checked against ``results`` (recorded, not asserted).
 
@@ -66,35 +84,14 @@ def check_targets(results: Json) -> list[Json]:
                      loop=loop)
         v = get_num(find_row(bulk, transport="vchan", **where), "bytes_per_s")
         u = get_num(find_row(bulk, transport="unix", **where), "bytes_per_s")
-        base = (f"bulk, one direction, 64 KiB writes, streams API (StreamReader), "
-                f"{loop}, {ring_text}")
-        name = f"Bulk 64 KiB streams ({loop}): vchan >= {TARGET_VS_UNIX:g}x Unix sockets"
-        if v is None or not u:
-            missing = " and ".join(t for t, x in (("vchan", v), ("unix", u)) if not x)
-            out.append(_target(name, "-", None, f"{base}: no {missing} measurement"))
-        else:
-            ratio = v / u
-            out.append(_target(
-                name, f"{ratio:.2f}x ({fmt_mbps(v)} vs {fmt_mbps(u)} MB/s)",
-                ratio >= TARGET_VS_UNIX,
-                f"{base}; vchan/unix of bytes/s, needs >= {TARGET_VS_UNIX:g}"))
-
-    for loop in loops:
-        where = dict(direction="one", receiver="streams", write_size=TARGET_WRITE_SIZE,
-                     loop=loop)
-        v = get_num(find_row(bulk, transport="vchan", **where), "bytes_per_s")
-        name = f"Bulk 64 KiB streams ({loop}): vchan >= {TARGET_VS_MEMCPY:g}x memcpy"
-        base = "single-core memcpy of large blocks, measured in the same run"
-        if v is None or not memcpy_bps:
-            missing = " and ".join(t for t, x in (("vchan bulk", v), ("memcpy", memcpy_bps))
-                                   if not x)
-            out.append(_target(name, "-", None, f"{base}: no {missing} measurement"))
-        else:
-            ratio = v / memcpy_bps
-            out.append(_target(
-                name, f"{ratio:.2f}x ({fmt_mbps(v)} vs memcpy {fmt_mbps(memcpy_bps)} MB/s)",
-                ratio >= TARGET_VS_MEMCPY,
-                f"{base}; vchan/memcpy of bytes/s, needs >= {TARGET_VS_MEMCPY:g}"))
+        out.append(_at_least(
+            f"Bulk 64 KiB streams ({loop}): vchan >= {TARGET_VS_UNIX:g}x Unix sockets",
+            f"bulk, one direction, 64 KiB writes, streams API (StreamReader), {loop}, "
+            f"{ring_text}", TARGET_VS_UNIX, vchan=v, unix=u))
+        out.append(_at_least(
+            f"Bulk 64 KiB streams ({loop}): vchan >= {TARGET_VS_MEMCPY:g}x memcpy",
+            "single-core memcpy of large blocks, measured in the same run",
+            TARGET_VS_MEMCPY, vchan_bulk=v, memcpy=memcpy_bps))
 
     for loop in loops:
         vp = get_num(find_row(ping, transport="vchan", message_size=TARGET_PING_SIZE, loop=loop),
@@ -107,8 +104,7 @@ def check_targets(results: Json) -> list[Json]:
                 f"i.e. vchan at least {TARGET_PING_FACTOR:.0%} as fast "
                 f"(unix p50 / vchan p50 >= {TARGET_PING_FACTOR:g})")
         if not vp or up is None:
-            missing = " and ".join(t for t, x in (("vchan", vp), ("unix", up)) if not x)
-            out.append(_target(name, "-", None, f"{base}; no {missing} measurement"))
+            out.append(_unmeasured(name, base, vchan=vp, unix=up))
         else:
             speed = up / vp
             out.append(_target(
@@ -134,8 +130,7 @@ def check_targets(results: Json) -> list[Json]:
             base = "issue 15: vchan faster than Unix sockets, p50 round trip at most " \
                 f"{TARGET_PING_FACTOR:g}x Unix's"
             if not vp or up is None:
-                missing = " and ".join(t for t, x in (("vchan", vp), ("unix", up)) if not x)
-                out.append(_target(name, "-", None, f"{base}; no {missing} measurement"))
+                out.append(_unmeasured(name, base, vchan=vp, unix=up))
                 continue
             out.append(_target(
                 name, f"{vp / up:.2f}x (p50 vchan {fmt_us(vp)} us, unix {fmt_us(up)} us)",
