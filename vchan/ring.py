@@ -205,15 +205,23 @@ class Ring:
         raise TypeError("use Ring.server() or Ring.client()")
 
     @classmethod
-    def _new(cls, is_server: bool, read_order: int, write_order: int,
-             buffers: tuple[Any, ...]) -> Ring:
+    def _attach(cls, is_server: bool, page0: Any, read_order: int, write_order: int,
+                read_buffer: Any, write_buffer: Any) -> Ring:
+        page = _page(page0)
+        # A client may have its read ring mapped read-only.
+        rd = _ring_buffer(read_buffer, read_order, "read", is_server)
+        wr = _ring_buffer(write_buffer, write_order, "write", True)
         self = object.__new__(cls)
         self._r = ffi.new("struct vchan_ring *")
         self._notify = ffi.new("int *")
-        self._buffers = buffers     # keeps the memory alive as long as we are
+        # Keeps the memory alive as long as we are.
+        self._buffers = (page0, read_buffer, write_buffer, page, rd, wr)
         self.is_server = is_server
         self.read_size = 1 << read_order
         self.write_size = 1 << write_order
+        init, what = ((lib.vchan_ring_init_server, "server init") if is_server else
+                      (lib.vchan_ring_init_client, "client init"))
+        _check(init(self._r, page, read_order, write_order, rd, wr), what)
         return self
 
     @classmethod
@@ -228,14 +236,7 @@ class Ring:
         _check_order(write_order, "write_order")
         if read_order == write_order and read_order < 12:
             raise ValueError("both rings cannot use the same in-page slot")
-        page = _page(page0)
-        rd = _ring_buffer(read_buffer, read_order, "read", True)
-        wr = _ring_buffer(write_buffer, write_order, "write", True)
-        self = cls._new(True, read_order, write_order, (page0, read_buffer, write_buffer, page,
-                                                       rd, wr))
-        _check(lib.vchan_ring_init_server(self._r, page, read_order, write_order, rd, wr),
-               "server init")
-        return self
+        return cls._attach(True, page0, read_order, write_order, read_buffer, write_buffer)
 
     @classmethod
     def client(cls, page0: Any, read_buffer: Any = None, write_buffer: Any = None,
@@ -247,13 +248,7 @@ class Ring:
         the peer one event (:meth:`take_notify` returns True).
         """
         read_order, write_order = orders if orders is not None else client_orders(page0)
-        page = _page(page0)
-        rd = _ring_buffer(read_buffer, read_order, "read", False)
-        wr = _ring_buffer(write_buffer, write_order, "write", True)
-        self = cls._new(False, read_order, write_order, (page0, read_buffer, write_buffer, page,
-                                                        rd, wr))
-        _check(lib.vchan_ring_init_client(self._r, page, read_order, write_order, rd, wr),
-               "client init")
+        self = cls._attach(False, page0, read_order, write_order, read_buffer, write_buffer)
         self._notify[0] = 1     # wake the server, as libxenvchan does
         return self
 
