@@ -316,6 +316,8 @@ class LocalJob(Proc):
     def __init__(self, *args: str | int, stdin: int | None = subprocess.DEVNULL) -> None:
         super().__init__([sys.executable, ROLES, *map(str, args)], stdin=stdin, grace=0,
                          name=f"dom0 role {' '.join(map(str, args))}")
+        self._scanned = 0                           # lines looked at by wait_for
+        self._events: dict[str, dict[str, Any]] = {}  # the first report of each event
 
     def _result(self) -> JobResult:
         with self._cond:
@@ -324,13 +326,18 @@ class LocalJob(Proc):
         return JobResult(-1 if status is None else status, f"{stdout}\n{self.stderr}")
 
     def wait_for(self, event: str, timeout: float = 60.0) -> dict[str, Any]:
-        """Wait for the role to report ``{"event": event, ...}``."""
+        """Wait for the role to report ``{"event": event, ...}`` (the first such
+        report, even if an earlier call went past it)."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for report in JobResult(0, "\n".join(self._lines)).lines:
-                    if report.get("event") == event:
-                        return report
+                # Each line is parsed once: a role may say thousands.
+                for line in self._lines[self._scanned:]:
+                    for report in JobResult(0, line).lines:
+                        self._events.setdefault(str(report.get("event")), report)
+                self._scanned = len(self._lines)
+                if event in self._events:
+                    return self._events[event]
                 left = deadline - time.monotonic()
                 if self.eof or left <= 0:
                     break

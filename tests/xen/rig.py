@@ -85,7 +85,7 @@ QEMU_MEMORY_MIB = 3072
 GUEST_REQUIREMENTS = ["pytest>=8", "pytest-asyncio>=1.4", "pytest-timeout>=2.3",
                       "uvloop>=0.19"]
 
-DEFAULT_SELECTION = ["tests/xen", "tests/test_devices.py", "-k", "not sim"]
+DEFAULT_SELECTION = ["tests/xen", "tests/test_devices.py", "-k", "not sim", "--durations=15"]
 
 
 class RigError(Exception):
