@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -54,9 +54,15 @@ def compiler_candidates(*, gcc: bool = False) -> list[str]:
     return found
 
 
-def build_c(cc: str, flags: Sequence[str], sources: Sequence[Path], exe: Path) -> Path:
-    """Compile ``sources`` into ``exe`` with warnings as errors (the test fails
-    with the compiler's output if it does not build)."""
+def build_c(workdir: Path, name: str, compiler: Callable[[Path], tuple[str | None, str]],
+            missing: str, flags: Sequence[str], sources: Sequence[Path]) -> Path:
+    """``workdir/name`` compiled from ``sources`` with warnings as errors, by the
+    first C compiler that ``compiler(workdir)`` finds able to (it answers the
+    compiler, or None, and its log); ``need`` decides when there is none."""
+    cc, log = compiler(workdir)
+    need(cc, f"{missing}: {log.strip()}")
+    assert cc is not None
+    exe = workdir / name
     cmd = [cc, *flags, "-std=gnu11", "-Wall", "-Wextra", "-Werror", *map(str, sources),
            "-o", str(exe)]
     started = time.monotonic()

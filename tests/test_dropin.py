@@ -67,8 +67,9 @@ async def _client(domains: Children, port: int, *args: str,
     return result
 
 
-async def _advertiser(domains: Children, port: int, *, domid: int = 3) -> Proc:
-    third = _spawn(domains, domid, "advertise", str(port), HOST)
+async def _advertiser(domains: Children, port: int, *args: str, domid: int = 3) -> Proc:
+    """A process of domain ``domid`` that advertises ``port`` as its own."""
+    third = _spawn(domains, domid, "advertise", str(port), HOST, *args)
     assert (await third.aevent())["ready"] == domid
     return third
 
@@ -172,8 +173,7 @@ async def test_an_advertised_silent_server_falls_back_after_the_answer_timeout(
     port = server.sockets[0].getsockname()[1]
     async with server:
         # (The test process is domain 0: the third domain serves it.)
-        third = _spawn(domains, 3, "advertise", str(port), HOST, "--peers", "0")
-        assert (await third.aevent())["ready"] == 3
+        await _advertiser(domains, port, "--peers", "0")
         t0 = time.monotonic()
         reader, writer = await vchan.open_connection(HOST, port)
         elapsed = time.monotonic() - t0
@@ -252,8 +252,7 @@ async def test_a_stream_sent_to_a_lying_domain_carries_nothing_but_the_claim(
     server = await asyncio.start_server(owner, HOST, 0)
     port = server.sockets[0].getsockname()[1]
     async with server:
-        third = _spawn(domains, 3, "advertise", str(port), HOST, "--peers", "0")
-        assert (await third.aevent())["ready"] == 3
+        third = await _advertiser(domains, port, "--peers", "0")
         await _echoed_over_tcp(port, b"secret")
         contacted = (await third.aevent())["contacted"]
         assert contacted == {"peer": 0, "bytes": upgrade.CLAIM_SIZE}
@@ -370,8 +369,7 @@ async def test_a_server_that_cannot_serve_vchan_declines_and_the_connection_goes
     port = server.port
     assert port is not None
     async with server:
-        third = _spawn(domains, 3, "advertise", str(port), HOST, "--peers", "0")
-        assert (await third.aevent())["ready"] == 3
+        await _advertiser(domains, port, "--peers", "0")
         await _echoed_over_tcp(port, b"on the same connection")
     assert accepted == ["tcp"]          # one connection: no second one was made
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from support import build_c, compiler_candidates, need, soak_seconds
+from support import build_c, compiler_candidates, soak_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ_DIR = ROOT / "tests" / "fuzz"
@@ -100,12 +100,9 @@ def _stats(output: str) -> dict[str, int | float]:
 
 @pytest.fixture(scope="module")
 def fuzz_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    workdir = tmp_path_factory.mktemp("ring_fuzz")
-    cc, log = _fuzz_compiler(workdir)
-    need(cc, f"no compiler with libFuzzer + ASan + UBSan: {log.strip()}")
-    assert cc is not None
-    return build_c(cc, [*FLAGS, "-I", str(ROOT / "vchan")], [SOURCE, RING_C, SPLICE_C],
-                   workdir / "ring_fuzz")
+    return build_c(tmp_path_factory.mktemp("ring_fuzz"), "ring_fuzz", _fuzz_compiler,
+                   "no compiler with libFuzzer + ASan + UBSan", [*FLAGS, "-I", str(ROOT / "vchan")],
+                   [SOURCE, RING_C, SPLICE_C])
 
 
 @pytest.mark.timeout(FUZZ_SECONDS + 240)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import build_c, compiler_candidates, need, soak_seconds
+from support import build_c, compiler_candidates, soak_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "tests" / "c" / "ring_stress.c"
@@ -84,12 +84,10 @@ def _tsan_compiler(workdir: Path) -> tuple[str | None, str]:
 
 @pytest.fixture(scope="module")
 def stress_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    workdir = tmp_path_factory.mktemp("ring_stress")
-    cc, log = _tsan_compiler(workdir)
-    need(cc, f"no compiler with a working ThreadSanitizer: {log.strip()}")
-    assert cc is not None
-    return build_c(cc, ["-fsanitize=thread", "-O1", "-g", "-pthread", "-I", str(ROOT / "vchan")],
-                   [SOURCE, RING_C], workdir / "ring_stress")
+    return build_c(tmp_path_factory.mktemp("ring_stress"), "ring_stress", _tsan_compiler,
+                   "no compiler with a working ThreadSanitizer",
+                   ["-fsanitize=thread", "-O1", "-g", "-pthread", "-I", str(ROOT / "vchan")],
+                   [SOURCE, RING_C])
 
 
 @pytest.mark.parametrize(("order", "writer"), CASES, ids=[f"order{o}-{w}" for o, w in CASES])
