@@ -138,6 +138,8 @@ class Emulator:
         from . import compat
 
         sock = compat.hold_domain(domid, self.directory)
+        # (Sockets the caller closed early need no keeping.)
+        self._held = [s for s in self._held if s.fileno() >= 0]
         self._held.append(sock)
         return sock
 
