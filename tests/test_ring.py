@@ -6,6 +6,7 @@ import mmap
 
 import pytest
 from ringpair import Pair
+from vchan._native import ffi, lib
 
 from vchan import LocalProtocolError, RemoteProtocolError
 from vchan.ring import (
@@ -297,3 +298,36 @@ def test_plain_libxenvchan_peer_does_not_speak_extensions() -> None:
     page[23] = 1
     assert server.peer_live() == 1
     assert not server.peer_speaks_extensions
+
+
+def _commit_quiet(ring: Ring, data: bytes) -> None:
+    """Write ``data`` with a quiet commit (published, the peer not woken)."""
+    a, alen = ffi.new("uint8_t **"), ffi.new("uint32_t *")
+    b, blen = ffi.new("uint8_t **"), ffi.new("uint32_t *")
+    assert lib.vchan_ring_reserve(ring._r, a, alen, b, blen) >= len(data)
+    ffi.memmove(a[0], data, len(data))
+    assert lib.vchan_ring_commit_quiet(ring._r, len(data)) == len(data)
+
+
+def test_publish_wakes_for_quiet_commits_only_until_an_ordinary_one_covers_them() -> None:
+    """``vchan_ring_publish`` (a session's deferred wake-up) sends an event for
+    quiet commits the peer has not been woken for, and none once an ordinary
+    commit has woken it (or found it awake): a reader that took everything
+    and went back to sleep is not woken again for nothing."""
+    pair = Pair(12, 12)
+    server, client = pair.server, pair.client
+    assert client.read(10) == b""                   # waits: asks to be told on write
+    _commit_quiet(server, b"abc")
+    assert not server.take_notify()
+    assert lib.vchan_ring_publish(server._r, server._notify) == 0
+    assert server.take_notify()                      # the quiet bytes need the event
+    assert client.read(10) == b"abc"
+    assert client.read(10) == b""                   # asleep again
+
+    _commit_quiet(server, b"def")                   # quiet, then an ordinary write ...
+    assert server.write(b"ghi") == 3
+    assert server.take_notify()                      # ... wakes the reader for both
+    assert client.read(10) == b"defghi"
+    assert client.read(10) == b""                   # asleep again, nothing new
+    assert lib.vchan_ring_publish(server._r, server._notify) == 0
+    assert not server.take_notify()                  # nothing to wake it for

@@ -456,6 +456,7 @@ static inline void publish_prod(struct vchan_ring *r, int *notify)
 {
     vchan_wmb();    /* write data /then/ publish the index */
     store_index(r->wr.prod, r->wr.own);
+    r->quiet = 0;
     send_notify(r, VCHAN_NOTIFY_WRITE, notify);
 }
 
@@ -700,6 +701,7 @@ static int commit(struct vchan_ring *r, uint32_t n, int *notify)
          * armed for the next ordinary write (that wakes the peer for both). */
         vchan_wmb();    /* write data /then/ publish the index */
         store_index(r->wr.prod, r->wr.own);
+        r->quiet = 1;
     }
     return (int)n;
 }
@@ -720,7 +722,8 @@ int vchan_ring_publish(struct vchan_ring *r, int *notify)
 
     if (rc)
         return rc;
-    publish_prod(r, notify);
+    if (r->quiet)
+        publish_prod(r, notify);
     return 0;
 }
 

@@ -116,6 +116,7 @@ struct vchan_ring {
     uint16_t left_order, right_order;   /* as agreed at setup */
     uint8_t is_server;
     uint8_t eof_sent;
+    uint8_t quiet;                      /* quiet commits since the last publish */
     int error;                          /* sticky remote error, or 0 */
 };
 
@@ -209,7 +210,9 @@ int vchan_ring_commit(struct vchan_ring *r, uint32_t n, int *notify);
  * the peer needs only when something else wakes it. */
 int vchan_ring_commit_quiet(struct vchan_ring *r, uint32_t n);
 /* After quiet commits: wake the peer now if it asked to be woken on write
- * (*notify set, the request cleared), as an ordinary commit would have. */
+ * (*notify set, the request cleared), as an ordinary commit would have.
+ * Nothing to do (0, *notify untouched) when an ordinary commit has been
+ * published since the last quiet one: it covered them. */
 int vchan_ring_publish(struct vchan_ring *r, int *notify);
 /* vchan_ring_reserve, arming the wake-up only when less than want bytes
  * are free (a writer that needs room for a whole frame). */
