@@ -1375,6 +1375,105 @@ async def test_open_and_first_write_wake_the_server_once(sim_dir: Path,
         server_end.transport.abort()
 
 
+async def test_a_connection_through_a_held_session_opens_without_a_loop_turn(
+        sim_dir: Path) -> None:
+    """Connecting through the session this loop holds is one frame: the
+    protocol is made and the transport returned before the loop runs again
+    (a callback scheduled before the call has not run yet)."""
+    loop = asyncio.get_running_loop()
+    async with served(1) as s:
+        ran: list[int] = []
+        loop.call_soon(ran.append, 1)
+        _, writer = await vchan.open_connection(s.own, s.port, timeout=10)
+        assert ran == []
+        assert writer.transport.get_extra_info("session") is s.conns[0].client.session
+        writer.write(b"hello\n")
+        server_end = await asyncio.wait_for(s.accepted.get(), 5)
+        assert await asyncio.wait_for(server_end.reader.readline(), 5) == b"hello\n"
+        writer.transport.abort()
+        server_end.transport.abort()
+
+
+async def test_the_data_sent_with_an_open_reaches_the_server_s_protocol_at_once(
+        sim_dir: Path) -> None:
+    """The server makes the protocol of a stream while it reads the OPEN, so
+    the DATA that came with it is delivered in the same pass: before a
+    callback that ``connection_made()`` scheduled (two loop iterations
+    sooner than a protocol made from the loop's next turn)."""
+    loop = asyncio.get_running_loop()
+    own = vchan.own_domid()
+    port = f"mux-{next(_ports)}"
+    events: list[str] = []
+    made: asyncio.Future[asyncio.Transport] = loop.create_future()
+
+    class Server(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            events.append("made")
+            loop.call_soon(events.append, "next turn")
+            assert isinstance(transport, asyncio.Transport)
+            made.set_result(transport)
+
+        def data_received(self, data: bytes) -> None:
+            events.append(f"data {data!r}")
+
+    server = await vchan.create_server(Server, port, peers=own)
+    try:
+        _, writer = await vchan.open_connection(own, port, timeout=10)
+        writer.write(b"first")
+        transport = await asyncio.wait_for(made, 5)
+        await asyncio.sleep(0.01)
+        assert events == ["made", "data b'first'", "next turn"]
+        writer.transport.abort()
+        transport.abort()
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
+
+
+async def test_a_protocol_that_fails_in_connection_made_is_reported_and_reset(
+        sim_dir: Path) -> None:
+    """A server protocol whose ``connection_made()`` raises: the loop's
+    exception handler is told (as for a socket transport) and the client's
+    connection ends; the session and the server go on."""
+    loop = asyncio.get_running_loop()
+    own = vchan.own_domid()
+    port = f"mux-{next(_ports)}"
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    fail = [True]
+
+    class Server(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            if fail[0]:
+                raise RuntimeError("boom in connection_made")
+
+        def data_received(self, data: bytes) -> None:
+            assert isinstance(self.transport, asyncio.Transport)
+            self.transport.write(data)
+
+    server = await vchan.create_server(Server, port, peers=own)
+    try:
+        reader, writer = await vchan.open_connection(own, port, timeout=10)
+        writer.write(b"x")
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert [c["message"] for c in reported] == \
+            ["Fatal error: protocol.connection_made() call failed."]
+        assert isinstance(reported[0]["exception"], RuntimeError)
+        fail[0] = False
+        reader, writer = await vchan.open_connection(own, port, timeout=10)
+        writer.write(b"again")
+        assert await asyncio.wait_for(reader.readexactly(5), 5) == b"again"
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        loop.set_exception_handler(None)
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
+
+
 async def test_a_stream_that_writes_nothing_still_reaches_the_server(sim_dir: Path) -> None:
     """Server speaks first: the OPEN is not left waiting for a client write."""
     own = vchan.own_domid()

@@ -172,13 +172,8 @@ async def _open_stream(session: Any, protocol_factory: Callable[[], asyncio.Base
     if isinstance(protocol, SpliceProtocol):
         raise TypeError("a SpliceProtocol needs a ring of its own: pass read_min/write_min "
                         "to create_connection for a dedicated connection")
-    waiter = asyncio.get_running_loop().create_future()
-    transport = session.open_stream(port_s, protocol, waiter=waiter, busy_poll=busy_poll,
+    transport = session.open_stream(port_s, protocol, busy_poll=busy_poll,
                                     extra={"peername": (domid, port),
                                            "sockname": (session.own, port)})
-    try:
-        await waiter
-    except BaseException:
-        transport.abort()
-        raise
+    transport.make_now()
     return transport, protocol

@@ -285,9 +285,9 @@ class Session:
         return not self.closed and not self.draining
 
     def open_stream(self, port: str, protocol: asyncio.BaseProtocol, *,
-                    extra: dict[str, Any], waiter: asyncio.Future[None] | None = None,
-                    busy_poll: float = 0.0) -> StreamTransport:
-        """Open a stream to ``port`` (client side); usable at once."""
+                    extra: dict[str, Any], busy_poll: float = 0.0) -> StreamTransport:
+        """Open a stream to ``port`` (client side); usable at once.  The
+        caller calls the transport's ``make_now()`` (``connection_made``)."""
         if not self.can_open():
             raise ConnectionRefusedError("the vchan session no longer accepts connections")
         if len(self.streams) >= self.peer_max_streams:
@@ -296,8 +296,8 @@ class Session:
                 f"{self.peer_max_streams} connections per session is reached")
         sid = self._next_id
         self._next_id += 1
-        transport = StreamTransport(self, sid, protocol, extra=extra, waiter=waiter,
-                                    busy_poll=busy_poll)
+        transport = StreamTransport(self, sid, protocol, extra=extra, busy_poll=busy_poll,
+                                    make_now=True)
         # The OPEN wakes the server together with the stream's first write,
         # which usually follows at once (one wake-up, not two); without one,
         # two loop iterations later.

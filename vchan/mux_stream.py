@@ -59,7 +59,8 @@ class StreamTransport(TransportBase):
     def __init__(self, session: Session, stream_id: int, protocol: asyncio.BaseProtocol, *,
                  extra: dict[str, Any] | None = None,
                  waiter: asyncio.Future[None] | None = None,
-                 on_close: Callable[[], None] | None = None, busy_poll: float = 0.0) -> None:
+                 on_close: Callable[[], None] | None = None, busy_poll: float = 0.0,
+                 make_now: bool = False) -> None:
         super().__init__(extra)
         self._loop = session._loop
         self._session = session
@@ -101,7 +102,8 @@ class StreamTransport(TransportBase):
         self._set_write_buffer_limits()
         self.set_protocol(protocol)
         session._add(self)
-        self._loop.call_soon(self._connection_made)
+        if not make_now:                # (else the creator calls make_now())
+            self._loop.call_soon(self._connection_made)
         if waiter is not None:
             self._loop.call_soon(_set_result_unless_cancelled, waiter, None)
 
@@ -160,6 +162,23 @@ class StreamTransport(TransportBase):
         self._made = True
         if self._rbuf or self._peer_eof_pending:
             self._loop.call_soon(self._drain_rbuf)
+
+    def make_now(self) -> None:
+        """``connection_made()`` now rather than from the loop's next turn.
+
+        For a stream the event loop's own callback creates (a server
+        accepting an OPEN while it reads the ring): the DATA that came with
+        the OPEN then goes straight to the protocol instead of waiting two
+        loop iterations in ``_rbuf``.  A protocol that fails in
+        ``connection_made()`` is reported as a socket transport's is, and
+        the stream is reset.
+        """
+        try:
+            self._connection_made()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.connection_made() call failed.")
 
     def resume_reading(self) -> None:
         if self._closing or not self._paused:

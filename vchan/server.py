@@ -437,10 +437,11 @@ class Server(asyncio.AbstractServer):
 
         transport = StreamTransport(session, stream_id, protocol, extra={
             "peername": (session.peer, self._port), "sockname": (self.own, self._port)},
-            on_close=closed, busy_poll=self._busy_poll)
+            on_close=closed, busy_poll=self._busy_poll, make_now=True)
         holder.append(transport)
         self._transports.add(transport)
         self._all_closed.clear()
+        transport.make_now()
         return transport
 
     def _session_closed(self, session: Any) -> None:
