@@ -16,8 +16,6 @@ ONE_THING = {
     "vchan/mux.py": "the session: one state machine over one ring pair (sending, receiving, "
                     "credit, busy polling, ending share its state), with its theory of "
                     "operation (~100 lines of docstring)",
-    "vchan/server.py": "vchan.Server: asyncio.Server's API and the server side of the "
-                       "listener protocol, one object's state",
     "vchan/sim/hypervisor.py": "the emulated hypervisor's daemon: one object holding the "
                                "domains, grant table, event channels and connections, and "
                                "the request handlers that change them together",
