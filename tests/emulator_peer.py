@@ -36,7 +36,7 @@ import sys
 from typing import Any
 
 from peer_events import emit_timed as emit
-from peer_roles import run_on_test_loop
+from peer_roles import add_client, add_server, run_on_test_loop
 
 import vchan
 
@@ -171,17 +171,9 @@ def main() -> None:
     signal.signal(signal.SIGUSR1, _dump_tasks)
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve")
-    s.add_argument("port")
-    s.add_argument("--peers", required=True)
-    s.add_argument("--again", action="store_true")
-    c = sub.add_parser("stream")
-    c.add_argument("domid", type=int)
-    c.add_argument("port")
-    w = sub.add_parser("connect")
-    w.add_argument("domid", type=int)
-    w.add_argument("port")
-    w.add_argument("--timeout", type=float, default=None)
+    add_server(sub, "serve", required=True).add_argument("--again", action="store_true")
+    add_client(sub, "stream")
+    add_client(sub, "connect").add_argument("--timeout", type=float, default=None)
     args = parser.parse_args()
     run_on_test_loop(_running({"serve": serve, "stream": stream, "connect": connect}[args.cmd](
         args)))

@@ -638,20 +638,33 @@ ROLES: dict[str, Role] = {
 }
 
 
+def add_server(sub: Any, name: str, **peers: Any) -> argparse.ArgumentParser:
+    """A server role's subcommand in ``sub``: its vchan ``port``, then
+    ``--peers`` (``peers``: that option's keywords)."""
+    p: argparse.ArgumentParser = sub.add_parser(name)
+    p.add_argument("port")
+    p.add_argument("--peers", **peers)
+    return p
+
+
+def add_client(sub: Any, name: str) -> argparse.ArgumentParser:
+    """A client role's subcommand in ``sub``: the server's ``domid`` and ``port``."""
+    p: argparse.ArgumentParser = sub.add_parser(name)
+    p.add_argument("domid", type=int)
+    p.add_argument("port")
+    return p
+
+
 def add_roles(sub: Any) -> None:
     """Add the shared roles' subcommands to ``sub`` (an ``add_subparsers()``)."""
-    p = sub.add_parser("echo-server")
-    p.add_argument("port")
-    p.add_argument("--peers", help="peer domid(s), comma-separated (a vchan server)")
+    p = add_server(sub, "echo-server", help="peer domid(s), comma-separated (a vchan server)")
     p.add_argument("--host", help="a drop-in server of this TCP address instead")
     p.add_argument("--plain", action="store_true", help="with --host: plain asyncio TCP")
     p.add_argument("--connections", type=int, default=1)
     p.add_argument("--raw", action="store_true", help="raw libxenvchan server (C peers)")
     p.add_argument("--summary", action="store_true",
                    help="report counts, not one entry per connection")
-    p = sub.add_parser("echo-client")
-    p.add_argument("domid", type=int)
-    p.add_argument("port")
+    p = add_client(sub, "echo-client")
     p.add_argument("--bytes", type=int, default=1 << 20)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-eof", action="store_true",
@@ -662,36 +675,25 @@ def add_roles(sub: Any) -> None:
     p.add_argument("--bytes", type=int, default=1 << 20)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-eof", action="store_true")
-    p = sub.add_parser("duplex-server")
-    p.add_argument("port")
-    p.add_argument("--peers", required=True, help="peer domid(s), comma-separated, or any")
+    p = add_server(sub, "duplex-server", required=True,
+                   help="peer domid(s), comma-separated, or any")
     p.add_argument("--raw", action="store_true", help="raw libxenvchan server (one peer)")
     p.add_argument("--bytes", type=int, default=1 << 20, help="sent to each client")
     p.add_argument("--connections", type=int, default=1, help="exit after this many")
     p.add_argument("--ring", type=int, default=None, help="ring size asked each way")
-    p = sub.add_parser("duplex-client")
-    p.add_argument("domid", type=int)
-    p.add_argument("port")
+    p = add_client(sub, "duplex-client")
     p.add_argument("--bytes", type=int, default=1 << 20)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--ring", type=int, default=None, help="ring size asked each way")
-    p = sub.add_parser("hold-server")
-    p.add_argument("port")
-    p.add_argument("--peers", required=True)
-    p = sub.add_parser("hold-client")
-    p.add_argument("domid", type=int)
-    p.add_argument("port")
-    p = sub.add_parser("many-client")
-    p.add_argument("domid", type=int)
-    p.add_argument("port")
+    add_server(sub, "hold-server", required=True)
+    add_client(sub, "hold-client")
+    p = add_client(sub, "many-client")
     p.add_argument("--connections", type=int, default=1000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--ring", type=int, default=None, help="ring size asked each way")
     p.add_argument("--hold", action="store_true",
                    help="keep the connections open until stdin closes")
-    p = sub.add_parser("setup-client")
-    p.add_argument("domid", type=int)
-    p.add_argument("port")
+    p = add_client(sub, "setup-client")
     p.add_argument("--count", type=int, default=200)
     p.add_argument("--tcp", default="", metavar="HOST:PORT",
                    help="over TCP to this bench-server instead")

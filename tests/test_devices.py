@@ -142,6 +142,16 @@ def _is_pv(world: World, dom: Domain) -> bool:
     return kind == "PV"
 
 
+def _shared_for_fork(world: World) -> tuple[Domain, Domain, list[int]]:
+    """Domains 1 and 2 and the refs of a page 1 shares with 2, for a test of
+    2's mapping across fork(); it skips where a forked child does not inherit
+    gntdev mappings (a PV domain: ``PV_FORK``)."""
+    d1, d2 = world.domain(1), world.domain(2)
+    if _is_pv(world, d2):
+        pytest.skip(PV_FORK)
+    return d1, d2, _share(d1, peer=d2.domid)
+
+
 def _wait_for(predicate: Any, timeout: float = 2.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -231,10 +241,7 @@ def test_pages_can_be_mapped_more_than_once(world: World) -> None:
 
 
 def test_mapping_survives_fork(world: World) -> None:
-    d1, d2 = world.domain(1), world.domain(2)
-    if _is_pv(world, d2):
-        pytest.skip(PV_FORK)
-    refs = _share(d1, peer=d2.domid)
+    d1, d2, refs = _shared_for_fork(world)
     d2(f"m = GrantMapper(); p = m.map({d1.domid}, {refs})")
     # The child writes through the inherited mapping, then unmaps and exits:
     # the parent's mapping is untouched.
@@ -250,10 +257,7 @@ def test_mapping_survives_fork(world: World) -> None:
 
 
 def test_unmap_notification_waits_for_the_last_forked_user(world: World) -> None:
-    d1, d2 = world.domain(1), world.domain(2)
-    if _is_pv(world, d2):
-        pytest.skip(PV_FORK)
-    refs = _share(d1, peer=d2.domid)
+    d1, d2, refs = _shared_for_fork(world)
     d1("pages.write(20, b'\\x01')")
     d2(f"m = GrantMapper(); p = m.map({d1.domid}, {refs}, notify_offset=20)")
     d2("r, w = os.pipe()\n"
@@ -563,6 +567,18 @@ def _watch_for_event(dom: Domain) -> None:
         "threading.Thread(target=_watch, daemon=True).start()")
 
 
+def _check_notified(peer: Domain, read_byte: str, t0: float, label: str, cause: str) -> None:
+    """The unmap notification reached ``peer`` (watching with ``_watch_for_event``)
+    within 0.1 s of ``t0``, when ``cause`` ended the other side: its event woke
+    it and ``read_byte`` (code reading the notify byte) gives 0.  Prints the
+    delay under ``label``."""
+    _wait_for(lambda: peer("woke"), what="the event")
+    woke = peer.to_local_clock(peer("woke[0]"))
+    assert peer(read_byte) == "\x00"
+    print(f"\nunmap notification ({label}): peer woke {1000 * (woke - t0):.2f} ms later")
+    assert -CLOCKS < woke - t0 < 0.1, f"peer woke {1000 * (woke - t0):.1f} ms after {cause}"
+
+
 @pytest.mark.parametrize("how", ["unmap", "close_process", "sigkill"])
 def test_unmap_notification_on_the_sharing_side(world: World, how: str) -> None:
     """The server shares page 0 with 'clear byte 21, send event' (libxenvchan)."""
@@ -582,11 +598,7 @@ def test_unmap_notification_on_the_sharing_side(world: World, how: str) -> None:
         d1.close()
     else:
         t0 = d1.kill(signal.SIGKILL)
-    _wait_for(lambda: d2("woke"), what="the event")
-    woke = d2.to_local_clock(d2("woke[0]"))
-    assert d2("p.read(21, 1)") == "\x00"
-    print(f"\nunmap notification ({how}): peer woke {1000 * (woke - t0):.2f} ms later")
-    assert -CLOCKS < woke - t0 < 0.1, f"peer woke {1000 * (woke - t0):.1f} ms after {how}"
+    _check_notified(d2, "p.read(21, 1)", t0, how, how)
 
 
 def test_unmap_notification_on_the_mapping_side_when_killed(world: World) -> None:
@@ -598,11 +610,7 @@ def test_unmap_notification_on_the_mapping_side_when_killed(world: World) -> Non
     d2(f"m = GrantMapper(); p = m.map({d1.domid}, {refs}, notify_offset=20, notify_port={p2})")
     _watch_for_event(d1)
     t0 = d2.kill(signal.SIGKILL)
-    _wait_for(lambda: d1("woke"), what="the event")
-    woke = d1.to_local_clock(d1("woke[0]"))
-    assert d1("pages.read(20, 1)") == "\x00"
-    print(f"\nunmap notification (mapper killed): peer woke {1000 * (woke - t0):.2f} ms later")
-    assert -CLOCKS < woke - t0 < 0.1, f"peer woke {1000 * (woke - t0):.1f} ms after SIGKILL"
+    _check_notified(d1, "pages.read(20, 1)", t0, "mapper killed", "SIGKILL")
 
 
 # -- domains -----------------------------------------------------------------

@@ -784,6 +784,14 @@ class Served:
         await asyncio.wait_for(self.server.wait_closed(), 10)
 
 
+async def check_both_ways(conn: Conn, line: bytes, reply: bytes) -> None:
+    """``line`` from the client reaches the server, and ``reply`` comes back."""
+    conn.client.writer.write(line)
+    assert await asyncio.wait_for(conn.server.reader.readline(), 5) == line
+    conn.server.writer.write(reply)
+    assert await asyncio.wait_for(conn.client.reader.readline(), 5) == reply
+
+
 @contextlib.asynccontextmanager
 async def served(n: int, **ring_options: Any) -> AsyncIterator[Served]:
     """A server with ``n`` working connections of one client session."""
@@ -793,15 +801,19 @@ async def served(n: int, **ring_options: Any) -> AsyncIterator[Served]:
         for i in range(n):
             conn = await s.connect()
             # The stream works both ways before the test does anything to it.
-            conn.client.writer.write(f"ping {i}\n".encode())
-            assert await asyncio.wait_for(conn.server.reader.readline(), 5) == \
-                f"ping {i}\n".encode()
-            conn.server.writer.write(f"pong {i}\n".encode())
-            assert await asyncio.wait_for(conn.client.reader.readline(), 5) == \
-                f"pong {i}\n".encode()
+            await check_both_ways(conn, f"ping {i}\n".encode(), f"pong {i}\n".encode())
         yield s
     finally:
         await s.close()
+
+
+@contextlib.asynccontextmanager
+async def hostile(n: int, loop_errors: list[dict[str, Any]]) -> AsyncIterator[Served]:
+    """``served(n)`` for a test that breaks the protocol: the loop errors of the
+    set-up are forgotten, so the test sees only those it causes."""
+    async with served(n) as s:
+        loop_errors.clear()
+        yield s
 
 
 def count_wakeups(session: Session, monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -886,6 +898,18 @@ async def check_session_failed(s: Served, loop_errors: list[dict[str, Any]],
     assert match in str(reported[0]["exception"])
 
 
+async def check_violation(violation: tuple[Any, str], loop_errors: list[dict[str, Any]], *,
+                          victim: str = "server") -> None:
+    """A ``(frames, match)`` of a violation table, written raw into a session of
+    three streams by the side that is not the ``victim``: every stream fails
+    (:func:`check_session_failed`)."""
+    frames, match = violation
+    async with hostile(3, loop_errors) as s:
+        hostile_end = s.conns[0].client if victim == "server" else s.conns[0].server
+        inject(hostile_end.session, frames())
+        await check_session_failed(s, loop_errors, match, victim=victim)
+
+
 def hello_body(window: int = DEFAULT_WINDOW, max_streams: int = 100) -> bytes:
     return struct.pack("<II", window, max_streams)
 
@@ -924,11 +948,7 @@ VIOLATIONS: dict[str, tuple[Any, str]] = {
 @pytest.mark.parametrize("name", list(VIOLATIONS))
 async def test_protocol_violation_fails_every_stream_of_the_session(
         name: str, sim_dir: Path, loop_errors: list[dict[str, Any]]) -> None:
-    frames, match = VIOLATIONS[name]
-    async with served(3) as s:
-        loop_errors.clear()
-        inject(s.conns[0].client.session, frames())
-        await check_session_failed(s, loop_errors, match)
+    await check_violation(VIOLATIONS[name], loop_errors)
 
 
 CLIENT_VIOLATIONS: dict[str, tuple[Any, str]] = {
@@ -948,19 +968,14 @@ CLIENT_VIOLATIONS: dict[str, tuple[Any, str]] = {
 @pytest.mark.parametrize("name", list(CLIENT_VIOLATIONS))
 async def test_protocol_violation_by_the_server_fails_every_client_stream(
         name: str, sim_dir: Path, loop_errors: list[dict[str, Any]]) -> None:
-    frames, match = CLIENT_VIOLATIONS[name]
-    async with served(3) as s:
-        loop_errors.clear()
-        inject(s.conns[0].server.session, frames())
-        await check_session_failed(s, loop_errors, match, victim="client")
+    await check_violation(CLIENT_VIOLATIONS[name], loop_errors, victim="client")
 
 
 @pytest.mark.expect_loop_errors
 async def test_data_frames_beyond_the_stream_credit_fail_the_session(
         sim_dir: Path, loop_errors: list[dict[str, Any]]) -> None:
     """Raw DATA frames adding up to one byte more than the window the server gave."""
-    async with served(3) as s:
-        loop_errors.clear()
+    async with hostile(3, loop_errors) as s:
         target = s.conns[1]
         target.server.transport.pause_reading()     # no credit comes back
         assert target.server.transport._recv_credit == DEFAULT_WINDOW - len("ping 1\n")
@@ -982,8 +997,7 @@ async def test_data_frames_beyond_the_stream_credit_fail_the_session(
 async def test_one_frame_longer_than_the_remaining_credit_fails_the_session(
         sim_dir: Path, loop_errors: list[dict[str, Any]]) -> None:
     """The stream's own writes use the credit up; a raw frame then overdraws it."""
-    async with served(2) as s:
-        loop_errors.clear()
+    async with hostile(2, loop_errors) as s:
         conn = s.conns[0]
         conn.server.transport.pause_reading()
         conn.client.writer.write(b"\x33" * (DEFAULT_WINDOW - 1000))    # leaves 1,000 - 7
@@ -1001,8 +1015,7 @@ async def test_one_frame_longer_than_the_remaining_credit_fails_the_session(
 @pytest.mark.expect_loop_errors
 async def test_corrupt_producer_index_fails_every_stream_of_the_session(
         sim_dir: Path, loop_errors: list[dict[str, Any]]) -> None:
-    async with served(3) as s:
-        loop_errors.clear()
+    async with hostile(3, loop_errors) as s:
         session = s.conns[0].client.session
         iface = ffi.cast("struct vchan_interface *", session._endpoint.pages[0].pointer)
         shared = iface.left                         # the ring the server reads
@@ -1015,8 +1028,7 @@ async def test_corrupt_producer_index_fails_every_stream_of_the_session(
 async def test_violation_after_a_frame_split_across_two_writes_is_still_seen(
         sim_dir: Path, loop_errors: list[dict[str, Any]]) -> None:
     """Half a hostile frame waits for its other half; then the session fails."""
-    async with served(2) as s:
-        loop_errors.clear()
+    async with hostile(2, loop_errors) as s:
         session = s.conns[0].client.session
         raw = header(DATA, 500, 10) + b"0123456789"
         inject(session, raw[:9])
@@ -1125,12 +1137,7 @@ async def test_write_eof_half_closes_one_stream_while_others_go_on(sim_dir: Path
         assert half.server.reader.at_eof()
         # The other streams, both ways, after that EOF.
         for i, conn in enumerate(others):
-            conn.client.writer.write(f"more {i}\n".encode())
-            assert await asyncio.wait_for(conn.server.reader.readline(), 5) == \
-                f"more {i}\n".encode()
-            conn.server.writer.write(f"reply {i}\n".encode())
-            assert await asyncio.wait_for(conn.client.reader.readline(), 5) == \
-                f"reply {i}\n".encode()
+            await check_both_ways(conn, f"more {i}\n".encode(), f"reply {i}\n".encode())
         # The half-closed stream still carries data the other way.
         reply = payload_of(300_000, 30)
         half.server.writer.write(reply)
@@ -1780,8 +1787,7 @@ async def test_length_prefixed_messages_across_many_ring_wraps(sim_dir: Path) ->
 @pytest.mark.expect_loop_errors
 async def test_a_peer_rewriting_announced_frames_fails_the_session(
         sim_dir: Path, loop_errors: list[dict[str, Any]]) -> None:
-    async with served(2) as s:
-        loop_errors.clear()
+    async with hostile(2, loop_errors) as s:
         conn, other = s.conns
         client_session, server_session = conn.client.session, conn.server.session
         ring = client_session._endpoint.ring

@@ -105,6 +105,15 @@ async def _send(writer: asyncio.StreamWriter, seed: int, n: int, eof: bool = Tru
     return h.hexdigest()
 
 
+async def _send_to_eof(writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
+                       data: bytes) -> None:
+    """``data`` and then EOF, written at one end of the proxy, are what the
+    other end reads to its end."""
+    writer.write(data)
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 10) == data
+
+
 async def _recv(reader: asyncio.StreamReader) -> tuple[int, str]:
     h = hashlib.sha256()
     n = 0
@@ -134,13 +143,9 @@ async def test_both_directions_at_once_arrive_intact(
 async def test_socket_eof_is_a_vchan_half_close(
         side: str, family: str, sim_dir: Path) -> None:
     async with forwarded(side, family) as fwd:
-        fwd.sock_w.write(b"request")
-        fwd.sock_w.write_eof()
-        assert await asyncio.wait_for(fwd.vchan_r.read(), 10) == b"request"
+        await _send_to_eof(fwd.sock_w, fwd.vchan_r, b"request")
         # The other direction still works after the half-close.
-        fwd.vchan_w.write(b"response after EOF")
-        fwd.vchan_w.write_eof()
-        assert await asyncio.wait_for(fwd.sock_r.read(), 10) == b"response after EOF"
+        await _send_to_eof(fwd.vchan_w, fwd.sock_r, b"response after EOF")
         await asyncio.wait_for(fwd.splice.wait_closed(), 10)
 
 
@@ -148,13 +153,9 @@ async def test_socket_eof_is_a_vchan_half_close(
 async def test_vchan_eof_is_a_socket_shutdown(
         side: str, family: str, sim_dir: Path) -> None:
     async with forwarded(side, family) as fwd:
-        fwd.vchan_w.write(b"x" * 100_000)
-        fwd.vchan_w.write_eof()
-        assert await asyncio.wait_for(fwd.sock_r.read(), 10) == b"x" * 100_000
+        await _send_to_eof(fwd.vchan_w, fwd.sock_r, b"x" * 100_000)
         assert not fwd.splice._closed.is_set(), "half-closed, not closed"
-        fwd.sock_w.write(b"still talking")
-        fwd.sock_w.write_eof()
-        assert await asyncio.wait_for(fwd.vchan_r.read(), 10) == b"still talking"
+        await _send_to_eof(fwd.sock_w, fwd.vchan_r, b"still talking")
         await asyncio.wait_for(fwd.splice.wait_closed(), 10)
 
 

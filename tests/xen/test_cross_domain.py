@@ -8,6 +8,7 @@ roles (``roles.py``) played by dom0 processes and by processes in domUs
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -17,11 +18,12 @@ import statistics
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
-from harness import OUT, Domu, RemoteJob, domu_address, in_rig, local
+from harness import OUT, Domu, JobResult, LocalJob, RemoteJob, domu_address, in_rig, local
 from peer_roles import GNTALLOC_LIMIT, gntalloc_limit, stream_message
 
 pytestmark = pytest.mark.skipif(
@@ -58,16 +60,42 @@ def _digest(size: int, seed: int) -> str:
     return hashlib.sha256(random.Random(seed).randbytes(size)).hexdigest()
 
 
+def _domid(dom: Domu | None) -> int:
+    """``dom``'s domid; dom0's for None."""
+    return 0 if dom is None else dom.domid
+
+
+@contextlib.contextmanager
+def _role(dom: Domu | None, *args: str | int) -> Iterator[LocalJob | RemoteJob]:
+    """``roles.py ARGS`` started in ``dom``, or in dom0 (None) for the duration
+    of the ``with`` block: a test places each role by its domain alone."""
+    if dom is None:
+        with local(*args) as job:
+            yield job
+    else:
+        yield dom.spawn(*args)
+
+
 # -- streams, both ways ---------------------------------------------------------------------
+
+
+def _echo(server_in: Domu | None, client_in: Domu | None, size: int,
+          seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An ``echo-server`` and an ``echo-client`` sending it ``size`` bytes from
+    ``seed``, each in its domU or in dom0 (None): their last reports."""
+    port = next(_ports)
+    with _role(server_in, "echo-server", port, "--peers", _domid(client_in)) as server:
+        server.wait_for("listening")
+        with _role(client_in, "echo-client", _domid(server_in), port, "--bytes", size,
+                   "--seed", seed) as client:
+            report = client.wait(120).last
+        served = server.wait(60).last
+    return report, served
 
 
 def test_dom0_server_and_domu_client_move_data_intact(domus: tuple[Domu, Domu]) -> None:
     a, _ = domus
-    port = next(_ports)
-    with local("echo-server", port, "--peers", a.domid) as server:
-        server.wait_for("listening")
-        client = a.run("echo-client", 0, port, "--bytes", 4 * MIB, "--seed", 7).last
-        served = server.wait(60).last
+    client, served = _echo(None, a, 4 * MIB, 7)
     assert client["match"] is True and client["extra"] == 0
     assert client["sha256"] == client["echo_sha256"] == _digest(4 * MIB, 7)
     assert served["connections"] == [{"received": 4 * MIB, "sha256": _digest(4 * MIB, 7)}]
@@ -75,23 +103,14 @@ def test_dom0_server_and_domu_client_move_data_intact(domus: tuple[Domu, Domu]) 
 
 def test_domu_server_and_dom0_client_move_data_intact(domus: tuple[Domu, Domu]) -> None:
     a, _ = domus
-    port = next(_ports)
-    server = a.spawn("echo-server", port, "--peers", 0)
-    server.wait_for("listening")
-    with local("echo-client", a.domid, port, "--bytes", 4 * MIB, "--seed", 8) as client:
-        report = client.wait(120).last
-    served = server.wait(60).last
+    report, served = _echo(a, None, 4 * MIB, 8)
     assert report["match"] is True and report["sha256"] == _digest(4 * MIB, 8)
     assert served["connections"] == [{"received": 4 * MIB, "sha256": _digest(4 * MIB, 8)}]
 
 
 def test_domu_to_domu(domus: tuple[Domu, Domu]) -> None:
     a, b = domus
-    port = next(_ports)
-    server = a.spawn("echo-server", port, "--peers", b.domid)
-    server.wait_for("listening")
-    report = b.run("echo-client", a.domid, port, "--bytes", MIB, "--seed", 9).last
-    served = server.wait(60).last
+    report, served = _echo(a, b, MIB, 9)
     assert report["match"] is True
     assert served["connections"] == [{"received": MIB, "sha256": _digest(MIB, 9)}]
 
@@ -133,23 +152,34 @@ def _check_many(many: dict[str, Any], served: dict[str, Any]) -> None:
     assert 0 < served["grants"] <= DEFAULT_GNTALLOC_LIMIT, served
 
 
-@pytest.mark.timeout(900)
-def test_a_thousand_concurrent_connections_dom0_to_a_domu(domus: tuple[Domu, Domu]) -> None:
-    a, _ = domus
+def _many(server_in: Domu, client_in: Domu | None
+          ) -> tuple[dict[str, Any], JobResult, dict[str, Any], float]:
+    """``MANY`` connections open at once from a ``many-client`` (in its domU or
+    in dom0, None) to an ``echo-server`` in ``server_in``: the server's
+    ``listening`` report, the client's result, the server's summary and the
+    seconds from listening to the summary."""
     port = next(_ports)
-    dom0_limit = gntalloc_limit()
-    server = a.spawn("--deadline", 600, "echo-server", port, "--peers", 0,
-                     "--connections", MANY, "--summary")
+    server = server_in.spawn("--deadline", 600, "echo-server", port,
+                             "--peers", _domid(client_in), "--connections", MANY, "--summary")
     try:
-        domu_limit = server.wait_for("listening")["gntalloc_limit"]
+        listening = server.wait_for("listening")
         started = time.monotonic()
-        with local("--deadline", 600, "many-client", a.domid, port,
+        with _role(client_in, "--deadline", 600, "many-client", server_in.domid, port,
                    "--connections", MANY) as client:
             done = client.wait(660)
         served = server.wait(120).last
         took = time.monotonic() - started
     finally:
         server.kill()
+    return listening, done, served, took
+
+
+@pytest.mark.timeout(900)
+def test_a_thousand_concurrent_connections_dom0_to_a_domu(domus: tuple[Domu, Domu]) -> None:
+    a, _ = domus
+    dom0_limit = gntalloc_limit()
+    listening, done, served, took = _many(a, None)
+    domu_limit = listening["gntalloc_limit"]
     many = done.last
     _record("dom0 -> domU, 1,000 concurrent connections", client=many, server=served,
             gntalloc_limit={"dom0": dom0_limit, "domU": domu_limit}, seconds=round(took, 1))
@@ -162,18 +192,7 @@ def test_a_thousand_concurrent_connections_dom0_to_a_domu(domus: tuple[Domu, Dom
 @pytest.mark.timeout(900)
 def test_a_thousand_concurrent_connections_domu_to_domu(domus: tuple[Domu, Domu]) -> None:
     a, b = domus
-    port = next(_ports)
-    server = b.spawn("--deadline", 600, "echo-server", port, "--peers", a.domid,
-                     "--connections", MANY, "--summary")
-    try:
-        server.wait_for("listening")
-        started = time.monotonic()
-        done = a.spawn("--deadline", 600, "many-client", b.domid, port,
-                       "--connections", MANY).wait(660)
-        served = server.wait(120).last
-        took = time.monotonic() - started
-    finally:
-        server.kill()
+    _, done, served, took = _many(b, a)
     many = done.last
     _record("domU -> domU, 1,000 concurrent connections", client=many, server=served,
             gntalloc_limit={"dom0": gntalloc_limit(), "client domU": many["gntalloc_limit"],
@@ -313,34 +332,42 @@ def test_dom0_maps_a_domu_grant(domus: tuple[Domu, Domu]) -> None:
 # -- peers that go away ---------------------------------------------------------------------
 
 
+def _kill_server(server: LocalJob | RemoteJob) -> None:
+    server.kill()
+
+
+def _hold_then_end(server_in: Domu | None, client_in: Domu | None,
+                   end: Callable[[LocalJob | RemoteJob], object], *,
+                   survivor: Literal["client", "server"] = "client", timeout: float = 60.0,
+                   server_opts: tuple[str | int, ...] = (),
+                   client_opts: tuple[str | int, ...] = ()) -> tuple[dict[str, Any], float]:
+    """A ``hold-server`` and a ``hold-client`` connected, each in its domU or in
+    dom0 (None); then ``end(server)`` ends one side (kills the server, destroys
+    a domain): the ``survivor``'s last report and the seconds from the end to it.
+    ``server_opts`` and ``client_opts`` go before each role's name."""
+    port = next(_ports)
+    with _role(server_in, *server_opts, "hold-server", port,
+               "--peers", _domid(client_in)) as server:
+        server.wait_for("listening")
+        with _role(client_in, *client_opts, "hold-client", _domid(server_in), port) as client:
+            client.wait_for("connected")
+            server.wait_for("connected")
+            ended = time.monotonic()
+            end(server)
+            report = (server if survivor == "server" else client).wait(timeout).last
+            return report, time.monotonic() - ended
+
+
 def test_killed_dom0_server_resets_the_domu_client(domus: tuple[Domu, Domu]) -> None:
     a, _ = domus
-    port = next(_ports)
-    with local("hold-server", port, "--peers", a.domid) as server:
-        server.wait_for("listening")
-        client = a.spawn("hold-client", 0, port)
-        client.wait_for("connected")
-        server.wait_for("connected")
-        killed = time.monotonic()
-        server.kill()
-        report = client.wait(60).last
-        noticed = time.monotonic() - killed
+    report, noticed = _hold_then_end(None, a, _kill_server)
     assert report["outcome"] == "reset", report
     assert noticed < PROMPT + 10 and report["waited"] >= 0
 
 
 def test_killed_domu_server_resets_the_dom0_client(domus: tuple[Domu, Domu]) -> None:
     a, _ = domus
-    port = next(_ports)
-    server = a.spawn("hold-server", port, "--peers", 0)
-    server.wait_for("listening")
-    with local("hold-client", a.domid, port) as client:
-        client.wait_for("connected")
-        server.wait_for("connected")
-        killed = time.monotonic()
-        server.kill()
-        report = client.wait(60).last
-        noticed = time.monotonic() - killed
+    report, noticed = _hold_then_end(a, None, _kill_server)
     assert report["outcome"] == "reset", report
     assert noticed < PROMPT
 
@@ -350,16 +377,7 @@ def test_a_destroyed_domu_resets_the_dom0_server_it_was_connected_to() -> None:
     # survivor's event hub finds the domain gone (vchan.listener.domain_exists).
     c = Domu.start("guest-c")
     try:
-        port = next(_ports)
-        with local("hold-server", port, "--peers", c.domid) as server:
-            server.wait_for("listening")
-            c_client = c.spawn("hold-client", 0, port)
-            c_client.wait_for("connected")
-            server.wait_for("connected")
-            destroyed = time.monotonic()
-            c.destroy()
-            report = server.wait(60).last
-            noticed = time.monotonic() - destroyed
+        report, noticed = _hold_then_end(None, c, lambda _: c.destroy(), survivor="server")
     finally:
         c.close()
     assert report["outcome"] == "reset", report
@@ -371,14 +389,9 @@ def test_a_destroyed_domu_resets_the_dom0_client_mapping_its_ring() -> None:
     live domain, but xl removes its XenStore home at once: dom0's probe sees that."""
     c = Domu.start("guest-d")
     try:
-        port = next(_ports)
-        c_server = c.spawn("--deadline", 60, "hold-server", port, "--peers", 0)
-        c_server.wait_for("listening")
-        with local("--deadline", int(PROMPT), "hold-client", c.domid, port) as client:
-            client.wait_for("connected")
-            c_server.wait_for("connected")
-            c.destroy()
-            report = client.wait(PROMPT + 30).last
+        report, _ = _hold_then_end(c, None, lambda _: c.destroy(), timeout=PROMPT + 30,
+                                   server_opts=("--deadline", 60),
+                                   client_opts=("--deadline", int(PROMPT)))
     finally:
         c.close()
     assert report["outcome"] == "reset", report

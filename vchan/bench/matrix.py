@@ -345,26 +345,21 @@ async def send(writer: asyncio.StreamWriter, data: Traffic, max_bytes: int,
     drain = writer.drain
     deadline = time.perf_counter() + seconds
     calls = 0
+    # The call and its argument are looked up once, outside the timed loop.
+    put: Callable[[Any], None]
+    arg: Any
     if data.writelines:
-        writelines, pieces = writer.writelines, list(data.pieces)
-        while calls < max_calls:
-            n = min(batch, max_calls - calls)
-            for _ in range(n):
-                writelines(pieces)
-                await drain()
-            calls += n
-            if time.perf_counter() >= deadline:
-                break
+        put, arg = writer.writelines, list(data.pieces)
     else:
-        write, block = writer.write, data.pieces[0]
-        while calls < max_calls:
-            n = min(batch, max_calls - calls)
-            for _ in range(n):
-                write(block)
-                await drain()
-            calls += n
-            if time.perf_counter() >= deadline:
-                break
+        put, arg = writer.write, data.pieces[0]
+    while calls < max_calls:
+        n = min(batch, max_calls - calls)
+        for _ in range(n):
+            put(arg)
+            await drain()
+        calls += n
+        if time.perf_counter() >= deadline:
+            break
     writer.write_eof()
     return calls
 

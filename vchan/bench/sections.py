@@ -8,7 +8,7 @@ The streams matrix's section is :mod:`~vchan.bench.matrix_report`'s.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .common import DIRECTIONS, RECEIVERS, TRANSPORTS, Json, human_size
@@ -105,12 +105,20 @@ def _image(lines: list[str], plots: dict[str, str], name: str, alt: str) -> None
         lines += ["", f"![{alt}]({link})"]
 
 
-def _heading(title: str, rows: Sequence[Any]) -> list[str]:
-    """A section's heading, and "Not measured in this run." under it without rows."""
-    lines = ["", f"## {title}", ""]
-    if not rows:
-        lines.append("Not measured in this run.")
-    return lines
+def _heading(title: str, rows: Sequence[Any], intro: str) -> list[str]:
+    """A section's heading and its ``intro`` paragraph; "Not measured in this
+    run." instead of the paragraph without rows."""
+    return ["", f"## {title}", "", intro if rows else "Not measured in this run."]
+
+
+def _per_loop(results: Json, rows: Sequence[Json],
+              **match: Any) -> Iterator[tuple[str, dict[str, Json | None]]]:
+    """Each event loop of the run with the row of each transport that matches
+    (:func:`per_transport`), leaving out loops without any."""
+    for loop in loops_of(results):
+        by = per_transport(rows, loop=loop, **match)
+        if any(r is not None for r in by.values()):
+            yield loop, by
 
 
 def targets_section(results: Json) -> list[str]:
@@ -212,19 +220,16 @@ def sweep_section(results: Json, plots: dict[str, str]) -> list[str]:
 def pingpong_section(results: Json, plots: dict[str, str]) -> list[str]:
     s = settings_of(results)
     rows = ping_rows(results)
-    lines = _heading("Ping-pong", rows)
+    lines = _heading("Ping-pong", rows,
+                     f"Request/response echo, {fmt_count(s.get('rounds'))} timed round trips "
+                     f"after {fmt_count(s.get('warmup'))} warm-up; latency per round trip at "
+                     f"the client (us), given as vchan / unix / tcp.  p50 ratios are "
+                     f"other/vchan (above 1: vchan is faster).")
     if not rows:
         return lines
-    lines.append(f"Request/response echo, {fmt_count(s.get('rounds'))} timed round trips after "
-                 f"{fmt_count(s.get('warmup'))} warm-up; latency per round trip at the client "
-                 f"(us), given as vchan / unix / tcp.  p50 ratios are other/vchan "
-                 f"(above 1: vchan is faster).")
     table = []
     for size in ordered(s.get("ping_sizes"), (r.get("message_size") for r in rows)):
-        for loop in loops_of(results):
-            by = per_transport(rows, message_size=size, loop=loop)
-            if all(r is None for r in by.values()):
-                continue
+        for loop, by in _per_loop(results, rows, message_size=size):
             rts = [fmt(get_num(by[t], "round_trips_per_s"), ",.0f") for t in TRANSPORTS]
             lat = [" / ".join(fmt_us(get_num(by[t], p)) for t in TRANSPORTS)
                    for p in ("p50_us", "p99_us", "p99.9_us")]
@@ -275,21 +280,20 @@ def _busy_poll_lines(results: Json) -> list[str]:
     return lines
 
 
+CONNECTIONS_INTRO = ("Aggregate MB/s over all connections at once; memory per connection = "
+                     "RSS growth / connections, in KiB, server / client.")
+
+
 def connections_section(results: Json, plots: dict[str, str]) -> list[str]:
     s = settings_of(results)
     rows = rows_of(results, "connections")
-    lines = _heading("Many connections", rows)
+    lines = _heading("Many connections", rows, CONNECTIONS_INTRO)
     if not rows:
         return lines
-    lines.append("Aggregate MB/s over all connections at once; memory per connection = "
-                 "RSS growth / connections, in KiB, server / client.")
     table = []
     errors = []
     for count in ordered(s.get("connection_counts"), (r.get("connections") for r in rows)):
-        for loop in loops_of(results):
-            by = per_transport(rows, connections=count, loop=loop)
-            if all(r is None for r in by.values()):
-                continue
+        for loop, by in _per_loop(results, rows, connections=count):
             rate: dict[str, float | None] = {}
             cells = []
             for t in TRANSPORTS:
@@ -319,18 +323,17 @@ def connections_section(results: Json, plots: dict[str, str]) -> list[str]:
     return lines
 
 
+SETUP_INTRO = ("Connect + first byte echoed + close, one after another; latency per "
+               "connection in us, vchan / unix / tcp.")
+
+
 def setup_section(results: Json) -> list[str]:
     rows = rows_of(results, "setup")
-    lines = _heading("Connection setup", rows)
+    lines = _heading("Connection setup", rows, SETUP_INTRO)
     if not rows:
         return lines
-    lines.append("Connect + first byte echoed + close, one after another; latency per "
-                 "connection in us, vchan / unix / tcp.")
     table = []
-    for loop in loops_of(results):
-        by = per_transport(rows, loop=loop)
-        if all(r is None for r in by.values()):
-            continue
+    for loop, by in _per_loop(results, rows):
         rate = [get_num(by[t], "connections_per_s") for t in TRANSPORTS]
         table.append([md_cell(loop), *(fmt(x, ",.0f") for x in rate),
                       fmt_ratio(rate[0], rate[1]), fmt_ratio(rate[0], rate[2]),
@@ -348,17 +351,17 @@ DROPIN_TEXT = {"tcp": "TCP (asyncio)", "dropin-tcp": "drop-in to a TCP server (f
                "vchan": "vchan by (domid, port)"}
 
 
+DROPIN_INTRO = ("`vchan.open_connection(host, port)`: to a plain TCP server it falls back to "
+                "TCP; to a drop-in server (`vchan.start_server(cb, host, port)`) in another "
+                "domain it upgrades to vchan; next to plain asyncio TCP and vchan by "
+                "`(domid, port)`.  Setup: connect + 1 byte echoed + close, one after another "
+                "(rate, p50 and p99 per connection; x TCP: p50 against plain TCP's).  Bulk: "
+                "one connection, 64 KiB writes, streams at both ends.")
+
+
 def dropin_section(results: Json) -> list[str]:
     rows = rows_of(results, "dropin")
-    lines = _heading("Drop-in by address", rows)
-    if not rows:
-        return lines
-    lines.append("`vchan.open_connection(host, port)`: to a plain TCP server it falls back to "
-                 "TCP; to a drop-in server (`vchan.start_server(cb, host, port)`) in another "
-                 "domain it upgrades to vchan; next to plain asyncio TCP and vchan by "
-                 "`(domid, port)`.  Setup: connect + 1 byte echoed + close, one after another "
-                 "(rate, p50 and p99 per connection; x TCP: p50 against plain TCP's).  Bulk: "
-                 "one connection, 64 KiB writes, streams at both ends.")
+    lines = _heading("Drop-in by address", rows, DROPIN_INTRO)
     table = []
     for loop in loops_of(results):
         tcp50 = get_num(find_row(rows, transport="tcp", loop=loop, what="setup"), "p50_us")

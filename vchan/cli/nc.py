@@ -73,10 +73,8 @@ def _connect(args: argparse.Namespace) -> int:
 
 def add_parsers(subparsers: Any) -> None:
     """Add ``listen`` and ``connect`` to the ``vchan`` command's subparsers."""
-    raw = argparse.RawDescriptionHelpFormatter
-    listen = subparsers.add_parser(
-        "listen", help="serve a vchan port and connect it to stdin/stdout (nc -l)",
-        formatter_class=raw,
+    listen = options.subcommand(
+        subparsers, "listen", help="serve a vchan port and connect it to stdin/stdout (nc -l)",
         description="Wait for one vchan connection on PORT, then copy stdin to it and it to\n"
                     "stdout, like nc -l.  At the end of stdin the peer is told EOF (and its\n"
                     "data still comes); at the peer's EOF stdout is closed; the command ends\n"
@@ -95,9 +93,8 @@ def add_parsers(subparsers: Any) -> None:
     options.common(listen)
     listen.set_defaults(func=_listen)
 
-    connect = subparsers.add_parser(
-        "connect", help="connect to a vchan port, with stdin/stdout (nc)",
-        formatter_class=raw,
+    connect = options.subcommand(
+        subparsers, "connect", help="connect to a vchan port, with stdin/stdout (nc)",
         description="Connect to vchan PORT of domain DOMID, copy stdin to it and it to stdout,\n"
                     "like nc.  At the end of stdin the peer is told EOF (its data still\n"
                     "comes); at the peer's EOF stdout is closed; the command ends when both\n"

@@ -14,7 +14,8 @@ from typing import Any
 from ..addresses import Port, check_port, parse_domid, parse_port
 from .errors import UsageError
 
-__all__ = ["common", "domid", "peers", "progress_options", "timeout", "vchan_port"]
+__all__ = ["common", "domid", "peers", "progress_options", "subcommand", "timeout",
+           "vchan_port"]
 
 
 def domid(text: str, what: str = "DOMID") -> int:
@@ -55,6 +56,14 @@ def timeout(text: str) -> float | None:
     if value < 0 or math.isnan(value):
         raise UsageError(f"--timeout must be >= 0, got {text!r}")
     return None if math.isinf(value) else value
+
+
+def subcommand(subparsers: Any, name: str, **kw: Any) -> argparse.ArgumentParser:
+    """``subparsers.add_parser(name, **kw)`` for a command whose description and
+    epilog keep their line breaks (aligned forms, one example a line)."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        name, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+    return parser
 
 
 def common(p: argparse.ArgumentParser) -> None:

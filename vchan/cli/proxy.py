@@ -322,10 +322,9 @@ async def _connect_one_fd(domid: int, port: int | str, timeout: float | None, fd
 
 def add_parser(subparsers: Any) -> None:
     """Add ``proxy`` to the ``vchan`` command's subparsers."""
-    raw = argparse.RawDescriptionHelpFormatter
-    proxy = subparsers.add_parser(
-        "proxy", help="bridge vchan and TCP/Unix sockets (also vchan-socket-proxy's form)",
-        formatter_class=raw,
+    proxy = options.subcommand(
+        subparsers, "proxy",
+        help="bridge vchan and TCP/Unix sockets (also vchan-socket-proxy's form)",
         description="Bridge connections between vchan and TCP or Unix sockets, any number at\n"
                     "once, with flow control, half-close and close/reset carried across.\n\n"
                     "  --listen-vchan PORT --to ADDRESS    each vchan connection to PORT opens\n"

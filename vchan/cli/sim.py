@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..addresses import check_domid
+from . import options
 from .errors import UsageError
 from .run import exec_program, find_program, program_argv
 
@@ -162,15 +163,14 @@ def _sim_run(domid: int, command: list[str], directory: Path, peers: list[int]) 
 
 def add_parser(subparsers: Any) -> None:
     """Add ``sim`` and its actions to the ``vchan`` command's subparsers."""
-    simp = subparsers.add_parser(
-        "sim", help="control the emulated hypervisor",
+    simp = options.subcommand(
+        subparsers, "sim", help="control the emulated hypervisor",
         description="Control the emulated hypervisor (processes play Xen domains). Its state "
                     "directory is $VCHAN_SIM_DIR (default $XDG_RUNTIME_DIR/vchan-sim or "
                     "/tmp/vchan-sim-UID).",
         epilog="examples:\n  vchan sim start\n  vchan sim status\n  vchan sim ls /local/domain\n"
                "  vchan sim set grant-limit 4096\n"
                "  vchan sim run --domid 1 -- ./libxenvchan-program ARGS\n  vchan sim stop",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     simsub = simp.add_subparsers(dest="sim_command", metavar="ACTION")
     start = simsub.add_parser("start", help="start the emulator (if it is not running)")
@@ -182,23 +182,21 @@ def add_parser(subparsers: Any) -> None:
              "uid is given (checked with SO_PEERCRED).  Kept in the state directory for "
              "later starts; 'off' removes it.  See README, 'What the emulator protects'")
     simsub.add_parser("stop", help="stop the emulator")
-    lsp = simsub.add_parser("ls", help="the XenStore tree (as xenstore-ls shows it)",
-                            epilog="examples:\n  vchan sim ls\n  vchan sim ls /local/domain/1",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    lsp = options.subcommand(simsub, "ls", help="the XenStore tree (as xenstore-ls shows it)",
+                             epilog="examples:\n  vchan sim ls\n  vchan sim ls /local/domain/1")
     lsp.add_argument("path", nargs="?", default="/", help="where to start (default /)")
     status = simsub.add_parser("status", help="domains, grants and event channels")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    setp = simsub.add_parser("set", help="change a setting while running",
-                             epilog="examples:\n  vchan sim set grant-limit 4096\n"
-                                    "  vchan sim set xenstore-quota-transactions 20",
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    setp = options.subcommand(simsub, "set", help="change a setting while running",
+                              epilog="examples:\n  vchan sim set grant-limit 4096\n"
+                                     "  vchan sim set xenstore-quota-transactions 20")
     setp.add_argument("key", help="grant-limit: pages each domain may have granted at once; "
                                   "xenstore-quota-NAME (NAME: nodes, watches, transactions, "
                                   "transaction-nodes, node-permissions, node-size, path-max): "
                                   "a XenStore quota of unprivileged domains, 0 for none")
     setp.add_argument("value")
-    runp = simsub.add_parser(
-        "run", help="run a program (e.g. a libxenvchan one) in an emulated domain",
+    runp = options.subcommand(
+        simsub, "run", help="run a program (e.g. a libxenvchan one) in an emulated domain",
         description="Run PROGRAM as a process of emulated domain N (the emulator is started\n"
                     "if it is not running).  Unmodified C programs linked with Xen's\n"
                     "libxenvchan (Debian's vchan-socket-proxy, ...) get drop-in libxengnttab,\n"
@@ -208,8 +206,7 @@ def add_parser(subparsers: Any) -> None:
         epilog="examples:\n"
                "  vchan sim run --domid 1 --peer 2 -- /usr/lib/xen-4.17/bin/vchan-socket-proxy \\\n"
                "      --mode=server 2 /local/domain/1/data/vchan/2/echo /run/echo.sock\n"
-               "  vchan sim run --domid 2 -- python3 client.py",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "  vchan sim run --domid 2 -- python3 client.py")
     runp.add_argument("--domid", type=int, default=0, metavar="N",
                       help="the emulated domain to run in (default 0)")
     runp.add_argument("--peer", type=int, action="append", default=[], metavar="M",

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..xenstore import wire
 from ..xenstore.wire import Op, Perm, XsError
-from .xenstore_model import OWNER, READ, SUBTREE, WRITE, Tx, View, WatchEntry, parent_of
+from .xenstore_model import OWNER, READ, SUBTREE, WRITE, Node, Tx, View, WatchEntry, parent_of
 
 if TYPE_CHECKING:
     from .xenstored import Conn, XenStored
@@ -51,6 +51,17 @@ def _domid(text: str | None) -> int:
     return domid
 
 
+def _writable(xsd: XenStored, conn: Conn, view: View, name: str) -> Node | None:
+    """The node at ``name`` if ``conn`` may write it, or None where there is
+    none and ``conn`` may know that (ENOENT); any other refusal raises."""
+    try:
+        return xsd.get_checked(conn, view, name, WRITE)
+    except XsError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+        return None
+
+
 def op_read(xsd: XenStored, req: Request) -> bytes:
     name = xsd.canonicalize(req.conn, wire.one_arg(req.payload), False)
     return xsd.get_checked(req.conn, req.view, name, READ).value
@@ -63,11 +74,8 @@ def op_write(xsd: XenStored, req: Request) -> bytes:
         raise XsError(errno.EINVAL)
     name = xsd.canonicalize(conn, parsed[0], False)
     value = parsed[1]
-    try:
-        node = xsd.get_checked(conn, view, name, WRITE)
-    except XsError as exc:
-        if exc.errno != errno.ENOENT:
-            raise
+    node = _writable(xsd, conn, view, name)
+    if node is None:
         new = xsd._create(conn, view, name, value)
     else:
         new = node.copy()
@@ -81,11 +89,7 @@ def op_write(xsd: XenStored, req: Request) -> bytes:
 def op_mkdir(xsd: XenStored, req: Request) -> bytes:
     conn, view = req.conn, req.view
     name = xsd.canonicalize(conn, wire.one_arg(req.payload), False)
-    try:
-        xsd.get_checked(conn, view, name, WRITE)
-    except XsError as exc:
-        if exc.errno != errno.ENOENT:
-            raise
+    if _writable(xsd, conn, view, name) is None:
         view.fire(name, SUBTREE, xsd._create(conn, view, name, b""))
     return wire.OK
 
@@ -93,13 +97,11 @@ def op_mkdir(xsd: XenStored, req: Request) -> bytes:
 def op_rm(xsd: XenStored, req: Request) -> bytes:
     conn, view = req.conn, req.view
     name = xsd.canonicalize(conn, wire.one_arg(req.payload), False)
-    try:
-        xsd.get_checked(conn, view, name, WRITE)
-    except XsError as exc:
+    if _writable(xsd, conn, view, name) is None:
         # Not there is fine -- if its parent is.
-        if exc.errno == errno.ENOENT and view.get(parent_of(name)) is not None:
+        if view.get(parent_of(name)) is not None:
             return wire.OK
-        raise
+        raise XsError(errno.ENOENT)
     if name == "/":
         raise XsError(errno.EINVAL, "cannot remove /")
     xsd._rm_subtree(view, name)
