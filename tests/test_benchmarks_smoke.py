@@ -179,3 +179,25 @@ def test_proxy_bench_runs_every_path() -> None:
     assert proc.returncode == 0, proc.stderr
     for path in ("direct", "vchan->tcp", "tcp->vchan", "tcp"):
         assert re.search(rf"\b{re.escape(path)}\b.*[0-9]", proc.stdout), proc.stdout
+
+
+SETUP_PHASES = SCRIPT.with_name("setup_phases.py")
+
+
+def test_setup_phases_reports_every_phase_of_every_transport() -> None:
+    """benchmarks/setup_phases.py, small: a row per transport and loop, every
+    phase and both processes' CPU time there and positive."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VCHAN_SIM_DIR", "VCHAN_DOMID")}
+    env["VCHAN_BACKEND"] = "sim"
+    proc = subprocess.run([sys.executable, str(SETUP_PHASES), "--count", "40", "--warmup", "5"],
+                          capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(r["transport"], r["loop"]) for r in rows] == [
+        (t, loop) for loop in ("asyncio", "uvloop") for t in ("vchan", "tcp", "unix")]
+    for row in rows:
+        assert row["count"] == 40
+        for key in ("p50_us", "p90_us", "connections_per_s", "client_cpu_us", "server_cpu_us"):
+            assert _positive(row[key]), (row["transport"], key, row[key])
+        assert set(row["phases_p50_us"]) == {"open", "write", "echo", "close"}
+        assert all(_positive(v) for v in row["phases_p50_us"].values()), row
