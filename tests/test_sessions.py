@@ -32,7 +32,7 @@ def _status(sim_dir: Path) -> dict[str, Any]:
 
 
 def _domain(st: dict[str, Any], domid: int) -> dict[str, Any]:
-    found = [d for d in st["domains"] if d["domid"] == domid]
+    found: list[dict[str, Any]] = [d for d in st["domains"] if d["domid"] == domid]
     assert found, f"domain {domid} is not in the emulator's status: {st['domains']}"
     return found[0]
 
