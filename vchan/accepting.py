@@ -242,7 +242,7 @@ class Accepting:
 
         transport = StreamTransport(session, stream_id, protocol, extra={
             "peername": (session.peer, self._port), "sockname": (self.own, self._port)},
-            on_close=closed, busy_poll=self._busy_poll, make_now=True)
+            on_close=closed, busy_poll=self._busy_poll)
         holder.append(transport)
         self._transports.add(transport)
         self._all_closed.clear()

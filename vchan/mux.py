@@ -296,8 +296,7 @@ class Session:
                 f"{self.peer_max_streams} connections per session is reached")
         sid = self._next_id
         self._next_id += 1
-        transport = StreamTransport(self, sid, protocol, extra=extra, busy_poll=busy_poll,
-                                    make_now=True)
+        transport = StreamTransport(self, sid, protocol, extra=extra, busy_poll=busy_poll)
         # The OPEN wakes the server together with the stream's first write,
         # which usually follows at once (one wake-up, not two); without one,
         # two loop iterations later.

@@ -58,9 +58,7 @@ class StreamTransport(TransportBase):
 
     def __init__(self, session: Session, stream_id: int, protocol: asyncio.BaseProtocol, *,
                  extra: dict[str, Any] | None = None,
-                 waiter: asyncio.Future[None] | None = None,
-                 on_close: Callable[[], None] | None = None, busy_poll: float = 0.0,
-                 make_now: bool = False) -> None:
+                 on_close: Callable[[], None] | None = None, busy_poll: float = 0.0) -> None:
         super().__init__(extra)
         self._loop = session._loop
         self._session = session
@@ -102,10 +100,7 @@ class StreamTransport(TransportBase):
         self._set_write_buffer_limits()
         self.set_protocol(protocol)
         session._add(self)
-        if not make_now:                # (else the creator calls make_now())
-            self._loop.call_soon(self._connection_made)
-        if waiter is not None:
-            self._loop.call_soon(_set_result_unless_cancelled, waiter, None)
+        # The creator calls make_now() once it has registered the stream.
 
     def _repr_info(self) -> list[str]:
         return [f"stream={self.stream_id}"]
@@ -164,14 +159,14 @@ class StreamTransport(TransportBase):
             self._loop.call_soon(self._drain_rbuf)
 
     def make_now(self) -> None:
-        """``connection_made()`` now rather than from the loop's next turn.
+        """``connection_made()``, at once rather than from the loop's next turn.
 
-        For a stream the event loop's own callback creates (a server
-        accepting an OPEN while it reads the ring): the DATA that came with
-        the OPEN then goes straight to the protocol instead of waiting two
-        loop iterations in ``_rbuf``.  A protocol that fails in
-        ``connection_made()`` is reported as a socket transport's is, and
-        the stream is reset.
+        A server makes the protocol while it reads the OPEN, so the DATA that
+        came with it goes straight to the protocol instead of waiting two
+        loop iterations in ``_rbuf``; a client connecting through its
+        session gets a made transport without a loop iteration.  A protocol
+        that fails in ``connection_made()`` is reported as a socket
+        transport's is, and the stream is reset.
         """
         try:
             self._connection_made()
@@ -510,8 +505,3 @@ class StreamTransport(TransportBase):
 
 class _Stop(Exception):
     """Delivery stops here (paused, closed): the rest of the frame waits."""
-
-
-def _set_result_unless_cancelled(fut: asyncio.Future[None], result: None) -> None:
-    if not fut.cancelled():
-        fut.set_result(result)
