@@ -368,8 +368,9 @@ def test_markdown_connections_and_setup() -> None:
 def test_markdown_with_sections_missing() -> None:
     md = report.render_markdown(partial_results())
     for heading in ("## Ping-pong", "## Many connections", "## Connection setup",
-                    "## vchan ring size"):
+                    "## vchan ring size", "## Drop-in by address"):
         assert "Not measured in this run" in section(md, heading), heading
+        assert "|" not in section(md, heading), f"{heading}: a table without rows"
     assert row(section(md, "### streams API (StreamReader.read), one direction"),
                "64 KiB", "asyncio")[5] == "2.50"
     # An empty dict renders too, with every section saying it was not measured.

@@ -362,6 +362,8 @@ DROPIN_INTRO = ("`vchan.open_connection(host, port)`: to a plain TCP server it f
 def dropin_section(results: Json) -> list[str]:
     rows = rows_of(results, "dropin")
     lines = _heading("Drop-in by address", rows, DROPIN_INTRO)
+    if not rows:
+        return lines
     table = []
     for loop in loops_of(results):
         tcp50 = get_num(find_row(rows, transport="tcp", loop=loop, what="setup"), "p50_us")
