@@ -247,15 +247,23 @@ def _socket_proxy_round_trip(bin_: Path, tmp: Path, env: dict[str, str]) -> None
     py = subprocess.Popen([bin_ / "vchan", "sim", "run", "--domid", "2", "--",
                            bin_ / "python", client], cwd=tmp, env=env, stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    srv = subprocess.Popen([bin_ / "vchan", "sim", "run", "--domid", "1", "--", PROXY,
-                            "--mode=server", "2", "/local/domain/1/data/vchan/2/echo", "-"],
+    # --peer 2: the C server needs its client's domain to exist when it starts,
+    # and the client's own `sim run` may not have reached the emulator yet.
+    srv = subprocess.Popen([bin_ / "vchan", "sim", "run", "--domid", "1", "--peer", "2",
+                            "--", PROXY, "--mode=server", "2",
+                            "/local/domain/1/data/vchan/2/echo", "-"],
                            cwd=tmp, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE)
     try:
         assert py.stdin is not None and srv.stdin is not None and srv.stdout is not None
         py.stdin.write(b"go\n")
         py.stdin.flush()
-        assert srv.stdout.read(len(ours)) == ours       # vchan -> proxy's stdout
+        got = srv.stdout.read(len(ours))                # vchan -> proxy's stdout
+        if got != ours:     # short: the proxy ended; say why, not a 256 KiB diff
+            _, err = srv.communicate(timeout=30)
+            pytest.fail(f"the proxy wrote {len(got)} of {len(ours)} bytes "
+                        f"({'intact' if ours.startswith(got) else 'corrupted'}): "
+                        f"{err.decode(errors='replace')}")
         srv.stdin.write(theirs)                         # proxy's stdin -> vchan
         srv.stdin.flush()
         out, err = py.communicate(timeout=60)
