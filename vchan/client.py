@@ -116,32 +116,32 @@ async def _create_connection(
     if dedicated and poll:
         raise ValueError("busy_poll is for session connections: not with a dedicated ring "
                          "(read_min/write_min/dedicated=True)")
+    loop = asyncio.get_running_loop()
+    pool = None
+    if not dedicated:
+        pool = session_pool(loop)
+        held = pool.take_held(domid, port_s)
+        if held is not None:        # the common case: one frame, no await
+            return _open_stream(held, protocol_factory, domid, port, port_s, poll)
+        if timeout == 0:
+            pool = None     # no session to wait for: look once (client_connect)
     # Sizes not given are the server's choice (0 in the request).
     read_min, write_min = _ring_sizes(read_min or 0, write_min or 0)
-    loop = asyncio.get_running_loop()
     hub = event_hub(loop)
     hub.hold()
     try:
         endpoint: Endpoint | None = None
-        pool = None
-        held = None
-        if not dedicated:
-            pool = session_pool(loop)
-            held = pool.sessions.get((domid, port_s))
-            if timeout == 0 and (held is None or not held.can_open()):
-                pool = None     # no session to wait for: look once (client_connect)
-        if held is None or not held.can_open():
-            # On the emulator a server started just before us may not be there yet.
-            spent = await wait_for_server_domain(hub.evtchn, domid, timeout)
-            if timeout is not None:
-                timeout -= spent
+        # On the emulator a server started just before us may not be there yet.
+        spent = await wait_for_server_domain(hub.evtchn, domid, timeout)
+        if timeout is not None:
+            timeout -= spent
         if pool is not None:
             got = await pool.connect(domid, port_s, timeout)
             if isinstance(got, tuple):
                 endpoint = got[0]
                 own = pool.own
             else:
-                return await _open_stream(got, protocol_factory, domid, port, port_s, poll)
+                return _open_stream(got, protocol_factory, domid, port, port_s, poll)
         if endpoint is None:
             async with _loop_state() as state:
                 assert state.own is not None
@@ -164,9 +164,9 @@ async def _create_connection(
         hub.unhold()
 
 
-async def _open_stream(session: Any, protocol_factory: Callable[[], asyncio.BaseProtocol],
-                       domid: int, port: int | str, port_s: str, busy_poll: float = 0.0,
-                       ) -> tuple[Any, asyncio.BaseProtocol]:
+def _open_stream(session: Any, protocol_factory: Callable[[], asyncio.BaseProtocol],
+                 domid: int, port: int | str, port_s: str, busy_poll: float = 0.0,
+                 ) -> tuple[Any, asyncio.BaseProtocol]:
     """A new connection as a stream of ``session``: no XenStore, no round trip."""
     protocol = protocol_factory()
     if isinstance(protocol, SpliceProtocol):

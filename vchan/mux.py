@@ -48,8 +48,8 @@ wake-up of the sender per update.  A BLOCKED frame wakes its receiver, which
 answers with a wake-up at once (a quiet WINDOW may be sitting unseen in the
 sender's ring) and makes its next WINDOW for that stream loud.  An OPEN is
 *deferred*: a client nearly always writes right after connecting, and that
-write wakes the server for both; if it does not, the wake-up goes two loop
-iterations later (a server that speaks first is not kept waiting).
+write wakes the server for both; if it does not, the wake-up goes from the
+loop's next iteration (a server that speaks first is not kept waiting).
 
 Each side's frames go in its own write ring, written whole (header and
 payload in one commit), so the ring's own rules (indexes validated, notify
@@ -299,7 +299,7 @@ class Session:
         transport = StreamTransport(self, sid, protocol, extra=extra, busy_poll=busy_poll)
         # The OPEN wakes the server together with the stream's first write,
         # which usually follows at once (one wake-up, not two); without one,
-        # two loop iterations later.
+        # from the loop's next iteration.
         self._send_control(OPEN, 0, sid, 0, port.encode(), DEFERRED)
         self._kick()
         return transport
@@ -321,16 +321,17 @@ class Session:
     def _send_control(self, kind: int, flags: int, sid: int, arg: int, payload: bytes,
                       quiet: int = LOUD) -> None:
         """Queue a control frame: LOUD wakes the peer if it waits, QUIET never
-        (it looks anyway), DEFERRED two loop iterations later unless another
+        (it looks anyway), DEFERRED from the loop's next iteration unless another
         frame woke it first (see open_stream)."""
         self._ctl.append((kind, flags, sid, arg, payload[:self._max_control], quiet))
 
     def _wake_soon(self) -> None:
-        """Wake the peer (if it asked) two loop iterations from now: after
-        the code that is about to run has had its chance to write."""
+        """Wake the peer (if it asked) from the loop's next iteration: after
+        the code that runs now (which opened a stream, and gets it at once)
+        has had its chance to write."""
         if not self._wake_pending:
             self._wake_pending = True
-            self._loop.call_soon(self._loop.call_soon, self._wake_now)
+            self._loop.call_soon(self._wake_now)
 
     def _wake_now(self) -> None:
         self._wake_pending = False

@@ -54,6 +54,15 @@ class SessionPool:
     def __repr__(self) -> str:
         return f"<vchan.SessionPool sessions={len(self.sessions)} setting-up={len(self._setups)}>"
 
+    def take_held(self, domid: int, port: str) -> Session | None:
+        """The live session to ``(domid, port)`` this loop holds, if any, now
+        busy (a new stream of it is about to open); else None."""
+        session = self.sessions.get((domid, port))
+        if session is None or not session.can_open():
+            return None
+        self._idle.pop(session, None)
+        return session
+
     async def connect(self, domid: int, port: str, timeout: float | None,
                       ) -> Session | tuple[Endpoint, str]:
         """A live session to ``(domid, port)``, or a connection of its own.
@@ -64,9 +73,8 @@ class SessionPool:
         """
         key = (domid, port)
         while True:
-            session = self.sessions.get(key)
-            if session is not None and session.can_open():
-                self._busy(session)
+            session = self.take_held(domid, port)
+            if session is not None:
                 return session
             setup = self._setups.get(key)
             if setup is None or setup.taken:

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, SupportsIndex, overload
 
-from .client import create_connection
+from .client import _create_connection, create_connection
 from .server import Peers, Server, create_server
 
 if TYPE_CHECKING:
@@ -507,8 +507,8 @@ async def open_connection(
         transport, _ = await asyncio.wait_for(connecting, timeout)
     else:
         # (the vchan form's keywords are create_connection's: a typo is a TypeError)
-        transport, _ = await create_connection(lambda: protocol, domid, port, timeout=timeout,
-                                               **options)
+        transport, _ = await _create_connection(lambda: protocol, domid, port,
+                                                timeout=timeout, **options)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     return reader, writer
 
