@@ -528,3 +528,19 @@ def test_no_dropin_rows_no_dropin_targets() -> None:
     assert not [t for t in check_targets(results) if "Drop-in" in t["target"]]
     assert "Not measured in this run." in section(report.render_markdown(results),
                                                   "## Drop-in by address")
+
+
+@pytest.mark.parametrize("case, extra", [("setup", {}), ("pingpong", {}),
+                                         ("dropin", {"what": "setup"})])
+def test_repeated_latency_rows_keep_the_median_p50(case: str, extra: dict[str, Any]) -> None:
+    """Setup and ping-pong runs are repeated like bulk ones; the row kept is
+    the run with the median p50 (a setup row has no bytes_per_s), and every
+    run's p50 is in ``repeats``."""
+    from vchan.bench.suite import REPEATED, _median
+
+    assert case in REPEATED
+    rows = [{"p50_us": p50, "connections_per_s": 1e6 / p50, "run": i, **extra}
+            for i, p50 in enumerate([150.0, 120.0, 190.0])]
+    kept = _median(rows, case)
+    assert kept["run"] == 0 and kept["p50_us"] == 150.0
+    assert kept["repeats"] == [150.0, 120.0, 190.0]

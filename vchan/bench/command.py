@@ -19,7 +19,7 @@ cases, each in its module:
    it -- StreamReader ``limit`` x read style x write style;
 6. **dropin** (:mod:`~vchan.bench.dropin`): connections by address.
 
-Bulk, ping-pong, matrix and drop-in measurements are repeated (``--repeat``)
+Bulk, ping-pong, setup, matrix and drop-in measurements are repeated (``--repeat``)
 and the median kept (:mod:`~vchan.bench.suite`).  Single-core memcpy
 bandwidth is measured in the same run, for the targets.  Output: progress and
 an estimate of the time left on stderr, the Markdown report
@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "--quick 100)")
     matrix.add_arguments(parser)
     parser.add_argument("--repeat", type=int, default=None,
-                        help="make each bulk, ping-pong and matrix measurement N times and "
-                             "keep the median (default 3, --quick 1)")
+                        help="make each bulk, ping-pong, setup, matrix and drop-in "
+                             "measurement N times and keep the median (default 3, --quick 1)")
     parser.add_argument("--timeout", type=float, default=600,
                         help="seconds one measurement may take (default 600)")
     parser.add_argument("--json", metavar="PATH", type=Path, default=None,

@@ -20,7 +20,7 @@ from .common import BenchError, Json, plan_fields
 from .processes import Runner
 
 CASES = ("bulk", "pingpong", "connections", "setup", "matrix", "dropin")
-REPEATED = ("bulk", "pingpong", "matrix", "dropin")    # cases measured --repeat times
+REPEATED = ("bulk", "pingpong", "setup", "matrix", "dropin")  # measured --repeat times
 
 #: The module of each case: its describe(), row() and summary().
 FAMILIES: dict[str, ModuleType] = {
@@ -68,7 +68,7 @@ def _median(rows: list[Json], case: str) -> Json:
     """The median run of a repeated measurement (by throughput, or by p50 latency)."""
     if len(rows) == 1:
         return rows[0]
-    by_latency = case == "pingpong" or rows[0].get("what") == "setup"
+    by_latency = case in ("pingpong", "setup") or rows[0].get("what") == "setup"
     key = "p50_us" if by_latency else "bytes_per_s"
     ordered = sorted(rows, key=lambda r: float(r[key]))
     row = dict(ordered[(len(ordered) - 1) // 2] if by_latency else ordered[len(ordered) // 2])
@@ -79,7 +79,7 @@ def _median(rows: list[Json], case: str) -> Json:
 def execute(runner: Runner, plan: Plan, repeat: int = 1) -> dict[str, list[Json]]:
     """Run the plan, with progress and a running estimate of the time left.
 
-    Bulk, ping-pong, matrix and drop-in measurements are made ``repeat``
+    Bulk, ping-pong, setup, matrix and drop-in measurements are made ``repeat``
     times and the median run is kept (all values are in the row's ``repeats``).  A
     failed many-connections or matrix measurement is recorded (``ok`` False,
     ``error``) and the children restarted; any other failure ends the run.
