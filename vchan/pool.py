@@ -60,7 +60,7 @@ class SessionPool:
         session = self.sessions.get((domid, port))
         if session is None or not session.can_open():
             return None
-        self._idle.pop(session, None)
+        self._busy(session)
         return session
 
     async def connect(self, domid: int, port: str, timeout: float | None,
