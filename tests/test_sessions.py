@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -523,3 +525,62 @@ async def test_a_cancelled_watch_registration_is_retried_by_the_others() -> None
     assert len(calls) >= 2                  # somebody registered it again
     with pytest.raises(asyncio.CancelledError):
         await first
+
+
+@pytest.mark.parametrize("runner", ["asyncio.run", "uvloop.run"])
+def test_an_ended_event_loop_is_not_kept_alive_by_vchan(sim_dir: Path, runner: str) -> None:
+    """A program that runs one event loop after another (a test suite, a
+    benchmark's children, a worker that restarts its loop) leaks none of
+    them: once ``asyncio.run()`` returns, nothing of vchan's per-loop state
+    (session pool, event hub, XenStore state) holds the loop.  Each loop
+    served, connected through a session, echoed, closed, failed a
+    connection to a domain that does not exist, and connected by address
+    (a drop-in lookup, then TCP)."""
+    code = f"""if True:
+        import asyncio, gc, sys, weakref
+        import uvloop
+        import vchan
+
+        loops = []
+
+        async def main(i):
+            loops.append(weakref.ref(asyncio.get_running_loop()))
+
+            async def echo(reader, writer):
+                writer.write(await reader.read(5))
+                writer.close()
+
+            own = vchan.own_domid()
+            async with await vchan.start_server(echo, f"ended-{{i}}", peers=own):
+                for _ in range(3):
+                    reader, writer = await vchan.open_connection(own, f"ended-{{i}}",
+                                                                 timeout=10)
+                    writer.write(b"hello")
+                    assert await reader.read() == b"hello"
+                    writer.close()
+                    await writer.wait_closed()
+            try:
+                await vchan.open_connection(4321, "nobody", timeout=1)
+            except vchan.NoSuchDomainError:
+                pass
+            # By address: no domain serves it, so TCP (after a drop-in lookup).
+            tcp = await asyncio.start_server(echo, "127.0.0.1", 0)
+            async with tcp:
+                port = tcp.sockets[0].getsockname()[1]
+                for _ in range(2):
+                    reader, writer = await vchan.open_connection("127.0.0.1", port)
+                    writer.write(b"hello")
+                    assert await reader.read() == b"hello"
+                    writer.close()
+                    await writer.wait_closed()
+
+        for i in range(3):
+            {runner}(main(i))
+        gc.collect()
+        print("loops alive:", sum(ref() is not None for ref in loops))
+    """
+    env = dict(os.environ, VCHAN_SIM_DIR=str(sim_dir))
+    done = subprocess.run([sys.executable, "-X", "dev", "-W", "error", "-c", code], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == "loops alive: 0\n"

@@ -40,7 +40,10 @@ class SessionPool:
     """The sessions of one event loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        # Weakly: the pool is the value of its loop's entry in a
+        # WeakKeyDictionary, and a strong reference back would keep every
+        # ended loop (and its pool) alive.
+        self._loop = weakref.ref(loop)
         self.sessions: dict[tuple[int, str], Session] = {}
         self._setups: dict[tuple[int, str], _Setup] = {}
         # Idle sessions: since when (loop time), and the one timer per session
@@ -50,6 +53,14 @@ class SessionPool:
         self._timers: dict[Session, asyncio.TimerHandle] = {}
         self._owner: asyncio.Task[None] | None = None
         self.own: int | None = None     # our domain id, once known
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop whose sessions these are."""
+        loop = self._loop()
+        if loop is None:
+            raise RuntimeError("vchan session pool: its event loop is gone")
+        return loop
 
     def __repr__(self) -> str:
         return f"<vchan.SessionPool sessions={len(self.sessions)} setting-up={len(self._setups)}>"
@@ -221,6 +232,7 @@ class SessionPool:
             await asyncio.Event().wait()
         finally:
             if self._owner is asyncio.current_task() or self._owner is None:
+                self._owner = None      # (a done task still holds its loop)
                 with contextlib.suppress(Exception):
                     self.close()
 

@@ -172,7 +172,11 @@ class _IndexWatch:
         self.done = False
         self.used = time.monotonic()
         self.ended = 0.0
-        self._task = loop.create_task(self._run(), name="vchan drop-in index watch")
+        # Held while it runs, let go when it ends: a done task still holds
+        # its loop, and this watch is the value of that loop's entry in a
+        # WeakKeyDictionary.
+        self._task: asyncio.Task[None] | None = loop.create_task(
+            self._run(), name="vchan drop-in index watch")
 
     async def _run(self) -> None:
         from ..backend import default_backend_name
@@ -203,6 +207,7 @@ class _IndexWatch:
             log.debug("drop-in: no watch on %s (%s): hints are believed for %g s",
                       INDEX, exc, HINT_TTL)
         finally:
+            self._task = None
             self.done = True
             self.ready = False
             self.ended = time.monotonic()
