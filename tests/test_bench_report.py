@@ -544,3 +544,52 @@ def test_repeated_latency_rows_keep_the_median_p50(case: str, extra: dict[str, A
     kept = _median(rows, case)
     assert kept["run"] == 0 and kept["p50_us"] == 150.0
     assert kept["repeats"] == [150.0, 120.0, 190.0]
+
+
+def test_repeats_are_rounds_over_the_plan(monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """--repeat runs the whole plan round after round (a slow phase of the
+    machine spoils one run of a measurement, not all its runs); each kept row
+    is its measurement's median, a case that is not repeated runs once, and a
+    matrix cell that fails is a failed row, not measured again."""
+    from vchan.bench import suite
+    from vchan.bench.common import BenchError
+
+    plan = [{"case": "bulk", "transport": "vchan", "loop": "asyncio", "estimate": 1.0,
+             "size": 1},
+            {"case": "connections", "transport": "vchan", "loop": "asyncio",
+             "estimate": 1.0, "connections": 10},
+            {"case": "matrix", "transport": "unix", "loop": "asyncio", "estimate": 1.0,
+             "cell": "bad"},
+            {"case": "bulk", "transport": "unix", "loop": "asyncio", "estimate": 1.0,
+             "size": 2}]
+    speeds = {"vchan": iter([5.0, 1.0, 3.0]), "unix": iter([2.0, 6.0, 4.0])}
+    calls: list[str] = []
+
+    class Runner:
+        restarts = 0
+
+        def measure(self, case: str, transport: str, loop: str,
+                    **params: Any) -> tuple[Any, Any]:
+            calls.append(f"{case} {transport}")
+            if case == "matrix":
+                raise BenchError("cell failed")
+            return {}, {"bytes_per_s": next(speeds[transport]) if case == "bulk" else 1.0}
+
+        def restart(self) -> None:
+            self.restarts += 1
+
+    monkeypatch.setattr(suite, "make_row", lambda m, server, client: dict(client))
+    monkeypatch.setattr(suite, "describe", lambda m: m["case"])
+    monkeypatch.setattr(suite, "summarize", lambda row: "")
+    runner = Runner()
+    out = suite.execute(runner, plan, repeat=3)     # type: ignore[arg-type]
+    assert calls == ["bulk vchan", "connections vchan", "matrix unix", "bulk unix",
+                     "bulk vchan", "bulk unix", "bulk vchan", "bulk unix"]
+    assert [(r["bytes_per_s"], r["repeats"]) for r in out["bulk"]] == [
+        (3.0, [5.0, 1.0, 3.0]), (4.0, [2.0, 6.0, 4.0])]
+    assert out["connections"] == [{"bytes_per_s": 1.0}]
+    assert out["matrix"][0]["ok"] is False and out["matrix"][0]["error"] == "cell failed"
+    assert runner.restarts == 1
+    err = capsys.readouterr().err   # (the failed cell's later runs were planned, then skipped)
+    assert err.startswith("vchan bench: 10 measurements,") and "[ 10/10 " in err

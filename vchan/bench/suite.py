@@ -80,44 +80,61 @@ def execute(runner: Runner, plan: Plan, repeat: int = 1) -> dict[str, list[Json]
     """Run the plan, with progress and a running estimate of the time left.
 
     Bulk, ping-pong, setup, matrix and drop-in measurements are made ``repeat``
-    times and the median run is kept (all values are in the row's ``repeats``).  A
-    failed many-connections or matrix measurement is recorded (``ok`` False,
-    ``error``) and the children restarted; any other failure ends the run.
+    times and the median run is kept (all values are in the row's ``repeats``).
+    The repeats are rounds over the whole plan, not runs back to back: a
+    phase of a few seconds in which the machine is slower (another tenant, the
+    VM's two CPUs given one's worth) then spoils one run of a measurement, not
+    all of them.  A failed many-connections or matrix measurement is recorded
+    (``ok`` False, ``error``; not measured again) and the children restarted;
+    any other failure ends the run.
     """
-    out: dict[str, list[Json]] = {}
-    for m in plan:
-        if m["case"] in REPEATED:
-            m["estimate"] *= repeat
-    estimated = sum(m["estimate"] for m in plan)
-    print(f"vchan bench: {len(plan)} measurements, about {_clock(estimated)} "
+    rounds = [[m for m in plan if r == 0 or m["case"] in REPEATED] for r in range(repeat)]
+    estimated = sum(m["estimate"] for todo in rounds for m in todo)
+    total = sum(len(todo) for todo in rounds)
+    print(f"vchan bench: {total} measurements, about {_clock(estimated)} "
           f"(min:s)", file=sys.stderr, flush=True)
     t_start = time.monotonic()
     done_estimate = 0.0
-    for i, m in enumerate(plan, 1):
-        params = {k: v for k, v in m.items() if k not in ("case", "transport", "loop",
-                                                          "estimate")}
-        try:
-            rows = []
-            for _ in range(repeat if m["case"] in REPEATED else 1):
+    runs: dict[int, list[Json]] = {id(m): [] for m in plan}
+    failed: dict[int, Json] = {}
+    i = 0
+    for todo in rounds:
+        for m in todo:
+            i += 1
+            if id(m) in failed:
+                done_estimate += m["estimate"]
+                continue
+            params = {k: v for k, v in m.items() if k not in ("case", "transport", "loop",
+                                                              "estimate")}
+            try:
                 server, client = runner.measure(m["case"], m["transport"], m["loop"],
                                                 **params)
-                rows.append(make_row(m, server, client))
-            row = _median(rows, m["case"])
-        except BenchError as exc:
-            if m["case"] not in ("connections", "matrix"):
-                raise
-            # Many connections may hit a limit (grants, descriptors), a matrix
-            # cell may fail alone: a result too.
-            row = plan_fields(m)
-            row.update(ok=False, error=str(exc), bytes_per_s=None)
-            if m["case"] == "connections":
-                row.update(server_rss_per_conn=None, client_rss_per_conn=None)
-            runner.restart()
+                row = make_row(m, server, client)
+                runs[id(m)].append(row)
+            except BenchError as exc:
+                if m["case"] not in ("connections", "matrix"):
+                    raise
+                # Many connections may hit a limit (grants, descriptors), a
+                # matrix cell may fail alone: a result too.
+                row = failed[id(m)] = _failure(m, exc)
+                runner.restart()
+            done_estimate += m["estimate"]
+            elapsed = time.monotonic() - t_start
+            left = (estimated - done_estimate) * elapsed / done_estimate
+            print(f"  [{i:>3}/{total} {_clock(elapsed)} elapsed, ~{_clock(left)} left] "
+                  f"{describe(m)}: {summarize(dict(row, case_=m['case']))}",
+                  file=sys.stderr, flush=True)
+    out: dict[str, list[Json]] = {}
+    for m in plan:
+        row = failed.get(id(m)) or _median(runs[id(m)], m["case"])
         out.setdefault(m["case"], []).append(row)
-        done_estimate += m["estimate"]
-        elapsed = time.monotonic() - t_start
-        left = (estimated - done_estimate) * elapsed / done_estimate
-        print(f"  [{i:>3}/{len(plan)} {_clock(elapsed)} elapsed, ~{_clock(left)} left] "
-              f"{describe(m)}: {summarize(dict(row, case_=m['case']))}",
-              file=sys.stderr, flush=True)
     return out
+
+
+def _failure(m: Json, exc: BenchError) -> Json:
+    """The row of a measurement that failed."""
+    row = plan_fields(m)
+    row.update(ok=False, error=str(exc), bytes_per_s=None)
+    if m["case"] == "connections":
+        row.update(server_rss_per_conn=None, client_rss_per_conn=None)
+    return row
