@@ -14,6 +14,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -196,3 +197,43 @@ def test_demo_stops_the_emulator_it_started(tmp_path: Path) -> None:
         assert sim.is_running(directory)
     finally:
         sim.stop(directory)
+
+
+@pytest.mark.parametrize("transport", ["vchan", "unix"])
+def test_the_demo_server_is_quiet_when_its_client_is_killed(sim_dir: Path, tmp_path: Path,
+                                                            transport: str) -> None:
+    """Ctrl-C on ``vchan demo`` kills its client before its server: the
+    server, in the moment between, sees its peer domain die and must end
+    that connection quietly (the demo reports its client's failures itself),
+    not print an 'Unhandled exception in client_connected_cb' traceback."""
+    env = dict(os.environ, VCHAN_SIM_DIR=str(sim_dir), VCHAN_BACKEND="sim")
+    role = [sys.executable, "-m", "vchan.demo"]
+    sock = str(tmp_path / "demo.sock")
+    server = subprocess.Popen([*role, "server", transport, "0",
+                               "2" if transport == "vchan" else sock],
+                              env=dict(env, VCHAN_DOMID="1"), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdin is not None
+        assert server.stdout.readline()                     # ready
+        client = subprocess.Popen([*role, "client", transport, str(1 << 40),
+                                   "1" if transport == "vchan" else sock],
+                                  env=dict(env, VCHAN_DOMID="2"), stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30                 # until it moves data
+            while transport == "vchan" and not any(
+                    d["domid"] == 2 and d["alive"] for d in
+                    sim.control({"cmd": "status"}, sim_dir)["domains"]):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            time.sleep(1.0)
+        finally:
+            client.kill()
+            client.wait()
+        time.sleep(2.0)             # the server learns within 1 s that domain 2 is gone
+        _, err = server.communicate(input="", timeout=30)     # (EOF on stdin: it ends)
+        assert (server.returncode, err) == (0, "")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

@@ -52,7 +52,19 @@ class DemoResult:
 
 
 async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Sink the bulk stream and answer its SHA-256, then echo until EOF."""
+    """Sink the bulk stream and answer its SHA-256, then echo until EOF.
+
+    A client that goes away (killed with the demo on Ctrl-C, which kills the
+    client first; or failed, which the demo reports from the client's side)
+    ends its connection quietly here: reset (vchan) or closed early (a Unix
+    socket's EOF)."""
+    try:
+        await _sink_then_echo(reader, writer)
+    except (ConnectionError, EOFError):
+        writer.transport.abort()
+
+
+async def _sink_then_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     header = await reader.readexactly(8)
     nbytes = int.from_bytes(header, "big")
     digest = hashlib.sha256()
