@@ -55,33 +55,11 @@ class StreamTransport(TransportBase):
     _extra: dict[str, Any]
     _protocol: Any
     _buffer: WriteQueue
-    # A stream's starting state, as class attributes: a new stream (one per
-    # connection) sets only what differs (see __init__).
-    _reader: Any = None             # a vchan StreamReader taking from the ring
-    _queued = False                 # in the session's ready queue
-    _unacked = 0                    # bytes taken by the protocol, credit not yet returned
-    _peer_blocked = False           # the peer waits for our credit (it said BLOCKED)
-    _blocked_sent = False           # we said BLOCKED and wait for the peer's credit
-    _conn_lost = 0
-    _closing = False
-    _user_closed = False
-    _paused = False
-    _made = False
-    _eof = False                    # write_eof() asked for
-    _eof_sent = False
-    _eof_received = False
-    _peer_eof_pending = False       # EOF/CLOSE seen, not yet delivered
-    _peer_closed = False
-    _protocol_paused = False
-    _buffered_protocol = False
-    _high_water = 64 * 1024         # asyncio's default write buffer limits
-    _low_water = 16 * 1024
 
     def __init__(self, session: Session, stream_id: int, protocol: asyncio.BaseProtocol, *,
                  extra: dict[str, Any] | None = None,
                  on_close: Callable[[], None] | None = None, busy_poll: float = 0.0) -> None:
-        self._closed = False            # first: __del__ looks at it
-        self._extra = {} if extra is None else extra
+        super().__init__(extra)
         self._loop = session._loop
         self._session = session
         self.stream_id = stream_id
@@ -89,21 +67,37 @@ class StreamTransport(TransportBase):
         self._busy_poll = busy_poll
         if busy_poll:
             session._add_poller(busy_poll)
-        extra = self._extra
-        if "session" not in extra:
-            extra["session"] = session
-        if "endpoint" not in extra:
-            extra["endpoint"] = session._endpoint   # the ring carrying it
+        self._extra.setdefault("session", session)
+        self._extra.setdefault("endpoint", session._endpoint)   # the ring carrying it
         self._protocol = None
+        self._reader: Any = None        # a vchan StreamReader taking from the ring
         self._buffer = WriteQueue()
+        self._queued = False            # in the session's ready queue
         self._credit = session.peer_window if session._hello_seen else DEFAULT_WINDOW
         self._recv_credit = session.window
+        self._unacked = 0               # bytes taken by the protocol, credit not yet returned
+        self._peer_blocked = False      # the peer waits for our credit (it said BLOCKED)
+        self._blocked_sent = False      # we said BLOCKED and wait for the peer's credit
         # Bytes held for the protocol (paused, not made yet, or the rest of a
         # frame), in pieces of at most HOLD_PIECE bytes: pieces that size come
         # from the allocator's heap and are reused, where objects of a whole
         # frame (256 KiB) are fresh pages each time (page faults); and one
         # bytearray as a queue is worse (it is reallocated as it shrinks).
         self._rbuf: deque[bytes | memoryview] = deque()
+        self._conn_lost = 0
+        self._closing = False
+        self._closed = False
+        self._user_closed = False
+        self._paused = False
+        self._made = False
+        self._eof = False               # write_eof() asked for
+        self._eof_sent = False
+        self._eof_received = False
+        self._peer_eof_pending = False  # EOF/CLOSE seen, not yet delivered
+        self._peer_closed = False
+        self._protocol_paused = False
+        self._high_water = self._low_water = 0
+        self._set_write_buffer_limits()
         self.set_protocol(protocol)
         session._add(self)
         # The creator calls make_now() once it has registered the stream.
