@@ -84,3 +84,22 @@ def grant_limit(sim_dir: Path, pages: int) -> Iterator[None]:
         yield
     finally:
         sim.control({"cmd": "set", "key": "grant-limit", "value": old}, sim_dir)
+
+
+def attributes_inline(obj: object, attribute: str) -> bool:
+    """Whether ``obj`` keeps its attributes inline, as CPython (3.11 on) does
+    for an object of up to 29 attributes that nothing asked for its
+    ``__dict__`` (``vars()`` makes one): each lookup is then cheapest, and a
+    transport or reader looks several up on every call.  ``attribute`` is one
+    of the object's own, to tell its dict from attributes that are dicts.
+    Skips the test where even a plain object has a dict of its own."""
+    import gc
+
+    class Plain:
+        def __init__(self) -> None:
+            self.a = 1
+
+    if any(type(x) is dict for x in gc.get_referents(Plain())):
+        pytest.skip("this Python keeps no attributes inline")
+    assert hasattr(obj, attribute)
+    return not any(type(x) is dict and attribute in x for x in gc.get_referents(obj))

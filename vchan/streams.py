@@ -12,6 +12,7 @@ for TCP streams moves to vchan by changing the call that opens them::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, SupportsIndex, overload
@@ -63,11 +64,17 @@ class StreamReader(asyncio.StreamReader):
     _exception: BaseException | None
     _transport: Any                 # a transport that pauses, or None
     _paused: bool
+    _buffer: bytearray              # asyncio's; deleted by __init__ (not used here)
 
     def __init__(self, limit: int = _DEFAULT_LIMIT,
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(limit, loop)
-        vars(self).pop("_buffer", None)     # asyncio's bytearray: not used here
+        # asyncio's bytearray is not used here.  (del, not vars(self).pop():
+        # vars() turns the object's attributes into a dict of their own, and
+        # every attribute read of the reader's (on every call) then costs
+        # ~18 ns more on CPython 3.11.)
+        with contextlib.suppress(AttributeError):
+            del self._buffer
         self._chunks: deque[bytes] = deque()
         self._pos = 0                   # bytes of _chunks[0] already taken
         self._size = 0                  # bytes buffered (after _pos), _ring included
