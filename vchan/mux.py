@@ -229,7 +229,7 @@ class Session:
         self._wake_pending = False      # a deferred wake-up is on its way (_wake_soon)
         self._corked = False            # small writes wait for the end of this iteration
         self._last_direct = 0.0         # _clock() of the last small write sent at once
-        self._pollers: list[float] = []  # busy_poll of the open streams that asked
+        self._pollers: dict[StreamTransport, float] = {}  # open streams' busy_poll
         self._polling = False
         self._poll_until = 0.0
         self._waited = False            # the reader let the loop run once for a paused stream
@@ -384,15 +384,15 @@ class Session:
 
     # -- busy polling (see the module's docstring) ------------------------------------
 
-    def _add_poller(self, seconds: float) -> None:
-        self._pollers.append(seconds)
+    def _add_poller(self, stream: StreamTransport, seconds: float) -> None:
+        self._pollers[stream] = seconds
 
-    def _remove_poller(self, seconds: float) -> None:
-        self._pollers.remove(seconds)
+    def _remove_poller(self, stream: StreamTransport) -> None:
+        self._pollers.pop(stream, None)
 
     def _poll_start(self) -> None:
         """Look at the ring every loop iteration for a while (we just read or wrote)."""
-        self._poll_until = _clock() + max(self._pollers)
+        self._poll_until = _clock() + max(self._pollers.values())
         lib.vchan_ring_disarm(self._r)
         if not self._polling:
             self._polling = True

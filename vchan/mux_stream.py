@@ -64,9 +64,8 @@ class StreamTransport(TransportBase):
         self._session = session
         self.stream_id = stream_id
         self._on_close = on_close
-        self._busy_poll = busy_poll
         if busy_poll:
-            session._add_poller(busy_poll)
+            session._add_poller(self, busy_poll)
         self._extra.setdefault("session", session)
         self._extra.setdefault("endpoint", session._endpoint)   # the ring carrying it
         self._protocol = None
@@ -492,8 +491,8 @@ class StreamTransport(TransportBase):
             return
         self._closed = True
         self._session._forget(self)
-        if self._busy_poll:
-            self._session._remove_poller(self._busy_poll)
+        if self._session._pollers:
+            self._session._remove_poller(self)
         try:
             if self._made:
                 self._protocol.connection_lost(exc)
