@@ -5,8 +5,8 @@
 #                               a virtualenv in .venv (or $VCHAN_VENV) with
 #                               vchan installed editable plus its test tools.
 #   scripts/setup.sh --runtime  only what running vchan needs (quick start).
-#   VCHAN_SETUP_XEN=1           also the Xen rig's host packages (QEMU,
-#                               debootstrap; scripts/xen-rig, scripts/test --xen).
+#   scripts/setup.sh --xen      all of the first, and the Xen rig's host packages
+#   (or VCHAN_SETUP_XEN=1)      (QEMU, debootstrap; tests/xen/rig.py, scripts/test --xen).
 #
 # Debian packages are installed with apt-get when missing (as root, or
 # through sudo); without either, the missing ones are listed and we stop.
@@ -16,6 +16,11 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${VCHAN_VENV:-$here/.venv}
 python=${PYTHON:-python3}
 mode=${1:-full}
+case "$mode" in
+    full|--runtime) ;;
+    --xen) mode=full; VCHAN_SETUP_XEN=1 ;;
+    *) echo "usage: scripts/setup.sh [--runtime | --xen]" >&2; exit 2 ;;
+esac
 
 # What building vchan needs, and what the test suite adds.
 runtime_pkgs=(gcc libc6-dev)
