@@ -1404,9 +1404,10 @@ async def test_a_connection_through_a_held_session_opens_without_a_loop_turn(
 
 async def test_both_ends_of_a_stream_keep_their_attributes_inline(sim_dir: Path) -> None:
     """A stream's transport looks several of its attributes up on every write
-    and every delivery: kept inline (at most 29 of them on CPython 3.11), not
-    in a dict of their own, on the client's end and on the server's."""
+    and every delivery, the server on every accept: kept inline (at most 29
+    of them on CPython 3.11), not in a dict of their own."""
     async with served(1) as s:
+        assert support.attributes_inline(s.server, "_factory")
         _, writer = await vchan.open_connection(s.own, s.port, timeout=10)
         writer.write(b"hello\n")
         server_end = await asyncio.wait_for(s.accepted.get(), 5)

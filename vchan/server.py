@@ -109,8 +109,7 @@ class Server(Accepting, asyncio.AbstractServer):
         self._serving = False
         self._closed = False
         self._state: _LoopState | None = None
-        self._hub: _EventHub | None = None
-        self._hub_held = False
+        self._hub: _EventHub | None = None    # held from start_serving() to close()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._transports: set[asyncio.Transport] = set()
         self._pending: set[Any] = set()         # endpoints, sessions not yet connected
@@ -162,7 +161,6 @@ class Server(Accepting, asyncio.AbstractServer):
         self.own = state.own
         self._hub = event_hub(self._loop)
         self._hub.hold()
-        self._hub_held = True
         self._serving = True
         try:
             for peer in await self._initial_peers():
@@ -272,8 +270,7 @@ class Server(Accepting, asyncio.AbstractServer):
             session.goaway()        # open streams go on; the session ends with them
         if self._serving_forever is not None and not self._serving_forever.done():
             self._serving_forever.cancel()
-        if self._hub is not None and self._hub_held:
-            self._hub_held = False
+        if self._hub is not None:   # (once: close() runs once)
             self._hub.unhold()      # our transports hold the hub themselves
         self._maybe_all_closed()
 
