@@ -103,3 +103,17 @@ def attributes_inline(obj: object, attribute: str) -> bool:
         pytest.skip("this Python keeps no attributes inline")
     assert hasattr(obj, attribute)
     return not any(type(x) is dict and attribute in x for x in gc.get_referents(obj))
+
+
+def wait_for_domain(sim_dir: Path, domid: int, why: Callable[[], str] = lambda: "",
+                    timeout: float = 30.0) -> None:
+    """Until emulated domain ``domid`` exists (a process of it is connected);
+    ``why()`` is the failure's message (a process's stderr, say)."""
+    from vchan import sim
+
+    deadline = time.monotonic() + timeout
+    while not (sim.is_running(sim_dir) and any(
+            d["domid"] == domid and d["alive"]
+            for d in sim.control({"cmd": "status"}, sim_dir)["domains"])):
+        assert time.monotonic() < deadline, why() or f"no domain {domid} in {timeout} s"
+        time.sleep(0.05)

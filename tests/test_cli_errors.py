@@ -215,12 +215,7 @@ def test_ctrl_c_in_a_subcommand_is_one_line_and_130(
         # Domain 1 exists (a process of it waits), the server never comes.
         holder = _command(running, [*CLI, "sim", "run", "--domid", "1", "--", "sleep", "60"],
                           env, tmp_path)
-        deadline = time.monotonic() + 30
-        while not (sim.is_running(tmp_path / "sim") and any(
-                d["domid"] == 1 and d["alive"] for d in
-                sim.control({"cmd": "status"}, tmp_path / "sim")["domains"])):
-            assert time.monotonic() < deadline, holder.stderr
-            time.sleep(0.05)
+        support.wait_for_domain(tmp_path / "sim", 1, lambda: holder.stderr)
         env["VCHAN_DOMID"] = "2"
     cmd = _command(running, [*CLI, *command], env, tmp_path)
     if ready is not None:

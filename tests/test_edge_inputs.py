@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import support
 from domains import DomainProcess
 
 import vchan
@@ -220,13 +221,9 @@ def test_the_demo_server_is_quiet_when_its_client_is_killed(sim_dir: Path, tmp_p
                                    "1" if transport == "vchan" else sock],
                                   env=dict(env, VCHAN_DOMID="2"), stdout=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 30                 # until it moves data
-            while transport == "vchan" and not any(
-                    d["domid"] == 2 and d["alive"] for d in
-                    sim.control({"cmd": "status"}, sim_dir)["domains"]):
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            time.sleep(1.0)
+            if transport == "vchan":
+                support.wait_for_domain(sim_dir, 2)
+            time.sleep(1.0)                                  # it moves data by now
         finally:
             client.kill()
             client.wait()
