@@ -537,7 +537,7 @@ def test_an_ended_event_loop_is_not_kept_alive_by_vchan(sim_dir: Path, runner: s
     connection to a domain that does not exist, and connected by address
     (a drop-in lookup, then TCP)."""
     code = f"""if True:
-        import asyncio, gc, sys, weakref
+        import asyncio, gc, weakref
         import uvloop
         import vchan
 
