@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import itertools
 import os
@@ -40,6 +41,7 @@ from vchan._native import ffi, lib
 
 import vchan
 from vchan import RemoteProtocolError
+from vchan.devices import EventChannel
 from vchan.mux import Session
 from vchan.mux_frames import (
     CLOSE,
@@ -817,18 +819,17 @@ async def hostile(n: int, loop_errors: list[dict[str, Any]]) -> AsyncIterator[Se
         yield s
 
 
-def count_wakeups(session: Session, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the events ``session`` sends its peer from now on: ``[n]``."""
-    wakes = [0]
-    evtchn = session._evtchn
+class Wakeups:
+    """The events ``session`` has sent its peer since this was made (``count``),
+    from Python and from its C fast path alike."""
 
-    class Counted:
-        def notify(self, port: int) -> None:
-            wakes[0] += 1
-            evtchn.notify(port)
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._start = int(session._wakes[0])
 
-    monkeypatch.setattr(session, "_evtchn", Counted())
-    return wakes
+    @property
+    def count(self) -> int:
+        return int(self._session._wakes[0]) - self._start
 
 
 def inject(session: Session, raw: bytes) -> None:
@@ -1365,20 +1366,42 @@ async def test_a_large_bytes_write_is_queued_without_a_copy(sim_dir: Path) -> No
         assert got == big + sent
 
 
-async def test_open_and_first_write_wake_the_server_once(sim_dir: Path,
-                                                         monkeypatch: pytest.MonkeyPatch
-                                                         ) -> None:
+async def test_a_wake_up_that_fails_ends_the_session_with_the_error(
+        sim_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write whose wake-up of the peer fails (in the C fast path, then again
+    from Python to learn why) fails every stream of the session with that
+    error: the data is not left unannounced in the ring."""
+    async with served(2) as s:
+        session = s.conns[0].client.session
+        await asyncio.sleep(0.05)                   # the server sleeps: a write wakes it
+        closed = EventChannel()
+        closed.close()                              # vk_notify gives -EBADF
+
+        class Failing:
+            def notify(self, port: int) -> None:
+                raise OSError(errno.EBADF, f"notify port {port}: broken on purpose")
+
+        monkeypatch.setattr(session, "_dev", closed._dev)
+        monkeypatch.setattr(session, "_evtchn", Failing())
+        s.conns[0].client.writer.write(b"x" * 100)
+        assert session.closed
+        for conn in s.conns:
+            with pytest.raises(OSError, match="broken on purpose"):
+                await asyncio.wait_for(conn.client.reader.read(), 5)
+
+
+async def test_open_and_first_write_wake_the_server_once(sim_dir: Path) -> None:
     """A new stream's OPEN goes with its first write: one wake-up of the server."""
     async with served(1) as s:
         session = s.conns[0].client.session
         await asyncio.sleep(0.05)                   # both sides idle, waiting
-        wakes = count_wakeups(session, monkeypatch)
+        wakes = Wakeups(session)
         _, writer = await vchan.open_connection(s.own, s.port, timeout=10)
         writer.write(b"hello\n")
         server_end = await asyncio.wait_for(s.accepted.get(), 5)
         assert await asyncio.wait_for(server_end.reader.readline(), 5) == b"hello\n"
         await asyncio.sleep(0.01)                   # the deferred wake-up has run
-        assert wakes == [1]
+        assert wakes.count == 1
         writer.transport.abort()
         server_end.transport.abort()
 
@@ -1862,9 +1885,9 @@ async def test_busy_poll_is_for_session_connections(sim_dir: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _echo_counting_wakeups(busy_poll: float | None, monkeypatch: pytest.MonkeyPatch
-                                 ) -> AsyncIterator[tuple[Any, Any, list[int]]]:
-    """A line-echo server (``busy_poll``) and a client; the list counts the
+async def _echo_counting_wakeups(busy_poll: float | None
+                                 ) -> AsyncIterator[tuple[Any, Any, Wakeups]]:
+    """A line-echo server (``busy_poll``) and a client; the last counts the
     client session's wake-ups of the server from the first echo on."""
     own = vchan.own_domid()
     port = f"mux-{next(_ports)}"
@@ -1880,7 +1903,7 @@ async def _echo_counting_wakeups(busy_poll: float | None, monkeypatch: pytest.Mo
         writer.write(b"hello\n")
         assert await asyncio.wait_for(reader.readline(), 5) == b"hello\n"
         session = End(reader, writer).session
-        wakes = count_wakeups(session, monkeypatch)
+        wakes = Wakeups(session)
         yield server, End(reader, writer), wakes
         writer.close()
         await writer.wait_closed()
@@ -1896,11 +1919,11 @@ async def _echo_lines(end: End, n: int) -> None:
 
 
 async def test_a_busy_polling_server_spares_the_client_its_notifications(
-        sim_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    async with _echo_counting_wakeups(0.2, monkeypatch) as (server, client, wakes):
+        sim_dir: Path) -> None:
+    async with _echo_counting_wakeups(0.2) as (server, client, wakes):
         await _echo_lines(client, 200)
         # The server looked at its ring the whole time: no wake-up needed.
-        assert wakes[0] <= 5, wakes
+        assert wakes.count <= 5, wakes.count
         served = [s for s in server._sessions_open if s.peer == vchan.own_domid()]
         assert served and served[0]._polling
         # Polling ends 0.2 s after the last activity; then it sleeps on the
@@ -1909,18 +1932,18 @@ async def test_a_busy_polling_server_spares_the_client_its_notifications(
         assert not served[0]._polling
         client.writer.write(b"after\n")
         assert await asyncio.wait_for(client.reader.readline(), 5) == b"after\n"
-        assert wakes[0] >= 1
+        assert wakes.count >= 1
         client.transport.close()
         await asyncio.sleep(0.05)
         assert served[0]._pollers == {}
 
 
 async def test_without_busy_poll_every_message_wakes_the_server(
-        sim_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        sim_dir: Path) -> None:
     """The control for the test above: the count it asserts is low is high here."""
-    async with _echo_counting_wakeups(None, monkeypatch) as (_, client, wakes):
+    async with _echo_counting_wakeups(None) as (_, client, wakes):
         await _echo_lines(client, 200)
-        assert wakes[0] >= 150, wakes
+        assert wakes.count >= 150, wakes.count
 
 
 async def test_a_ping_pong_s_writes_go_at_once_on_both_loops(
@@ -1936,7 +1959,7 @@ async def test_a_ping_pong_s_writes_go_at_once_on_both_loops(
         corks[0] += 1
         cork(self)
 
-    async with _echo_counting_wakeups(None, monkeypatch) as (_, client, _wakes):
+    async with _echo_counting_wakeups(None) as (_, client, _wakes):
         monkeypatch.setattr(Session, "_cork", counted)
         for i in range(200):
             time.sleep(50e-6)           # (blocking: the loop's clock stays put)
@@ -1948,7 +1971,7 @@ async def test_a_ping_pong_s_writes_go_at_once_on_both_loops(
 async def test_half_a_frame_does_not_keep_a_busy_poller_spinning(
         sim_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Bytes in the ring that never make a whole frame are not activity."""
-    async with _echo_counting_wakeups(0.05, monkeypatch) as (server, client, _):
+    async with _echo_counting_wakeups(0.05) as (server, client, _):
         served = next(s for s in server._sessions_open if s.peer == vchan.own_domid())
         sid = client.transport.stream_id
         frame = header(DATA, sid, 100) + b"x" * 99 + b"\n"

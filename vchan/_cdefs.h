@@ -179,6 +179,12 @@ int vk_fd_consume(int fd);
 int vk_sim_set_socket(const char *path);
 int vk_sim_check(struct vk_dev *d);
 
+/* ---- vchan/session.h: a session's per-message fast paths ---- */
+
+int vchan_session_send(struct vchan_ring *r, uint32_t stream, const void *data, uint32_t len,
+                       uint32_t min_payload, uint32_t max_payload, int *notify,
+                       struct vk_dev *dev, uint32_t port, uint64_t *woken);
+
 /* ---- kernel/sim_proto.h: the emulated hypervisor's wire protocol ----
  * Declared so that Python takes the numbers from the header
  * (vchan/sim/protocol.py); cffi checks the structs against it. */

@@ -21,13 +21,14 @@ def _rel(*parts: str) -> str:
     return os.path.relpath(os.path.join(ROOT, *parts), os.getcwd())
 
 
-SOURCES = [_rel("vchan", "ring.c"), _rel("vchan", "splice.c"), _rel("vchan", "mux.c")] + [
+SOURCES = [_rel("vchan", name) for name in ("ring.c", "splice.c", "mux.c", "session.c")] + [
     _rel("kernel", name) for name in ("common.c", "xen.c", "sim.c")
 ]
 HEADERS = [
     _rel("vchan", "ring.h"),
     _rel("vchan", "splice.h"),
     _rel("vchan", "mux.h"),
+    _rel("vchan", "session.h"),
     _rel("vchan", "_cdefs.h"),
     _rel("kernel", "kernel.h"),
     _rel("kernel", "sim_proto.h"),
@@ -46,7 +47,8 @@ with open(os.path.join(HERE, "_cdefs.h"), encoding="utf-8") as f:
 
 ffibuilder.set_source(
     "vchan._native",
-    '#include "ring.h"\n#include "splice.h"\n#include "mux.h"\n#include "kernel.h"\n'
+    '#include "ring.h"\n#include "splice.h"\n#include "mux.h"\n#include "session.h"\n'
+    '#include "kernel.h"\n'
     '#include "sim_proto.h"\n',
     sources=SOURCES,
     depends=HEADERS,

@@ -190,6 +190,8 @@ class Session:
         self._loop = loop
         self._endpoint = endpoint
         self._evtchn, self._port = endpoint.evtchn, endpoint.port     # (notify, inline)
+        self._dev = endpoint.evtchn._dev    # (what vchan_session_send notifies through)
+        self._wakes = ffi.new("uint64_t *")     # wake-ups sent to the peer
         self._hub = hub
         self.is_server = is_server
         self.own = own
@@ -428,23 +430,17 @@ class Session:
 
     def _send_data(self, sid: int, view: Any, n: int) -> int:
         """Write up to ``n`` bytes at ``view`` as DATA frames of stream ``sid``;
-        the bytes written (fewer once the ring is full).  write_data stops
-        after the frame a waiting reader wants: it is woken then, so that it
-        copies out while the rest is written."""
-        r, notify, done = self._r, self._notify, 0
-        while done < n:
-            k: int = lib.vchan_mux_write_data(r, sid, view + done, n - done, self._min_chunk,
-                                              self._max_out, notify)
-            if k < 0:
-                if k != _FULL:
-                    raise _ring_error(k, "write")
-                break
-            done += k
-            if notify[0] or self._force_notify:
-                self._flush_notify()
-                if self.closed:
-                    break
-        return done
+        the bytes written (fewer once the ring is full).  One C call: it
+        wakes a waiting reader after the frame it wants, so that it copies
+        out while the rest is written."""
+        notify = self._notify
+        k: int = lib.vchan_session_send(self._r, sid, view, n, self._min_chunk, self._max_out,
+                                        notify, self._dev, self._port, self._wakes)
+        if k < 0:
+            raise _ring_error(k, "write")
+        if notify[0] or self._force_notify:
+            self._flush_notify()    # (or a wake-up that failed there: to report why)
+        return k
 
     def _want_send(self, stream: StreamTransport) -> None:
         if not stream._queued:
@@ -516,6 +512,8 @@ class Session:
                 self._evtchn.notify(self._port)
             except OSError as exc:
                 self._fail(exc)
+            else:
+                self._wakes[0] += 1
 
     # -- receiving ----------------------------------------------------------------
 

@@ -1,0 +1,28 @@
+/* A session's per-message fast paths: see session.h. */
+#include "session.h"
+
+int vchan_session_send(struct vchan_ring *r, uint32_t stream, const void *data, uint32_t len,
+                       uint32_t min_payload, uint32_t max_payload, int *notify,
+                       struct vk_dev *dev, uint32_t port, uint64_t *woken)
+{
+    const uint8_t *src = data;
+    uint32_t done = 0;
+    int n;
+
+    while (done < len) {
+        n = vchan_mux_write_data(r, stream, src + done, len - done, min_payload, max_payload,
+                                 notify);
+        if (n == VCHAN_MUX_FULL)
+            break;
+        if (n < 0)
+            return n;
+        done += (uint32_t)n;
+        if (*notify) {
+            if (vk_notify(dev, port) < 0)
+                break;              /* *notify stays set: the caller reports it */
+            *notify = 0;
+            ++*woken;
+        }
+    }
+    return (int)done;
+}
