@@ -534,8 +534,8 @@ class Session:
                 self._flush()
             if more:
                 self._schedule_read()
-            elif not self.closed:
-                self._check_peer()
+            elif not self.closed and lib.vchan_ring_peer_live(self._r) != 1:
+                self._check_peer()          # (gone, or an error: the whole check)
             if not self.closed:
                 if self._notify[0] or self._force_notify:
                     self._flush_notify()
