@@ -1,9 +1,12 @@
-"""libFuzzer run of the ring against a hostile peer (tests/fuzz/ring_fuzz.c).
+"""libFuzzer runs of the ring and of the session framing against a hostile
+peer (tests/fuzz/ring_fuzz.c, tests/fuzz/mux_fuzz.c).
 
-The harness is built with ``clang -fsanitize=fuzzer,address,undefined``
-together with ``vchan/ring.c`` and ``vchan/splice.c`` and run for a bounded
-time from a copy of the seed corpus (tests/fuzz/corpus/ plus the seeds
-tests/fuzz/make_corpus.py generates).  Any invariant violation, sanitizer
+Each harness is built with ``clang -fsanitize=fuzzer,address,undefined``
+together with the C it drives (``vchan/ring.c`` and ``vchan/splice.c``;
+``vchan/mux.c`` over ``vchan/ring.c``) and run for a bounded time from a
+seed corpus (the ring's: tests/fuzz/corpus/ plus the seeds
+tests/fuzz/make_corpus.py generates; the framing's: a few inputs written
+here, see ``_mux_seeds``).  Any invariant violation, sanitizer
 report, hang longer than 5 s (``-timeout=5``) or leak makes libFuzzer exit
 non-zero and the test fail; the crashing input is left in the test's
 temporary directory and its path printed.
@@ -22,8 +25,10 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -33,7 +38,9 @@ from support import build_c, compiler_candidates, soak_seconds
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ_DIR = ROOT / "tests" / "fuzz"
 SOURCE = FUZZ_DIR / "ring_fuzz.c"
+MUX_SOURCE = FUZZ_DIR / "mux_fuzz.c"
 CORPUS = FUZZ_DIR / "corpus"
+MUX_C = ROOT / "vchan" / "mux.c"
 RING_C = ROOT / "vchan" / "ring.c"
 SPLICE_C = ROOT / "vchan" / "splice.c"
 
@@ -105,25 +112,81 @@ def fuzz_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
                    [SOURCE, RING_C, SPLICE_C])
 
 
+@pytest.fixture(scope="module")
+def mux_fuzz_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_c(tmp_path_factory.mktemp("mux_fuzz"), "mux_fuzz", _fuzz_compiler,
+                   "no compiler with libFuzzer + ASan + UBSan", [*FLAGS, "-I", str(ROOT / "vchan")],
+                   [MUX_SOURCE, MUX_C, RING_C])
+
+
+def _ring_seeds(corpus: Path) -> None:
+    if CORPUS.is_dir():
+        shutil.copytree(CORPUS, corpus, dirs_exist_ok=True)
+    _load_corpus_generator().write_seeds(corpus)
+
+
+# mux_fuzz.c's input: two order bytes (10 + b % 7), then operations (op % 16).
+_PRODUCE, _CONSUME, _PEEK, _TAKE, _TAKE_RUN, _RUN_LENGTH, _WRITE_DATA = 0, 5, 7, 9, 10, 12, 14
+_UNLIMITED, _TWICE_THE_RING = 5, 4       # pick_limit / pick_len choices
+
+
+def _mux_frame(length: int, seed: int) -> bytes:
+    """The peer produces a DATA frame of stream 1 (mode 0: a u16 length, a u32 arg)."""
+    return bytes([_PRODUCE, 0]) + struct.pack("<HI", length, seed) + bytes(
+        (seed + i) % 256 for i in range(min(length, 512)))
+
+
+def _mux_seeds(corpus: Path) -> None:
+    """A few deep, valid starts for mux_fuzz.c: runs of small frames read
+    with run_length and take_run, frames that wrap a small ring, our own
+    DATA frames filling the write ring and the peer consuming them."""
+    corpus.mkdir(parents=True, exist_ok=True)
+    run = bytes([2, 0])         # read ring 4 KiB (separate), write ring 1 KiB (in page)
+    for i in range(6):
+        run += _mux_frame(20 + i, i)
+    run += bytes([_PEEK, _UNLIMITED, _RUN_LENGTH, _TWICE_THE_RING,
+                  _TAKE_RUN, _TWICE_THE_RING, _TWICE_THE_RING, _PEEK, _UNLIMITED, _TAKE])
+    wrap = bytes([0, 1])        # read ring 1 KiB (in page), write ring 2 KiB (in page)
+    for i in range(12):
+        wrap += _mux_frame(300 + 7 * i, i) + bytes([_PEEK, _UNLIMITED, _TAKE])
+    writes = bytes([3, 2])      # read ring 8 KiB, write ring 4 KiB
+    for i in range(8):
+        writes += bytes([_WRITE_DATA, 1, 0, 0, 0, 0, 0, _UNLIMITED, i, _CONSUME, 0])
+    for name, data in (("seed_run", run), ("seed_wrap", wrap), ("seed_writes", writes)):
+        (corpus / name).write_bytes(data)
+
+
 @pytest.mark.timeout(FUZZ_SECONDS + 240)
 def test_ring_fuzz(fuzz_exe: Path, tmp_path: Path) -> None:
-    _fuzz(fuzz_exe, tmp_path, FUZZ_SECONDS)
+    _fuzz(fuzz_exe, tmp_path, FUZZ_SECONDS, _ring_seeds)
 
 
 @pytest.mark.soak
 @pytest.mark.timeout(int(soak_seconds()) + 240)
 def test_ring_fuzz_soak(fuzz_exe: Path, tmp_path: Path) -> None:
     """The same, for VCHAN_SOAK_SECONDS (run with --soak)."""
-    _fuzz(fuzz_exe, tmp_path, int(soak_seconds()))
+    _fuzz(fuzz_exe, tmp_path, int(soak_seconds()), _ring_seeds)
 
 
-def _fuzz(fuzz_exe: Path, tmp_path: Path, seconds: int) -> None:
+@pytest.mark.timeout(FUZZ_SECONDS + 240)
+def test_mux_fuzz(mux_fuzz_exe: Path, tmp_path: Path) -> None:
+    """The session framing (vchan/mux.c) against a peer writing anything."""
+    _fuzz(mux_fuzz_exe, tmp_path, max(FUZZ_SECONDS // 2, 1), _mux_seeds)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(int(soak_seconds()) + 240)
+def test_mux_fuzz_soak(mux_fuzz_exe: Path, tmp_path: Path) -> None:
+    """The same, for VCHAN_SOAK_SECONDS (run with --soak)."""
+    _fuzz(mux_fuzz_exe, tmp_path, int(soak_seconds()), _mux_seeds)
+
+
+def _fuzz(fuzz_exe: Path, tmp_path: Path, seconds: int,
+          write_seeds: Callable[[Path], None]) -> None:
     corpus = tmp_path / "corpus"
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
-    if CORPUS.is_dir():
-        shutil.copytree(CORPUS, corpus)
-    _load_corpus_generator().write_seeds(corpus)
+    write_seeds(corpus)
     seeds = len(list(corpus.iterdir()))
 
     cmd = [str(fuzz_exe), f"-max_total_time={seconds}", "-timeout=5",
@@ -158,7 +221,7 @@ def _fuzz(fuzz_exe: Path, tmp_path: Path, seconds: int) -> None:
     report_path = os.environ.get("VCHAN_FUZZ_REPORT")
     if report_path:
         Path(report_path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"\n$ {' '.join(cmd)}\nring_fuzz: {execs} executions in {elapsed:.1f} s "
+    print(f"\n$ {' '.join(cmd)}\n{fuzz_exe.name}: {execs} executions in {elapsed:.1f} s "
           f"({rate} exec/s), {report['new_units']} new units, corpus "
           f"{seeds} -> {report['corpus_inputs']} inputs, exit status {proc.returncode}")
 

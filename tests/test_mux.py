@@ -557,6 +557,21 @@ def test_take_run_copies_frames_wrapping_the_end_of_the_ring() -> None:
     assert take_run(reader) == (900, data)
 
 
+def test_write_data_never_writes_an_empty_frame() -> None:
+    """Every DATA frame carries a byte: a min_payload of 0 counts as 1 (with
+    only a header's room left the ring is full, no empty frame goes), and a
+    max_payload of 0 is refused (frames of nothing would be no progress)."""
+    pair = Pair(10, 11)
+    r, notify = pair.client._r, pair.client._notify
+    assert pair.client.write_size == 1024
+    assert lib.vchan_mux_write_data(r, 1, b"abc", 3, 1, 0, notify) == lib.VCHAN_EINVAL
+    assert mux_write(pair.client, Frame(DATA, 0, 1, 0, payload_of(1024 - 2 * HEADER))) == \
+        1024 - 2 * HEADER                                     # a header's room is left
+    assert lib.vchan_mux_write_data(r, 1, b"abc", 3, 0, 100, notify) == FULL
+    assert pair.server.data_ready() == 1024 - HEADER          # nothing more was written
+    assert lib.vchan_mux_write_data(r, 1, b"", 0, 0, 0, notify) == FULL   # nothing to write
+
+
 def test_write_data_stops_after_the_frame_the_reader_waits_for() -> None:
     """The reader found the ring empty and asked to be woken: the writer gets
     back control after the first frame, wakes it, then writes the rest."""

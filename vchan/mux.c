@@ -116,6 +116,11 @@ int vchan_mux_write_data(struct vchan_ring *r, uint32_t stream, const void *data
     uint32_t done = 0;
     int n;
 
+    /* Every DATA frame carries at least one byte: an empty one is no progress. */
+    if (len && max_payload == 0)
+        return VCHAN_EINVAL;
+    if (min_payload == 0)
+        min_payload = 1;
     while (done < len) {
         n = vchan_mux_write(r, VCHAN_MUX_DATA, 0, stream, 0, src + done, len - done,
                             min_payload, max_payload, notify);

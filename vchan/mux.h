@@ -63,7 +63,9 @@ int vchan_mux_write_ex(struct vchan_ring *r, uint8_t type, uint8_t flags, uint32
  * min_payload)).  Stops after the frame that sets *notify (the peer is
  * waiting for it: wake it, then call again for the rest).  Returns
  * the bytes written (> 0), VCHAN_MUX_FULL when not even the first frame
- * fits (the "tell me on read" request is armed), or a ring error. */
+ * fits (the "tell me on read" request is armed) or len is 0, or a ring
+ * error.  Every frame carries at least one byte (a min_payload of 0 counts
+ * as 1); a max_payload of 0 with data to write is VCHAN_EINVAL. */
 int vchan_mux_write_data(struct vchan_ring *r, uint32_t stream, const void *data, uint32_t len,
                          uint32_t min_payload, uint32_t max_payload, int *notify);
 
