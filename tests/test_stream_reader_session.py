@@ -14,6 +14,7 @@ from pathlib import Path
 
 from test_mux import header, inject, served
 
+import vchan
 from vchan.mux_frames import DATA, EOF, GATHER
 
 
@@ -59,3 +60,44 @@ async def test_data_after_the_peers_eof_is_dropped_for_a_stream_reader(sim_dir: 
         await asyncio.sleep(0.05)
         assert reader.at_eof()
         assert await asyncio.wait_for(reader.read(), 5) == b""
+
+
+async def test_a_protocol_that_overrides_data_received_sees_every_byte(sim_dir: Path) -> None:
+    """A StreamReaderProtocol subclass that looks at the data in its own
+    ``data_received`` gets every byte through it, small pieces and large
+    runs alike: the reader takes from the ring itself (and the session feeds
+    it directly) only when ``data_received`` would do nothing but feed it."""
+    seen: list[int] = []
+    done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    class Counting(asyncio.StreamReaderProtocol):
+        def data_received(self, data: bytes) -> None:
+            seen.append(len(data))
+            super().data_received(data)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        done.set_result(await reader.read())
+        writer.close()
+
+    loop = asyncio.get_running_loop()
+    port = "counting-protocol"
+
+    def factory() -> asyncio.StreamReaderProtocol:
+        return Counting(vchan.StreamReader(loop=loop), serve, loop=loop)
+
+    server = await vchan.create_server(factory, port, peers=vchan.own_domid())
+    try:
+        _, writer = await vchan.open_connection(vchan.own_domid(), port, timeout=10)
+        payload = bytes(range(256)) * 4096          # 1 MiB: frames the session would announce
+        for i in range(0, len(payload), 100_000):
+            writer.write(payload[i:i + 100_000])
+        writer.write(b"tail")                       # and a small one
+        writer.write_eof()
+        await writer.drain()
+        assert await asyncio.wait_for(done, 20) == payload + b"tail"
+        assert sum(seen) == len(payload) + 4
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -38,6 +38,10 @@ from .transport import SpliceProtocol
 if TYPE_CHECKING:
     from .mux import Session
 
+# The data_received() of a StreamReaderProtocol that does not override it:
+# it feeds the protocol's reader and does nothing else.
+_FEEDS_ITS_READER = asyncio.StreamReaderProtocol.data_received
+
 __all__ = ["StreamTransport"]
 
 log = logging.getLogger("vchan")
@@ -122,7 +126,14 @@ class StreamTransport(TransportBase):
     def _attach_reader(self, reader: Any) -> bool:
         """A vchan StreamReader (set_transport) takes this stream's data from
         the ring itself: ``reader._ring_ready(n)`` announces n bytes,
-        :meth:`_ring_take` copies the next piece of them out."""
+        :meth:`_ring_take` copies the next piece of them out; and the small
+        pieces are fed to it directly (:meth:`_data`).  Only when its
+        protocol's ``data_received()`` would do nothing but feed it: a
+        protocol that looks at the data itself gets every byte through it."""
+        protocol = self._protocol
+        if type(protocol).data_received is not _FEEDS_ITS_READER or \
+                getattr(protocol, "_stream_reader", None) is not reader:
+            return False
         self._reader = reader
         return True
 
@@ -194,7 +205,10 @@ class StreamTransport(TransportBase):
             return
         self._consumed(len(data))
         try:
-            self._protocol.data_received(data)
+            if self._reader is not None:
+                self._reader.feed_data(data)    # all its data_received() does (_attach_reader)
+            else:
+                self._protocol.data_received(data)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
