@@ -123,7 +123,15 @@ class StreamReader(asyncio.StreamReader):
         if self._ring:
             self._pull(self._size)      # (it never comes after those, but in order)
         self._chunks.append(data)
-        self._added(len(data))
+        # (_added, inline: this runs for every message)
+        self._size += len(data)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.cancelled():
+                waiter.set_result(None)
+        if self._size > 2 * self._limit:
+            self._maybe_pause()
 
     def _ring_ready(self, n: int) -> None:
         """The transport: ``n`` more bytes are in the ring for us."""
@@ -150,8 +158,12 @@ class StreamReader(asyncio.StreamReader):
     def _added(self, n: int) -> None:
         self._size += n
         self._wakeup_waiter()
-        if self._transport is not None and not self._paused and \
-                self._size > 2 * self._limit:
+        if self._size > 2 * self._limit:
+            self._maybe_pause()
+
+    def _maybe_pause(self) -> None:
+        """Over twice the limit: pause the transport (once)."""
+        if self._transport is not None and not self._paused:
             try:
                 self._transport.pause_reading()
             except NotImplementedError:
@@ -166,8 +178,9 @@ class StreamReader(asyncio.StreamReader):
             if not waiter.cancelled():
                 waiter.set_result(None)
 
-    async def _wait_for_data(self, func_name: str) -> None:
-        """Wait until data or EOF comes (resuming reading if it is paused)."""
+    def _new_waiter(self, func_name: str) -> asyncio.Future[None]:
+        """The future that data or EOF completes (reading resumed if it is
+        paused); the caller awaits it and clears ``_waiter`` after."""
         if self._waiter is not None:
             raise RuntimeError(f"{func_name}() called while another coroutine is "
                                f"already waiting for incoming data")
@@ -179,9 +192,14 @@ class StreamReader(asyncio.StreamReader):
         if self._paused:
             self._paused = False
             self._transport.resume_reading()
-        self._waiter = self._loop.create_future()
+        self._waiter = waiter = self._loop.create_future()
+        return waiter
+
+    async def _wait_for_data(self, func_name: str) -> None:
+        """Wait until data or EOF comes (resuming reading if it is paused)."""
+        waiter = self._new_waiter(func_name)
         try:
-            await self._waiter
+            await waiter
         finally:
             self._waiter = None
 
@@ -462,9 +480,19 @@ class StreamReader(asyncio.StreamReader):
         while self._size < n:
             if self._eof:
                 raise asyncio.IncompleteReadError(self._take_all(), n)
-            await self._wait_for_data("readexactly")
-        data = self._take(n)
-        self._maybe_resume_transport()
+            # (_wait_for_data, inline: a coroutine fewer per message waited for)
+            waiter = self._new_waiter("readexactly")
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        if not self._pos and not self._ring and len(chunks[0]) == n:
+            data = chunks.popleft()     # the message is the piece that came
+            self._size -= n
+        else:
+            data = self._take(n)
+        if self._paused:
+            self._maybe_resume_transport()
         return data
 
 
