@@ -77,7 +77,7 @@ class _EventHub:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.evtchn = EventChannel()
-        self.handlers: dict[int, Callable[[], None]] = {}
+        self.handlers: dict[int, Callable[..., None]] = {}
         self._port_fds: dict[int, int] = {}   # ports the loop watches directly
         self._direct = True                     # until the backend says it cannot
         self.holds = 0
@@ -193,8 +193,14 @@ class _EventHub:
             if self._homes is asyncio.current_task():
                 self._homes = None
 
-    def register(self, port: int, handler: Callable[[], None]) -> None:
-        """Call ``handler`` whenever ``port`` fires (replacing its handler)."""
+    def register(self, port: int, handler: Callable[..., None], *,
+                 consumes: bool = False) -> None:
+        """Call ``handler`` whenever ``port`` fires (replacing its handler).
+
+        With ``consumes``, where the port has a descriptor of its own the
+        handler is called as ``handler(fd)`` and reads the event off it
+        first itself (``vk_fd_consume``): a call fewer per wake-up; where it
+        has not, ``handler()`` as always."""
         self.handlers[port] = handler
         if not self._direct:
             return
@@ -210,7 +216,10 @@ class _EventHub:
             if fd is None:
                 return
             self._port_fds[port] = fd
-        self.loop.add_reader(fd, self._fire, fd, handler)
+        if consumes:
+            self.loop.add_reader(fd, handler, fd)
+        else:
+            self.loop.add_reader(fd, self._fire, fd, handler)
 
     def unregister(self, port: int) -> None:
         """``port`` has no handler any more (the hub closes when none has)."""

@@ -248,7 +248,7 @@ class Session:
         self._blen = ffi.new("uint32_t *")
         self._scratch = ffi.new("char[]", GATHER_MAX)
         self._wake_after = max(ring.read_size // 4, 1)
-        hub.register(endpoint.port, self._on_event)
+        hub.register(endpoint.port, self._on_event, consumes=True)
         hub.watch_peer(peer, self)
         self._send_control(HELLO, 0, 0, VERSION, _HELLO_BODY.pack(window, self.max_streams))
         if is_server:
@@ -359,12 +359,6 @@ class Session:
     def _idle(self) -> bool:
         return not self._ctl and not self._ready
 
-    def _write_now(self) -> bool:
-        """Whether a small write goes at once: the peer has taken everything
-        we wrote, or sleeps until our next write (a broken ring: at once, to
-        fail there)."""
-        return lib.vchan_ring_write_now(self._r) != 0  # type: ignore[no-any-return]
-
     def _burst_over(self) -> bool:
         """No small write went at once just now (else this one is part of a
         burst, merged with the rest of it: see "Small writes")."""
@@ -423,10 +417,6 @@ class Session:
         # Time is up: ask to be woken, look once more, sleep.
         self._polling = False
         self._on_event()
-
-    def _write_direct(self, stream: StreamTransport, data: Any, n: int) -> int:
-        """Write up to ``n`` bytes of ``data`` as DATA frames now; bytes written."""
-        return self._send_data(stream.stream_id, ffi.from_buffer(data), n)
 
     def _send_data(self, sid: int, view: Any, n: int) -> int:
         """Write up to ``n`` bytes at ``view`` as DATA frames of stream ``sid``;
@@ -517,7 +507,9 @@ class Session:
 
     # -- receiving ----------------------------------------------------------------
 
-    def _on_event(self) -> None:
+    def _on_event(self, fd: int = -1) -> None:
+        if fd >= 0:
+            lib.vk_fd_consume(fd)       # the port's event (see EventHub.register)
         self._read_scheduled = False
         if self.closed:
             return

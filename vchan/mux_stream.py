@@ -203,7 +203,10 @@ class StreamTransport(TransportBase):
         if not self._made or self._paused or self._rbuf:     # (_can_deliver, inline)
             self._rbuf.append(data)
             return
-        self._consumed(len(data))
+        # (_consumed, inline for the usual case: no credit due yet)
+        self._unacked += len(data)
+        if self._unacked >= self._session.window >> 1:
+            self._consumed(0)
         try:
             if self._reader is not None:
                 self._reader.feed_data(data)    # all its data_received() does (_attach_reader)
@@ -397,9 +400,12 @@ class StreamTransport(TransportBase):
         size = len(data)
         if not buf._size and self._credit > 0 and not session._ctl and not session._ready and (
                 size >= CORK_MAX or (not session._corked and session._burst_over()
-                                     and session._write_now())):
+                                     and lib.vchan_ring_write_now(session._r) != 0)):
+            # (the peer has taken everything, or sleeps until our next write;
+            # a broken ring: at once, to fail there)
             try:
-                n = session._write_direct(self, data, min(size, self._credit))
+                n = session._send_data(self.stream_id, ffi.from_buffer(data),
+                                       min(size, self._credit))
             except RemoteProtocolError as exc:
                 session._fail(exc)
                 return
