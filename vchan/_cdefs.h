@@ -181,9 +181,11 @@ int vk_sim_check(struct vk_dev *d);
 
 /* ---- vchan/session.h: a session's per-message fast paths ---- */
 
+#define VCHAN_SESSION_LATER ...
+
 int vchan_session_send(struct vchan_ring *r, uint32_t stream, const void *data, uint32_t len,
                        uint32_t min_payload, uint32_t max_payload, int *notify,
-                       struct vk_dev *dev, uint32_t port, uint64_t *woken);
+                       struct vk_dev *dev, uint32_t port, uint64_t *woken, int now_only);
 
 /* ---- kernel/sim_proto.h: the emulated hypervisor's wire protocol ----
  * Declared so that Python takes the numbers from the header

@@ -104,7 +104,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 import warnings
 from collections import deque
 from collections.abc import Callable
@@ -121,7 +120,6 @@ from .mux_frames import (
     _REMOTE_CODES,
     BLOCKED,
     CLOSE,
-    CORK_GAP,
     DATA,
     DATA_FRAME,
     DEFAULT_WINDOW,
@@ -144,6 +142,7 @@ from .mux_frames import (
     RESET_REFUSED,
     VERSION,
     WINDOW,
+    _clock,
     _protocol_error,
     _ring_error,
     _unpack,
@@ -155,11 +154,6 @@ __all__ = ["Session", "check_busy_poll"]
 
 log = logging.getLogger("vchan")
 
-# Microsecond intervals (CORK_GAP, busy-poll windows) need a clock that has
-# them: uvloop's loop.time() counts whole milliseconds, so with it every small
-# write within a millisecond of the last was taken for part of a burst (corked
-# for an iteration, a ping-pong's answer included).
-_clock = time.monotonic
 MAX_BUSY_POLL = 1.0              # seconds: busy polling is for microseconds, not a way of life
 
 
@@ -359,15 +353,6 @@ class Session:
     def _idle(self) -> bool:
         return not self._ctl and not self._ready
 
-    def _burst_over(self) -> bool:
-        """No small write went at once just now (else this one is part of a
-        burst, merged with the rest of it: see "Small writes")."""
-        now = _clock()
-        if now - self._last_direct < CORK_GAP:
-            return False
-        self._last_direct = now
-        return True
-
     def _cork(self) -> None:
         """Write what waits at the end of this loop iteration."""
         if not self._corked:
@@ -425,7 +410,7 @@ class Session:
         out while the rest is written."""
         notify = self._notify
         k: int = lib.vchan_session_send(self._r, sid, view, n, self._min_chunk, self._max_out,
-                                        notify, self._dev, self._port, self._wakes)
+                                        notify, self._dev, self._port, self._wakes, 0)
         if k < 0:
             raise _ring_error(k, "write")
         if notify[0] or self._force_notify:

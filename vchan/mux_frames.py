@@ -10,6 +10,7 @@ operation; this module holds what both halves of a session use, the
 from __future__ import annotations
 
 import struct
+import time
 from typing import Any
 
 from ._native import ffi, lib
@@ -43,6 +44,12 @@ HOLD_PIECE = 65536              # bytes held for a stream are kept in pieces thi
 CORK_MAX = 16384                # writes smaller than this may wait to be merged...
 CORK_FLUSH = 65536              # ...until this many bytes wait, or the iteration ends
 CORK_GAP = 10e-6                # small writes this close together are a burst: merged
+# Microsecond intervals (CORK_GAP, busy-poll windows) need a clock that has
+# them: uvloop's loop.time() counts whole milliseconds, so with it every small
+# write within a millisecond of the last was taken for part of a burst (corked
+# for an iteration, a ping-pong's answer included).
+_clock = time.monotonic
+_LATER = lib.VCHAN_SESSION_LATER   # vchan_session_send: not now (a burst's write waits)
 _MAX_CREDIT = (1 << 31) - 1
 _HELLO_BODY = struct.Struct("<II")
 _FULL: int = lib.VCHAN_MUX_FULL

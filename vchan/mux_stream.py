@@ -19,9 +19,11 @@ from ._flow import TransportBase, WriteQueue
 from ._native import ffi, lib
 from .errors import RemoteProtocolError
 from .mux_frames import (
+    _LATER,
     BLOCKED,
     CLOSE,
     CORK_FLUSH,
+    CORK_GAP,
     CORK_MAX,
     DEFAULT_WINDOW,
     EOF,
@@ -31,6 +33,7 @@ from .mux_frames import (
     QUIET,
     RESET,
     WINDOW,
+    _clock,
     _ring_error,
 )
 from .transport import SpliceProtocol
@@ -398,23 +401,43 @@ class StreamTransport(TransportBase):
         session = self._session
         buf = self._buffer
         size = len(data)
-        if not buf._size and self._credit > 0 and not session._ctl and not session._ready and (
-                size >= CORK_MAX or (not session._corked and session._burst_over()
-                                     and lib.vchan_ring_write_now(session._r) != 0)):
-            # (the peer has taken everything, or sleeps until our next write;
-            # a broken ring: at once, to fail there)
-            try:
-                n = session._send_data(self.stream_id, ffi.from_buffer(data),
-                                       min(size, self._credit))
-            except RemoteProtocolError as exc:
-                session._fail(exc)
-                return
-            self._credit -= n
-            if session._pollers:
-                session._poll_start()   # an answer may come soon
-            if n == size:
-                return
-            data = memoryview(data)[n:]
+        if not buf._size and self._credit > 0 and not session._ctl and not session._ready:
+            # At once: a large write always; a small one unless it is part of
+            # a burst (within CORK_GAP of the last small one sent at once) and
+            # then only if the peer took everything or sleeps until our next
+            # write (vchan_session_send's now_only; see "Small writes").
+            if size >= CORK_MAX:
+                now_only = 0
+            elif session._corked:
+                now_only = -1
+            else:
+                now = _clock()
+                if now - session._last_direct < CORK_GAP:
+                    now_only = -1
+                else:
+                    session._last_direct = now
+                    now_only = 1
+            if now_only >= 0:
+                credit = self._credit
+                n: int = lib.vchan_session_send(
+                    session._r, self.stream_id, ffi.from_buffer(data),
+                    size if size <= credit else credit, session._min_chunk, session._max_out,
+                    session._notify, session._dev, session._port, session._wakes, now_only)
+                if n != _LATER:
+                    if n < 0:
+                        exc = _ring_error(n, "write")
+                        if not isinstance(exc, RemoteProtocolError):
+                            raise exc
+                        session._fail(exc)
+                        return
+                    if session._notify[0] or session._force_notify:
+                        session._flush_notify()     # (or a wake-up that failed: to report why)
+                    self._credit = credit - n
+                    if session._pollers:
+                        session._poll_start()   # an answer may come soon
+                    if n == size:
+                        return
+                    data = memoryview(data)[n:]
         # (inlined: this is the path of every small write while others wait)
         before = buf._size
         buf.extend(data)

@@ -3,11 +3,14 @@
 
 int vchan_session_send(struct vchan_ring *r, uint32_t stream, const void *data, uint32_t len,
                        uint32_t min_payload, uint32_t max_payload, int *notify,
-                       struct vk_dev *dev, uint32_t port, uint64_t *woken)
+                       struct vk_dev *dev, uint32_t port, uint64_t *woken, int now_only)
 {
     const uint8_t *src = data;
     uint32_t done = 0;
     int n;
+
+    if (now_only && vchan_ring_write_now(r) == 0)
+        return VCHAN_SESSION_LATER;
 
     while (done < len) {
         n = vchan_mux_write_data(r, stream, src + done, len - done, min_payload, max_payload,

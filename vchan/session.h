@@ -23,9 +23,16 @@
  * "tell me on read" request is armed) or a ring error (< 0).  *notify is 0
  * on return unless a wake-up failed: it is left set, and the caller
  * notifies again to learn (and report) why.  *woken counts the wake-ups
- * sent. */
+ * sent.
+ *
+ * With now_only set, nothing is written unless the write should go at once
+ * (vchan_ring_write_now: the peer took everything, or sleeps until our next
+ * write; a broken ring too, to fail there): VCHAN_SESSION_LATER otherwise,
+ * and the caller keeps the bytes for a later, merged write. */
+#define VCHAN_SESSION_LATER     (-60)
+
 int vchan_session_send(struct vchan_ring *r, uint32_t stream, const void *data, uint32_t len,
                        uint32_t min_payload, uint32_t max_payload, int *notify,
-                       struct vk_dev *dev, uint32_t port, uint64_t *woken);
+                       struct vk_dev *dev, uint32_t port, uint64_t *woken, int now_only);
 
 #endif /* VCHAN_SESSION_H */
