@@ -45,6 +45,8 @@
  *     max_payload of them, a frame that would wrap ended at the ring's end
  *     only when that piece holds the minimum.
  */
+#define FUZZ_NAME "mux_fuzz"
+#include "harness.h"
 #include "mux.h"
 #include "ring.h"
 
@@ -65,76 +67,6 @@
 #define OFF_RIGHT_PROD      offsetof(struct vchan_interface, right.prod)
 #define OFF_CLI_LIVE        offsetof(struct vchan_interface, cli_live)
 #define OFF_CLI_NOTIFY      offsetof(struct vchan_interface, cli_notify)
-
-static int trace;
-static unsigned op_index;
-static const char *op_name = "setup";
-
-static void report(int line, const char *fmt, ...)
-    __attribute__((noreturn, format(printf, 2, 3)));
-
-static void report(int line, const char *fmt, ...)
-{
-    va_list ap;
-
-    fprintf(stderr, "mux_fuzz: invariant violated (mux_fuzz.c:%d) at op #%u %s: ",
-            line, op_index, op_name);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-    abort();
-}
-
-#define CHECK(cond)                                                          \
-    do {                                                                     \
-        if (!(cond))                                                         \
-            report(__LINE__, "%s", #cond);                                   \
-    } while (0)
-
-#define CHECK_EQ(expected, actual)                                           \
-    do {                                                                     \
-        long long e_ = (long long)(expected), a_ = (long long)(actual);      \
-        if (e_ != a_)                                                        \
-            report(__LINE__, "%s: expected %lld, got %lld", #actual, e_, a_);\
-    } while (0)
-
-#define TRACE(...)                                                           \
-    do {                                                                     \
-        if (trace)                                                           \
-            fprintf(stderr, __VA_ARGS__);                                    \
-    } while (0)
-
-/* ------------------------------------------------------------------ */
-/* Input.                                                              */
-/* ------------------------------------------------------------------ */
-
-struct input {
-    const uint8_t *p;
-    size_t n;
-};
-
-static uint8_t u8(struct input *in)
-{
-    if (!in->n)
-        return 0;
-    in->n--;
-    return *in->p++;
-}
-
-static uint16_t u16(struct input *in)
-{
-    uint16_t lo = u8(in);
-
-    return (uint16_t)(lo | (uint16_t)u8(in) << 8);
-}
-
-static uint32_t u32(struct input *in)
-{
-    uint32_t lo = u16(in);
-
-    return lo | (uint32_t)u16(in) << 16;
-}
 
 static uint32_t get32(const uint8_t *p)
 {
