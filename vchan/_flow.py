@@ -151,9 +151,10 @@ class WriteQueue:
 class TransportBase(WriteFlowControl, asyncio.Transport):
     """State and accessors common to vchan's transports.
 
-    A subclass sets ``_loop``, ``_buffer`` (bytes accepted, not yet in the
-    ring), ``_closing``, ``_closed``, ``_paused``, ``_extra`` and
-    ``_protocol``, and gives ``_call_connection_lost``.  The way to the end is
+    ``__init__`` sets the state every transport starts in (``_closing``,
+    ``_closed``, ``_paused``, ``_eof``, ..., the write buffer limits); a
+    subclass sets ``_loop`` and ``_buffer`` (bytes accepted, not yet in the
+    ring), and gives ``_call_connection_lost``.  The way to the end is
     written once here: :meth:`close` (the buffer drains first),
     :meth:`_fatal_error` and :meth:`_force_close` (at once); a subclass tells
     its peer on the way with :meth:`_closed_and_flushed` and
@@ -169,6 +170,21 @@ class TransportBase(WriteFlowControl, asyncio.Transport):
     _user_closed: bool
     _eof: bool
     _conn_lost: int
+
+    def __init__(self, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(extra)
+        # The state every transport starts in: open, reading, nothing asked.
+        self._protocol: Any = None
+        self._conn_lost = 0
+        self._closing = False
+        self._closed = False
+        self._user_closed = False
+        self._paused = False
+        self._eof = False               # write_eof() asked for
+        self._eof_sent = False
+        self._eof_received = False
+        self._protocol_paused = False
+        self._set_write_buffer_limits()
 
     def _repr_info(self) -> list[str]:
         """What the repr says after the class name (subclasses add to it)."""

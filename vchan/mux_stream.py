@@ -75,7 +75,6 @@ class StreamTransport(TransportBase):
             session._add_poller(self, busy_poll)
         self._extra.setdefault("session", session)
         self._extra.setdefault("endpoint", session._endpoint)   # the ring carrying it
-        self._protocol = None
         self._reader: Any = None        # a vchan StreamReader taking from the ring
         self._buffer = WriteQueue()
         self._queued = False            # in the session's ready queue
@@ -90,20 +89,9 @@ class StreamTransport(TransportBase):
         # frame (256 KiB) are fresh pages each time (page faults); and one
         # bytearray as a queue is worse (it is reallocated as it shrinks).
         self._rbuf: deque[bytes | memoryview] = deque()
-        self._conn_lost = 0
-        self._closing = False
-        self._closed = False
-        self._user_closed = False
-        self._paused = False
         self._made = False
-        self._eof = False               # write_eof() asked for
-        self._eof_sent = False
-        self._eof_received = False
         self._peer_eof_pending = False  # EOF/CLOSE seen, not yet delivered
         self._peer_closed = False
-        self._protocol_paused = False
-        self._high_water = self._low_water = 0
-        self._set_write_buffer_limits()
         self.set_protocol(protocol)
         session._add(self)
         # The creator calls make_now() once it has registered the stream.

@@ -128,20 +128,8 @@ class VchanTransport(TransportBase):
         self._notify = endpoint.ring._notify
         self._on_close = on_close
         self._extra.setdefault("endpoint", endpoint)
-        self._protocol = None
         self._buffer = bytearray()
-        self._conn_lost = 0
-        self._closing = False
-        self._closed = False
-        self._user_closed = False
-        self._paused = False
-        self._eof = False               # write_eof() asked for
-        self._eof_sent = False
-        self._eof_received = False
-        self._protocol_paused = False
         self._read_more_scheduled = False
-        self._high_water = self._low_water = 0
-        self._set_write_buffer_limits()
         self._pa = ffi.new("const uint8_t **")
         self._pb = ffi.new("const uint8_t **")
         self._alen = ffi.new("uint32_t *")
