@@ -700,6 +700,17 @@ async def _read_blocks(r: asyncio.StreamReader, first: int, count: int) -> None:
         assert got[8:] == _FILL
 
 
+def _tcp_buffers_max() -> int:
+    """The most a TCP loopback connection's socket buffers may hold (both ends)."""
+    total = 0
+    for name in ("tcp_rmem", "tcp_wmem"):
+        try:
+            total += int(Path(f"/proc/sys/net/ipv4/{name}").read_text().split()[2])
+        except (OSError, ValueError, IndexError):
+            total += 64 << 20
+    return total
+
+
 @pytest.mark.parametrize("limit", [2**14, 2**24], ids=["16KiB", "16MiB"])
 async def test_a_reader_that_does_not_read_pauses_the_writer(
         streams: OpenPair, limit: int) -> None:
@@ -710,10 +721,13 @@ async def test_a_reader_that_does_not_read_pauses_the_writer(
     p = await streams(peer_limit=limit)
     w = p.writer
     sent = 0
-    # (seen before it blocks: 2 x limit + 4 MiB over TCP and vchan -- socket
-    # buffers; the ring and the stream's 4 MiB of credit -- and 2 x limit +
-    # 384 KiB over Unix)
-    for _ in range((2 * limit + (16 << 20)) // BLOCK):
+    # (seen before it blocks: 2 x limit + 4 MiB over vchan -- the ring and
+    # the stream's 4 MiB of credit --, 2 x limit + 384 KiB over Unix, and
+    # over TCP 2 x limit + its socket buffers: about 4 MiB usually, but they
+    # autotune up to the kernel's tcp_rmem and tcp_wmem maximums (36 MiB on
+    # the machine this was written on, where one run took 2 x limit + 16 MiB
+    # and drain() still returned at once)
+    for _ in range((2 * limit + (16 << 20) + _tcp_buffers_max()) // BLOCK):
         w.write(_block(sent))
         sent += 1
         draining = asyncio.ensure_future(w.drain())
