@@ -2,7 +2,9 @@
 the drop-in Xen libraries a wheel carries for ``vchan sim run``.
 
 * ``cffi_modules``: cffi's setuptools hook builds ``vchan._native``.
-* The extension is built for the stable ABI (``_native.abi3.so``), so the
+* ``ext_modules``: ``vchan._reader``, the StreamReader's per-call fast paths
+  (CPython's C API: they make Python objects, which cffi does not).
+* Both extensions are built for the stable ABI (``*.abi3.so``), so the
   wheel is tagged ``cp311-abi3``: one wheel for Python 3.11 and later.
 * ``build_py`` copies the C sources of the device layer (``kernel/``) and
   of the drop-in libraries (``kernel/compat/``) into the package as
@@ -22,7 +24,7 @@ import shutil
 from pathlib import Path
 from types import ModuleType
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
@@ -64,8 +66,16 @@ class BuildPyWithKernel(build_py):
                   "vchan sim run builds them on first use")
 
 
+def _reader_extension() -> Extension:
+    flags = _compat_build().read_flags(HERE / "kernel")["VCHAN_CFLAGS"]
+    return Extension("vchan._reader", ["vchan/_reader.c"], py_limited_api=True,
+                     define_macros=[("Py_LIMITED_API", "0x030B0000")],
+                     extra_compile_args=flags)
+
+
 setup(
     cffi_modules=["vchan/_native_build.py:ffibuilder"],
+    ext_modules=[_reader_extension()],
     cmdclass={"build_py": BuildPyWithKernel},
     options={"bdist_wheel": {"py_limited_api": "cp311"}},
 )

@@ -11,6 +11,8 @@ the comparison accounts for it by reading the rest.
 from __future__ import annotations
 
 import asyncio
+import collections.abc
+import gc
 from typing import Any
 
 import pytest
@@ -19,6 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import vchan
+from vchan import _reader
 from vchan.streams import _JOIN, _WHOLE, StreamReader
 
 
@@ -251,5 +254,176 @@ async def test_a_reader_keeps_its_attributes_inline() -> None:
     attributes; kept inline, not in a dict of their own (the framed-message
     read of benchmarks/reader_calls.py took 970 ns a message with a dict, 630
     inline)."""
-    assert support.attributes_inline(StreamReader(), "_chunks")
-    assert support.attributes_inline(StreamReader(limit=1 << 20), "_chunks")
+    assert support.attributes_inline(StreamReader(), "_ring")
+    assert support.attributes_inline(StreamReader(limit=1 << 20), "_ring")
+
+
+# -- read(), readexactly(), readline(): the awaitable of vchan/_reader.c ---------------------
+#
+# They return a C object that stands for the coroutine asyncio's methods
+# return; it must behave as one: nothing happens until it is awaited, it is
+# awaited once, asyncio takes it wherever it takes a coroutine, and
+# cancelling it or throwing into it reaches the Python method it runs.
+
+_CALLS = {"read": lambda r: r.read(3), "readexactly": lambda r: r.readexactly(3),
+          "readline": lambda r: r.readline()}
+
+
+@pytest.mark.parametrize("name", sorted(_CALLS))
+async def test_a_read_is_a_coroutine_to_asyncio(name: str) -> None:
+    r = StreamReader()
+    r.feed_data(b"ab\ncd")
+    call = _CALLS[name](r)
+    assert type(call) is _reader.Call
+    assert asyncio.iscoroutine(call)
+    assert isinstance(call, collections.abc.Coroutine)
+    assert call.__name__ == name and call.__qualname__ == f"StreamReader.{name}"
+    assert list(await asyncio.gather(call)) == [b"ab\n"]
+    line = await asyncio.create_task(_CALLS[name](_reader_with(b"xyz\n")))
+    assert line == (b"xyz\n" if name == "readline" else b"xyz")
+
+
+def _reader_with(data: bytes) -> StreamReader:
+    r = StreamReader()
+    r.feed_data(data)
+    return r
+
+
+@pytest.mark.parametrize("name", sorted(_CALLS))
+async def test_a_read_never_awaited_or_cancelled_before_it_starts_takes_nothing(
+        name: str) -> None:
+    r = _reader_with(b"ab\ncdef")
+    call = _CALLS[name](r)
+    del call
+    gc.collect()
+    _CALLS[name](r).close()
+    task = asyncio.create_task(_CALLS[name](r))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(_CALLS[name](r), 0)
+    assert r._size == 7
+    assert await r.read(100) == b"ab\ncdef"
+
+
+@pytest.mark.parametrize("name", sorted(_CALLS))
+async def test_a_waiting_read_cancelled_leaves_the_reader_as_it_was(name: str) -> None:
+    r = StreamReader()
+    task = asyncio.create_task(_CALLS[name](r))
+    await asyncio.sleep(0)
+    assert r._waiter is not None            # (the Python method waits)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert r._waiter is None
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(_CALLS[name](r), 0.01)
+    assert r._waiter is None
+    r.feed_data(b"ab\n")
+    assert await _CALLS[name](r) == b"ab\n"
+
+
+@pytest.mark.parametrize("buffered", [b"abc\n", b""], ids=["at-once", "waiting"])
+async def test_a_read_is_awaited_once(buffered: bytes) -> None:
+    r = _reader_with(buffered) if buffered else StreamReader()
+    call = r.readexactly(3)
+    if not buffered:
+        asyncio.get_running_loop().call_soon(r.feed_data, b"abc\n")
+    assert await call == b"abc"
+    with pytest.raises(RuntimeError, match="cannot reuse already awaited coroutine"):
+        await call
+
+
+async def test_a_read_speaks_the_coroutine_protocol() -> None:
+    r = StreamReader()
+    call = r.readexactly(2)
+    with pytest.raises(TypeError, match="non-None value"):
+        call.send(1)
+    call = r.read(5)
+    assert isinstance(call, _reader.Call)
+    waiter = call.send(None)                # it waits for data: asyncio's future
+    assert isinstance(waiter, asyncio.Future) and waiter is r._waiter
+    assert call.cr_await is not None
+    with pytest.raises(KeyError, match="thrown"):
+        call.throw(KeyError("thrown"))
+    assert r._waiter is None
+    with pytest.raises(RuntimeError):
+        call.send(None)
+    call = r.readline()
+    call.send(None)
+    call.close()                            # ends the Python method (GeneratorExit)
+    assert r._waiter is None
+    with pytest.raises(ValueError, match="not started"):
+        r.read(1).throw(ValueError("not started"))
+    r.feed_data(b"abc")
+    call = r.read(2)
+    with pytest.raises(StopIteration) as stop:
+        call.send(None)                     # answered at once
+    assert stop.value.value == b"ab"
+    assert list(r.read(1).__await__()) == [] and r._size == 0
+
+
+async def test_a_read_in_a_reference_cycle_is_collected() -> None:
+    def calls() -> int:
+        return sum(type(o) is _reader.Call for o in gc.get_objects())
+
+    gc.collect()
+    before = calls()
+    r = StreamReader()
+    call = r.read(1)
+    r.cycle = call                          # type: ignore[attr-defined]
+    assert calls() == before + 1
+    del r, call
+    gc.collect()
+    assert calls() == before
+
+
+async def test_a_subclass_that_overrides_the_reads_is_called() -> None:
+    class Mine(StreamReader):
+        async def read(self, n: int = -1) -> bytes:
+            return b"mine"
+
+        async def readexactly(self, n: int) -> bytes:
+            return b"exactly mine"
+
+    r = Mine()
+    r.feed_data(b"theirs\n")
+    assert await r.read(3) == b"mine"
+    assert await r.readexactly(3) == b"exactly mine"
+    assert await r.readline() == b"theirs\n"
+
+
+async def test_the_reads_check_what_asyncio_checks_first() -> None:
+    r = _reader_with(b"abc\n")
+    with pytest.raises(ValueError, match="less than zero"):
+        await r.readexactly(-1)
+    assert await r.read(0) == b""
+    with pytest.raises(TypeError):
+        r.read("3")                         # type: ignore[arg-type, unused-coroutine]
+    r.set_exception(ConnectionResetError("gone"))
+    for call in (r.read(1), r.readexactly(1), r.readline()):
+        with pytest.raises(ConnectionResetError, match="gone"):
+            await call
+
+
+async def test_the_reads_take_their_arguments_as_asyncios_do() -> None:
+    import inspect
+
+    r = _reader_with(b"abcdefgh")
+    assert await r.read(n=2) == b"ab"
+    assert await r.readexactly(n=2) == b"cd"
+    r.feed_eof()
+    assert await r.read() == b"efgh"
+    for method, asyncio_method in ((r.read, asyncio.StreamReader.read),
+                                   (r.readexactly, asyncio.StreamReader.readexactly),
+                                   (r.readline, asyncio.StreamReader.readline)):
+        ours = list(inspect.signature(method).parameters)
+        theirs = list(inspect.signature(asyncio_method).parameters)[1:]    # (self)
+        assert ours == theirs
+    with pytest.raises(TypeError, match="unexpected keyword argument 'm'"):
+        r.read(m=1)                         # type: ignore[call-arg, unused-coroutine]
+    with pytest.raises(TypeError, match="missing 1 required argument: 'n'"):
+        r.readexactly()                     # type: ignore[call-arg, unused-coroutine]
+    with pytest.raises(TypeError, match="at most 1 argument"):
+        r.read(1, n=1)                      # type: ignore[misc, unused-coroutine]

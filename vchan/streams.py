@@ -12,11 +12,13 @@ for TCP streams moves to vchan by changing the call that opens them::
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, SupportsIndex, overload
 
+from . import _reader
 from .client import _create_connection, create_connection
 from .server import Peers, Server, create_server
 
@@ -35,8 +37,14 @@ _JOIN = 1 << 16
 
 ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None]
 
+# What read(), readexactly() and readline() return: an awaitable that does
+# the usual case in C and otherwise runs the Python method (vchan/_reader.c).
+# asyncio.create_task(), wait_for(), gather() and run() take it as the
+# coroutine it stands for.
+collections.abc.Coroutine.register(_reader.Call)
 
-class StreamReader(asyncio.StreamReader):
+
+class StreamReader(_reader.ReaderCore, asyncio.StreamReader):
     """An :class:`asyncio.StreamReader` that keeps what it receives as it came.
 
     asyncio's reader appends every piece it receives to one ``bytearray`` and
@@ -46,6 +54,11 @@ class StreamReader(asyncio.StreamReader):
     (copied once out of the ring, up to 64 KiB each) and hands them on: a
     ``read(n)`` that one whole piece answers returns that piece itself, and
     ``readexactly()`` / ``readuntil()`` copy only the bytes they return.
+
+    ``read()``, ``readexactly()`` and ``readline()`` answer the usual call
+    (from the first piece) in C (``vchan/_reader.c``): they return an
+    awaitable that asyncio takes as the coroutine it stands for (nothing is
+    read until it is awaited), and that runs the Python method otherwise.
 
     Otherwise it is asyncio's reader, as :func:`open_connection` and
     :func:`start_server` give it: the same methods, exceptions, ``limit``
@@ -315,8 +328,8 @@ class StreamReader(asyncio.StreamReader):
 
     # -- reading ---------------------------------------------------------------------
 
-    async def readline(self) -> bytes:
-        """Read one line (ending in ``b"\\n"``), as :meth:`asyncio.StreamReader.readline`."""
+    async def _readline_slow(self) -> bytes:
+        """readline(), when the first piece does not hold the line (C: vchan/_reader.c)."""
         try:
             return await self.readuntil(b"\n")
         except asyncio.IncompleteReadError as e:
@@ -385,9 +398,8 @@ class StreamReader(asyncio.StreamReader):
         self._maybe_resume_transport()
         return data
 
-    async def read(self, n: int = -1) -> bytes:
-        """Read at most ``n`` bytes (all until EOF if ``n`` < 0), as
-        :meth:`asyncio.StreamReader.read`."""
+    async def _read_slow(self, n: int = -1) -> bytes:
+        """read(n), when the first piece does not answer it (C: vchan/_reader.c)."""
         if self._exception is not None:
             raise self._exception
         chunks = self._chunks
@@ -458,8 +470,9 @@ class StreamReader(asyncio.StreamReader):
             i += 1
         return total
 
-    async def readexactly(self, n: int) -> bytes:
-        """Read exactly ``n`` bytes, as :meth:`asyncio.StreamReader.readexactly`."""
+    async def _readexactly_slow(self, n: int) -> bytes:
+        """readexactly(n), when the first piece does not hold the n bytes
+        (C: vchan/_reader.c)."""
         if n < 0:
             raise ValueError("readexactly size can not be less than zero")
         if self._exception is not None:

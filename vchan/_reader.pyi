@@ -1,0 +1,31 @@
+"""vchan._reader (vchan/_reader.c): the per-call fast paths of vchan.StreamReader."""
+
+from collections import deque
+from collections.abc import Coroutine, Generator
+from typing import Any, final
+
+class ReaderCore:
+    """The slots and fast paths of vchan.StreamReader."""
+
+    _exception: BaseException | None
+    _paused: bool
+    _limit: int
+    _chunks: deque[bytes]
+    _pos: int
+    _size: int
+
+    def read(self, n: int = -1) -> Coroutine[Any, Any, bytes]: ...
+    def readexactly(self, n: int) -> Coroutine[Any, Any, bytes]: ...
+    def readline(self) -> Coroutine[Any, Any, bytes]: ...
+
+@final
+class Call(Coroutine[Any, Any, bytes]):
+    """A StreamReader call being awaited."""
+
+    __name__: str
+    __qualname__: str
+    cr_await: Any
+    def send(self, value: Any, /) -> Any: ...
+    def throw(self, typ: Any, val: Any = ..., tb: Any = ..., /) -> Any: ...
+    def close(self) -> None: ...
+    def __await__(self) -> Generator[Any, None, bytes]: ...
