@@ -266,7 +266,7 @@ async def test_a_reader_keeps_its_attributes_inline() -> None:
 # cancelling it or throwing into it reaches the Python method it runs.
 
 _CALLS = {"read": lambda r: r.read(3), "readexactly": lambda r: r.readexactly(3),
-          "readline": lambda r: r.readline()}
+          "readline": lambda r: r.readline(), "readuntil": lambda r: r.readuntil(b"\n")}
 
 
 @pytest.mark.parametrize("name", sorted(_CALLS))
@@ -280,7 +280,7 @@ async def test_a_read_is_a_coroutine_to_asyncio(name: str) -> None:
     assert call.__name__ == name and call.__qualname__ == f"StreamReader.{name}"
     assert list(await asyncio.gather(call)) == [b"ab\n"]
     line = await asyncio.create_task(_CALLS[name](_reader_with(b"xyz\n")))
-    assert line == (b"xyz\n" if name == "readline" else b"xyz")
+    assert line == (b"xyz\n" if name.startswith("readl") or name == "readuntil" else b"xyz")
 
 
 def _reader_with(data: bytes) -> StreamReader:
@@ -417,7 +417,8 @@ async def test_the_reads_take_their_arguments_as_asyncios_do() -> None:
     assert await r.read() == b"efgh"
     for method, asyncio_method in ((r.read, asyncio.StreamReader.read),
                                    (r.readexactly, asyncio.StreamReader.readexactly),
-                                   (r.readline, asyncio.StreamReader.readline)):
+                                   (r.readline, asyncio.StreamReader.readline),
+                                   (r.readuntil, asyncio.StreamReader.readuntil)):
         ours = list(inspect.signature(method).parameters)
         theirs = list(inspect.signature(asyncio_method).parameters)[1:]    # (self)
         assert ours == theirs
@@ -427,3 +428,22 @@ async def test_the_reads_take_their_arguments_as_asyncios_do() -> None:
         r.readexactly()                     # type: ignore[call-arg, unused-coroutine]
     with pytest.raises(TypeError, match="at most 1 argument"):
         r.read(1, n=1)                      # type: ignore[misc, unused-coroutine]
+
+
+@pytest.mark.parametrize("separator", [b"\n", b"\r\n", b"END"])
+async def test_readuntil_in_c_ends_pieces_and_keeps_to_the_limit(separator: bytes) -> None:
+    """The C path takes a line that ends its piece whole (the piece itself),
+    and leaves one that starts beyond the limit to the Python method."""
+    r = StreamReader(limit=8)
+    piece = b"ab" + separator
+    r.feed_data(piece)
+    r.feed_data(b"x" * 20 + separator)
+    assert await r.readuntil(separator) is piece
+    assert r._pos == 0 and len(r._chunks) == 1
+    with pytest.raises(asyncio.LimitOverrunError):
+        await r.readuntil(separator=separator)
+    assert await r.readexactly(20 + len(separator)) == b"x" * 20 + separator
+    r.feed_data(b"12" + separator + b"34")
+    assert await r.readuntil((separator,)) == b"12" + separator     # (a tuple: Python's)
+    r.feed_data(separator)
+    assert await r.readuntil(bytearray(separator)) == b"34" + separator    # (Python's too)

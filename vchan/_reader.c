@@ -1,16 +1,17 @@
 /*
  * vchan._reader: the per-call fast paths of vchan.StreamReader in C.
  *
- * A StreamReader answers most read(n), readexactly(n) and readline() calls
- * from the first piece it holds: a slice of one bytes object.  In Python
+ * A StreamReader answers most read(n), readexactly(n), readline() and
+ * readuntil(separator) calls from the first piece it holds: a slice of one
+ * bytes object.  In Python
  * each such call costs a coroutine object, a frame and ~35 bytecodes around
  * the one slice (about 0.4 us on CPython 3.11), which is most of what a
  * receiver of small messages spends per message.  Here the reader's state
  * that those paths read lives in C slots of a base class (ReaderCore), and
- * read(), readexactly() and readline() return a small awaitable (Call) that
- * does the same, in C, when it is first resumed; when the first piece does
- * not answer the call, it runs the reader's Python method (_read_slow,
- * _readexactly_slow, _readline_slow) as a coroutine and passes everything
+ * the four methods return a small awaitable (Call) that does the same, in
+ * C, when it is first resumed; when the first piece does not answer the
+ * call, it runs the reader's Python method (_read_slow, _readexactly_slow,
+ * _readline_slow, _readuntil_slow) as a coroutine and passes everything
  * through to it, as ``await`` would.
  *
  * A Call behaves as the coroutine it replaces: nothing is taken from the
@@ -34,6 +35,7 @@
 #ifndef Py_LIMITED_API
 #define Py_LIMITED_API 0x030B0000
 #endif
+#define _GNU_SOURCE             /* memmem */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
@@ -97,8 +99,10 @@ static void core_dealloc(ReaderCore *self)
 /* -- the fast paths ---------------------------------------------------------------- */
 
 static PyObject *resume_name;       /* "_maybe_resume_transport" */
+static PyObject *popleft_name;      /* "popleft" */
 
-enum { KIND_READ, KIND_READEXACTLY, KIND_READLINE };
+enum { KIND_READ, KIND_READEXACTLY, KIND_READLINE, KIND_READUNTIL };
+#define KINDS 4
 
 /* A value of a slot as a Py_ssize_t, or -1 (no error set) if it is not a
    non-negative int that fits. */
@@ -130,14 +134,15 @@ static int set_slot(PyObject **slot, Py_ssize_t value)
  * reference), NULL with no error set when it does not (the Python method
  * decides), or NULL with an error set.  The state is changed only when
  * bytes are returned. */
-static PyObject *fast_path(ReaderCore *r, int kind, Py_ssize_t n)
+static PyObject *fast_path(ReaderCore *r, int kind, Py_ssize_t n, PyObject *separator)
 {
+    int until = kind == KIND_READLINE || kind == KIND_READUNTIL;
     if (r->exception != Py_None || r->chunks == NULL)
         return NULL;
     int paused = r->paused == Py_True;
     if (!paused && r->paused != Py_False)
         return NULL;
-    if (kind != KIND_READLINE && n < 0)
+    if (!until && n < 0)
         return NULL;
     if (kind == KIND_READ && n == 0)
         return NULL;
@@ -166,32 +171,57 @@ static PyObject *fast_path(ReaderCore *r, int kind, Py_ssize_t n)
         goto out;
     }
     Py_ssize_t end;
-    if (kind == KIND_READLINE) {
-        /* The line ends inside the first piece, before its last byte, and
-           within the limit (readuntil()'s fast path; a line that ends the
-           piece pops it: left to Python). */
-        const char *nl = memchr(buf + pos, '\n', (size_t)(len - pos));
-        if (nl == NULL)
+    int pop = 0;
+    if (until) {
+        /* The separator ends inside the first piece and starts within the
+           limit (readuntil()'s fast path: no earlier one can straddle two
+           pieces).  Ending the piece, it pops it. */
+        const char *sep = "\n";
+        Py_ssize_t sep_len = 1;
+        if (separator != NULL) {
+            sep = PyBytes_AsString(separator);
+            sep_len = PyBytes_Size(separator);
+            if (sep == NULL || sep_len <= 0) {
+                PyErr_Clear();
+                goto out;
+            }
+        }
+        const char *found = sep_len == 1
+            ? memchr(buf + pos, sep[0], (size_t)(len - pos))
+            : memmem(buf + pos, (size_t)(len - pos), sep, (size_t)sep_len);
+        if (found == NULL)
             goto out;
-        Py_ssize_t i = nl - buf;
+        Py_ssize_t i = found - buf;
         if (i - pos > limit)
             goto out;
-        end = i + 1;
-        if (end >= len)
-            goto out;
+        end = i + sep_len;
+        pop = end == len;
         n = end - pos;
     } else {
-        /* (pos + n cannot overflow: both are at most PY_SSIZE_T_MAX / 2 in
-           practice, and a larger n fails the test below as it should) */
+        /* (the Python paths take a read that ends the piece) */
         if (n >= len - pos)
             goto out;
         end = pos + n;
     }
     if (n > size)
         goto out;               /* inconsistent state: let Python see it */
-    data = PyBytes_FromStringAndSize(buf + pos, n);
-    if (data == NULL)
-        goto out;
+    if (pop && pos == 0) {
+        Py_INCREF(head);        /* the whole piece is the answer: no copy */
+        data = head;
+    } else {
+        data = PyBytes_FromStringAndSize(buf + pos, n);
+        if (data == NULL)
+            goto out;
+    }
+    if (pop) {
+        PyObject *gone = PyObject_CallMethodObjArgs(r->chunks, popleft_name, NULL);
+        if (gone == NULL) {
+            Py_CLEAR(data);
+            goto out;
+        }
+        Py_DECREF(gone);
+        end = 0;
+    }
     if (set_slot(&r->pos, end) < 0 || set_slot(&r->size, size - n) < 0) {
         Py_CLEAR(data);
         goto out;
@@ -216,6 +246,7 @@ typedef struct {
     PyObject_HEAD
     PyObject *reader;           /* until it has started */
     PyObject *inner;            /* the Python method's coroutine, while it runs */
+    PyObject *separator;        /* readuntil()'s argument, as given */
     Py_ssize_t n;
     int kind;
     int state;                  /* NEW, RUNNING (in inner), DONE */
@@ -226,13 +257,14 @@ enum { NEW, RUNNING, DONE };
 /* The module's types and names (single-phase initialisation, as cffi's
    modules: one interpreter). */
 static PyTypeObject *call_type;
-static PyObject *slow_names[3];     /* _read_slow, _readexactly_slow, _readline_slow */
+static PyObject *slow_names[KINDS]; /* _read_slow, ..., _readuntil_slow */
 
 static int call_traverse(Call *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE((PyObject *)self));
     Py_VISIT(self->reader);
     Py_VISIT(self->inner);
+    Py_VISIT(self->separator);
     return 0;
 }
 
@@ -240,6 +272,7 @@ static int call_clear(Call *self)
 {
     Py_CLEAR(self->reader);
     Py_CLEAR(self->inner);
+    Py_CLEAR(self->separator);
     return 0;
 }
 
@@ -259,6 +292,10 @@ static int call_start_inner(Call *self, PyObject *slow_name)
     PyObject *coro;
     if (self->kind == KIND_READLINE) {
         coro = PyObject_CallMethodObjArgs(self->reader, slow_name, NULL);
+    } else if (self->kind == KIND_READUNTIL) {
+        coro = self->separator == NULL
+            ? PyObject_CallMethodObjArgs(self->reader, slow_name, NULL)
+            : PyObject_CallMethodObjArgs(self->reader, slow_name, self->separator, NULL);
     } else {
         PyObject *n = PyLong_FromSsize_t(self->n);
         if (n == NULL)
@@ -269,6 +306,7 @@ static int call_start_inner(Call *self, PyObject *slow_name)
     if (coro == NULL)
         return -1;
     Py_CLEAR(self->reader);
+    Py_CLEAR(self->separator);
     self->inner = coro;
     self->state = RUNNING;
     return 0;
@@ -285,7 +323,12 @@ static PySendResult call_send(Call *self, PyObject *arg, PyObject **result)
             *result = NULL;
             return PYGEN_ERROR;
         }
-        PyObject *data = fast_path((ReaderCore *)self->reader, self->kind, self->n);
+        /* (readuntil(): a bytes separator only; a tuple or another buffer
+           is the Python method's) */
+        PyObject *sep = self->separator;
+        PyObject *data = (sep != NULL && !(PyBytes_CheckExact(sep) && PyBytes_Size(sep) > 0))
+            ? NULL
+            : fast_path((ReaderCore *)self->reader, self->kind, self->n, sep);
         if (data != NULL || PyErr_Occurred()) {
             self->state = DONE;
             Py_CLEAR(self->reader);
@@ -420,14 +463,14 @@ static PyObject *call_get_cr_await(Call *self, void *Py_UNUSED(closure))
 
 static PyObject *call_get_name(Call *self, void *Py_UNUSED(closure))
 {
-    static const char *names[] = {"read", "readexactly", "readline"};
+    static const char *names[] = {"read", "readexactly", "readline", "readuntil"};
     return PyUnicode_FromString(names[self->kind]);
 }
 
 static PyObject *call_get_qualname(Call *self, void *Py_UNUSED(closure))
 {
     static const char *names[] = {"StreamReader.read", "StreamReader.readexactly",
-                                  "StreamReader.readline"};
+                                  "StreamReader.readline", "StreamReader.readuntil"};
     return PyUnicode_FromString(names[self->kind]);
 }
 
@@ -478,6 +521,7 @@ static PyObject *new_call(ReaderCore *self, int kind, Py_ssize_t n)
     Py_INCREF((PyObject *)self);
     call->reader = (PyObject *)self;
     call->inner = NULL;
+    call->separator = NULL;
     call->n = n;
     call->kind = kind;
     call->state = NEW;
@@ -544,6 +588,36 @@ static PyObject *core_readline(ReaderCore *self, PyObject *Py_UNUSED(ignored))
     return new_call(self, KIND_READLINE, 0);
 }
 
+static PyObject *core_readuntil(ReaderCore *self, PyObject *const *args, Py_ssize_t nargs,
+                                PyObject *kwnames)
+{
+    PyObject *separator = NULL;
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_Size(kwnames);
+    if (nargs + nkw > 1) {
+        PyErr_Format(PyExc_TypeError, "readuntil() takes at most 1 argument (%zd given)",
+                     nargs + nkw);
+        return NULL;
+    }
+    if (nkw == 1) {
+        PyObject *name = PyTuple_GetItem(kwnames, 0);
+        if (name == NULL)
+            return NULL;
+        if (PyUnicode_CompareWithASCIIString(name, "separator") != 0) {
+            PyErr_Format(PyExc_TypeError,
+                         "readuntil() got an unexpected keyword argument '%U'", name);
+            return NULL;
+        }
+    }
+    if (nargs + nkw == 1)
+        separator = args[0];
+    Call *call = (Call *)new_call(self, KIND_READUNTIL, 0);
+    if (call != NULL && separator != NULL) {
+        Py_INCREF(separator);
+        call->separator = separator;
+    }
+    return (PyObject *)call;
+}
+
 static PyMethodDef core_methods[] = {
     {"read", (PyCFunction)(void (*)(void))core_read, METH_FASTCALL | METH_KEYWORDS,
      "read(n=-1)\n--\n\nRead at most ``n`` bytes (all until EOF if ``n`` < 0), as\n"
@@ -555,6 +629,10 @@ static PyMethodDef core_methods[] = {
     {"readline", (PyCFunction)core_readline, METH_NOARGS,
      "readline()\n--\n\nRead one line (ending in ``b\"\\n\"``), as\n"
      ":meth:`asyncio.StreamReader.readline` (a coroutine)."},
+    {"readuntil", (PyCFunction)(void (*)(void))core_readuntil, METH_FASTCALL | METH_KEYWORDS,
+     "readuntil(separator=b'\\n')\n--\n\nRead up to and including ``separator`` (or the one of\n"
+     "a tuple of separators that ends first), as\n"
+     ":meth:`asyncio.StreamReader.readuntil` (a coroutine)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -584,8 +662,9 @@ static struct PyModuleDef module_def = {
 
 PyMODINIT_FUNC PyInit__reader(void)
 {
-    static const char *names[] = {"_read_slow", "_readexactly_slow", "_readline_slow"};
-    for (int i = 0; i < 3; i++) {
+    static const char *names[] = {"_read_slow", "_readexactly_slow", "_readline_slow",
+                                  "_readuntil_slow"};
+    for (int i = 0; i < KINDS; i++) {
         if (slow_names[i] == NULL) {
             slow_names[i] = PyUnicode_InternFromString(names[i]);
             if (slow_names[i] == NULL)
@@ -594,7 +673,8 @@ PyMODINIT_FUNC PyInit__reader(void)
     }
     if (resume_name == NULL) {
         resume_name = PyUnicode_InternFromString("_maybe_resume_transport");
-        if (resume_name == NULL)
+        popleft_name = PyUnicode_InternFromString("popleft");
+        if (resume_name == NULL || popleft_name == NULL)
             return NULL;
     }
     PyObject *m = PyModule_Create(&module_def);

@@ -4,6 +4,8 @@ from collections import deque
 from collections.abc import Coroutine, Generator
 from typing import Any, final
 
+from _typeshed import ReadableBuffer
+
 class ReaderCore:
     """The slots and fast paths of vchan.StreamReader."""
 
@@ -17,6 +19,9 @@ class ReaderCore:
     def read(self, n: int = -1) -> Coroutine[Any, Any, bytes]: ...
     def readexactly(self, n: int) -> Coroutine[Any, Any, bytes]: ...
     def readline(self) -> Coroutine[Any, Any, bytes]: ...
+    def readuntil(
+        self, separator: ReadableBuffer | tuple[ReadableBuffer, ...] = b"\n"
+    ) -> Coroutine[Any, Any, bytes]: ...
 
 @final
 class Call(Coroutine[Any, Any, bytes]):

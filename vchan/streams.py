@@ -37,7 +37,7 @@ _JOIN = 1 << 16
 
 ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None]
 
-# What read(), readexactly() and readline() return: an awaitable that does
+# What read(), readexactly(), readline() and readuntil() return: an awaitable that does
 # the usual case in C and otherwise runs the Python method (vchan/_reader.c).
 # asyncio.create_task(), wait_for(), gather() and run() take it as the
 # coroutine it stands for.
@@ -55,7 +55,7 @@ class StreamReader(_reader.ReaderCore, asyncio.StreamReader):
     ``read(n)`` that one whole piece answers returns that piece itself, and
     ``readexactly()`` / ``readuntil()`` copy only the bytes they return.
 
-    ``read()``, ``readexactly()`` and ``readline()`` answer the usual call
+    ``read()``, ``readexactly()``, ``readline()`` and ``readuntil()`` answer the usual call
     (from the first piece) in C (``vchan/_reader.c``): they return an
     awaitable that asyncio takes as the coroutine it stands for (nothing is
     read until it is awaited), and that runs the Python method otherwise.
@@ -342,10 +342,10 @@ class StreamReader(_reader.ReaderCore, asyncio.StreamReader):
             self._maybe_resume_transport()
             raise ValueError(e.args[0]) from None
 
-    async def readuntil(self, separator: ReadableBuffer | tuple[ReadableBuffer, ...] = b"\n",
-                        ) -> bytes:
-        """Read up to and including ``separator`` (or the one of a tuple of
-        separators that ends first), as :meth:`asyncio.StreamReader.readuntil`."""
+    async def _readuntil_slow(
+            self, separator: ReadableBuffer | tuple[ReadableBuffer, ...] = b"\n") -> bytes:
+        """readuntil(separator), when the first piece does not answer it
+        (C: vchan/_reader.c)."""
         chunks = self._chunks
         if chunks and type(separator) is bytes and separator and self._exception is None:
             # The usual case: one separator, in the first piece (so no
