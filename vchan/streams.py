@@ -346,24 +346,6 @@ class StreamReader(_reader.ReaderCore, asyncio.StreamReader):
             self, separator: ReadableBuffer | tuple[ReadableBuffer, ...] = b"\n") -> bytes:
         """readuntil(separator), when the first piece does not answer it
         (C: vchan/_reader.c)."""
-        chunks = self._chunks
-        if chunks and type(separator) is bytes and separator and self._exception is None:
-            # The usual case: one separator, in the first piece (so no
-            # earlier one straddles two pieces), within the limit.
-            head, pos = chunks[0], self._pos
-            i = head.find(separator, pos)
-            if pos <= i <= pos + self._limit:
-                end = i + len(separator)
-                self._size -= end - pos
-                if end == len(head):
-                    chunks.popleft()
-                    self._pos = 0
-                    data = head[pos:] if pos else head
-                else:
-                    self._pos = end
-                    data = head[pos:end]
-                self._maybe_resume_transport()
-                return data
         # (of several, the shortest match wins)
         separators = sorted((bytes(sep) for sep in separator), key=len) \
             if isinstance(separator, tuple) else [bytes(separator)]
@@ -402,18 +384,6 @@ class StreamReader(_reader.ReaderCore, asyncio.StreamReader):
         """read(n), when the first piece does not answer it (C: vchan/_reader.c)."""
         if self._exception is not None:
             raise self._exception
-        chunks = self._chunks
-        if chunks and n > 0:
-            # The usual case: the first piece holds more than n bytes.  (Inline,
-            # as in readexactly(): a helper call costs ~15% of a small read.)
-            head, pos = chunks[0], self._pos
-            end = pos + n
-            if end < len(head):
-                self._pos = end
-                self._size -= n
-                if self._paused:
-                    self._maybe_resume_transport()
-                return head[pos:end]
         if n == 0:
             return b""
         if n < 0:
@@ -477,19 +447,9 @@ class StreamReader(_reader.ReaderCore, asyncio.StreamReader):
             raise ValueError("readexactly size can not be less than zero")
         if self._exception is not None:
             raise self._exception
-        chunks = self._chunks
-        if chunks:
-            # The usual case, a message inside the first piece.
-            head, pos = chunks[0], self._pos
-            end = pos + n
-            if end < len(head):
-                self._pos = end
-                self._size -= n
-                if self._paused:
-                    self._maybe_resume_transport()
-                return head[pos:end]
         if n == 0:
             return b""
+        chunks = self._chunks
         while self._size < n:
             if self._eof:
                 raise asyncio.IncompleteReadError(self._take_all(), n)
