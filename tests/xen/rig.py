@@ -347,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Boot real Xen under QEMU and run vchan's cross-domain tests in it.")
     parser.add_argument("--out", type=Path, default=None,
                         help="where run directories go (default: the cache's runs/)")
-    parser.add_argument("--timeout", type=float, default=1200,
-                        help="kill QEMU after this many seconds (default 1200)")
+    parser.add_argument("--timeout", type=float, default=1500,
+                        help="kill QEMU after this many seconds (default 1500)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("build", help="build the image for the current recipe (or find it cached)")
     run = sub.add_parser("run", help="run pytest in dom0 (default: the cross-domain tests)")
