@@ -86,14 +86,21 @@ static int core_clear(ReaderCore *self)
     return 0;
 }
 
-static void core_dealloc(ReaderCore *self)
+/* The dealloc of a garbage-collected heap type whose references ``clear``
+   drops (both of this module's types; the instance may be of a subclass). */
+static void gc_dealloc(PyObject *self, inquiry clear)
 {
-    PyTypeObject *tp = Py_TYPE((PyObject *)self);
+    PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
-    core_clear(self);
+    clear(self);
     freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
     tp_free(self);
     Py_DECREF(tp);
+}
+
+static void core_dealloc(ReaderCore *self)
+{
+    gc_dealloc((PyObject *)self, (inquiry)core_clear);
 }
 
 /* -- the fast paths ---------------------------------------------------------------- */
@@ -278,12 +285,7 @@ static int call_clear(Call *self)
 
 static void call_dealloc(Call *self)
 {
-    PyTypeObject *tp = Py_TYPE((PyObject *)self);
-    PyObject_GC_UnTrack(self);
-    call_clear(self);
-    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
-    tp_free(self);
-    Py_DECREF(tp);
+    gc_dealloc((PyObject *)self, (inquiry)call_clear);
 }
 
 /* Start the Python method's coroutine (the fast path declined). */
