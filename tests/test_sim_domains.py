@@ -12,6 +12,7 @@ domain exists while a process of it runs, so:
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import time
@@ -69,6 +70,22 @@ def _env(sim_dir: Path, domid: int) -> dict[str, str]:
     return dict(os.environ, VCHAN_SIM_DIR=str(sim_dir), VCHAN_DOMID=str(domid))
 
 
+def _read_within(fd: int, n: int, seconds: float) -> bytes:
+    """Up to ``n`` bytes from ``fd``, whatever has come after ``seconds`` (a
+    process that never writes fails the test instead of hanging it)."""
+    deadline = time.monotonic() + seconds
+    got = b""
+    while len(got) < n:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        piece = os.read(fd, n - len(got))
+        if not piece:
+            break
+        got += piece
+    return got
+
+
 @pytest.mark.parametrize("kind", ["asyncio", "blocking Vchan"])
 def test_a_client_started_before_its_server_waits_for_the_servers_domain(
         sim_dir: Path, tmp_path: Path, kind: str) -> None:
@@ -123,7 +140,13 @@ def test_a_c_server_needs_its_peer_domain_and_sim_run_peer_provides_it(
                               env=_env(sim_dir, 2), stdout=subprocess.PIPE, text=True)
     try:
         assert proxy.stdin is not None and proxy.stdout is not None
-        assert proxy.stdout.read(4) == b"ping"          # the client's bytes, through libxenvchan
+        # (the client's bytes, through libxenvchan; bounded: the client gives up after 30 s)
+        got = _read_within(proxy.stdout.fileno(), 4, 60)
+        if got != b"ping":
+            client.kill()
+            proxy.kill()
+            pytest.fail(f"the C server got {got!r}, not b'ping'; client: "
+                        f"{client.communicate()[0]!r}; proxy: {proxy.communicate()[1]!r}")
         proxy.stdin.write(b"ping")
         proxy.stdin.flush()
         out, _ = client.communicate(timeout=60)
