@@ -282,8 +282,12 @@ async def test_proxy_socket_proxy_form(cmds: Children, tmp_path: Path) -> None:
     async with echo:
         for size in (10, 1 << 20):      # subsequent connections, as the C proxy serves
             payload = random.randbytes(size)
-            got = await asyncio.wait_for(
-                _exchange(lambda: asyncio.open_unix_connection(front), payload), 60)
+            try:
+                got = await asyncio.wait_for(
+                    _exchange(lambda: asyncio.open_unix_connection(front), payload), 60)
+            except Exception as exc:
+                raise AssertionError(f"{exc!r}; server: {server.stderr}; "
+                                     f"client: {client.stderr}") from exc
             assert got == payload
     from vchan.xenstore import XenStore
 

@@ -104,7 +104,12 @@ class Vchan:
         trip away).  Raises as :func:`vchan.create_connection` does.
         """
         from .handshake import client_cleanup, client_rendezvous, not_ready
-        from .listener import domain_exists, wait_for_server_domain_sync
+        from .listener import (
+            RAW_FINAL,
+            RAW_STALE_GRACE,
+            domain_exists,
+            wait_for_server_domain_sync,
+        )
 
         check_domid(domid)
         port_s = check_port(port)
@@ -122,15 +127,22 @@ class Vchan:
             with XenStoreSync() as xs:
                 watch = xs.watch(vchan_path(domid, own, port_s))
 
-                def wait() -> None:
+                def wait_at_most(grace: float | None) -> None:
                     # Until the watch fires; once a second, is the domain still there?
+                    # TimeoutError: with no argument after ``grace`` seconds,
+                    # with a message at the caller's deadline.
+                    end = None if grace is None else time.monotonic() + grace
                     while True:
-                        left = None if deadline is None else deadline - time.monotonic()
-                        if left is not None and left <= 0:
+                        now = time.monotonic()
+                        if deadline is not None and deadline <= now:
                             raise TimeoutError(f"no vchan server at domain {domid} port "
                                                f"{port} within {timeout} s")
+                        if end is not None and end <= now:
+                            raise TimeoutError
+                        left = min(t - now for t in (deadline, end, now + 1.0)
+                                   if t is not None)
                         try:
-                            watch.wait(1.0 if left is None else min(1.0, left))
+                            watch.wait(left)
                             return
                         except TimeoutError:
                             if not domain_exists(evtchn, domid):
@@ -138,17 +150,37 @@ class Vchan:
                                     f"vchan server domain {domid} went away while we "
                                     "waited for it") from None
 
+                def wait() -> None:
+                    wait_at_most(None)
+
                 try:
-                    answer = run_sync(client_rendezvous(
-                        own=own, server=domid, port=port_s, nonce=nonce, read_min=read_min,
-                        write_min=write_min, session=False, wait=timeout != 0), xs, wait=wait)
-                    if answer is None:
-                        raise TimeoutError(not_ready(domid, port, sessions=False))
+                    while True:
+                        answer = run_sync(client_rendezvous(
+                            own=own, server=domid, port=port_s, nonce=nonce,
+                            read_min=read_min, write_min=write_min, session=False,
+                            wait=timeout != 0), xs, wait=wait)
+                        if answer is None:
+                            raise TimeoutError(not_ready(domid, port, sessions=False))
+                        try:
+                            endpoint = Endpoint.connect(domid, answer.ring_ref, answer.port,
+                                                        evtchn=evtchn)
+                            break
+                        except OSError as exc:
+                            # A raw server between clients or serving another:
+                            # as the asyncio client, wait for its next ring.
+                            if timeout == 0 or isinstance(exc, RAW_FINAL):
+                                raise
+                            grace = None if getattr(exc, "taken", False) else RAW_STALE_GRACE
+                            try:
+                                wait_at_most(grace)
+                            except TimeoutError as late:
+                                if late.args:       # the caller's deadline
+                                    raise TimeoutError(f"{late} ({exc})") from None
+                                raise exc from None     # the entry stayed as it was
                 finally:
                     watch.close()
                     run_sync(client_cleanup(own=own, server=domid, port=port_s, nonce=nonce),
                              xs)
-            endpoint = Endpoint.connect(domid, answer.ring_ref, answer.port, evtchn=evtchn)
             endpoint.owns_evtchn = True
         except BaseException:
             evtchn.close()

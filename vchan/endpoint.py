@@ -35,6 +35,8 @@ from ._native import ffi
 from .addresses import check_ring_size
 from .devices import EventChannel, GrantMapper, GrantSharer, Pages
 from .ring import (
+    LIVE_CONNECTED,
+    LIVE_WAITING,
     OFFSET_CLI_LIVE,
     OFFSET_SRV_LIVE,
     PAGE_SIZE,
@@ -44,7 +46,7 @@ from .ring import (
     server_orders,
 )
 
-__all__ = ["DEFAULT_RING_SIZE", "Endpoint"]
+__all__ = ["DEFAULT_RING_SIZE", "Endpoint", "RingNotOfferedError"]
 
 # 1 MiB each way (the largest libxenvchan ring): 513 granted pages, 2 MiB,
 # per connection on the server's side.  Measured with `vchan bench` (64 KiB
@@ -118,6 +120,51 @@ def devices() -> _Devices:
             _devices.close()        # the parent's, copied by a fork
         _devices = _Devices()
     return _devices
+
+
+
+class RingNotOfferedError(ConnectionRefusedError):
+    """The ring a server published is not waiting for a client.
+
+    Its client is connected (a raw server serves one at a time) or it is
+    closed (the server is between clients and its XenStore entry is stale).
+    A client waits for the server to publish its next ring;
+    :attr:`taken` says which case (taken: wait as long as the caller does).
+    """
+
+    def __init__(self, message: str, *, taken: bool) -> None:
+        super().__init__(errno.ECONNREFUSED, message)
+        self.taken = taken
+
+
+def _check_offered(page0: Any, server: int, ring_ref: int) -> None:
+    """Refuse a control page that no server offers now (before writing to it).
+
+    A server lays out page 0 with ``cli_live`` waiting and ``srv_live``
+    connected; a client sets ``cli_live`` connected.  libxenvchan's client
+    does not look, and on a ring taken by another client it would take it
+    over from under that client.
+    """
+    cli, srv = page0[OFFSET_CLI_LIVE][0], page0[OFFSET_SRV_LIVE][0]
+    if cli == LIVE_WAITING and srv == LIVE_CONNECTED:
+        return
+    if cli == LIVE_CONNECTED and srv == LIVE_CONNECTED:
+        raise RingNotOfferedError(f"the ring of vchan server domain {server} (grant "
+                                  f"{ring_ref}) serves another client", taken=True)
+    raise RingNotOfferedError(f"the ring of vchan server domain {server} (grant {ring_ref}) "
+                              f"is closed (cli_live {cli}, srv_live {srv})", taken=False)
+
+
+def _diagnose(server: int, ring_ref: int) -> None:
+    """Raise :class:`RingNotOfferedError` if the ring is not offered (else return)."""
+    try:
+        page0 = devices().mapper.map(server, [ring_ref], writable=False)
+    except OSError:
+        return          # its grant is gone: the caller's error says enough
+    try:
+        _check_offered(page0.buffer(), server, ring_ref)
+    finally:
+        page0.close()
 
 
 class Endpoint:
@@ -205,13 +252,22 @@ class Endpoint:
         ev = evtchn if evtchn is not None else EventChannel()
         self: Endpoint | None = None
         try:
-            port = ev.bind_interdomain(server_domid, remote_port)
+            try:
+                port = ev.bind_interdomain(server_domid, remote_port)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # The server's port is bound already, or closed: its ring
+                # taken by another client, or closed (say which).
+                _diagnose(server_domid, ring_ref)
+                raise
             self = cls(is_server=False, peer_domid=server_domid, evtchn=ev, port=port,
                        owns_evtchn=own)
             mapper = devices().mapper
             page0 = mapper.map(server_domid, [ring_ref], notify_offset=OFFSET_CLI_LIVE,
                                notify_port=port)
             self.pages.append(page0)
+            _check_offered(page0.buffer(), server_domid, ring_ref)
             read_order, write_order = client_orders(page0.buffer())
             nwrite, nread = ring_pages(write_order), ring_pages(read_order)
             # Copy the grant list out of the shared page before using it.

@@ -99,6 +99,13 @@ _NONCE = re.compile(r"^[0-9a-f]{16,64}$")
 # 16-character nonces.  Keep each process well below that per address.
 MAX_PENDING_PER_ADDRESS = 32
 
+# A raw server publishes its next ring when a client's connection ends,
+# removing the old entry first or after closing that ring: a client that
+# read the old entry finds it closed (or its grants gone) and waits this
+# long for the entry to change before the error is final.
+RAW_STALE_GRACE = 1.0
+RAW_FINAL = (ProcessLookupError, NoSuchDomainError)     # no use waiting
+
 
 def domain_exists(evtchn: EventChannel, domid: int) -> bool:
     """Whether domain ``domid`` exists (the hypervisor's own answer).
@@ -312,7 +319,8 @@ async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChan
                          own: int, server: int, port: str, read_min: int, write_min: int,
                          timeout: float | None,
                          make_endpoint: Callable[[int, int], Endpoint] | None = None,
-                         session: bool = False) -> tuple[Endpoint, str]:
+                         session: bool = False,
+                         why: list[str] | None = None) -> tuple[Endpoint, str]:
     """Connect to ``(server, port)`` from domain ``own``; returns (endpoint, mode).
 
     Waits (on a watch) for a raw server at the path, or for a listener to
@@ -321,6 +329,10 @@ async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChan
     for with ``session=True`` and granted: a ring that carries many
     connections, see :mod:`vchan.mux`).  The meeting itself is
     :func:`vchan.handshake.client_rendezvous`, driven here by asyncio.
+
+    A raw server's ring that is taken or closed (see
+    :class:`~vchan.endpoint.RingNotOfferedError`) is waited past; ``why``
+    (a list) gets the reason, for a caller's own timeout message.
 
     ``timeout=0`` looks once and waits for nothing: a raw server published
     now, or :class:`TimeoutError` saying why not (a listener's answer is a
@@ -343,13 +355,31 @@ async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChan
             raise TimeoutError(handshake.not_ready(server, port, sessions=session))
         return connect(answer.ring_ref, answer.port), answer.mode
 
+    busy = why if why is not None else []   # why the last raw ring was not ours to take
+
     async def wait() -> tuple[Endpoint, str]:
         async with _pending_slots(xs, (server, port)), watches.watching(base) as changed:
-            answer = await run_async(handshake.client_rendezvous(
-                own=own, server=server, port=port, nonce=nonce, read_min=read_min,
-                write_min=write_min, session=session), xs, changed=changed,
-                tx_slots=tx_slots(xs))
-            return connect(answer.ring_ref, answer.port), answer.mode
+            while True:
+                answer = await run_async(handshake.client_rendezvous(
+                    own=own, server=server, port=port, nonce=nonce, read_min=read_min,
+                    write_min=write_min, session=session), xs, changed=changed,
+                    tx_slots=tx_slots(xs))
+                try:
+                    return connect(answer.ring_ref, answer.port), answer.mode
+                except OSError as exc:
+                    if answer.mode != "raw" or isinstance(exc, RAW_FINAL):
+                        raise
+                    # A raw server between clients (its entry names a ring it
+                    # has closed) or serving another: wait for its next ring.
+                    # Anything else fails once the entry stays as it is.
+                    busy[:] = [str(exc)]
+                    if getattr(exc, "taken", False):
+                        await changed.wait()
+                        continue
+                    try:
+                        await asyncio.wait_for(changed.wait(), RAW_STALE_GRACE)
+                    except TimeoutError:
+                        raise exc from None
 
     async def liveness() -> None:
         while True:
@@ -371,7 +401,7 @@ async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChan
         if checker in done:
             checker.result()
         raise TimeoutError(f"no vchan server at domain {server} port {port} "
-                           f"within {timeout} s")
+                           f"within {timeout} s" + (f" ({busy[0]})" if busy else ""))
     finally:
         for task in (waiter, checker):
             task.cancel()

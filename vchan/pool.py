@@ -30,10 +30,11 @@ IDLE_CLOSE = 5.0
 class _Setup:
     """One rendezvous in progress, and the callers waiting for it."""
 
-    def __init__(self, task: asyncio.Task[tuple[Endpoint, str]]) -> None:
+    def __init__(self, task: asyncio.Task[tuple[Endpoint, str]], why: list[str]) -> None:
         self.task = task
         self.waiters = 0
         self.taken = False          # a one-connection answer went to a caller
+        self.why = why              # what it waits for, if a raw server is busy
 
 
 class SessionPool:
@@ -89,7 +90,7 @@ class SessionPool:
                 return session
             setup = self._setups.get(key)
             if setup is None or setup.taken:
-                setup = self._start(key, timeout)
+                setup = self._start(key)
             setup.waiters += 1
             try:
                 if timeout is None:
@@ -101,7 +102,8 @@ class SessionPool:
                 if setup.task.done() and not setup.task.cancelled():
                     setup.task.result()     # its own error, not ours
                 raise TimeoutError(f"no vchan server at domain {domid} port {port} "
-                                   f"within {timeout} s") from None
+                                   f"within {timeout} s" +
+                                   (f" ({setup.why[0]})" if setup.why else "")) from None
             finally:
                 setup.waiters -= 1
                 if setup.waiters == 0 and not setup.task.done():
@@ -121,10 +123,11 @@ class SessionPool:
                 return endpoint, mode
             # The server answers one connection per rendezvous: ask for ours.
 
-    def _start(self, key: tuple[int, str], timeout: float | None) -> _Setup:
-        task = self.loop.create_task(self._rendezvous(key, timeout),
+    def _start(self, key: tuple[int, str]) -> _Setup:
+        why: list[str] = []
+        task = self.loop.create_task(self._rendezvous(key, why),
                                      name=f"vchan session to {key[0]}:{key[1]}")
-        setup = self._setups[key] = _Setup(task)
+        setup = self._setups[key] = _Setup(task, why)
         task.add_done_callback(lambda t: self._setup_done(key, setup, t))
         return setup
 
@@ -138,7 +141,7 @@ class SessionPool:
         if mode != "session" and setup.waiters == 0 and not setup.taken:
             endpoint.close()                # connected just as everybody gave up
 
-    async def _rendezvous(self, key: tuple[int, str], timeout: float | None,
+    async def _rendezvous(self, key: tuple[int, str], why: list[str],
                           ) -> tuple[Endpoint, str]:
         from .hub import _loop_state, event_hub
         from .listener import client_connect
@@ -151,7 +154,8 @@ class SessionPool:
                 assert state.own is not None
                 endpoint, mode = await client_connect(
                     state.xs, state.watches, hub.evtchn, own=state.own, server=domid,
-                    port=port, read_min=0, write_min=0, timeout=None, session=True)
+                    port=port, read_min=0, write_min=0, timeout=None, session=True,
+                    why=why)
                 own = self.own = state.own
             if mode != "session":
                 return endpoint, mode
