@@ -217,8 +217,12 @@ async def _exchange(connect: Any, payload: bytes) -> bytes:
         writer.write_eof()
 
     sender = asyncio.ensure_future(send())
-    got: bytes = await reader.read(-1)
-    await sender
+    try:
+        got: bytes = await reader.read(-1)
+        await sender
+    finally:        # (a failed exchange leaves no task whose error nobody retrieves)
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
     writer.close()
     await writer.wait_closed()
     return got

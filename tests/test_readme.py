@@ -115,8 +115,20 @@ def test_a_shell_block_runs_as_written(body: str, tmp_path: Path) -> None:
     proc = subprocess.Popen(["bash", "-e", "-o", "pipefail", str(script)], cwd=work, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    limit = 1700 if body.splitlines()[0] in CI_ONLY else 180
     try:
-        out, _ = proc.communicate(timeout=1700 if body.splitlines()[0] in CI_ONLY else 180)
+        try:
+            out, _ = proc.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            # Say what it had done by then (what it printed, the emulator's
+            # view), not just that it did not end.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate(timeout=30)
+            log = private / "hypervisor.log"
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(none)"
+            pytest.fail(f"the block did not end within {limit} s; it printed:\n{out}\n"
+                        f"the emulator's log ends:\n{tail}")
     finally:
         # Whatever the block left behind (it should leave nothing).
         with contextlib.suppress(ProcessLookupError):
