@@ -4,9 +4,9 @@ The reader's C handles references to Python objects: a missing or an extra
 one is a crash or a leak some time later, not a failing assertion.  This
 builds ``vchan/_reader.c`` with ``-fsanitize=address,undefined`` into a copy
 of the vchan package, and runs the reader's tests against that copy (the
-differential test against asyncio's reader, and the reader on session
-streams between processes), in a child Python with the sanitizers'
-runtimes preloaded; with ``--soak``, the streams conformance suite too.
+differential test against asyncio's reader, the reader on session streams
+between processes, and the writer's drain), in a child Python with the
+sanitizers' runtimes preloaded; with ``--soak``, the streams conformance suite too.
 Every object comes from malloc (``PYTHONMALLOC=malloc``), where ASan sees
 it.  Any report fails the run (``halt_on_error``).  Leak detection is off:
 CPython itself keeps memory until exit.
@@ -27,7 +27,7 @@ from support import need
 import vchan
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ["test_stream_reader.py", "test_stream_reader_session.py"]
+TESTS = ["test_stream_reader.py", "test_stream_reader_session.py", "test_stream_writer.py"]
 SOAK_TESTS = ["test_conformance_streams.py"]
 
 

@@ -28,7 +28,7 @@ from .errors import (
     VchanError,
 )
 from .server import Server, create_server
-from .streams import StreamReader, open_connection, start_server
+from .streams import StreamReader, StreamWriter, open_connection, start_server
 from .transport import VchanTransport
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "RemoteProtocolError",
     "Server",
     "StreamReader",
+    "StreamWriter",
     "Vchan",
     "VchanError",
     "VchanTransport",

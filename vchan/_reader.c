@@ -512,6 +512,107 @@ static PyType_Spec call_spec = {
     .slots = call_slots,
 };
 
+/* -- Done: what StreamWriter.drain() returns when there is nothing to wait for --- */
+
+/* An awaitable (and a coroutine, as registered in vchan/streams.py) that is
+ * over as soon as it is resumed, with None.  Stateless: one instance serves
+ * every call, so a drain() with nothing to wait for makes no object at all
+ * (asyncio's makes two coroutines). */
+
+typedef struct {
+    PyObject_HEAD
+} Done;
+
+static PySendResult done_send(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(arg),
+                              PyObject **result)
+{
+    Py_INCREF(Py_None);
+    *result = Py_None;
+    return PYGEN_RETURN;
+}
+
+static PyObject *done_iternext(PyObject *Py_UNUSED(self))
+{
+    return NULL;                /* exhausted: as a generator returning None */
+}
+
+static PyObject *done_send_method(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(arg))
+{
+    PyErr_SetNone(PyExc_StopIteration);
+    return NULL;
+}
+
+static PyObject *done_throw(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    /* Not suspended anywhere: what is thrown in is raised, as by a
+     * coroutine that has not started. */
+    PyObject *typ, *val = NULL, *tb = NULL;
+    if (!PyArg_UnpackTuple(args, "throw", 1, 3, &typ, &val, &tb))
+        return NULL;
+    if (PyExceptionInstance_Check(typ))
+        PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
+    else if (PyExceptionClass_Check(typ))
+        PyErr_SetObject(typ, val);
+    else
+        PyErr_SetString(PyExc_TypeError,
+                        "exceptions must be classes or instances deriving from BaseException");
+    return NULL;
+}
+
+static PyObject *done_close(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(ignored))
+{
+    Py_RETURN_NONE;
+}
+
+static PyObject *done_await(PyObject *self)
+{
+    Py_INCREF(self);
+    return self;
+}
+
+static PyObject *done_get_none(PyObject *Py_UNUSED(self), void *Py_UNUSED(closure))
+{
+    Py_RETURN_NONE;
+}
+
+static PyObject *done_get_name(PyObject *Py_UNUSED(self), void *closure)
+{
+    return PyUnicode_FromString(closure ? "StreamWriter.drain" : "drain");
+}
+
+static PyMethodDef done_methods[] = {
+    {"send", (PyCFunction)done_send_method, METH_O, "Over: raises StopIteration."},
+    {"throw", (PyCFunction)done_throw, METH_VARARGS, "Raises what is thrown in."},
+    {"close", (PyCFunction)done_close, METH_NOARGS, "Nothing to close."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef done_getset[] = {
+    {"cr_await", (getter)done_get_none, NULL, "None: it waits on nothing.", NULL},
+    {"__name__", (getter)done_get_name, NULL, NULL, NULL},
+    {"__qualname__", (getter)done_get_name, NULL, NULL, (void *)1},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot done_slots[] = {
+    {Py_tp_doc, "An awaitable over at once with None: StreamWriter.drain() with nothing "
+                "to wait for (see vchan._reader)."},
+    {Py_tp_iter, done_await},
+    {Py_tp_iternext, done_iternext},
+    {Py_tp_methods, done_methods},
+    {Py_tp_getset, done_getset},
+    {Py_am_await, done_await},
+    {Py_am_send, done_send},
+    {0, NULL},
+};
+
+static PyType_Spec done_spec = {
+    .name = "vchan._reader.Done",
+    .basicsize = sizeof(Done),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = done_slots,
+};
+
 /* -- ReaderCore's methods ------------------------------------------------------------ */
 
 static PyObject *new_call(ReaderCore *self, int kind, Py_ssize_t n)
@@ -697,6 +798,24 @@ PyMODINIT_FUNC PyInit__reader(void)
     Py_INCREF(call);
     if (PyModule_AddObject(m, "Call", call) < 0) {
         Py_DECREF(call);
+        Py_DECREF(m);
+        return NULL;
+    }
+    /* Done and its one instance (which holds its type too). */
+    PyObject *done_type = PyType_FromSpec(&done_spec);
+    if (done_type == NULL) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddObject(m, "Done", done_type) < 0) {
+        Py_DECREF(done_type);
+        Py_DECREF(m);
+        return NULL;
+    }
+    allocfunc alloc = (allocfunc)PyType_GetSlot((PyTypeObject *)done_type, Py_tp_alloc);
+    PyObject *done = alloc((PyTypeObject *)done_type, 0);
+    if (done == NULL || PyModule_AddObject(m, "DONE", done) < 0) {
+        Py_XDECREF(done);
         Py_DECREF(m);
         return NULL;
     }
