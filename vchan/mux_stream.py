@@ -50,6 +50,9 @@ __all__ = ["StreamTransport"]
 log = logging.getLogger("vchan")
 
 
+_SHARE_MIN = WriteQueue.SHARE_MIN
+_TAIL_MAX = WriteQueue.TAIL_MAX
+
 class StreamTransport(TransportBase):
     """An asyncio transport over one stream of a vchan :class:`Session`.
 
@@ -426,9 +429,16 @@ class StreamTransport(TransportBase):
                     if n == size:
                         return
                     data = memoryview(data)[n:]
-        # (inlined: this is the path of every small write while others wait)
+        # (inlined: this is the path of every small write while others wait;
+        # so is WriteQueue.extend's usual case, bytes onto the bytearray tail)
         before = buf._size
-        buf.extend(data)
+        chunks = buf._chunks
+        if type(data) is bytes and chunks and size < _SHARE_MIN \
+                and type(last := chunks[-1]) is bytearray and len(last) + size <= _TAIL_MAX:
+            last += data
+            buf._size = before + size
+        else:
+            buf.extend(data)
         if self._credit > 0:
             if not self._queued:
                 self._queued = True
