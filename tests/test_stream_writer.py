@@ -166,6 +166,6 @@ async def test_open_connection_and_start_server_give_vchan_writers(
     assert type(writer) is StreamWriter
     writer.write(b"?")
     await writer.drain()
-    assert await asyncio.wait_for(reader.read(), 30) == b"vchan.streams.StreamWriter"
+    assert await asyncio.wait_for(reader.read(), 30) == b"vchan._writer.StreamWriter"
     writer.close()
     await writer.wait_closed()

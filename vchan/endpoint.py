@@ -122,7 +122,6 @@ def devices() -> _Devices:
     return _devices
 
 
-
 class RingNotOfferedError(ConnectionRefusedError):
     """The ring a server published is not waiting for a client.
 
