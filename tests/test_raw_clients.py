@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -73,6 +73,18 @@ async def _exchange(client: object, server: DomainProcess, data: bytes) -> None:
     await writer.wait_closed()
 
 
+async def _waits_until(kind: str, server: DomainProcess, port: str, seconds: float,
+                       publish: Callable[[], object]) -> None:
+    """A client of ``port`` still waits after ``seconds``; once ``publish()``
+    has made the server's next ring, it connects to it and its bytes arrive."""
+    client = asyncio.ensure_future(_client(kind, server.domid, port, 30))
+    await asyncio.sleep(seconds)
+    assert not client.done()            # waiting, not connected to a ring not offered
+    publish()
+    await _exchange(await asyncio.wait_for(client, 30), server, b"next")
+    server("srv.close()")
+
+
 def test_a_ring_that_is_taken_or_closed_is_not_taken_over(server: DomainProcess) -> None:
     server("srv = vchan.Vchan.server(0, 'taken')")
     with vchan.Vchan.client(server.domid, "taken", timeout=10) as first:
@@ -92,15 +104,14 @@ async def test_a_second_client_of_a_busy_raw_server_waits_for_its_next_ring(
         server: DomainProcess, kind: str) -> None:
     server("srv = vchan.Vchan.server(0, 'busy')")
     first = vchan.Vchan.client(server.domid, "busy", timeout=10)
-    second = asyncio.ensure_future(_client(kind, server.domid, "busy", 30))
-    await asyncio.sleep(0.5)
-    assert not second.done()            # waiting, not connected to the first's ring
-    first.send(b"first")
-    assert server("srv.wait_connected(5); srv.recv_exactly(5)") == "first"
-    first.close()
-    server("srv.close()\nsrv = vchan.Vchan.server(0, 'busy')")     # the next ring
-    await _exchange(await asyncio.wait_for(second, 30), server, b"second")
-    server("srv.close()")
+
+    def first_leaves() -> None:
+        first.send(b"first")
+        assert server("srv.wait_connected(5); srv.recv_exactly(5)") == "first"
+        first.close()
+        server("srv.close()\nsrv = vchan.Vchan.server(0, 'busy')")     # the next ring
+
+    await _waits_until(kind, server, "busy", 0.5, first_leaves)
 
 
 @pytest.mark.asyncio
@@ -121,12 +132,8 @@ async def test_a_client_that_times_out_on_a_busy_raw_server_says_so(
 async def test_a_stale_entry_of_a_raw_server_between_clients_is_waited_past(
         server: DomainProcess, kind: str) -> None:
     server(STALE.format(own=server.domid, port="between"))
-    client = asyncio.ensure_future(_client(kind, server.domid, "between", 30))
-    await asyncio.sleep(0.3)
-    assert not client.done()
-    server("srv = vchan.Vchan.server(0, 'between')")     # replaces the entry
-    await _exchange(await asyncio.wait_for(client, 30), server, b"next")
-    server("srv.close()")
+    await _waits_until(kind, server, "between", 0.3,
+                       lambda: server("srv = vchan.Vchan.server(0, 'between')"))  # a new entry
 
 
 @pytest.mark.asyncio

@@ -399,6 +399,23 @@ static PyObject *call_send_method(Call *self, PyObject *arg)
     return send_result(r, result);
 }
 
+/* throw(typ[, val[, tb]]) of a coroutine that is not suspended anywhere:
+ * raise what was thrown in (always returns NULL). */
+static PyObject *raise_thrown(PyObject *args)
+{
+    PyObject *typ, *val = NULL, *tb = NULL;
+    if (!PyArg_UnpackTuple(args, "throw", 1, 3, &typ, &val, &tb))
+        return NULL;
+    if (PyExceptionInstance_Check(typ))
+        PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
+    else if (PyExceptionClass_Check(typ))
+        PyErr_SetObject(typ, val);
+    else
+        PyErr_SetString(PyExc_TypeError,
+                        "exceptions must be classes or instances deriving from BaseException");
+    return NULL;
+}
+
 static PyObject *call_throw(Call *self, PyObject *args)
 {
     if (self->state == RUNNING) {
@@ -416,18 +433,7 @@ static PyObject *call_throw(Call *self, PyObject *args)
     /* Not started (or done): it ends here, raising what was thrown in. */
     self->state = DONE;
     Py_CLEAR(self->reader);
-    PyObject *typ, *val = NULL, *tb = NULL;
-    if (!PyArg_UnpackTuple(args, "throw", 1, 3, &typ, &val, &tb))
-        return NULL;
-    if (PyExceptionInstance_Check(typ)) {
-        PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
-    } else if (PyExceptionClass_Check(typ)) {
-        PyErr_SetObject(typ, val);
-    } else {
-        PyErr_SetString(PyExc_TypeError,
-                        "exceptions must be classes or instances deriving from BaseException");
-    }
-    return NULL;
+    return raise_thrown(args);
 }
 
 static PyObject *call_close(Call *self, PyObject *Py_UNUSED(ignored))
@@ -546,17 +552,7 @@ static PyObject *done_throw(PyObject *Py_UNUSED(self), PyObject *args)
 {
     /* Not suspended anywhere: what is thrown in is raised, as by a
      * coroutine that has not started. */
-    PyObject *typ, *val = NULL, *tb = NULL;
-    if (!PyArg_UnpackTuple(args, "throw", 1, 3, &typ, &val, &tb))
-        return NULL;
-    if (PyExceptionInstance_Check(typ))
-        PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
-    else if (PyExceptionClass_Check(typ))
-        PyErr_SetObject(typ, val);
-    else
-        PyErr_SetString(PyExc_TypeError,
-                        "exceptions must be classes or instances deriving from BaseException");
-    return NULL;
+    return raise_thrown(args);
 }
 
 static PyObject *done_close(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(ignored))
