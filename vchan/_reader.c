@@ -520,7 +520,7 @@ static PyType_Spec call_spec = {
 
 /* -- Done: what StreamWriter.drain() returns when there is nothing to wait for --- */
 
-/* An awaitable (and a coroutine, as registered in vchan/streams.py) that is
+/* An awaitable (and a coroutine, as registered in vchan/_writer.py) that is
  * over as soon as it is resumed, with None.  Stateless: one instance serves
  * every call, so a drain() with nothing to wait for makes no object at all
  * (asyncio's makes two coroutines). */

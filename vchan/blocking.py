@@ -105,9 +105,8 @@ class Vchan:
         """
         from .handshake import client_cleanup, client_rendezvous, not_ready
         from .listener import (
-            RAW_FINAL,
-            RAW_STALE_GRACE,
             domain_exists,
+            raw_retry_grace,
             wait_for_server_domain_sync,
         )
 
@@ -168,9 +167,9 @@ class Vchan:
                         except OSError as exc:
                             # A raw server between clients or serving another:
                             # as the asyncio client, wait for its next ring.
-                            if timeout == 0 or isinstance(exc, RAW_FINAL):
+                            if timeout == 0:
                                 raise
-                            grace = None if getattr(exc, "taken", False) else RAW_STALE_GRACE
+                            grace = raw_retry_grace(exc)
                             try:
                                 wait_at_most(grace)
                             except TimeoutError as late:

@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING, Any
 from . import handshake
 from .addresses import check_ring_size, vchan_path
 from .devices import EventChannel
-from .endpoint import Endpoint
+from .endpoint import Endpoint, RingNotOfferedError
 from .errors import NoSuchDomainError, VchanError
 from .handshake import run_async
 from .ring import LIVE_WAITING
@@ -104,7 +104,16 @@ MAX_PENDING_PER_ADDRESS = 32
 # read the old entry finds it closed (or its grants gone) and waits this
 # long for the entry to change before the error is final.
 RAW_STALE_GRACE = 1.0
-RAW_FINAL = (ProcessLookupError, NoSuchDomainError)     # no use waiting
+
+
+def raw_retry_grace(exc: OSError) -> float | None:
+    """How long a client waits for a raw server's entry to change after
+    ``exc`` connecting to the ring it names: as long as its caller waits
+    (None) for a ring another client holds, ``RAW_STALE_GRACE`` for one that
+    is closed or gone.  Raises ``exc`` when waiting cannot help (no domain)."""
+    if isinstance(exc, (ProcessLookupError, NoSuchDomainError)):
+        raise exc
+    return None if isinstance(exc, RingNotOfferedError) and exc.taken else RAW_STALE_GRACE
 
 
 def domain_exists(evtchn: EventChannel, domid: int) -> bool:
@@ -367,17 +376,15 @@ async def client_connect(xs: XenStore, watches: WatchRegistry, evtchn: EventChan
                 try:
                     return connect(answer.ring_ref, answer.port), answer.mode
                 except OSError as exc:
-                    if answer.mode != "raw" or isinstance(exc, RAW_FINAL):
+                    if answer.mode != "raw":
                         raise
                     # A raw server between clients (its entry names a ring it
                     # has closed) or serving another: wait for its next ring.
                     # Anything else fails once the entry stays as it is.
+                    grace = raw_retry_grace(exc)
                     busy[:] = [str(exc)]
-                    if getattr(exc, "taken", False):
-                        await changed.wait()
-                        continue
                     try:
-                        await asyncio.wait_for(changed.wait(), RAW_STALE_GRACE)
+                        await asyncio.wait_for(changed.wait(), grace)
                     except TimeoutError:
                         raise exc from None
 
