@@ -12,7 +12,8 @@ from . import _reader
 
 __all__ = ["StreamWriter"]
 
-_Connected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None]
+# What start_server() calls per client (asyncio's client_connected_cb).
+ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None]
 
 # What drain() returns with nothing to wait for: over at once, shared by every
 # call (vchan/_reader.c); create_task(), wait_for() and gather() take it as the
@@ -49,7 +50,7 @@ class StreamWriter(asyncio.StreamWriter):
         return super().drain()
 
 
-def _our_writer(connected: _Connected) -> _Connected:
+def _our_writer(connected: ClientConnected) -> ClientConnected:
     """``connected``, given a :class:`StreamWriter` (asyncio's protocol makes
     an ``asyncio.StreamWriter``; same layout, so its class can change)."""
 

@@ -53,6 +53,7 @@ log = logging.getLogger("vchan")
 _SHARE_MIN = WriteQueue.SHARE_MIN
 _TAIL_MAX = WriteQueue.TAIL_MAX
 
+
 class StreamTransport(TransportBase):
     """An asyncio transport over one stream of a vchan :class:`Session`.
 

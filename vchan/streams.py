@@ -15,11 +15,11 @@ import asyncio
 import collections.abc
 import contextlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, SupportsIndex, overload
 
 from . import _reader
-from ._writer import StreamWriter, _our_writer
+from ._writer import ClientConnected, StreamWriter, _our_writer
 from .client import _create_connection, create_connection
 from .server import Peers, Server, create_server
 
@@ -36,7 +36,6 @@ _DEFAULT_LIMIT = 2**16   # asyncio.streams' own default
 _WHOLE = 1 << 14
 _JOIN = 1 << 16
 
-ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None]
 
 # What read(), readexactly(), readline() and readuntil() return: an awaitable that does
 # the usual case in C and otherwise runs the Python method (vchan/_reader.c).
