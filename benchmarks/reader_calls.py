@@ -1,10 +1,13 @@
-"""Per-call cost of vchan.StreamReader against asyncio.StreamReader.
+"""Per-call cost of vchan.StreamReader against asyncio.StreamReader, and of
+vchan.StreamWriter's write() + drain() against asyncio.StreamWriter's.
 
 The same bytes are fed to both readers (no transport, no other process), then
 read back the way two common users read: length-prefixed 64 B messages
 (``readexactly(4)`` + ``readexactly(60)``) and ``read(4096)`` of 64 KiB pieces.
 This is the receiver's Python cost per call that bounds the small-message
-cells of ``vchan bench --cases matrix`` for every transport.
+cells of ``vchan bench --cases matrix`` for every transport.  The writers
+write 1 KiB and drain, in a loop, to a transport that keeps nothing: the
+sender's Python cost per call outside the transport.
 
     python benchmarks/reader_calls.py [--messages 200000] [--repeat 5]
 """
@@ -45,6 +48,40 @@ async def _read_4k(cls: type[asyncio.StreamReader], pieces: int) -> float:
     return (time.perf_counter() - t0) / calls
 
 
+class _Sink(asyncio.Transport):
+    """A transport that takes every write and keeps nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closing = False
+
+    def write(self, data: object) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+
+async def _write_drain(cls: type[asyncio.StreamWriter], calls: int) -> float:
+    loop = asyncio.get_running_loop()
+    reader = vchan.StreamReader(loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport = _Sink()
+    protocol.connection_made(transport)
+    writer = cls(transport, protocol, reader, loop)
+    data = b"x" * 1024
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        writer.write(data)
+        await writer.drain()
+    seconds = time.perf_counter() - t0
+    writer.close()
+    return seconds / calls
+
+
 async def main(messages: int, repeat: int) -> None:
     for name, cls in (("asyncio.StreamReader", asyncio.StreamReader),
                       ("vchan.StreamReader", vchan.StreamReader)):
@@ -52,6 +89,10 @@ async def main(messages: int, repeat: int) -> None:
         small = statistics.median([await _read_4k(cls, 256) for _ in range(repeat)])
         print(f"{name:22} readexactly(4)+readexactly(60): {framed * 1e9:6.0f} ns a message; "
               f"read(4096): {small * 1e9:6.0f} ns a call")
+    for name, wcls in (("asyncio.StreamWriter", asyncio.StreamWriter),
+                       ("vchan.StreamWriter", vchan.StreamWriter)):
+        wd = statistics.median([await _write_drain(wcls, messages) for _ in range(repeat)])
+        print(f"{name:22} write(1 KiB) + drain(): {wd * 1e9:6.0f} ns a call")
 
 
 if __name__ == "__main__":

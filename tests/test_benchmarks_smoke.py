@@ -164,6 +164,7 @@ def test_stream_pair_and_reader_calls_run() -> None:
                           check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("ns a message") == 2, proc.stdout
+    assert proc.stdout.count("write(1 KiB) + drain()") == 2, proc.stdout
 
 
 PROXY_BENCH = SCRIPT.with_name("proxy_bench.py")
