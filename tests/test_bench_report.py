@@ -473,25 +473,55 @@ def test_busy_poll_rows_have_their_own_table_and_leave_the_targets_alone() -> No
     plain = targets_by_name(results)
     polled = {**_ping_row(64, "asyncio", "vchan", 4.0), "busy_poll": 50e-6,
               "client_cpu_us_per_rt": 4.5, "server_cpu_us_per_rt": 5.5}
+    never = {**_ping_row(64, "asyncio", "vchan", 15.0), "busy_poll": 0.0,
+             "client_cpu_us_per_rt": 7.0, "server_cpu_us_per_rt": 8.0}
     for r in results["pingpong"]:
         if r["transport"] in ("vchan", "unix") and r["message_size"] == 64 \
                 and r["loop"] == "asyncio":
             r.update(client_cpu_us_per_rt=2.0, server_cpu_us_per_rt=3.0)
-    results["pingpong"].append(polled)
+    results["pingpong"] += [never, polled]
     targets = targets_by_name(results)
-    # the default rows decide the targets; the polled row adds its own
+    # the default rows decide the targets; each busy_poll= row adds its own
     extra = targets.pop("Ping-pong 64 B (asyncio), with busy_poll 50 us: vchan p50 <= "
                         "0.8x Unix p50")
+    off = targets.pop("Ping-pong 64 B (asyncio), with busy_poll=0 (never polls): vchan p50 "
+                      "<= 0.8x Unix p50")
     assert targets == plain
     assert extra["met"] is True and extra["value"].startswith("0.33x")      # 4 / 12
+    assert off["met"] is False and off["value"].startswith("1.25x")         # 15 / 12
     md = report.render_markdown(results)
     ping = section(md, "## Ping-pong")
-    main, polled_part = ping.split("### vchan with busy_poll (opt-in)")
+    main, polled_part = ping.split("### vchan's busy_poll= settings")
     # the main table still shows the default vchan row
     assert row(main, "64 B", "asyncio")[5] == "10.0 / 12.0 / 20.0"
-    cells = row(polled_part, "64 B", "asyncio")
-    assert cells == ["64 B", "asyncio", "50 us", "4.0 / 10.0 / 12.0", "12.0 / 30.0 / 36.0",
-                     "3.00", "4.5 + 5.5", "2.0 + 3.0", "2.0 + 3.0"]
+    cells = [line.strip("|").split("|") for line in polled_part.splitlines()
+             if line.startswith("| 64 B | asyncio")]
+    assert [[c.strip() for c in r] for r in cells] == [
+        ["64 B", "asyncio", "0 (never polls)", "15.0 / 10.0 / 12.0", "45.0 / 30.0 / 36.0",
+         "0.80", "7.0 + 8.0", "2.0 + 3.0", "2.0 + 3.0"],
+        ["64 B", "asyncio", "50 us", "4.0 / 10.0 / 12.0", "12.0 / 30.0 / 36.0",
+         "3.00", "4.5 + 5.5", "2.0 + 3.0", "2.0 + 3.0"]]
+    assert "### Sparse requests" not in ping
+
+
+def test_sparse_request_rows_have_their_own_table_and_leave_the_others_alone() -> None:
+    results = full_results()
+    plain_targets = targets_by_name(results)
+    plain_md = section(report.render_markdown(results), "## Ping-pong")
+    for transport, poll, p50, cpu in (("vchan", None, 110.0, 100.0),
+                                      ("vchan", 0.0, 105.0, 95.0), ("unix", None, 70.0, 80.0)):
+        r = {**_ping_row(64, "uvloop", transport, p50), "gap_us": 1000.0,
+             "client_cpu_us_per_rt": cpu, "server_cpu_us_per_rt": cpu / 2}
+        if poll is not None:
+            r["busy_poll"] = poll
+        results["pingpong"].append(r)
+    assert targets_by_name(results) == plain_targets
+    ping = section(report.render_markdown(results), "## Ping-pong")
+    before, sparse = ping.split("### Sparse requests")
+    assert before.strip() == plain_md.strip()
+    assert row(sparse, "64 B", "uvloop") == [
+        "64 B", "uvloop", "1,000 us", "110 / 105 / 70.0", "330 / 315 / 210",
+        "100.0 + 50.0", "95.0 + 47.5", "80.0 + 40.0"]
 
 
 def _dropin_rows(fallback_p50: float) -> list[dict[str, object]]:

@@ -113,6 +113,14 @@ def test_vchan_bench_quick_run(tmp_path: Path) -> None:
         assert ("one", "streams", "vchan", big) in bulk
     ping = {(r["message_size"], r["transport"]) for r in results["pingpong"]}
     assert ping == {(s, t) for s in (64, 4096) for t in ("vchan", "unix", "tcp")}
+    # vchan by default, with busy_poll=0 and 50 us; sparse requests by default and with 0
+    polls = sorted((r.get("gap_us") or 0, -1 if r.get("busy_poll") is None else r["busy_poll"])
+                   for r in results["pingpong"]
+                   if r["transport"] == "vchan" and r["message_size"] == 64)
+    assert polls == [(0, -1), (0, 0.0), (0, 50e-6), (1000.0, -1), (1000.0, 0.0)], polls
+    report_md = (out / "report.md").read_text(encoding="utf-8")
+    assert "### vchan's busy_poll= settings" in report_md
+    assert "### Sparse requests" in report_md
     for r in results["pingpong"]:
         assert r["n"] == 200 and len(r["cdf_us"]) == 1001
         assert all(_positive(r[p]) for p in ("round_trips_per_s", "p50_us", "p99_us", "p99.9_us"))

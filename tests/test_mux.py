@@ -54,6 +54,7 @@ from vchan.mux_frames import (
     HELLO,
     MAX_FRAME,
     OPEN,
+    POLL_BACKOFF_MAX,
     RESET,
     VERSION,
     WINDOW,
@@ -1881,7 +1882,7 @@ async def test_a_session_ending_under_announced_bytes_fails_their_reader(
             await asyncio.wait_for(conn.server.reader.read(), 5)
 
 
-# -- busy polling (opt-in) ---------------------------------------------------------------------
+# -- polling: adaptive by default, busy_poll= fixed, busy_poll=0 never ----------------------
 
 
 @pytest.mark.parametrize("bad", [-1e-6, 1.5, True, "50us", float("nan")])
@@ -1900,10 +1901,11 @@ async def test_busy_poll_is_for_session_connections(sim_dir: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _echo_counting_wakeups(busy_poll: float | None
+async def _echo_counting_wakeups(busy_poll: float | None, client_poll: float | None = None,
                                  ) -> AsyncIterator[tuple[Any, Any, Wakeups]]:
-    """A line-echo server (``busy_poll``) and a client; the last counts the
-    client session's wake-ups of the server from the first echo on."""
+    """A line-echo server (``busy_poll``) and a client (``client_poll``); the
+    last counts the client session's wake-ups of the server from the first
+    echo on."""
     own = vchan.own_domid()
     port = f"mux-{next(_ports)}"
 
@@ -1914,7 +1916,8 @@ async def _echo_counting_wakeups(busy_poll: float | None
 
     server = await vchan.start_server(echo, port, peers=own, busy_poll=busy_poll)
     try:
-        reader, writer = await vchan.open_connection(own, port, timeout=10)
+        reader, writer = await vchan.open_connection(own, port, timeout=10,
+                                                     busy_poll=client_poll)
         writer.write(b"hello\n")
         assert await asyncio.wait_for(reader.readline(), 5) == b"hello\n"
         session = End(reader, writer).session
@@ -1953,12 +1956,88 @@ async def test_a_busy_polling_server_spares_the_client_its_notifications(
         assert served[0]._pollers == {}
 
 
-async def test_without_busy_poll_every_message_wakes_the_server(
-        sim_dir: Path) -> None:
-    """The control for the test above: the count it asserts is low is high here."""
-    async with _echo_counting_wakeups(None) as (_, client, wakes):
+async def test_with_busy_poll_0_every_message_wakes_the_server(
+        sim_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control for the tests above and below: the count they assert is
+    low is high here, and neither session ever polls."""
+    polls = _count_windows(monkeypatch)
+    async with _echo_counting_wakeups(0, client_poll=0) as (server, client, wakes):
+        served = _served(server)
+        assert not served._polls and not client.session._polls
         await _echo_lines(client, 200)
         assert wakes.count >= 150, wakes.count
+        assert polls.get(served, 0) == polls.get(client.session, 0) == 0, polls
+
+
+def _served(server: Any) -> Session:
+    session: Session = next(s for s in server._sessions_open if s.peer == vchan.own_domid())
+    return session
+
+
+def _count_windows(monkeypatch: pytest.MonkeyPatch) -> dict[Session, int]:
+    """Poll windows each session opens from now on (it was not polling, then is)."""
+    opened: dict[Session, int] = {}
+    start = Session._poll_start
+
+    def counting(self: Session, found: bool = False) -> None:
+        was = self._polling
+        start(self, found)
+        if self._polling and not was:
+            opened[self] = opened.get(self, 0) + 1
+
+    monkeypatch.setattr(Session, "_poll_start", counting)
+    return opened
+
+
+async def test_by_default_a_ping_pong_polls_and_spares_the_wakeups(sim_dir: Path) -> None:
+    """Adaptive polling (the default): answers that come within the window
+    keep both sessions polling, so messages cost no wake-ups."""
+    async with _echo_counting_wakeups(None) as (server, client, wakes):
+        await _echo_lines(client, 200)
+        assert wakes.count <= 50, wakes.count       # (busy_poll=0: >= 150)
+        assert _served(server)._backoff == 0
+
+
+async def test_adaptive_polling_backs_off_when_nothing_comes_and_returns_when_it_pays(
+        sim_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sparse requests: each window the server opens finds nothing, so it
+    opens fewer and fewer (at most one in POLL_BACKOFF_MAX reads and writes).
+    Then back-to-back requests: windows find bytes again and the count of
+    skipped windows halves down to none."""
+    polls = _count_windows(monkeypatch)
+    async with _echo_counting_wakeups(None) as (server, client, _wakes):
+        served = _served(server)
+        for i in range(40):
+            await asyncio.sleep(0.005)
+            client.writer.write(b"%d\n" % i)
+            assert await asyncio.wait_for(client.reader.readline(), 5) == b"%d\n" % i
+        assert served._backoff == POLL_BACKOFF_MAX
+        before = polls.get(served, 0)
+        for i in range(30):         # 60 reads and writes of the server
+            await asyncio.sleep(0.005)
+            client.writer.write(b"%d\n" % i)
+            assert await asyncio.wait_for(client.reader.readline(), 5) == b"%d\n" % i
+        assert polls.get(served, 0) - before <= 1, polls.get(served, 0) - before
+        await _echo_lines(client, 400)
+        assert served._backoff == 0
+        dense = Wakeups(client.session)
+        await _echo_lines(client, 100)
+        assert dense.count <= 25, dense.count
+
+
+async def test_a_stream_with_busy_poll_0_leaves_its_session_polling_for_the_others(
+        sim_dir: Path) -> None:
+    async with _echo_counting_wakeups(None) as (_server, client, _):
+        session = client.session
+        assert session._polls and session._adaptive == 1
+        port = client.transport.get_extra_info("peername")[1]
+        reader, writer = await vchan.open_connection(vchan.own_domid(), port, busy_poll=0)
+        assert End(reader, writer).session is session and session._adaptive == 1
+        writer.close()
+        await writer.wait_closed()
+        client.transport.close()
+        await asyncio.sleep(0.05)
+        assert session._adaptive == 0 and not session._polls
 
 
 async def test_a_ping_pong_s_writes_go_at_once_on_both_loops(

@@ -52,7 +52,7 @@ class Accepting:
     _accept_timeout: float
     _shrink: bool
     _sessions: bool
-    _busy_poll: float
+    _busy_poll: float | None
     _serving: bool
     _state: _LoopState | None
     _hub: _EventHub | None

@@ -88,12 +88,15 @@ async def _create_connection(
     then ask a listener for ring sizes (bytes, up to 1 MiB each; left out,
     the server chooses).  A raw server decides its sizes itself.
 
-    ``busy_poll`` (seconds, off by default) trades a core for latency, as
-    ``SO_BUSY_POLL`` does for sockets: while this connection is open, its
-    session keeps looking at the ring for that long after each read or
-    write instead of sleeping until the peer's event wakes it (session
-    connections only; see :mod:`vchan.mux` and ``docs/benchmarks.md`` for
-    what it costs).
+    ``busy_poll`` is how the connection's session waits for the peer
+    (session connections only).  By default (None) it polls adaptively:
+    after a read or write it keeps looking at the ring for up to 50 us
+    instead of sleeping until the peer's event wakes it, while that finds
+    bytes (a request/response exchange then costs no wake-ups), and backs
+    off when it does not.  Seconds (e.g. ``50e-6``) poll that long after
+    every read and write, as ``SO_BUSY_POLL`` does for sockets, trading a
+    core for latency; ``0`` never polls.  See :mod:`vchan.mux` and
+    ``docs/streams.md`` for what each costs.
 
     ``timeout=0`` waits for nothing: it connects through a session this
     loop already holds with the port, or to a raw server published now;
@@ -165,7 +168,7 @@ async def _create_connection(
 
 
 def _open_stream(session: Any, protocol_factory: Callable[[], asyncio.BaseProtocol],
-                 domid: int, port: int | str, port_s: str, busy_poll: float = 0.0,
+                 domid: int, port: int | str, port_s: str, busy_poll: float | None = None,
                  ) -> tuple[Any, asyncio.BaseProtocol]:
     """A new connection as a stream of ``session``: no XenStore, no round trip."""
     protocol = protocol_factory()

@@ -44,6 +44,8 @@ HOLD_PIECE = 65536              # bytes held for a stream are kept in pieces thi
 CORK_MAX = 16384                # writes smaller than this may wait to be merged...
 CORK_FLUSH = 65536              # ...until this many bytes wait, or the iteration ends
 CORK_GAP = 10e-6                # small writes this close together are a burst: merged
+ADAPTIVE_POLL = 50e-6           # the default's poll window after a read or write (seconds)...
+POLL_BACKOFF_MAX = 64           # ...skipped for up to this many reads/writes after a miss
 # Microsecond intervals (CORK_GAP, busy-poll windows) need a clock that has
 # them: uvloop's loop.time() counts whole milliseconds, so with it every small
 # write within a millisecond of the last was taken for part of a burst (corked

@@ -69,13 +69,15 @@ class StreamTransport(TransportBase):
 
     def __init__(self, session: Session, stream_id: int, protocol: asyncio.BaseProtocol, *,
                  extra: dict[str, Any] | None = None,
-                 on_close: Callable[[], None] | None = None, busy_poll: float = 0.0) -> None:
+                 on_close: Callable[[], None] | None = None,
+                 busy_poll: float | None = None) -> None:
         super().__init__(extra)
         self._loop = session._loop
         self._session = session
         self.stream_id = stream_id
         self._on_close = on_close
-        if busy_poll:
+        self._busy_poll = busy_poll     # None: adaptive; 0: never; else seconds
+        if busy_poll != 0:
             session._add_poller(self, busy_poll)
         self._extra.setdefault("session", session)
         self._extra.setdefault("endpoint", session._endpoint)   # the ring carrying it
@@ -425,7 +427,7 @@ class StreamTransport(TransportBase):
                     if session._notify[0] or session._force_notify:
                         session._flush_notify()     # (or a wake-up that failed: to report why)
                     self._credit = credit - n
-                    if session._pollers:
+                    if session._polls:
                         session._poll_start()   # an answer may come soon
                     if n == size:
                         return
@@ -533,8 +535,8 @@ class StreamTransport(TransportBase):
             return
         self._closed = True
         self._session._forget(self)
-        if self._session._pollers:
-            self._session._remove_poller(self)
+        if self._busy_poll != 0:
+            self._session._remove_poller(self, self._busy_poll)
         try:
             if self._made:
                 self._protocol.connection_lost(exc)

@@ -91,7 +91,7 @@ class Server(Accepting, asyncio.AbstractServer):
                  protocol_factory: Callable[[], asyncio.BaseProtocol], port: int | str,
                  port_s: str, peers: Peers, *, raw: bool, read_min: int, write_min: int,
                  accept_timeout: float, shrink: bool = True, sessions: bool = True,
-                 busy_poll: float = 0.0) -> None:
+                 busy_poll: float | None = None) -> None:
         self._loop = loop
         self._factory = protocol_factory
         self._port = port
@@ -411,9 +411,9 @@ async def _create_server(
     ``sessions=False`` gives every connection a ring of its own, as a
     :class:`~vchan.proxy.SocketSplice` protocol needs.
 
-    ``busy_poll`` (seconds, off by default): the connections that come
-    through sessions poll their ring for that long after each read or write
-    (see :func:`vchan.create_connection`).
+    ``busy_poll`` (None: adaptive, the default; seconds; 0: never): how
+    the connections that come through sessions wait for their peers (see
+    :func:`vchan.create_connection`).
     """
     port_s = check_port(port)
     poll = check_busy_poll(busy_poll)

@@ -121,9 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "--quick 1M besides the default)")
     parser.add_argument("--ping-sizes", type=parse_sizes, default=[64, 4096],
                         help="ping-pong message sizes (default 64,4096)")
-    parser.add_argument("--busy-poll", type=parse_us_list, default=[50.0], metavar="US",
+    parser.add_argument("--busy-poll", type=parse_us_list, default=[0.0, 50.0], metavar="US",
                         help="ping-pong also runs vchan with busy_poll= each of these "
-                             "microseconds (comma-separated; 0: none; default 50)")
+                             "microseconds (comma-separated; 0: never poll; default 0,50; "
+                             "the default rows poll adaptively)")
+    parser.add_argument("--ping-gaps", type=parse_us_list, default=[1000.0], metavar="US",
+                        help="ping-pong also runs 64 B requests this many microseconds "
+                             "apart, for vchan (by default and with busy_poll=0) and Unix "
+                             "sockets: latency and CPU of sparse requests (default 1000; "
+                             "0: none)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="timed round trips (default 20,000, --quick 3,000)")
     parser.add_argument("--warmup", type=int, default=None,

@@ -42,7 +42,7 @@ async def listen(cmd: Json, factory: Callable[[], asyncio.BaseProtocol] | None,
         sizes = {"read_min": ring, "write_min": ring} if ring else {}
         if callback is not None:
             vserver = await vchan.start_server(callback, port, peers=peer, **sizes,
-                                               busy_poll=cmd.get("busy_poll") or None)
+                                               busy_poll=cmd.get("busy_poll"))
         else:
             assert factory is not None
             vserver = await vchan.create_server(factory, port, peers=peer, **sizes)
@@ -151,7 +151,7 @@ async def connect(cmd: Json) -> tuple[asyncio.StreamReader, asyncio.StreamWriter
         return await vchan.open_connection(address["domid"], address["port"],
                                            timeout=cmd["timeout"],
                                            dedicated=cmd.get("dedicated", False),
-                                           busy_poll=cmd.get("busy_poll") or None)
+                                           busy_poll=cmd.get("busy_poll"))
     if transport == "unix":
         return await _unix_connect(address["path"])
     if transport in ("dropin", "dropin-tcp"):

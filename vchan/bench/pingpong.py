@@ -2,9 +2,12 @@
 
 64 B and 4 KiB messages (``--ping-sizes``) echoed by the server
 (``readexactly``): warm-up, then timed round trips at the client: rt/s,
-p50/p99/p99.9 and the whole distribution (``cdf_us``).  vchan also runs with
-``busy_poll=`` at each ``--busy-poll``.  Rows record the CPU time per round
-trip of both processes.
+p50/p99/p99.9 and the whole distribution (``cdf_us``).  vchan runs by
+default (adaptive polling) and with ``busy_poll=`` at each ``--busy-poll``
+(0: never polls).  Sparse requests (``--ping-gaps``): 64 B round trips with
+that pause between them, vchan by default and with ``busy_poll=0`` against
+Unix sockets, for what polling costs where it does not pay.  Rows record
+the CPU time per round trip of both processes.
 """
 
 from __future__ import annotations
@@ -57,11 +60,15 @@ async def client(cmd: Json) -> Json:
     size, warmup, rounds = cmd["message_size"], cmd["warmup"], cmd["rounds"]
     message = random.Random(size).randbytes(size)
     samples = [0] * rounds
+    gap = cmd.get("gap_us", 0) * 1e-6       # a pause before each request
     reader, writer = await connect(cmd)
     clock = time.perf_counter_ns
+    sleep = asyncio.sleep
     try:
         write, drain, readexactly = writer.write, writer.drain, reader.readexactly
         for _ in range(warmup):
+            if gap:
+                await sleep(gap)
             write(message)
             await drain()
             if await readexactly(size) != message:
@@ -69,6 +76,8 @@ async def client(cmd: Json) -> Json:
         t0 = clock()
         cpu0 = cpu_seconds()
         for i in range(rounds):
+            if gap:
+                await sleep(gap)
             t = clock()
             write(message)
             await drain()
@@ -90,26 +99,47 @@ async def client(cmd: Json) -> Json:
             **percentiles_us(samples)}
 
 
+SPARSE_ROUNDS = 1000     # round trips of a sparse-requests row (each waits its gap)
+
+
 def plan(args: argparse.Namespace) -> list[Json]:
-    """The ping-pong measurements: by message size, loop, transport (and busy_poll)."""
+    """The ping-pong measurements: by message size, loop, transport and
+    (vchan) busy_poll; then sparse requests."""
     out: list[Json] = []
+    estimate = 0.4 + (args.rounds + args.warmup) * 60e-6
     for size in args.ping_sizes:
         for loop in args.loops:
             for transport in args.transports:
-                polls = [0.0] + [us * 1e-6 for us in args.busy_poll if us] \
-                    if transport == "vchan" else [0.0]
+                polls: list[float | None] = [None]
+                if transport == "vchan":
+                    polls += [us / 1e6 for us in args.busy_poll]
                 for poll in polls:
+                    given = {} if poll is None else {"busy_poll": poll}
+                    out.append(planned("pingpong", transport, loop, estimate, message_size=size,
+                                       rounds=args.rounds, warmup=args.warmup, **given))
+    rounds, warmup = min(args.rounds, SPARSE_ROUNDS), min(args.warmup, SPARSE_ROUNDS // 10)
+    for gap in (g for g in args.ping_gaps if g):
+        for loop in args.loops:
+            for transport in ("vchan", "unix"):
+                if transport not in args.transports:
+                    continue
+                sparse: list[float | None] = [None, 0.0] if transport == "vchan" else [None]
+                for poll in sparse:
+                    given = {} if poll is None else {"busy_poll": poll}
                     out.append(planned("pingpong", transport, loop,
-                                       0.4 + (args.rounds + args.warmup) * 60e-6,
-                                       message_size=size, rounds=args.rounds,
-                                       warmup=args.warmup, busy_poll=poll))
+                                       0.4 + (rounds + warmup) * (gap * 1e-6 + 200e-6),
+                                       message_size=min(args.ping_sizes), rounds=rounds,
+                                       warmup=warmup, gap_us=gap, **given))
     return out
 
 
 def describe(m: Json) -> str:
     """A ping-pong measurement in the progress lines."""
-    what = f"pingpong {human_size(m['message_size'])}" + (
-        f" busy_poll {m['busy_poll'] * 1e6:g} us" if m.get("busy_poll") else "")
+    what = f"pingpong {human_size(m['message_size'])}"
+    if m.get("gap_us"):
+        what += f" every {m['gap_us']:g} us"
+    if m.get("busy_poll") is not None:
+        what += f" busy_poll {m['busy_poll'] * 1e6:g} us"
     return f"{what} {m['loop']} {m['transport']}"
 
 

@@ -35,8 +35,15 @@ def rows_of(results: Json, key: str) -> list[Json]:
 
 
 def ping_rows(results: Json, *, polled: bool = False) -> list[Json]:
-    """Ping-pong rows at the default settings, or (``polled``) with vchan's busy_poll."""
-    return [r for r in rows_of(results, "pingpong") if bool(r.get("busy_poll")) == polled]
+    """Back-to-back ping-pong rows at the default settings, or (``polled``)
+    with vchan's ``busy_poll=`` given (0: never polls)."""
+    return [r for r in rows_of(results, "pingpong")
+            if (r.get("busy_poll") is not None) == polled and not r.get("gap_us")]
+
+
+def sparse_ping_rows(results: Json) -> list[Json]:
+    """Ping-pong rows with a pause between requests (``gap_us``)."""
+    return [r for r in rows_of(results, "pingpong") if r.get("gap_us")]
 
 
 def bulk_rows(results: Json) -> list[Json]:

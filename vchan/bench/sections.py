@@ -35,6 +35,7 @@ from .results import (
     ping_rows,
     rows_of,
     settings_of,
+    sparse_ping_rows,
     sweep_rows,
 )
 from .targets import check_targets
@@ -246,37 +247,84 @@ def pingpong_section(results: Json, plots: dict[str, str]) -> list[str]:
     return lines
 
 
+def _cpu_cell(row: Json | None) -> str:
+    """CPU per round trip, client + server (us)."""
+    c, s = get_num(row, "client_cpu_us_per_rt"), get_num(row, "server_cpu_us_per_rt")
+    return "-" if c is None or s is None else f"{c:.1f} + {s:.1f}"
+
+
+def _poll_label(row: Json) -> str:
+    poll = get_num(row, "busy_poll")
+    if poll is None:
+        return "default (adaptive)"
+    return "0 (never polls)" if poll == 0 else f"{poll * 1e6:g} us"
+
+
 def _busy_poll_lines(results: Json) -> list[str]:
-    """vchan's opt-in busy polling next to its default and Unix sockets."""
+    """vchan's busy_poll= settings next to its default and Unix sockets."""
     polled = ping_rows(results, polled=True)
-    if not polled:
+    lines: list[str] = []
+    if polled:
+        rows = ping_rows(results)
+        lines += ["", "### vchan's busy_poll= settings", "",
+                  "The same echo with ``busy_poll=`` on both ends: 0 never polls (each "
+                  "session sleeps until the peer's event); a number of microseconds polls "
+                  "the ring every loop iteration for that long after each read or write; "
+                  "the default (the table above) polls for up to 50 us while that finds "
+                  "bytes and backs off when it does not.  CPU is user + sys time of each "
+                  "process per round trip (getrusage).", ""]
+        table = []
+        for r in polled:
+            where = dict(message_size=r.get("message_size"), loop=r.get("loop"))
+            plain = find_row(rows, transport="vchan", **where)
+            unix = find_row(rows, transport="unix", **where)
+            table.append([human_size(r.get("message_size") or 0), md_cell(r.get("loop")),
+                          _poll_label(r),
+                          " / ".join(fmt_us(get_num(x, "p50_us")) for x in (r, plain, unix)),
+                          " / ".join(fmt_us(get_num(x, "p99_us")) for x in (r, plain, unix)),
+                          fmt_ratio(get_num(unix, "p50_us"), get_num(r, "p50_us")),
+                          _cpu_cell(r), _cpu_cell(plain), _cpu_cell(unix)])
+        lines += md_table(["message", "loop", "busy_poll", "p50 us (this / default / unix)",
+                         "p99 us (this / default / unix)", "p50 unix/this",
+                         "CPU us/rt this (client + server)", "default", "unix"],
+                        [True, False, True, True, True, True, True, True, True], table)
+    lines += _sparse_lines(results)
+    return lines
+
+
+def _sparse_lines(results: Json) -> list[str]:
+    """Requests with a pause between them: what polling costs where it does not pay."""
+    rows = sparse_ping_rows(results)
+    if not rows:
         return []
-    rows = ping_rows(results)
-    lines = ["", "### vchan with busy_poll (opt-in)", "",
-             "The same echo with ``busy_poll=`` on both ends: each session looks at "
-             "its ring every loop iteration for that long after it last read or wrote "
-             "instead of sleeping until the peer's event.  CPU is user + sys time of "
-             "each process per round trip (getrusage).", ""]
+    lines = ["", "### Sparse requests", "",
+             "The same echo with a pause (``asyncio.sleep``) before each request, "
+             "untimed: the peers are idle between requests, so a poll window finds "
+             "nothing.  vchan by default and with ``busy_poll=0`` against Unix sockets; "
+             "CPU per round trip includes the pause's own loop work.", ""]
     table = []
-    for r in polled:
-        where = dict(message_size=r.get("message_size"), loop=r.get("loop"))
-        plain = find_row(rows, transport="vchan", **where)
-        unix = find_row(rows, transport="unix", **where)
-
-        def cpu(row: Json | None) -> str:
-            c, s = get_num(row, "client_cpu_us_per_rt"), get_num(row, "server_cpu_us_per_rt")
-            return "-" if c is None or s is None else f"{c:.1f} + {s:.1f}"
-
-        table.append([human_size(r.get("message_size") or 0), md_cell(r.get("loop")),
-                      f"{(get_num(r, 'busy_poll') or 0) * 1e6:g} us",
-                      " / ".join(fmt_us(get_num(x, "p50_us")) for x in (r, plain, unix)),
-                      " / ".join(fmt_us(get_num(x, "p99_us")) for x in (r, plain, unix)),
-                      fmt_ratio(get_num(unix, "p50_us"), get_num(r, "p50_us")),
-                      cpu(r), cpu(plain), cpu(unix)])
-    lines += md_table(["message", "loop", "busy_poll", "p50 us (polled / default / unix)",
-                     "p99 us (polled / default / unix)", "p50 unix/polled",
-                     "CPU us/rt polled (client + server)", "default", "unix"],
-                    [True, False, True, True, True, True, True, True, True], table)
+    for gap in sorted({get_num(r, "gap_us") or 0 for r in rows}):
+        for loop in loops_of(results):
+            where = dict(gap_us=gap, loop=loop)
+            adaptive = next((r for r in rows if r.get("transport") == "vchan"
+                             and r.get("busy_poll") is None
+                             and all(r.get(k) == v for k, v in where.items())), None)
+            never = find_row(rows, transport="vchan", busy_poll=0.0, **where)
+            unix = find_row(rows, transport="unix", **where)
+            if adaptive is None and never is None and unix is None:
+                continue
+            size = next(r for r in (adaptive, never, unix) if r is not None)
+            table.append([human_size(size.get("message_size") or 0), md_cell(loop),
+                          f"{gap:,g} us",
+                          " / ".join(fmt_us(get_num(x, "p50_us"))
+                                     for x in (adaptive, never, unix)),
+                          " / ".join(fmt_us(get_num(x, "p99_us"))
+                                     for x in (adaptive, never, unix)),
+                          _cpu_cell(adaptive), _cpu_cell(never), _cpu_cell(unix)])
+    lines += md_table(["message", "loop", "pause", "p50 us (default / busy_poll=0 / unix)",
+                     "p99 us (default / busy_poll=0 / unix)",
+                     "CPU us/rt default (client + server)", "busy_poll=0", "unix"],
+                    [True, False, True, True, True, True, True, True], table)
     return lines
 
 
