@@ -249,6 +249,7 @@ class Session:
         self._last_direct = 0.0         # _clock() of the last small write sent at once
         self._pollers: dict[StreamTransport, float] = {}  # open streams' busy_poll=
         self._adaptive = 0              # open streams polling adaptively (the default)
+        self._never: set[StreamTransport] = set()      # open streams with busy_poll=0
         self._polls = False             # either of the two: look after reads and writes
         self._polling = False
         self._poll_until = 0.0
@@ -393,17 +394,21 @@ class Session:
     # -- busy polling (see the module's docstring) ------------------------------------
 
     def _add_poller(self, stream: StreamTransport, seconds: float | None) -> None:
+        """``stream`` opened with ``busy_poll=seconds`` (None: adaptive; 0: never)."""
         if seconds is None:
             self._adaptive += 1
         elif seconds > 0:
             self._pollers[stream] = seconds
+        else:
+            self._never.add(stream)
         self._polls = bool(self._pollers) or self._adaptive > 0
 
-    def _remove_poller(self, stream: StreamTransport, seconds: float | None) -> None:
-        if seconds is None:
-            self._adaptive -= 1
-        else:
-            self._pollers.pop(stream, None)
+    def _remove_poller(self, stream: StreamTransport) -> None:
+        if self._pollers.pop(stream, None) is None:
+            if stream in self._never:
+                self._never.discard(stream)
+            else:
+                self._adaptive -= 1
         self._polls = bool(self._pollers) or self._adaptive > 0
 
     def _poll_start(self, found: bool = False) -> None:

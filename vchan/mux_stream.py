@@ -76,9 +76,7 @@ class StreamTransport(TransportBase):
         self._session = session
         self.stream_id = stream_id
         self._on_close = on_close
-        self._busy_poll = busy_poll     # None: adaptive; 0: never; else seconds
-        if busy_poll != 0:
-            session._add_poller(self, busy_poll)
+        session._add_poller(self, busy_poll)
         self._extra.setdefault("session", session)
         self._extra.setdefault("endpoint", session._endpoint)   # the ring carrying it
         self._reader: Any = None        # a vchan StreamReader taking from the ring
@@ -535,8 +533,7 @@ class StreamTransport(TransportBase):
             return
         self._closed = True
         self._session._forget(self)
-        if self._busy_poll != 0:
-            self._session._remove_poller(self, self._busy_poll)
+        self._session._remove_poller(self)
         try:
             if self._made:
                 self._protocol.connection_lost(exc)
