@@ -1995,31 +1995,31 @@ async def test_by_default_a_ping_pong_polls_and_spares_the_wakeups(sim_dir: Path
     async with _echo_counting_wakeups(None) as (server, client, wakes):
         await _echo_lines(client, 200)
         assert wakes.count <= 50, wakes.count       # (busy_poll=0: >= 150)
-        assert _served(server)._backoff == 0
+        assert _served(server)._backoff <= 2
 
 
 async def test_adaptive_polling_backs_off_when_nothing_comes_and_returns_when_it_pays(
         sim_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Sparse requests: each window the server opens finds nothing, so it
-    opens fewer and fewer (at most one in POLL_BACKOFF_MAX reads and writes).
-    Then back-to-back requests: windows find bytes again and the count of
-    skipped windows halves down to none."""
+    """Sparse requests: each window the server opens after its answer finds
+    nothing, so it opens fewer and fewer (at most one in POLL_BACKOFF_MAX
+    writes).  Then back-to-back requests: windows find data again and the
+    count of skipped windows halves down to none."""
     polls = _count_windows(monkeypatch)
     async with _echo_counting_wakeups(None) as (server, client, _wakes):
         served = _served(server)
-        for i in range(40):
+        for i in range(80):         # 1 + 2 + 4 + ... + 32 skipped, and a miss after each
             await asyncio.sleep(0.005)
             client.writer.write(b"%d\n" % i)
             assert await asyncio.wait_for(client.reader.readline(), 5) == b"%d\n" % i
         assert served._backoff == POLL_BACKOFF_MAX
         before = polls.get(served, 0)
-        for i in range(30):         # 60 reads and writes of the server
+        for i in range(60):         # 60 writes of the server
             await asyncio.sleep(0.005)
             client.writer.write(b"%d\n" % i)
             assert await asyncio.wait_for(client.reader.readline(), 5) == b"%d\n" % i
         assert polls.get(served, 0) - before <= 1, polls.get(served, 0) - before
         await _echo_lines(client, 400)
-        assert served._backoff == 0
+        assert served._backoff <= 2, served._backoff     # (from 64: windows pay again)
         dense = Wakeups(client.session)
         await _echo_lines(client, 100)
         assert dense.count <= 25, dense.count

@@ -87,23 +87,23 @@ costs a frame and a wake-up per batch, not per write.
 Polling.  A wake-up through the event channel is expensive where CPUs are
 virtual: on the VM this was measured on, the notifying write took ~50 us of
 the writer's CPU and the sleeper woke 20-40 us later, for each side of a
-round trip.  So after it reads or writes, a session keeps looking at its
-ring from the event loop (one look per loop iteration, yielding the CPU in
-between) for a short window, with its "tell me on write" request
-withdrawn: the peer's writes then cost it no notification and us no
-wake-up.  When the window ends it asks again, looks once more and sleeps
-on the event channel as usual.
+round trip.  So a session may keep looking at its ring from the event loop
+(one look per loop iteration, yielding the CPU in between) for a short
+window, with its "tell me on write" request withdrawn: the peer's writes
+then cost it no notification and us no wake-up.  When the window ends it
+asks again, looks once more and sleeps on the event channel as usual.
 
-* By default (``busy_poll=None``) the window is ``ADAPTIVE_POLL`` (50 us),
-  about what a wake-up costs there (the spin-then-block rule studied by
-  Karlin et al., SOSP 1991), and it is only opened while it pays, as a
-  guest's adaptive halt-polling decides.  A window that ends with nothing found
-  is a miss: the next 1, 2, 4, ... up to ``POLL_BACKOFF_MAX`` reads and
-  writes open none; bytes that polling finds halve that count.  A
-  request/response exchange whose answers come within the window keeps
-  both sides polling and costs neither a wake-up; traffic that does not
-  (a request every millisecond) backs off to a look every 64 reads and
-  writes.
+* By default (``busy_poll=None``) a window of ``ADAPTIVE_POLL`` (50 us,
+  about what a wake-up costs there: the spin-then-block rule studied by
+  Karlin et al., SOSP 1991) opens when a stream's write goes into the ring
+  at once, the moment an answer may be on its way, and goes on while it
+  finds DATA (credit updates do not count).  A window that ends with no
+  DATA found is a miss: the next 1, 2, 4, ... up to ``POLL_BACKOFF_MAX``
+  writes open none; DATA found halves that count (a guest's adaptive
+  halt-polling decides the same way).  A request/response exchange whose
+  answers come within the window keeps both sides polling and costs no
+  wake-ups; requests a millisecond apart back off to one window in 64
+  writes; a stream that only reads never polls.
 * ``busy_poll=`` seconds (as ``SO_BUSY_POLL`` for sockets) is a fixed
   window, opened after every read and write whatever it finds: for
   latency-sensitive programs with a core to spare.
@@ -255,6 +255,7 @@ class Session:
         self._poll_until = 0.0
         self._backoff = 0               # adaptive: reads/writes to skip after the next miss
         self._skip = 0                  # adaptive: reads/writes left to skip
+        self._data_seen = 0             # DATA frames read (and runs of them)
         self._waited = False            # the reader let the loop run once for a paused stream
         # Frames at the head of the ring announced to a stream's vchan
         # StreamReader, which takes them from the ring itself (see _announce).
@@ -412,8 +413,9 @@ class Session:
         self._polls = bool(self._pollers) or self._adaptive > 0
 
     def _poll_start(self, found: bool = False) -> None:
-        """Look at the ring every loop iteration for a while (we just read
-        or wrote; ``found``: what we read, polling found)."""
+        """Look at the ring every loop iteration for a while: a write went
+        out (or, fixed windows, anything came in); ``found``: a window found
+        DATA."""
         if self._pollers:
             window = max(self._pollers.values())
         elif found:
@@ -453,8 +455,8 @@ class Session:
         # Time is up: ask to be woken, look once more, sleep.
         self._polling = False
         if not self._pollers:
-            # A miss: skip the next 1, 2, 4, ... POLL_BACKOFF_MAX reads
-            # and writes (bytes found while polling halve it).
+            # A miss: the next 1, 2, 4, ... POLL_BACKOFF_MAX writes open
+            # no window (DATA found while polling halves it).
             self._backoff = min(max(1, 2 * self._backoff), POLL_BACKOFF_MAX)
             self._skip = self._backoff
         self._on_event()
@@ -557,7 +559,7 @@ class Session:
         try:
             # A callback may close the session (and unmap the ring) at any
             # point: look before every step.
-            seen = self._r.rd.own
+            seen, data_seen = self._r.rd.own, self._data_seen
             if self._ctl or self._ready:
                 self._flush()
             more = self._read()
@@ -572,8 +574,11 @@ class Session:
             if not self.closed:
                 if self._notify[0] or self._force_notify:
                     self._flush_notify()
-                if self._polls and self._r.rd.own != seen:
-                    self._poll_start(self._polling)     # it came: more may follow
+                if self._pollers:
+                    if self._r.rd.own != seen:
+                        self._poll_start()      # it came: more may follow
+                elif self._polling and self._data_seen != data_seen:
+                    self._poll_start(True)      # (adaptive) a window found data
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
@@ -612,6 +617,7 @@ class Session:
             if not self._hello_seen and kind != HELLO:
                 raise _protocol_error(f"{_NAMES.get(kind, kind)} before HELLO")
             if kind == DATA:
+                self._data_seen += 1        # (what an adaptive poll window waits for)
                 stream = streams.get(sid)
                 if stream is None:
                     self._unknown_stream(sid, kind)
