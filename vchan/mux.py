@@ -416,6 +416,8 @@ class Session:
         """Look at the ring every loop iteration for a while: a write went
         out (or, fixed windows, anything came in); ``found``: a window found
         DATA."""
+        if self.closed:
+            return      # (the write's wake-up failed and ended us: the ring is gone)
         if self._pollers:
             window = max(self._pollers.values())
         elif found:
