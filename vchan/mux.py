@@ -97,10 +97,11 @@ asks again, looks once more and sleeps on the event channel as usual.
   about what a wake-up costs there: the spin-then-block rule studied by
   Karlin et al., SOSP 1991) opens when a stream's write goes into the ring
   at once, the moment an answer may be on its way, and goes on while it
-  finds DATA (credit updates do not count).  A window that ends with no
-  DATA found is a miss: the next 1, 2, 4, ... up to ``POLL_BACKOFF_MAX``
-  writes open none; DATA found halves that count (a guest's adaptive
-  halt-polling decides the same way).  A request/response exchange whose
+  finds DATA (credit updates do not count): each DATA found starts its 50
+  us again.  Each window that runs out doubles how many of the next writes
+  open none (1, 2, 4, ... up to ``POLL_BACKOFF_MAX``) and each DATA found
+  halves it, as a guest's adaptive halt-polling grows and shrinks its
+  window.  A request/response exchange whose
   answers come within the window keeps both sides polling and costs no
   wake-ups; requests a millisecond apart back off to one window in 64
   writes; a stream that only reads never polls.
@@ -250,11 +251,11 @@ class Session:
         self._pollers: dict[StreamTransport, float] = {}  # open streams' busy_poll=
         self._adaptive = 0              # open streams polling adaptively (the default)
         self._never: set[StreamTransport] = set()      # open streams with busy_poll=0
-        self._polls = False             # either of the two: look after reads and writes
+        self._polls = False             # some open stream polls (adaptive or fixed)
         self._polling = False
         self._poll_until = 0.0
-        self._backoff = 0               # adaptive: reads/writes to skip after the next miss
-        self._skip = 0                  # adaptive: reads/writes left to skip
+        self._backoff = 0               # adaptive: writes to open no window after a miss
+        self._skip = 0                  # adaptive: writes left that open no window
         self._data_seen = 0             # DATA frames read (and runs of them)
         self._waited = False            # the reader let the loop run once for a paused stream
         # Frames at the head of the ring announced to a stream's vchan
@@ -457,7 +458,7 @@ class Session:
         # Time is up: ask to be woken, look once more, sleep.
         self._polling = False
         if not self._pollers:
-            # A miss: the next 1, 2, 4, ... POLL_BACKOFF_MAX writes open
+            # Run out: the next 1, 2, 4, ... POLL_BACKOFF_MAX writes open
             # no window (DATA found while polling halves it).
             self._backoff = min(max(1, 2 * self._backoff), POLL_BACKOFF_MAX)
             self._skip = self._backoff
