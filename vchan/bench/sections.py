@@ -270,9 +270,9 @@ def _busy_poll_lines(results: Json) -> list[str]:
                   "The same echo with ``busy_poll=`` on both ends: 0 never polls (each "
                   "session sleeps until the peer's event); a number of microseconds polls "
                   "the ring every loop iteration for that long after each read or write; "
-                  "the default (the table above) polls for up to 50 us while that finds "
-                  "bytes and backs off when it does not.  CPU is user + sys time of each "
-                  "process per round trip (getrusage).", ""]
+                  "the default (the table above) polls for up to 50 us after each write "
+                  "while that finds data, and backs off when it does not.  CPU is user + "
+                  "sys time of each process per round trip (getrusage).", ""]
         table = []
         for r in polled:
             where = dict(message_size=r.get("message_size"), loop=r.get("loop"))
@@ -299,16 +299,15 @@ def _sparse_lines(results: Json) -> list[str]:
         return []
     lines = ["", "### Sparse requests", "",
              "The same echo with a pause (``asyncio.sleep``) before each request, "
-             "untimed: the peers are idle between requests, so a poll window finds "
-             "nothing.  vchan by default and with ``busy_poll=0`` against Unix sockets; "
-             "CPU per round trip includes the pause's own loop work.", ""]
+             "untimed: the peers are idle between requests, so a poll window after an "
+             "answer finds nothing.  vchan by default and with ``busy_poll=0`` against "
+             "Unix sockets; CPU per round trip includes the pause's own loop work.", ""]
     table = []
     for gap in sorted({get_num(r, "gap_us") or 0 for r in rows}):
         for loop in loops_of(results):
             where = dict(gap_us=gap, loop=loop)
-            adaptive = next((r for r in rows if r.get("transport") == "vchan"
-                             and r.get("busy_poll") is None
-                             and all(r.get(k) == v for k, v in where.items())), None)
+            adaptive = find_row([r for r in rows if r.get("busy_poll") is None],
+                                transport="vchan", **where)
             never = find_row(rows, transport="vchan", busy_poll=0.0, **where)
             unix = find_row(rows, transport="unix", **where)
             if adaptive is None and never is None and unix is None:
