@@ -102,6 +102,11 @@ async def client(cmd: Json) -> Json:
 SPARSE_ROUNDS = 1000     # round trips of a sparse-requests row (each waits its gap)
 
 
+def _given(poll: float | None) -> dict[str, float]:
+    """A measurement's busy_poll= (none given: the default, adaptive)."""
+    return {} if poll is None else {"busy_poll": poll}
+
+
 def plan(args: argparse.Namespace) -> list[Json]:
     """The ping-pong measurements: by message size, loop, transport and
     (vchan) busy_poll; then sparse requests."""
@@ -114,9 +119,8 @@ def plan(args: argparse.Namespace) -> list[Json]:
                 if transport == "vchan":
                     polls += [us / 1e6 for us in args.busy_poll]
                 for poll in polls:
-                    given = {} if poll is None else {"busy_poll": poll}
                     out.append(planned("pingpong", transport, loop, estimate, message_size=size,
-                                       rounds=args.rounds, warmup=args.warmup, **given))
+                                       rounds=args.rounds, warmup=args.warmup, **_given(poll)))
     rounds, warmup = min(args.rounds, SPARSE_ROUNDS), min(args.warmup, SPARSE_ROUNDS // 10)
     for gap in (g for g in args.ping_gaps if g):
         for loop in args.loops:
@@ -125,11 +129,10 @@ def plan(args: argparse.Namespace) -> list[Json]:
                     continue
                 sparse: list[float | None] = [None, 0.0] if transport == "vchan" else [None]
                 for poll in sparse:
-                    given = {} if poll is None else {"busy_poll": poll}
                     out.append(planned("pingpong", transport, loop,
                                        0.4 + (rounds + warmup) * (gap * 1e-6 + 200e-6),
                                        message_size=min(args.ping_sizes), rounds=rounds,
-                                       warmup=warmup, gap_us=gap, **given))
+                                       warmup=warmup, gap_us=gap, **_given(poll)))
     return out
 
 

@@ -306,8 +306,7 @@ def _sparse_lines(results: Json) -> list[str]:
     for gap in sorted({get_num(r, "gap_us") or 0 for r in rows}):
         for loop in loops_of(results):
             where = dict(gap_us=gap, loop=loop)
-            adaptive = find_row([r for r in rows if r.get("busy_poll") is None],
-                                transport="vchan", **where)
+            adaptive = find_row(rows, transport="vchan", busy_poll=None, **where)
             never = find_row(rows, transport="vchan", busy_poll=0.0, **where)
             unix = find_row(rows, transport="unix", **where)
             if adaptive is None and never is None and unix is None:
