@@ -331,3 +331,19 @@ def test_publish_wakes_for_quiet_commits_only_until_an_ordinary_one_covers_them(
     assert client.read(10) == b""                   # asleep again, nothing new
     assert lib.vchan_ring_publish(server._r, server._notify) == 0
     assert not server.take_notify()                  # nothing to wake it for
+
+
+def test_publish_wakes_nobody_for_quiet_commits_the_peer_took_already() -> None:
+    """A peer that looked without being woken (a session polling its ring)
+    and took the quiet bytes is not woken for them; its request to be told
+    on write stays for the next ordinary write."""
+    pair = Pair(12, 12)
+    server, client = pair.server, pair.client
+    assert client.read(10) == b""                   # asks to be told on write
+    _commit_quiet(server, b"abc")
+    assert client.read(10) == b"abc"                # took them unwoken (and asks again)
+    assert lib.vchan_ring_publish(server._r, server._notify) == 0
+    assert not server.take_notify()                  # nothing new to wake it for
+    assert server.write(b"d") == 1
+    assert server.take_notify()                      # the next ordinary write does
+    assert client.read(10) == b"d"

@@ -718,12 +718,23 @@ int vchan_ring_commit_quiet(struct vchan_ring *r, uint32_t n)
 
 int vchan_ring_publish(struct vchan_ring *r, int *notify)
 {
+    int64_t space;
     int rc = usable(r);
 
     if (rc)
         return rc;
-    if (r->quiet)
-        publish_prod(r, notify);
+    if (!r->quiet)
+        return 0;
+    space = wr_space(r);
+    if (space < 0)
+        return (int)space;
+    if (space == r->wr.size) {
+        /* It took them already (it looked without being woken): its
+         * request is for what comes next. */
+        r->quiet = 0;
+        return 0;
+    }
+    publish_prod(r, notify);
     return 0;
 }
 

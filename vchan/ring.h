@@ -212,7 +212,8 @@ int vchan_ring_commit_quiet(struct vchan_ring *r, uint32_t n);
 /* After quiet commits: wake the peer now if it asked to be woken on write
  * (*notify set, the request cleared), as an ordinary commit would have.
  * Nothing to do (0, *notify untouched) when an ordinary commit has been
- * published since the last quiet one: it covered them. */
+ * published since the last quiet one (it covered them), or when the peer
+ * has taken everything written (it looked on its own: a poller). */
 int vchan_ring_publish(struct vchan_ring *r, int *notify);
 /* vchan_ring_reserve, arming the wake-up only when less than want bytes
  * are free (a writer that needs room for a whole frame). */
