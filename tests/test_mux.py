@@ -1978,9 +1978,9 @@ def _count_windows(monkeypatch: pytest.MonkeyPatch) -> dict[Session, int]:
     opened: dict[Session, int] = {}
     start = Session._poll_start
 
-    def counting(self: Session, found: bool = False) -> None:
+    def counting(self: Session) -> None:
         was = self._polling
-        start(self, found)
+        start(self)
         if self._polling and not was:
             opened[self] = opened.get(self, 0) + 1
 
@@ -1996,6 +1996,7 @@ def long_windows(monkeypatch: pytest.MonkeyPatch) -> None:
     one process and loop here, where yielding the CPU helps nobody, and
     under load a yield or a loop iteration alone can take longer than 50 us."""
     monkeypatch.setattr(vchan.mux, "ADAPTIVE_POLL", 20e-3)
+    monkeypatch.setattr(vchan.mux, "ADAPTIVE_POLL_MAX", 40e-3)
     monkeypatch.setattr(vchan.mux, "POLL_BACKOFF_MAX", 8)
     monkeypatch.setattr(os, "sched_yield", lambda: None)
 
@@ -2035,6 +2036,99 @@ async def test_adaptive_polling_backs_off_when_nothing_comes_and_returns_when_it
         dense = Wakeups(client.session)
         await _echo_lines(client, 100)
         assert dense.count <= 25, dense.count
+
+
+async def test_a_window_ends_when_its_answer_comes(sim_dir: Path, long_windows: None) -> None:
+    """Found: the window is done at once (the next write opens the next one),
+    not spun out to its end, and it is no miss."""
+    async with _echo_counting_wakeups(None) as (_server, client, _wakes):
+        session = client.session
+        for i in range(5):
+            client.writer.write(b"%d\n" % i)
+            assert await asyncio.wait_for(client.reader.readline(), 5) == b"%d\n" % i
+            for _ in range(3):          # (the window's last look: a loop iteration)
+                await asyncio.sleep(0)
+            assert not session._polling, i      # (a window lasts 20 ms here)
+            assert session._poll_hit and session._backoff == 0 and session._skip == 0
+
+
+async def test_windows_grow_for_answers_that_come_soon_after_and_shrink_for_late_ones(
+        sim_dir: Path, monkeypatch: pytest.MonkeyPatch, long_windows: None) -> None:
+    """An answer that comes after a window ran out, but within
+    ADAPTIVE_POLL_MAX of the write, doubles the window (and takes back the
+    miss), until windows catch the answers: the client is then not woken.
+    Answers later than that halve it again, down to ADAPTIVE_POLL."""
+    monkeypatch.setattr(vchan.mux, "ADAPTIVE_POLL", 10e-3)
+    monkeypatch.setattr(vchan.mux, "ADAPTIVE_POLL_MAX", 160e-3)
+    own = vchan.own_domid()
+    port = f"mux-{next(_ports)}"
+
+    async def slow_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            await asyncio.sleep(int(line) / 1000)     # the line: how long to wait (ms)
+            writer.write(line)
+        writer.close()
+
+    server = await vchan.start_server(slow_echo, port, peers=own)
+    try:
+        reader, writer = await vchan.open_connection(own, port, timeout=10)
+        client = End(reader, writer)
+
+        async def ask(ms: int) -> None:
+            writer.write(b"%d\n" % ms)
+            assert await asyncio.wait_for(reader.readline(), 5) == b"%d\n" % ms
+
+        session = client.session
+        assert session._window == 10e-3
+        for _ in range(6):
+            await ask(25)
+        assert 25e-3 <= session._window <= 160e-3, session._window
+        assert session._backoff <= 1, session._backoff
+        woken = Wakeups(_served(server))
+        for _ in range(5):
+            await ask(25)
+        assert woken.count <= 1, woken.count        # (the windows caught them)
+        for _ in range(4):
+            await ask(200)                          # (beyond ADAPTIVE_POLL_MAX)
+        assert session._window == 10e-3, session._window
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
+
+
+@pytest.mark.parametrize("pause", [0, 0.03])
+async def test_a_server_s_window_finds_the_next_connection_s_open(
+        sim_dir: Path, long_windows: None, pause: float) -> None:
+    """A server that speaks first: the window it opens after its greeting
+    goes on when the stream closes and finds the next connection's OPEN,
+    which is what a server waits for as a client waits for DATA (a window
+    that found it is no miss, however long the server then takes to greet:
+    ``pause``, longer than the 20 ms window here)."""
+    own = vchan.own_domid()
+    port = f"mux-{next(_ports)}"
+
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(pause)
+        writer.write(b"hello\n")
+        await reader.read()
+        writer.close()
+
+    server = await vchan.start_server(greet, port, peers=own)
+    try:
+        for i in range(10 if pause else 30):
+            reader, writer = await vchan.open_connection(own, port, timeout=10)
+            assert await asyncio.wait_for(reader.readline(), 5) == b"hello\n"
+            writer.close()
+            await writer.wait_closed()
+            if i == 0:
+                woken = Wakeups(End(reader, writer).session)
+        assert _served(server)._backoff <= 1, _served(server)._backoff
+        assert woken.count <= 5, woken.count
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
 
 
 async def test_a_stream_with_busy_poll_0_leaves_its_session_polling_for_the_others(

@@ -93,18 +93,23 @@ window, with its "tell me on write" request withdrawn: the peer's writes
 then cost it no notification and us no wake-up.  When the window ends it
 asks again, looks once more and sleeps on the event channel as usual.
 
-* By default (``busy_poll=None``) a window of ``ADAPTIVE_POLL`` (50 us,
-  about what a wake-up costs there: the spin-then-block rule studied by
-  Karlin et al., SOSP 1991) opens when a stream's write goes into the ring
-  at once, the moment an answer may be on its way, and goes on while it
-  finds DATA (credit updates do not count): each DATA found starts its 50
-  us again.  Each window that runs out doubles how many of the next writes
-  open none (1, 2, 4, ... up to ``POLL_BACKOFF_MAX``) and each DATA found
-  halves it, as a guest's adaptive halt-polling grows and shrinks its
-  window.  A request/response exchange whose
-  answers come within the window keeps both sides polling and costs no
-  wake-ups; requests a millisecond apart back off to one window in 64
-  writes; a stream that only reads never polls.
+* By default (``busy_poll=None``) a window opens when a stream's write goes
+  into the ring at once, the moment an answer may be on its way, and ends
+  when an answer comes (DATA, or for a server an OPEN: a new connection is a
+  request too; credit updates do not count): the next write opens the next.
+  The window starts at ``ADAPTIVE_POLL`` (50 us, about what a wake-up costs
+  there: the spin-then-block rule studied by Karlin et al., SOSP 1991) and
+  adapts as a guest's halt-polling does: an answer that comes after a window
+  ran out, but within ``ADAPTIVE_POLL_MAX`` (200 us) of the write, doubles
+  it; one that comes later halves it.  Each window that runs out doubles
+  how many of the next writes open none (1, 2, 4, ... up to
+  ``POLL_BACKOFF_MAX``) and each answer found (or that came within a
+  window's reach) halves it.  A window goes on when its stream closes (a
+  server's next OPEN may be on its way).  A request/response exchange, or a
+  run of connections each set up and answered, whose answers come within
+  the window keeps both sides polling and costs no wake-ups; requests a
+  millisecond apart back the answering side off to one window in 64 writes;
+  a stream that only reads never polls.
 * ``busy_poll=`` seconds (as ``SO_BUSY_POLL`` for sockets) is a fixed
   window, opened after every read and write whatever it finds: for
   latency-sensitive programs with a core to spare.
@@ -112,6 +117,14 @@ asks again, looks once more and sleeps on the event channel as usual.
 
 A session polls when any of its open streams asks for it (the longest
 fixed window wins over the default).
+
+Where the default costs: a peer that sleeps between requests must be woken
+whatever we do, and Linux mostly wakes it on the waker's CPU (two
+processes of one machine), where our polling only takes turns with it;
+requests a millisecond apart measured up to ~30 us slower than with
+``busy_poll=0`` there, and 10-50 us faster (for 40-75 us more CPU) with the
+two processes pinned to CPUs of their own, as two domains' vCPUs are
+(``benchmarks/sparse_requests.py``, docs/streams.md).
 
 Fairness.  Streams with data and credit take turns of up to ``QUANTUM``
 bytes, after control frames; the reader takes at most ``READ_BUDGET`` bytes
@@ -139,6 +152,7 @@ from .mux_frames import (
     _NAMES,
     _REMOTE_CODES,
     ADAPTIVE_POLL,
+    ADAPTIVE_POLL_MAX,
     BLOCKED,
     CLOSE,
     DATA,
@@ -254,9 +268,12 @@ class Session:
         self._polls = False             # some open stream polls (adaptive or fixed)
         self._polling = False
         self._poll_until = 0.0
+        self._window = ADAPTIVE_POLL    # adaptive: how long the next window lasts
+        self._poll_hit = False          # adaptive: the window found what it waited for
+        self._asked = 0.0               # adaptive: _clock() of a write still unanswered
         self._backoff = 0               # adaptive: writes to open no window after a miss
         self._skip = 0                  # adaptive: writes left that open no window
-        self._data_seen = 0             # DATA frames read (and runs of them)
+        self._answers = 0               # DATA frames (and runs of them) and OPENs read
         self._waited = False            # the reader let the loop run once for a paused stream
         # Frames at the head of the ring announced to a stream's vchan
         # StreamReader, which takes them from the ring itself (see _announce).
@@ -413,27 +430,48 @@ class Session:
                 self._adaptive -= 1
         self._polls = bool(self._pollers) or self._adaptive > 0
 
-    def _poll_start(self, found: bool = False) -> None:
-        """Look at the ring every loop iteration for a while: a write went
-        out (or, fixed windows, anything came in); ``found``: a window found
-        DATA."""
+    def _poll_start(self) -> None:
+        """A stream's write went into the ring (fixed windows: or anything
+        came in): look at the ring every loop iteration for a while."""
         if self.closed:
             return      # (the write's wake-up failed and ended us: the ring is gone)
         if self._pollers:
-            window = max(self._pollers.values())
-        elif found:
-            self._backoff //= 2         # it paid: poll more often
-            window = ADAPTIVE_POLL
-        elif self._skip:
-            self._skip -= 1             # it did not lately: not this time
-            return
+            self._poll_until = _clock() + max(self._pollers.values())
         else:
-            window = ADAPTIVE_POLL
-        self._poll_until = _clock() + window
+            now = self._asked = _clock()    # an answer's wait is timed from here
+            if self._skip:
+                self._skip -= 1             # windows did not pay lately: not this time
+                return
+            self._poll_hit = False
+            self._poll_until = now + self._window
         lib.vchan_ring_disarm(self._r)
         if not self._polling:
             self._polling = True
             self._loop.call_soon(self._poll)
+
+    def _answered(self, asked: float) -> None:
+        """(adaptive) DATA or an OPEN came, the first since the write at
+        ``asked`` (``_clock()``): end the window that found it, or, if we
+        slept, learn from how long it took."""
+        wait = _clock() - asked
+        fresh = self._asked == asked        # (no write has asked again meanwhile)
+        if fresh:
+            self._asked = 0.0
+        if self._polling:
+            self._backoff //= 2             # it paid: poll more often
+            if fresh:
+                # Found: this window is done; the next write opens the next.
+                self._poll_hit = True
+                self._poll_until = 0.0
+        elif wait <= ADAPTIVE_POLL_MAX:
+            # A window (this long, or up to the longest) would have caught it.
+            if wait > self._window:
+                self._window = min(2 * self._window, ADAPTIVE_POLL_MAX)
+            self._backoff //= 2
+            self._skip = min(self._skip, self._backoff)
+        else:
+            # Too long to spin for: shorter windows.
+            self._window = max(self._window / 2, ADAPTIVE_POLL)
 
     def _poll(self) -> None:
         if self.closed:
@@ -447,7 +485,8 @@ class Session:
             if self.closed:
                 self._polling = False
                 return
-        if self._polls and _clock() < self._poll_until:
+        # (a window goes on without streams: a server's next OPEN may come)
+        if (self._polls or not self.streams) and _clock() < self._poll_until:
             if ready == 0:
                 # Let the peer run if it shares our CPU (else each side spins
                 # out its whole window while the other cannot write).
@@ -455,11 +494,11 @@ class Session:
             lib.vchan_ring_disarm(self._r)
             self._loop.call_soon(self._poll)
             return
-        # Time is up: ask to be woken, look once more, sleep.
+        # Time is up (or the answer came): ask to be woken, look once more, sleep.
         self._polling = False
-        if not self._pollers:
+        if not self._pollers and not self._poll_hit:
             # Run out: the next 1, 2, 4, ... POLL_BACKOFF_MAX writes open
-            # no window (DATA found while polling halves it).
+            # no window (an answer found, or one that came soon after, halves it).
             self._backoff = min(max(1, 2 * self._backoff), POLL_BACKOFF_MAX)
             self._skip = self._backoff
         self._on_event()
@@ -562,7 +601,7 @@ class Session:
         try:
             # A callback may close the session (and unmap the ring) at any
             # point: look before every step.
-            seen, data_seen = self._r.rd.own, self._data_seen
+            seen, answers, asked = self._r.rd.own, self._answers, self._asked
             if self._ctl or self._ready:
                 self._flush()
             more = self._read()
@@ -580,8 +619,8 @@ class Session:
                 if self._pollers:
                     if self._r.rd.own != seen:
                         self._poll_start()      # it came: more may follow
-                elif self._polling and self._data_seen != data_seen:
-                    self._poll_start(True)      # (adaptive) a window found data
+                elif asked and self._answers != answers:
+                    self._answered(asked)       # (adaptive) what a write waited for
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
@@ -620,7 +659,7 @@ class Session:
             if not self._hello_seen and kind != HELLO:
                 raise _protocol_error(f"{_NAMES.get(kind, kind)} before HELLO")
             if kind == DATA:
-                self._data_seen += 1        # (what an adaptive poll window waits for)
+                self._answers += 1          # (what an adaptive poll window waits for)
                 stream = streams.get(sid)
                 if stream is None:
                     self._unknown_stream(sid, kind)
@@ -843,6 +882,7 @@ class Session:
         if sid <= self._last_opened:
             raise _protocol_error(f"OPEN of stream {sid} after {self._last_opened}")
         self._last_opened = sid
+        self._answers += 1              # (a request, as DATA is: see _answered)
         port = payload.decode(errors="replace")
         if self.draining or self._accept is None:
             why = "the vchan server is no longer serving"
