@@ -210,3 +210,29 @@ def test_setup_phases_reports_every_phase_of_every_transport() -> None:
             assert _positive(row[key]), (row["transport"], key, row[key])
         assert set(row["phases_p50_us"]) == {"open", "write", "echo", "close"}
         assert all(_positive(v) for v in row["phases_p50_us"].values()), row
+
+
+SPARSE_REQUESTS = SCRIPT.with_name("sparse_requests.py")
+
+
+def test_sparse_requests_reports_each_placement_and_setting() -> None:
+    """benchmarks/sparse_requests.py, small: a row per loop, placement and
+    client busy_poll; pinned processes never share a CPU."""
+    placements = ["shared", "pinned"] if len(os.sched_getaffinity(0)) >= 2 else ["shared"]
+    env = {k: v for k, v in os.environ.items() if k not in ("VCHAN_SIM_DIR", "VCHAN_DOMID")}
+    env["VCHAN_BACKEND"] = "sim"
+    proc = subprocess.run([sys.executable, str(SPARSE_REQUESTS), "--count", "40", "--gap", "200",
+                           "--runs", "1", "--placements", ",".join(placements)],
+                          capture_output=True, text=True, timeout=180, check=False, env=env)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(r["loop"], r["placement"], r["busy_poll"]) for r in rows] == [
+        (loop, p, poll) for loop in ("asyncio", "uvloop") for p in placements
+        for poll in ("default", "0")]
+    for row in rows:
+        assert row["count"] == 40 and row["gap_us"] == 200
+        for key in ("p50_us", "p90_us", "client_cpu_us"):
+            assert _positive(row[key]), (row["placement"], key, row[key])
+        assert 0 <= row["same_cpu"] <= 1
+        if row["placement"] == "pinned":
+            assert row["same_cpu"] == 0, row
