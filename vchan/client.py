@@ -90,12 +90,14 @@ async def _create_connection(
 
     ``busy_poll`` is how the connection's session waits for the peer
     (session connections only).  By default (None) it polls adaptively:
-    after a write it keeps looking at the ring for up to 50 us instead of
-    sleeping until the peer's event wakes it, for as long as that finds
-    data (a request/response exchange then costs no wake-ups), and backs
-    off when it does not.  Seconds (e.g. ``50e-6``) poll that long after
-    every read and write, as ``SO_BUSY_POLL`` does for sockets, trading a
-    core for latency; ``0`` never polls.  See :mod:`vchan.mux` and
+    after a write it keeps looking at the ring until the answer comes, for
+    a window of 50 us that grows up to 200 us while answers come just after
+    it, instead of sleeping until the peer's event wakes it (a
+    request/response exchange, or a run of set-ups, then costs no
+    wake-ups), and backs off when answers do not come.  Seconds (e.g.
+    ``50e-6``) poll that long after every read and write, as
+    ``SO_BUSY_POLL`` does for sockets, trading a core for latency; ``0``
+    never polls.  See :mod:`vchan.mux` and
     ``docs/streams.md`` for what each costs.
 
     ``timeout=0`` waits for nothing: it connects through a session this

@@ -270,8 +270,9 @@ def _busy_poll_lines(results: Json) -> list[str]:
                   "The same echo with ``busy_poll=`` on both ends: 0 never polls (each "
                   "session sleeps until the peer's event); a number of microseconds polls "
                   "the ring every loop iteration for that long after each read or write; "
-                  "the default (the table above) polls for up to 50 us after each write "
-                  "while that finds data, and backs off when it does not.  CPU is user + "
+                  "the default (the table above) polls after each write until the answer "
+                  "comes, for a window of 50 us that grows up to 200 us while answers come "
+                  "just after it, and backs off when they do not.  CPU is user + "
                   "sys time of each process per round trip (getrusage).", ""]
         table = []
         for r in polled:
