@@ -28,32 +28,20 @@ import asyncio
 import ctypes
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine
 from typing import Any
+
+from setup_phases import _cpu as _cpu_time
+from setup_phases import _run
 
 PORT = "sparse-requests"
 MESSAGE = b"x" * 64
 WARMUP = 100
 
 _getcpu = ctypes.CDLL(None).sched_getcpu
-
-
-def _run(coro: Coroutine[Any, Any, Any], loop: str) -> Any:
-    if loop == "uvloop":
-        import uvloop
-
-        return uvloop.run(coro)
-    return asyncio.run(coro)
-
-
-def _cpu_time() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 async def _serve() -> None:
