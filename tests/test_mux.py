@@ -1900,22 +1900,32 @@ async def test_busy_poll_is_for_session_connections(sim_dir: Path) -> None:
 
 
 @contextlib.asynccontextmanager
+async def _serving(callback: Any, **options: Any) -> AsyncIterator[tuple[Any, str]]:
+    """``start_server(callback)`` on a fresh port of our own domain, for
+    clients in this process: (server, port); closed after."""
+    port = f"mux-{next(_ports)}"
+    server = await vchan.start_server(callback, port, peers=vchan.own_domid(), **options)
+    try:
+        yield server, port
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
+
+
+@contextlib.asynccontextmanager
 async def _echo_counting_wakeups(busy_poll: float | None, client_poll: float | None = None,
                                  ) -> AsyncIterator[tuple[Any, Any, Wakeups]]:
     """A line-echo server (``busy_poll``) and a client (``client_poll``); the
     last counts the client session's wake-ups of the server from the first
     echo on."""
-    own = vchan.own_domid()
-    port = f"mux-{next(_ports)}"
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while line := await reader.readline():
             writer.write(line)
         writer.close()
 
-    server = await vchan.start_server(echo, port, peers=own, busy_poll=busy_poll)
-    try:
-        reader, writer = await vchan.open_connection(own, port, timeout=10,
+    async with _serving(echo, busy_poll=busy_poll) as (server, port):
+        reader, writer = await vchan.open_connection(vchan.own_domid(), port, timeout=10,
                                                      busy_poll=client_poll)
         writer.write(b"hello\n")
         assert await asyncio.wait_for(reader.readline(), 5) == b"hello\n"
@@ -1924,9 +1934,6 @@ async def _echo_counting_wakeups(busy_poll: float | None, client_poll: float | N
         yield server, End(reader, writer), wakes
         writer.close()
         await writer.wait_closed()
-    finally:
-        server.close()
-        await asyncio.wait_for(server.wait_closed(), 10)
 
 
 async def _echo_lines(end: End, n: int) -> None:
@@ -1990,7 +1997,8 @@ def _count_windows(monkeypatch: pytest.MonkeyPatch) -> dict[Session, int]:
 
 @pytest.fixture
 def long_windows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Adaptive windows of 20 ms, not 50 us, backing off to at most 8 writes,
+    """Adaptive windows of 20 ms, not 50 us (growing to at most 40 ms),
+    backing off to at most 8 writes,
     and no sched_yield() while polling: what these tests check is the rule
     (when a window opens, goes on, backs off, comes back).  Both ends share
     one process and loop here, where yielding the CPU helps nobody, and
@@ -2060,8 +2068,6 @@ async def test_windows_grow_for_answers_that_come_soon_after_and_shrink_for_late
     Answers later than that halve it again, down to ADAPTIVE_POLL."""
     monkeypatch.setattr(vchan.mux, "ADAPTIVE_POLL", 10e-3)
     monkeypatch.setattr(vchan.mux, "ADAPTIVE_POLL_MAX", 160e-3)
-    own = vchan.own_domid()
-    port = f"mux-{next(_ports)}"
 
     async def slow_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while line := await reader.readline():
@@ -2069,9 +2075,8 @@ async def test_windows_grow_for_answers_that_come_soon_after_and_shrink_for_late
             writer.write(line)
         writer.close()
 
-    server = await vchan.start_server(slow_echo, port, peers=own)
-    try:
-        reader, writer = await vchan.open_connection(own, port, timeout=10)
+    async with _serving(slow_echo) as (server, port):
+        reader, writer = await vchan.open_connection(vchan.own_domid(), port, timeout=10)
         client = End(reader, writer)
 
         async def ask(ms: int) -> None:
@@ -2093,9 +2098,6 @@ async def test_windows_grow_for_answers_that_come_soon_after_and_shrink_for_late
         assert session._window == 10e-3, session._window
         writer.close()
         await writer.wait_closed()
-    finally:
-        server.close()
-        await asyncio.wait_for(server.wait_closed(), 10)
 
 
 @pytest.mark.parametrize("pause", [0, 0.03])
@@ -2106,8 +2108,6 @@ async def test_a_server_s_window_finds_the_next_connection_s_open(
     which is what a server waits for as a client waits for DATA (a window
     that found it is no miss, however long the server then takes to greet:
     ``pause``, longer than the 20 ms window here)."""
-    own = vchan.own_domid()
-    port = f"mux-{next(_ports)}"
 
     async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(pause)
@@ -2115,10 +2115,9 @@ async def test_a_server_s_window_finds_the_next_connection_s_open(
         await reader.read()
         writer.close()
 
-    server = await vchan.start_server(greet, port, peers=own)
-    try:
+    async with _serving(greet) as (server, port):
         for i in range(10 if pause else 30):
-            reader, writer = await vchan.open_connection(own, port, timeout=10)
+            reader, writer = await vchan.open_connection(vchan.own_domid(), port, timeout=10)
             assert await asyncio.wait_for(reader.readline(), 5) == b"hello\n"
             writer.close()
             await writer.wait_closed()
@@ -2126,9 +2125,6 @@ async def test_a_server_s_window_finds_the_next_connection_s_open(
                 woken = Wakeups(End(reader, writer).session)
         assert _served(server)._backoff <= 1, _served(server)._backoff
         assert woken.count <= 5, woken.count
-    finally:
-        server.close()
-        await asyncio.wait_for(server.wait_closed(), 10)
 
 
 async def test_a_stream_with_busy_poll_0_leaves_its_session_polling_for_the_others(
