@@ -122,7 +122,7 @@ Where the default costs: a peer that sleeps between requests must be woken
 whatever we do, and Linux mostly wakes it on the waker's CPU (two
 processes of one machine), where our polling only takes turns with it;
 requests a millisecond apart measured up to ~30 us slower than with
-``busy_poll=0`` there, and 10-50 us faster (for 40-75 us more CPU) with the
+``busy_poll=0`` there, and 10-53 us faster (for 50-75 us more CPU) with the
 two processes pinned to CPUs of their own, as two domains' vCPUs are
 (``benchmarks/sparse_requests.py``, docs/streams.md).
 
