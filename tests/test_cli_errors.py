@@ -236,6 +236,40 @@ def test_ctrl_c_in_a_subcommand_is_one_line_and_130(
     _interrupted(status, after)
 
 
+# Ctrl-C in the instant asyncio.Runner has installed its SIGINT handler but not
+# yet zeroed its count of interrupts: here the handler's installation sends it.
+_CTRL_C_AS_THE_LOOP_STARTS = """
+import argparse, asyncio, os, signal, sys
+import vchan.backend
+from vchan.cli.loop import run_coroutine
+
+vchan.backend.check_environment = lambda: None
+vchan.backend.get_backend = lambda: None
+install = signal.signal
+
+def install_then_ctrl_c(signum, handler):
+    old = install(signum, handler)
+    if signum == signal.SIGINT and handler is not signal.default_int_handler:
+        os.kill(os.getpid(), signal.SIGINT)     # the runner's handler runs now
+    return old
+
+signal.signal = install_then_ctrl_c
+
+async def command() -> int:
+    print("the command ran", file=sys.stderr)
+    return 0
+
+sys.exit(run_coroutine(argparse.Namespace(verbose=0, loop=sys.argv[1]), command))
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_ctrl_c_as_the_event_loop_starts_is_one_line_and_130(loop: str) -> None:
+    done = subprocess.run([sys.executable, "-c", _CTRL_C_AS_THE_LOOP_STARTS, loop],
+                          capture_output=True, text=True, timeout=60, env=_env())
+    _interrupted(done.returncode, done.stderr)
+
+
 @pytest.mark.skipif(not (support.IN_CI or os.environ.get("VCHAN_TEST_BENCH") == "1"),
                     reason="starts the benchmark suite (its processes, then Ctrl-C): CI or "
                            "VCHAN_TEST_BENCH=1 runs it, not a machine taking measurements")

@@ -48,11 +48,30 @@ def run_coroutine(args: argparse.Namespace,
         runner = asyncio.run
     else:
         raise UsageError(f"--loop must be asyncio or uvloop, got {args.loop!r}")
+    started = False
+
+    async def main() -> int:
+        nonlocal started
+        started = True
+        return await coro_fn()
+
+    coro = main()
     try:
-        return runner(coro_fn())
+        return runner(coro)
     except UsageError:
         raise
     except KeyboardInterrupt:
+        error("interrupted")
+        return EXIT_INTERRUPTED
+    except asyncio.CancelledError:
+        # asyncio.Runner (which uvloop.run uses too) installs its SIGINT
+        # handler before it zeroes its count of interrupts: a Ctrl-C in
+        # between cancels the main task before its first step and comes out
+        # as CancelledError, not KeyboardInterrupt.  Nothing else cancels a
+        # task that has not started.
+        if started:
+            raise
+        coro.close()                # (uvloop.run's wrapper never awaited it)
         error("interrupted")
         return EXIT_INTERRUPTED
     except (BackendError, SimError) as exc:
