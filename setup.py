@@ -69,6 +69,7 @@ class BuildPyWithKernel(build_py):
 def _reader_extension() -> Extension:
     flags = _compat_build().read_flags(HERE / "kernel")["VCHAN_CFLAGS"]
     return Extension("vchan._reader", ["vchan/_reader.c"], py_limited_api=True,
+                     depends=["vchan/mux.h", "vchan/ring.h"],
                      define_macros=[("Py_LIMITED_API", "0x030B0000")],
                      extra_compile_args=flags)
 

@@ -557,6 +557,97 @@ def test_take_run_copies_frames_wrapping_the_end_of_the_ring() -> None:
     assert take_run(reader) == (900, data)
 
 
+def direct_run(ring: Ring, stream: int, left: int) -> Any:
+    """A ``struct vchan_direct`` for ``left`` bytes of DATA frames of ``stream``
+    at the head of ``ring``'s read side (what a session's _announce fills in)."""
+    d = ffi.new("struct vchan_direct *")
+    d.ring, d.notify, d.max_payload = ring._r, ring._notify, NO_LIMIT
+    d.stream, d.flags, d.left, d.offset, d.wake_after = stream, 0, left, 0, 1 << 30
+    return d
+
+
+def direct_take(d: Any, n: int) -> tuple[int, bytes]:
+    """vchan_direct_take of ``n`` bytes: (rc, the bytes copied)."""
+    buf = ffi.new("char[]", max(n, 1))
+    rc = int(lib.vchan_direct_take(d, buf, n))
+    return rc, ffi.unpack(buf, max(rc, 0))
+
+
+def test_direct_take_takes_frames_in_parts_and_consumes_each_with_its_last_byte() -> None:
+    pair = Pair(10, 11)
+    assert pair.client.write_size == 1024
+    advance(pair, 1000)                 # the frames wrap the end of the ring
+    data = payload_of(900, 14)
+    for i in range(0, 900, 300):
+        assert mux_write(pair.client, Frame(DATA, 0, 9, 0, data[i:i + 300])) == 300
+    d = direct_run(pair.server, 9, 900)
+    got = b""
+    for n in (1, 250, 49, 300, 7, 292, 1):
+        rc, part = direct_take(d, n)
+        assert rc == n
+        got += part
+        whole = len(got) // 300                 # frames whose last byte is taken
+        assert pair.server.data_ready() == (3 - whole) * (HEADER + 300)
+        assert (d.left, d.offset) == (900 - len(got), len(got) % 300)
+    assert got == data
+    assert direct_take(d, 1)[0] == lib.VCHAN_EINVAL     # more than is left
+
+
+def test_direct_find_looks_in_the_rest_of_the_head_frame_only() -> None:
+    pair = Pair(10, 11)
+    advance(pair, 1000)                 # the head frame's payload: 8 bytes, then the rest
+    first = b"ab\ncd" + b"x" * 25 + b"\n" + b"y" * 20
+    assert mux_write(pair.client, Frame(DATA, 0, 9, 0, first)) == len(first)
+    assert mux_write(pair.client, Frame(DATA, 0, 9, 0, b"z\n")) == 2
+    d = direct_run(pair.server, 9, len(first) + 2)
+    nl = ord("\n")
+    assert lib.vchan_direct_find(d, nl, 1000) == 3          # in the first piece
+    assert lib.vchan_direct_find(d, nl, 1) == 0             # starts beyond the limit
+    assert direct_take(d, 3) == (3, b"ab\n")
+    assert lib.vchan_direct_find(d, nl, 1000) == 28         # across the end of the ring
+    assert lib.vchan_direct_find(d, nl, 27) == 28           # (the limit is where it starts)
+    assert lib.vchan_direct_find(d, nl, 26) == 0
+    assert direct_take(d, 28)[0] == 28
+    assert d.offset == 31
+    assert lib.vchan_direct_find(d, nl, 1000) == 0          # not before the next frame
+    assert lib.vchan_direct_find(d, ord("y"), 1000) == 1    # (offset past the first piece)
+    assert direct_take(d, 20)[0] == 20
+    assert lib.vchan_direct_find(d, nl, 1000) == 2
+
+
+@pytest.mark.parametrize("rewrite", ["shorter", "longer", "stream", "type", "flags"])
+def test_direct_take_fails_on_a_frame_rewritten_under_it(rewrite: str) -> None:
+    """The peer rewrites the header of a frame the reader is in the middle of."""
+    pair = Pair(12, 12)
+    at = pair.client._r.wr.own & (pair.client.write_size - 1)
+    assert mux_write(pair.client, Frame(DATA, 0, 5, 0, payload_of(100, 15))) == 100
+    assert mux_write(pair.client, Frame(DATA, 0, 5, 0, payload_of(100, 16))) == 100
+    d = direct_run(pair.server, 5, 200)
+    assert direct_take(d, 60) == (60, payload_of(100, 15)[:60])
+    wr = pair.client._buffers[5]
+    if rewrite == "shorter":
+        wr[at + 8:at + 12] = struct.pack("<I", 60)      # no byte left after the offset
+    elif rewrite == "longer":
+        wr[at + 8:at + 12] = struct.pack("<I", 201)     # beyond what was announced
+    elif rewrite == "stream":
+        wr[at + 4] = 6
+    elif rewrite == "type":
+        wr[at] = WINDOW
+    else:
+        wr[at + 1] = 1
+    assert direct_take(d, 10)[0] == EFRAME
+    assert lib.vchan_direct_find(d, 0, 1000) == EFRAME
+
+
+def test_direct_take_takes_nothing_once_the_session_has_ended() -> None:
+    pair = Pair(12, 12)
+    assert mux_write(pair.client, Frame(DATA, 0, 5, 0, b"abc")) == 3
+    d = direct_run(pair.server, 5, 3)
+    d.ring = ffi.NULL
+    assert direct_take(d, 1)[0] == lib.VCHAN_EINVAL
+    assert lib.vchan_direct_find(d, ord("b"), 10) == lib.VCHAN_EINVAL
+
+
 def test_write_data_never_writes_an_empty_frame() -> None:
     """Every DATA frame carries a byte: a min_payload of 0 counts as 1 (with
     only a header's room left the ring is full, no empty frame goes), and a
@@ -1764,7 +1855,7 @@ def _ring_bytes(reader: asyncio.StreamReader) -> int:
 def _announced(end: End) -> int:
     """Bytes of ``end``'s stream announced at the head of its session's ring."""
     session = end.session
-    return session._lazy_bytes if session._lazy is end.transport else 0
+    return int(session._direct.left) if session._lazy is end.transport else 0
 
 
 async def test_a_reader_takes_announced_frames_from_the_ring(sim_dir: Path) -> None:
@@ -1838,6 +1929,33 @@ async def test_length_prefixed_messages_across_many_ring_wraps(sim_dir: Path) ->
         await task
         ring = conn.server.session._endpoint.ring
         assert ring._r.rd.own > 3 * ring.read_size, "the ring never wrapped"
+
+
+@pytest.mark.expect_loop_errors
+async def test_a_peer_rewriting_a_frame_a_reader_is_inside_fails_the_session(
+        sim_dir: Path, loop_errors: list[dict[str, Any]]) -> None:
+    async with hostile(2, loop_errors) as s:
+        conn, other = s.conns
+        client_session, server_session = conn.client.session, conn.server.session
+        ring = client_session._endpoint.ring
+        sid = conn.client.transport.stream_id
+        wr = ring._buffers[5]
+        n = GATHER
+        first = ring._r.wr.own & (ring.write_size - 1)
+        inject(client_session, header(DATA, sid, n) + b"a" * n)
+        server_session._on_event()
+        assert _announced(conn.server) == n
+        assert await conn.server.reader.read(100) == b"a" * 100
+        assert server_session._direct.offset == 100
+        wr[first + 8:first + 12] = struct.pack("<I", 50)   # shorter than what was taken
+        with pytest.raises(RemoteProtocolError, match="rewrote"):
+            await conn.server.reader.read(100)
+        assert server_session.closed
+        outcome = await read_outcome(other.server.reader)
+        assert isinstance(outcome, RemoteProtocolError), outcome
+        reported = [c for c in loop_errors
+                    if isinstance(c.get("exception"), RemoteProtocolError)]
+        assert len(reported) == 1
 
 
 @pytest.mark.expect_loop_errors

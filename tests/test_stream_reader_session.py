@@ -10,9 +10,11 @@ StreamTransport._data).
 from __future__ import annotations
 
 import asyncio
+import random
+import struct
 from pathlib import Path
 
-from test_mux import header, inject, served
+from test_mux import header, inject, payload_of, served
 
 import vchan
 from vchan.mux_frames import DATA, EOF, GATHER
@@ -22,26 +24,26 @@ async def test_a_waiting_reader_takes_its_bytes_from_the_ring(sim_dir: Path) -> 
     """The documented path: the session announces the frames at the head of
     the ring, the reader is woken "and runs in the next loop iteration;
     whatever it has not taken by the end of that iteration is copied aside".
-    A reader already waiting in read() must then take at least the first
-    piece itself (StreamTransport._ring_take)."""
+    A reader already waiting in read() takes them from the ring itself:
+    nothing is copied aside (Session._take_lazy)."""
     async with served(1) as s:
         conn = s.conns[0]
-        transport = conn.server.transport
-        took: list[int] = []
-        take = transport._ring_take
+        session = conn.server.session
+        aside: list[int] = []
+        take = session._take_lazy
 
         def counted() -> bytes:
             data = take()
-            took.append(len(data))
+            aside.append(len(data))
             return data
 
-        transport._ring_take = counted  # type: ignore[method-assign]
+        session._take_lazy = counted  # type: ignore[method-assign]
         reading = asyncio.ensure_future(conn.server.reader.read(65536))
         await asyncio.sleep(0.01)               # it waits for data
         data = b"q" * 30_000                    # one DATA frame
         conn.client.writer.write(data)
         assert await asyncio.wait_for(reading, 5) == data
-        assert took, "every byte was copied aside before the waiting reader ran"
+        assert not aside, "bytes were copied aside before the waiting reader ran"
 
 
 async def test_data_after_the_peers_eof_is_dropped_for_a_stream_reader(sim_dir: Path) -> None:
@@ -101,3 +103,63 @@ async def test_a_protocol_that_overrides_data_received_sees_every_byte(sim_dir: 
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_small_reads_take_frames_in_parts_straight_from_the_ring(sim_dir: Path) -> None:
+    """read(4096), readexactly() and readline() take the announced frames from
+    the ring in parts (nothing is copied aside into the reader's buffer), also
+    where a line or message straddles two frames or the end of the ring."""
+    async with served(1) as s:
+        conn = s.conns[0]
+        reader, session = conn.server.reader, conn.server.session
+        assert isinstance(reader, vchan.StreamReader)
+        rnd = random.Random(46)
+        lines = [b"%d " % i + b"x" * rnd.choice([0, 10, 4000, 9000]) + b"\n"
+                 for i in range(400)]
+        data = payload_of(900_000, 47)
+        messages = [rnd.randbytes(rnd.choice([1, 3000, 70_000])) for _ in range(30)]
+
+        async def send() -> None:
+            w = conn.client.writer
+            for piece in (data, *lines,
+                          *(struct.pack(">I", len(m)) + m for m in messages)):
+                w.write(piece)
+                await w.drain()
+
+        task = asyncio.create_task(send())
+        got = bytearray()
+        parts = direct = 0
+        while len(got) < len(data):
+            want = min(4096, len(data) - len(got))
+            chunk = await reader.read(want)
+            assert 0 < len(chunk) <= want
+            got += chunk
+            parts += session._direct.offset > 0
+            direct += not reader._chunks
+        assert got == data
+        assert parts > 100 and direct > 0.9 * len(got) / 4096
+        for line in lines:
+            assert await reader.readline() == line
+        for m in messages:
+            (n,) = struct.unpack(">I", await reader.readexactly(4))
+            assert await reader.readexactly(n) == m
+        await task
+        ring = session._endpoint.ring
+        assert ring._r.rd.own > 2 * ring.read_size, "the ring never wrapped"
+
+
+async def test_small_reads_of_a_small_ring_wake_the_writer(sim_dir: Path) -> None:
+    """A writer waiting for room in a 64 KiB session ring is woken as the reader
+    takes frames in parts (it would wait forever otherwise)."""
+    async with served(1, read_min=1 << 16, write_min=1 << 16) as s:
+        conn = s.conns[0]
+        assert conn.server.session._endpoint.ring.read_size == 1 << 16
+        data = payload_of(3_000_000, 48)
+        conn.client.writer.write(data)
+        got = bytearray()
+        parts = 0
+        while len(got) < len(data):
+            got += await conn.server.reader.read(1000)
+            parts += conn.server.session._direct.offset > 0
+        assert got == data
+        assert parts > 1000

@@ -118,6 +118,21 @@ int vchan_mux_take_run(struct vchan_ring *r, const struct vchan_mux_frame *f,
                        int *notify);
 int vchan_mux_run_length(struct vchan_ring *r, const struct vchan_mux_frame *f,
                          uint32_t max_payload, uint32_t limit);
+struct vchan_direct {
+    struct vchan_ring *ring;
+    int *notify;
+    uint32_t max_payload;
+    uint32_t stream;
+    uint32_t flags;
+    uint32_t left;
+    uint32_t offset;
+    uint32_t freed;
+    uint32_t wake_after;
+};
+int vchan_direct_take(struct vchan_direct *d, void *buf, uint32_t len);
+int vchan_direct_find(struct vchan_direct *d, uint8_t sep, uint32_t limit);
+int vchan_direct_rest(struct vchan_direct *d);
+int vchan_direct_due(const struct vchan_direct *d);
 int vchan_ring_read(struct vchan_ring *r, void *buf, size_t len, int *notify);
 int vchan_ring_recv(struct vchan_ring *r, void *buf, size_t len, int *notify);
 int vchan_ring_peer_live(struct vchan_ring *r);

@@ -39,7 +39,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <stdint.h>
 #include <string.h>
+
+#include "mux.h"                /* struct vchan_direct (the functions are _native's) */
 
 /* -- ReaderCore: the slots ------------------------------------------------------- */
 
@@ -51,6 +54,10 @@ typedef struct {
     PyObject *chunks;           /* _chunks: collections.deque of bytes */
     PyObject *pos;              /* _pos: int, bytes of _chunks[0] already taken */
     PyObject *size;             /* _size: int, bytes buffered */
+    PyObject *ring;             /* _ring: int, of them announced in a ring (not in _chunks) */
+    PyObject *source;           /* _source: the transport they are taken from, or None */
+    PyObject *direct_owner;     /* what keeps *direct alive */
+    struct vchan_direct *direct;    /* the session's announced run, or NULL */
 } ReaderCore;
 
 static PyMemberDef core_members[] = {
@@ -60,6 +67,8 @@ static PyMemberDef core_members[] = {
     {"_chunks", T_OBJECT_EX, offsetof(ReaderCore, chunks), 0, NULL},
     {"_pos", T_OBJECT_EX, offsetof(ReaderCore, pos), 0, NULL},
     {"_size", T_OBJECT_EX, offsetof(ReaderCore, size), 0, NULL},
+    {"_ring", T_OBJECT_EX, offsetof(ReaderCore, ring), 0, NULL},
+    {"_source", T_OBJECT_EX, offsetof(ReaderCore, source), 0, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -72,6 +81,9 @@ static int core_traverse(ReaderCore *self, visitproc visit, void *arg)
     Py_VISIT(self->chunks);
     Py_VISIT(self->pos);
     Py_VISIT(self->size);
+    Py_VISIT(self->ring);
+    Py_VISIT(self->source);
+    Py_VISIT(self->direct_owner);
     return 0;
 }
 
@@ -83,6 +95,10 @@ static int core_clear(ReaderCore *self)
     Py_CLEAR(self->chunks);
     Py_CLEAR(self->pos);
     Py_CLEAR(self->size);
+    Py_CLEAR(self->ring);
+    Py_CLEAR(self->source);
+    self->direct = NULL;
+    Py_CLEAR(self->direct_owner);
     return 0;
 }
 
@@ -137,6 +153,124 @@ static int set_slot(PyObject **slot, Py_ssize_t value)
     return 0;
 }
 
+/* -- taking straight from the ring ------------------------------------------------ */
+
+/* vchan._native's functions (vchan/mux.c), whose addresses vchan.mux
+   hands over once (set_direct_functions): this module does not link them. */
+static int (*direct_take)(struct vchan_direct *d, void *buf, uint32_t len);
+static int (*direct_find)(struct vchan_direct *d, uint8_t sep, uint32_t limit);
+static int (*direct_rest)(struct vchan_direct *d);
+static int (*direct_due)(const struct vchan_direct *d);
+static PyObject *taken_name;        /* "_ring_taken" */
+static PyObject *failed_name;       /* "_ring_failed" */
+
+/* read(n) takes at most this much of a run at once. */
+#define DIRECT_MAX (1 << 20)
+
+/* Take k (> 0, <= ring) of the ring bytes announced to r, into new bytes
+ * (a new reference; NULL with an error set).  _ring goes down by k (the
+ * caller sees to _size); the session is told when its run is over or a
+ * waiting writer is owed its wake-up, and fails if the ring is corrupt. */
+static PyObject *ring_take(ReaderCore *r, Py_ssize_t k, Py_ssize_t ring)
+{
+    PyObject *data = PyBytes_FromStringAndSize(NULL, k);
+    if (data == NULL)
+        return NULL;
+    char *buf = PyBytes_AsString(data);
+    if (buf == NULL) {
+        Py_DECREF(data);
+        return NULL;
+    }
+    int got = direct_take(r->direct, buf, (uint32_t)k);
+    if (got != k) {
+        Py_DECREF(data);
+        /* A corrupt ring: the session fails, and says why. */
+        PyObject *code = PyLong_FromLong(got);
+        if (code != NULL) {
+            PyObject *res = PyObject_CallMethodObjArgs(r->source, failed_name, code, NULL);
+            Py_XDECREF(res);
+            Py_DECREF(code);
+        }
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "vchan: taking from the ring failed");
+        return NULL;
+    }
+    if (set_slot(&r->ring, ring - k) < 0) {
+        Py_DECREF(data);
+        return NULL;
+    }
+    if (direct_due(r->direct)) {
+        /* The run is over, or a waiting writer is owed its wake-up. */
+        PyObject *res = PyObject_CallMethodObjArgs(r->source, taken_name, NULL);
+        if (res == NULL) {
+            Py_DECREF(data);
+            return NULL;
+        }
+        Py_DECREF(res);
+    }
+    return data;
+}
+
+/* The ring bytes announced to r (> 0), if it can take them itself; else 0. */
+static Py_ssize_t ring_ready(ReaderCore *r)
+{
+    struct vchan_direct *d = r->direct;
+    Py_ssize_t ring = slot_size(r->ring);
+    if (d == NULL || direct_take == NULL || ring <= 0 || (uint32_t)ring != d->left ||
+        r->source == NULL || r->source == Py_None)
+        return 0;
+    return ring;
+}
+
+/* The call answered from the ring bytes announced to a reader whose
+ * chunks are empty (as fast_path: a new reference, or NULL with or without
+ * an error set).  The frames are copied once, into the bytes returned. */
+static PyObject *direct_path(ReaderCore *r, int kind, Py_ssize_t n, PyObject *separator,
+                             Py_ssize_t size, Py_ssize_t limit, int paused)
+{
+    Py_ssize_t ring = ring_ready(r);
+    if (ring <= 0 || ring > size)
+        return NULL;
+    Py_ssize_t k;
+    if (kind == KIND_READ) {
+        k = n < ring ? n : ring;
+        if (k > DIRECT_MAX)
+            k = DIRECT_MAX;
+    } else if (kind == KIND_READEXACTLY) {
+        if (n <= 0 || n > ring)
+            return NULL;
+        k = n;
+    } else {
+        uint8_t sep = '\n';
+        if (separator != NULL) {
+            if (PyBytes_Size(separator) != 1)
+                return NULL;        /* (longer ones: the Python method) */
+            sep = (uint8_t)PyBytes_AsString(separator)[0];
+        }
+        int found = direct_find(r->direct, sep,
+                                limit > UINT32_MAX ? UINT32_MAX : (uint32_t)limit);
+        if (found <= 0)
+            return NULL;            /* not in the head frame, or trouble: Python looks */
+        k = found;
+    }
+    PyObject *data = ring_take(r, k, ring);
+    if (data == NULL)
+        return NULL;
+    if (set_slot(&r->size, size - k) < 0) {
+        Py_DECREF(data);
+        return NULL;
+    }
+    if (paused && size - k <= limit) {
+        PyObject *res = PyObject_CallMethodObjArgs((PyObject *)r, resume_name, NULL);
+        if (res == NULL) {
+            Py_DECREF(data);
+            return NULL;
+        }
+        Py_DECREF(res);
+    }
+    return data;
+}
+
 /* The bytes the call returns when the first piece answers it (a new
  * reference), NULL with no error set when it does not (the Python method
  * decides), or NULL with an error set.  The state is changed only when
@@ -154,15 +288,16 @@ static PyObject *fast_path(ReaderCore *r, int kind, Py_ssize_t n, PyObject *sepa
     if (kind == KIND_READ && n == 0)
         return NULL;
     Py_ssize_t count = PyObject_Size(r->chunks);
-    if (count <= 0) {
-        if (count < 0)
-            PyErr_Clear();
+    if (count < 0) {
+        PyErr_Clear();
         return NULL;
     }
     Py_ssize_t pos = slot_size(r->pos), size = slot_size(r->size);
     Py_ssize_t limit = slot_size(r->limit);
     if (pos < 0 || size < 0 || limit < 0)
         return NULL;
+    if (count == 0)
+        return direct_path(r, kind, n, separator, size, limit, paused);
     PyObject *head = PySequence_GetItem(r->chunks, 0);
     if (head == NULL) {
         PyErr_Clear();
@@ -717,7 +852,86 @@ static PyObject *core_readuntil(ReaderCore *self, PyObject *const *args, Py_ssiz
     return (PyObject *)call;
 }
 
+static PyObject *core_set_direct(ReaderCore *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "_set_direct(address, owner)");
+        return NULL;
+    }
+    void *address = PyLong_AsVoidPtr(args[0]);
+    if (address == NULL && PyErr_Occurred())
+        return NULL;
+    PyObject *old = self->direct_owner;
+    Py_INCREF(args[1]);
+    self->direct_owner = args[1];
+    self->direct = address;
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
+}
+
+/* _take_ring(n): up to n of the announced ring bytes, no further than the
+   end of the head frame, as bytes (one copy); _ring goes down by as many. */
+static PyObject *core_take_ring(ReaderCore *self, PyObject *arg)
+{
+    Py_ssize_t n = PyNumber_AsSsize_t(arg, PyExc_OverflowError);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t ring = ring_ready(self);
+    if (n <= 0 || ring <= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "vchan reader: no ring bytes to take");
+        return NULL;
+    }
+    int rest = direct_rest(self->direct);
+    if (rest <= 0) {
+        PyObject *code = PyLong_FromLong(rest < 0 ? rest : -1);
+        if (code != NULL) {
+            PyObject *res = PyObject_CallMethodObjArgs(self->source, failed_name, code, NULL);
+            Py_XDECREF(res);
+            Py_DECREF(code);
+        }
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "vchan: taking from the ring failed");
+        return NULL;
+    }
+    Py_ssize_t k = n < rest ? n : rest;
+    return ring_take(self, k, ring);
+}
+
+/* _find_ring(sep, limit): bytes up to and including the byte sep in the
+   rest of the head frame of the announced ring bytes, if it starts within
+   limit; else 0 (or no ring bytes to look at). */
+static PyObject *core_find_ring(ReaderCore *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "_find_ring(sep, limit)");
+        return NULL;
+    }
+    long sep = PyLong_AsLong(args[0]);
+    Py_ssize_t limit = PyNumber_AsSsize_t(args[1], PyExc_OverflowError);
+    if ((sep == -1 || limit == -1) && PyErr_Occurred())
+        return NULL;
+    if (sep < 0 || sep > 255 || limit < 0) {
+        PyErr_SetString(PyExc_ValueError, "_find_ring: a byte and a limit >= 0");
+        return NULL;
+    }
+    if (ring_ready(self) <= 0)
+        return PyLong_FromLong(0);
+    int found = direct_find(self->direct, (uint8_t)sep,
+                            limit > UINT32_MAX ? UINT32_MAX : (uint32_t)limit);
+    return PyLong_FromLong(found > 0 ? found : 0);
+}
+
 static PyMethodDef core_methods[] = {
+    {"_take_ring", (PyCFunction)core_take_ring, METH_O,
+     "_take_ring(n)\n--\n\nUp to n of the announced ring bytes (no further than the end\n"
+     "of the head frame), as bytes; _ring goes down by as many."},
+    {"_find_ring", (PyCFunction)(void (*)(void))core_find_ring, METH_FASTCALL,
+     "_find_ring(sep, limit)\n--\n\nThe bytes through the byte sep in the rest of the head\n"
+     "frame of the announced ring bytes, if it starts within limit; else 0."},
+    {"_set_direct", (PyCFunction)(void (*)(void))core_set_direct, METH_FASTCALL,
+     "_set_direct(address, owner)\n--\n\nThe session's struct vchan_direct (an address; 0: none)\n"
+     "that read() and the others take announced ring bytes through, and the\n"
+     "object that keeps it alive."},
     {"read", (PyCFunction)(void (*)(void))core_read, METH_FASTCALL | METH_KEYWORDS,
      "read(n=-1)\n--\n\nRead at most ``n`` bytes (all until EOF if ``n`` < 0), as\n"
      ":meth:`asyncio.StreamReader.read` (a coroutine)."},
@@ -752,11 +966,42 @@ static PyType_Spec core_spec = {
     .slots = core_slots,
 };
 
+static PyObject *set_direct_functions(PyObject *Py_UNUSED(module), PyObject *const *args,
+                                      Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "set_direct_functions(take, find, rest, due)");
+        return NULL;
+    }
+    void *f[4];
+    for (int i = 0; i < 4; i++) {
+        f[i] = PyLong_AsVoidPtr(args[i]);
+        if (f[i] == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "a null function");
+            return NULL;
+        }
+    }
+    direct_take = (int (*)(struct vchan_direct *, void *, uint32_t))f[0];
+    direct_find = (int (*)(struct vchan_direct *, uint8_t, uint32_t))f[1];
+    direct_rest = (int (*)(struct vchan_direct *))f[2];
+    direct_due = (int (*)(const struct vchan_direct *))f[3];
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"set_direct_functions", (PyCFunction)(void (*)(void))set_direct_functions, METH_FASTCALL,
+     "set_direct_functions(take, find, rest, due)\n--\n\nThe addresses of vchan._native's\n"
+     "vchan_direct_take, vchan_direct_find, vchan_direct_rest and vchan_direct_due."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "vchan._reader",
     .m_doc = "The per-call fast paths of vchan.StreamReader, in C.",
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC PyInit__reader(void)
@@ -773,7 +1018,10 @@ PyMODINIT_FUNC PyInit__reader(void)
     if (resume_name == NULL) {
         resume_name = PyUnicode_InternFromString("_maybe_resume_transport");
         popleft_name = PyUnicode_InternFromString("popleft");
-        if (resume_name == NULL || popleft_name == NULL)
+        taken_name = PyUnicode_InternFromString("_ring_taken");
+        failed_name = PyUnicode_InternFromString("_ring_failed");
+        if (resume_name == NULL || popleft_name == NULL || taken_name == NULL ||
+            failed_name == NULL)
             return NULL;
     }
     PyObject *m = PyModule_Create(&module_def);

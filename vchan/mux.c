@@ -270,3 +270,100 @@ int vchan_mux_run_length(struct vchan_ring *r, const struct vchan_mux_frame *f,
     }
     return (int)done;
 }
+
+/* The head frame of a direct run, checked: 0, or an error. */
+static int direct_head(struct vchan_direct *d, struct vchan_mux_frame *f, const uint8_t **a,
+                       uint32_t *alen, const uint8_t **b, uint32_t *blen)
+{
+    int rc;
+
+    if (d->ring == NULL || d->left == 0)
+        return VCHAN_EINVAL;
+    rc = vchan_mux_peek(d->ring, f, d->max_payload, a, alen, b, blen);
+    if (rc < 0)
+        return rc;
+    /* Announced frames are whole: anything else was rewritten. */
+    if (rc == 0 || f->type != VCHAN_MUX_DATA || f->stream != d->stream ||
+        f->flags != d->flags || f->length <= d->offset ||
+        f->length - d->offset > d->left)
+        return VCHAN_MUX_EFRAME;
+    return 0;
+}
+
+int vchan_direct_take(struct vchan_direct *d, void *buf, uint32_t len)
+{
+    struct vchan_mux_frame f;
+    const uint8_t *a, *b;
+    uint32_t alen, blen, done = 0, part;
+    uint8_t *dst = buf;
+    int rc;
+
+    if (len > d->left)
+        return VCHAN_EINVAL;
+    while (done < len) {
+        rc = direct_head(d, &f, &a, &alen, &b, &blen);
+        if (rc < 0)
+            return rc;
+        part = f.length - d->offset;
+        if (part > len - done)
+            part = len - done;
+        gather(a, alen, b, d->offset, dst + done, part);
+        done += part;
+        d->left -= part;
+        d->offset += part;
+        if (d->offset == f.length) {
+            rc = vchan_ring_consume(d->ring, VCHAN_MUX_HEADER + f.length, d->notify);
+            if (rc < 0)
+                return rc;
+            d->offset = 0;
+            if (*d->notify)
+                d->freed += VCHAN_MUX_HEADER + f.length;
+        }
+    }
+    return (int)done;
+}
+
+int vchan_direct_find(struct vchan_direct *d, uint8_t sep, uint32_t limit)
+{
+    struct vchan_mux_frame f;
+    const uint8_t *a, *b, *hit;
+    uint32_t alen, blen, rest, at;
+    int rc;
+
+    rc = direct_head(d, &f, &a, &alen, &b, &blen);
+    if (rc < 0)
+        return rc;
+    rest = f.length - d->offset;
+    if (d->offset < alen) {
+        hit = memchr(a + d->offset, sep, alen - d->offset);
+        if (hit != NULL) {
+            at = (uint32_t)(hit - (a + d->offset));
+            return at <= limit ? (int)(at + 1) : 0;
+        }
+        at = alen - d->offset;
+        hit = blen ? memchr(b, sep, blen) : NULL;
+        if (hit != NULL)
+            at += (uint32_t)(hit - b);
+    } else {
+        hit = memchr(b + (d->offset - alen), sep, rest);
+        at = hit != NULL ? (uint32_t)(hit - (b + (d->offset - alen))) : 0;
+    }
+    if (hit == NULL || at > limit)
+        return 0;
+    return (int)(at + 1);
+}
+
+int vchan_direct_rest(struct vchan_direct *d)
+{
+    struct vchan_mux_frame f;
+    const uint8_t *a, *b;
+    uint32_t alen, blen;
+    int rc = direct_head(d, &f, &a, &alen, &b, &blen);
+
+    return rc < 0 ? rc : (int)(f.length - d->offset);
+}
+
+int vchan_direct_due(const struct vchan_direct *d)
+{
+    return d->left == 0 || (*d->notify && d->freed >= d->wake_after);
+}

@@ -106,4 +106,43 @@ int vchan_mux_take_run(struct vchan_ring *r, const struct vchan_mux_frame *f,
 int vchan_mux_run_length(struct vchan_ring *r, const struct vchan_mux_frame *f,
                          uint32_t max_payload, uint32_t limit);
 
+/* A stream's run of DATA frames announced to its reader, which takes its
+ * bytes straight out of the ring (vchan/_reader.c): the frames stay in the
+ * ring until their last byte is taken, so a frame may be taken in parts.
+ * The session (vchan/mux.py) fills it in when it announces a run
+ * (vchan_mux_run_length) and clears ring before the ring is unmapped. */
+struct vchan_direct {
+    struct vchan_ring *ring;    /* NULL: nothing to take (the session ended) */
+    int *notify;                /* the session's: the writer waits for room */
+    uint32_t max_payload;
+    uint32_t stream;            /* the run's stream and flags */
+    uint32_t flags;
+    uint32_t left;              /* payload bytes of the run not taken yet */
+    uint32_t offset;            /* of the head frame's payload, bytes taken */
+    uint32_t freed;             /* ring bytes freed since the writer was woken */
+    uint32_t wake_after;        /* wake a waiting writer once this many are free */
+};
+
+/* Copy the next len bytes of the run (len <= d->left) into buf: the head
+ * frame's payload from d->offset on, then the frames after it; each frame
+ * whose last byte is taken is consumed.  Every frame's header is read
+ * again and must still be a DATA frame of the run that fits what is left
+ * (a peer that rewrote a published frame: VCHAN_MUX_EFRAME).  Returns len,
+ * or an error (the bytes copied before it are lost: the session fails). */
+int vchan_direct_take(struct vchan_direct *d, void *buf, uint32_t len);
+
+/* The bytes up to and including the first sep in the head frame's payload
+ * from d->offset on, if it is there and starts at most limit bytes in;
+ * 0 if it is not (or not within limit), or an error. */
+int vchan_direct_find(struct vchan_direct *d, uint8_t sep, uint32_t limit);
+
+/* The payload bytes of the head frame not taken yet (after d->offset),
+ * or an error. */
+int vchan_direct_rest(struct vchan_direct *d);
+
+/* Whether a waiting writer is owed its wake-up now (a good share of the
+ * ring is free, or the run is over), or the run is over: the session's
+ * Python side then takes over (vchan_direct_take does not wake anyone). */
+int vchan_direct_due(const struct vchan_direct *d);
+
 #endif /* VCHAN_MUX_H */

@@ -278,9 +278,13 @@ class Session:
         # Frames at the head of the ring announced to a stream's vchan
         # StreamReader, which takes them from the ring itself (see _announce).
         self._lazy: StreamTransport | None = None
-        self._lazy_bytes = 0            # their payload bytes not yet taken
         self._lazy_fresh = False        # announced in this loop iteration
-        self._freed = 0                 # bytes taken since the writer was last woken
+        # The run as C sees it (vchan_direct_take): its payload bytes not
+        # yet taken (left), how far into the head frame the reader is
+        # (offset), ring bytes freed since the writer was last woken.
+        d = self._direct = ffi.new("struct vchan_direct *")
+        d.ring, d.notify, d.max_payload = self._r, self._notify, self._max_in
+        d.wake_after = max(ring.read_size // 4, 1)
         self._frame = ffi.new("struct vchan_mux_frame *")
         self._pa = ffi.new("const uint8_t **")
         self._pb = ffi.new("const uint8_t **")
@@ -582,6 +586,7 @@ class Session:
     def _flush_notify(self) -> None:
         if self._notify[0] or self._force_notify:
             self._notify[0] = 0
+            self._direct.freed = 0
             self._force_notify = False
             try:
                 self._evtchn.notify(self._port)
@@ -746,7 +751,9 @@ class Session:
     def _announce(self, stream: StreamTransport, k: int) -> None:
         """Tell the stream's reader of its run of ``k`` bytes of frames at the head."""
         stream._recv_credit -= k
-        self._lazy, self._lazy_bytes, self._lazy_fresh = stream, k, True
+        self._lazy, self._lazy_fresh = stream, True
+        d = self._direct
+        d.stream, d.flags, d.left, d.offset = stream.stream_id, self._frame.flags, k, 0
         stream._consumed(k)
         assert stream._reader is not None
         # The reader is woken first: its task runs before the expiry does.
@@ -758,46 +765,52 @@ class Session:
         self._on_event()
 
     def _take_lazy(self) -> bytes:
-        """The next piece of the announced frames (a frame, or a run of small
-        ones), copied out of the ring and consumed."""
+        """The next piece of the announced frames (the rest of the head
+        frame, or a run of small ones), copied out of the ring and consumed."""
         stream = self._lazy
         assert stream is not None
         r, f, pa, pb, alen, blen = self._r, self._frame, self._pa, self._pb, self._alen, \
             self._blen
+        d = self._direct
         rc = lib.vchan_mux_peek(r, f, self._max_in, pa, alen, pb, blen)
         if rc < 0:
             raise _ring_error(rc, "read")
-        n = f.length
-        if not rc or f.type != DATA or f.stream != stream.stream_id or not 0 < n <= \
-                self._lazy_bytes:
+        n, skip, left = f.length, d.offset, d.left
+        if not rc or f.type != DATA or f.stream != stream.stream_id or f.flags != d.flags \
+                or not skip < n or n - skip > left:
             raise _protocol_error("the peer rewrote frames it had published")
-        if n < GATHER:
+        if n < GATHER and not skip:
             k = lib.vchan_mux_take_run(r, f, pa[0], alen[0], pb[0], blen[0], self._max_in,
-                                       self._lazy_bytes, self._scratch,
-                                       min(GATHER_MAX, self._lazy_bytes), self._notify)
+                                       left, self._scratch, min(GATHER_MAX, left),
+                                       self._notify)
             if k < 0:
                 raise _ring_error(k, "read")
             data = ffi.unpack(self._scratch, k)
+            freed = k
         else:
-            data = _unpack(pa[0], alen[0], pb[0], blen[0], 0)
+            data = _unpack(pa[0], alen[0], pb[0], blen[0], skip)
             k = lib.vchan_ring_consume(r, HEADER + n, self._notify)
             if k < 0:
                 raise _ring_error(k, "read")
-        self._lazy_bytes -= len(data)
-        if not self._lazy_bytes:
+            d.offset = 0
+            freed = HEADER + n
+        d.left = left - len(data)
+        if self._notify[0]:
+            d.freed += freed
+        if not d.left:
             self._lazy = None
         return data  # type: ignore[no-any-return]
 
-    def _lazy_take(self) -> bytes:
-        """For the reader: the next piece of its announced frames."""
-        data = self._take_lazy()
-        if self._notify[0]:
-            # The writer waits for room: wake it once a good share is free.
-            self._freed += len(data)
-            if self._freed >= self._wake_after or self._lazy is None:
-                self._freed = 0
-                self._flush_notify()
-        return data
+    def _lazy_taken(self) -> None:
+        """The reader took bytes of the run (vchan_direct_take, from its C
+        paths): the run may be over, and a writer that waits for room is
+        woken once a good share is free (or the run is over)."""
+        d = self._direct
+        if not d.left:
+            self._lazy = None
+        if self._notify[0] and (d.freed >= d.wake_after or self._lazy is None):
+            d.freed = 0
+            self._flush_notify()
 
     def _evict_lazy(self) -> None:
         """Copy what the reader did not take into its buffer."""
@@ -812,7 +825,7 @@ class Session:
         stream, self._lazy = self._lazy, None
         if stream is not None and stream._reader is not None:
             stream._reader._ring_lost()
-        self._lazy_bytes = 0
+        self._direct.left = self._direct.offset = 0
 
     def _unknown_stream(self, sid: int, kind: int) -> None:
         """A frame for a stream we do not have: forgotten (fine) or never opened."""
@@ -991,6 +1004,7 @@ class Session:
         if self.closed:
             return
         self._drop_lazy()               # before the ring is unmapped
+        self._direct.ring = ffi.NULL
         self.closed = True
         self._ready.clear()
         self._ctl.clear()

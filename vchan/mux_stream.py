@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import _reader
 from ._flow import TransportBase, WriteQueue
 from ._native import ffi, lib
 from .errors import RemoteProtocolError
@@ -34,12 +35,18 @@ from .mux_frames import (
     RESET,
     WINDOW,
     _clock,
+    _protocol_error,
     _ring_error,
 )
 from .transport import SpliceProtocol
 
 if TYPE_CHECKING:
     from .mux import Session
+
+# The reader's C fast paths take announced ring bytes with these (vchan/mux.c).
+_reader.set_direct_functions(*(int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
+                               for name in ("vchan_direct_take", "vchan_direct_find",
+                                            "vchan_direct_rest", "vchan_direct_due")))
 
 # The data_received() of a StreamReaderProtocol that does not override it:
 # it feeds the protocol's reader and does nothing else.
@@ -120,9 +127,10 @@ class StreamTransport(TransportBase):
 
     def _attach_reader(self, reader: Any) -> bool:
         """A vchan StreamReader (set_transport) takes this stream's data from
-        the ring itself: ``reader._ring_ready(n)`` announces n bytes,
-        :meth:`_ring_take` copies the next piece of them out; and the small
-        pieces are fed to it directly (:meth:`_data`).  Only when its
+        the ring itself: ``reader._ring_ready(n)`` announces n bytes, which
+        its C paths copy out of the ring (``vchan_direct_take`` through the
+        session's ``struct vchan_direct``, given here); and the small pieces
+        are fed to it directly (:meth:`_data`).  Only when its
         protocol's ``data_received()`` would do nothing but feed it: a
         protocol that looks at the data itself gets every byte through it."""
         protocol = self._protocol
@@ -130,6 +138,8 @@ class StreamTransport(TransportBase):
                 getattr(protocol, "_stream_reader", None) is not reader:
             return False
         self._reader = reader
+        direct = self._session._direct
+        self._reader._set_direct(int(ffi.cast("uintptr_t", direct)), direct)
         return True
 
     def _detach_reader(self) -> None:
@@ -140,20 +150,25 @@ class StreamTransport(TransportBase):
             except RemoteProtocolError as exc:
                 session._drop_lazy()
                 session._fail(exc)
-        self._reader = None
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader._set_direct(0, None)
 
-    def _ring_take(self) -> bytes:
-        """For the reader: the next piece of the bytes it was announced.
-        Raises the session's error if the ring turns out corrupt."""
+    def _ring_taken(self) -> None:
+        """For the reader's C paths, which took bytes of the announced run
+        straight out of the ring: the run is over, or a waiting writer is
+        owed its wake-up."""
+        self._session._lazy_taken()
+
+    def _ring_failed(self, code: int) -> None:
+        """For the reader's C paths: taking from the ring failed (the code
+        of vchan_direct_take).  The session fails; raises why."""
         session = self._session
-        if session._lazy is not self or session.closed:
-            raise RuntimeError("vchan stream: no bytes announced to take")
-        try:
-            return session._lazy_take()
-        except RemoteProtocolError as exc:
-            session._drop_lazy()
-            session._fail(exc)
-            raise
+        exc = _protocol_error("the peer rewrote frames it had published") \
+            if code == lib.VCHAN_MUX_EFRAME else _ring_error(code, "read")
+        session._drop_lazy()
+        session._fail(exc)
+        raise exc
 
     def _connection_made(self) -> None:
         if self._protocol is None or self._conn_lost:

@@ -35,6 +35,7 @@ _DEFAULT_LIMIT = 2**16   # asyncio.streams' own default
 # copy) when it is all that fits; smaller pieces are joined up to _JOIN bytes.
 _WHOLE = 1 << 14
 _JOIN = 1 << 16
+_NO_LIMIT = 1 << 62
 
 
 # What read(), readexactly(), readline() and readuntil() return: an awaitable that does
@@ -162,11 +163,11 @@ class StreamReader(_reader.ReaderCore, asyncio.StreamReader):
         self._ring = 0
 
     def _pull(self, n: int) -> None:
-        """Have at least ``n`` bytes in the chunks, taking ring bytes as needed."""
-        while self._ring and self._size - self._ring < n:
-            data = self._source._ring_take()
-            self._ring -= len(data)
-            self._chunks.append(data)
+        """Have at least ``n`` bytes in the chunks, taking from the ring the
+        bytes missing and no more (a frame taken in part stays in the ring,
+        and the next call takes the rest straight from there)."""
+        while self._ring and (need := n - (self._size - self._ring)) > 0:
+            self._chunks.append(self._take_ring(need))     # (C: _ring goes down)
 
     def _added(self, n: int) -> None:
         self._size += n
@@ -293,8 +294,14 @@ class StreamReader(_reader.ReaderCore, asyncio.StreamReader):
             if found is not None or not self._ring:
                 return found
             # Not in what was searched: no separator starts before this.
-            offset = max(offset, self._size - self._ring + 1 - len(separators[-1]))
-            self._pull(self._size - self._ring + 1)
+            have = self._size - self._ring
+            offset = max(offset, have + 1 - len(separators[-1]))
+            if len(separators) == 1 and len(separators[0]) == 1:
+                # In the ring's head frame?  Then _take() takes just that much.
+                k = self._find_ring(separators[0][0], _NO_LIMIT)
+                if k:
+                    return have + k - 1, have + k
+            self._chunks.append(self._take_ring(self._ring))   # the head frame's rest
 
     def _find_in_chunks(self, separators: list[bytes], offset: int) -> tuple[int, int] | None:
         keep = len(separators[-1]) - 1   # bytes a separator may straddle
@@ -403,7 +410,7 @@ class StreamReader(_reader.ReaderCore, asyncio.StreamReader):
             self._maybe_resume_transport()
             return b""
         if not self._chunks:
-            self._pull(1)
+            self._pull(min(n, self._ring))
         left = len(self._chunks[0]) - self._pos
         if left >= n:
             data = self._take(n)
@@ -428,9 +435,7 @@ class StreamReader(_reader.ReaderCore, asyncio.StreamReader):
         chunks = self._chunks
         while total < most:
             if i == len(chunks):
-                if not self._ring:
-                    break
-                self._pull(self._size - self._ring + 1)    # the next piece
+                break       # (ring bytes: the next call takes them from the ring)
             size = len(chunks[i])
             if size >= _WHOLE:
                 break
