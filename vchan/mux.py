@@ -739,10 +739,15 @@ class Session:
     # -- frames a vchan StreamReader takes from the ring itself -----------------------
     #
     # A stream read through vchan.StreamReader is told how many bytes of its
-    # DATA frames lie together at the head of the ring, and its read() /
-    # readexactly() copy them straight out of the ring into the bytes they
-    # return: one copy, and no buffer of ours made and freed between (whose
-    # churn costs page faults once the allocator trims its heap).  Nothing
+    # DATA frames lie together at the head of the ring, and its read(),
+    # readexactly() and readline() copy what they return straight out of
+    # the ring, in C (vchan/_reader.c, through self._direct and
+    # vchan_direct_take): one copy, no buffer of ours made and freed between
+    # (whose churn costs page faults once the allocator trims its heap), and
+    # no Python per frame.  A frame may be taken in parts (_direct.offset);
+    # it is consumed with its last byte, and every take reads and checks its
+    # header again.  Python hears of it when the run is over or a waiting
+    # writer is owed its wake-up (_lazy_taken).  Nothing
     # behind those frames is read meanwhile.  The reader is woken now and
     # runs in the next loop iteration; whatever it has not taken by the end
     # of that iteration is copied aside into its buffer (_lazy_expire), so

@@ -16,7 +16,9 @@
  * consume our write ring, poke any byte of page 0.  Ours, as a session
  * does: vchan_mux_peek with payload limits from 0 to UINT32_MAX, then
  * (right after a peek that found a frame) vchan_mux_take, vchan_mux_take_run
- * with any credit and buffer length, vchan_mux_run_length with any limit;
+ * with any credit and buffer length, vchan_mux_run_length with any limit,
+ * and a StreamReader's direct run of it (vchan_direct_take in parts of any
+ * length, vchan_direct_find, vchan_direct_rest);
  * and vchan_mux_write_ex / vchan_mux_write_data of any length, with any
  * minimum and maximum payload, quiet or not, then vchan_ring_publish.
  *
@@ -480,6 +482,115 @@ static void op_take_run(struct input *in)
     free(want);
 }
 
+/* The reader of a StreamReader, straight from the ring: a direct run of the
+ * frame just peeked and the ones after it (as run_length finds them), taken
+ * in parts of any length, with find and rest between.  Each call returns its
+ * documented value; what take copies is the run's payload in order (the
+ * reference parser's, while the peer's index is a valid one); a frame is
+ * consumed with its last byte. */
+static void op_direct(struct input *in)
+{
+    struct vchan_direct d;
+    uint32_t ready, total = 0, pos = 0, off, steps = 1 + u8(in) % 16;
+    uint8_t *want = NULL;
+    int notify = 0, known = known_ready(&ready), sound;
+    int rc = vchan_mux_run_length(&M.ring, &M.f, M.max_payload, UINT32_MAX);
+
+    op_name = "direct";
+    M.peeked = 0;
+    check_error(rc);
+    if (rc <= 0)
+        return;
+    if (known) {
+        /* The run's payload, by the reference parser. */
+        uint32_t c = cons();
+
+        want = xmalloc((uint32_t)rc);
+        off = 0;
+        while (total < (uint32_t)rc) {
+            struct frame g = parse(M.rd, M.rsize, c + off);
+
+            CHECK(g.length <= (uint32_t)rc - total);
+            ring_get(M.rd, M.rsize, c + off + HDR, want + total, g.length);
+            total += g.length;
+            off += HDR + g.length;
+        }
+    }
+    /* The peer does nothing meanwhile: a DATA run whose frames the reference
+     * parser read is taken as it is, never refused. */
+    sound = want != NULL && M.f.type == VCHAN_MUX_DATA;
+    memset(&d, 0, sizeof(d));
+    d.ring = &M.ring;
+    d.notify = &notify;
+    d.max_payload = M.max_payload;
+    d.stream = M.f.stream;
+    d.flags = M.f.flags;
+    d.left = (uint32_t)rc;
+    d.wake_after = 1u + u16(in);
+    for (uint32_t i = 0; i < steps && in->n; i++) {
+        uint8_t what = u8(in) % 4;
+
+        if (what == 0) {
+            uint32_t r16 = u16(in), over = u8(in) & 1;
+            uint32_t len = d.left ? 1u + r16 % d.left + over : 1u;   /* sometimes 1 too many */
+            uint32_t left = d.left;
+            uint8_t *buf = xmalloc(len);
+
+            rc = vchan_direct_take(&d, buf, len);
+            TRACE("#%u direct_take(%u of %u) -> %d\n", op_index, len, left, rc);
+            if (len > left) {
+                CHECK_EQ(VCHAN_EINVAL, rc);     /* refused before the ring is looked at */
+                CHECK_EQ(left, d.left);
+            } else {
+                check_error(rc);
+            }
+            if (rc >= 0) {
+                CHECK_EQ((int)len, rc);
+                if (want != NULL && M.f.type == VCHAN_MUX_DATA) {
+                    CHECK(memcmp(buf, want + pos, len) == 0);
+                }
+                pos += len;
+                CHECK_EQ(left - len, d.left);
+            } else {
+                CHECK(len > left || rc == VCHAN_MUX_EFRAME || is_remote(rc));
+                CHECK(len > left || !sound);    /* a run nobody touched is taken whole */
+            }
+            free(buf);
+        } else if (what == 1) {
+            uint8_t sep = u8(in);
+            uint32_t limit = u16(in);
+
+            rc = vchan_direct_find(&d, sep, limit);
+            TRACE("#%u direct_find -> %d\n", op_index, rc);
+            if (d.left)
+                check_error(rc);
+            CHECK(rc >= 0 || !sound || !d.left);
+            CHECK(rc >= 0 ? (uint32_t)rc <= d.left && (rc == 0 || (uint32_t)rc <= limit + 1)
+                          : (rc == VCHAN_EINVAL ? d.left == 0
+                                                : rc == VCHAN_MUX_EFRAME || is_remote(rc)));
+            if (rc > 0 && want != NULL && M.f.type == VCHAN_MUX_DATA) {
+                CHECK_EQ(sep, want[pos + (uint32_t)rc - 1]);
+                CHECK(memchr(want + pos, sep, (uint32_t)rc - 1) == NULL);
+            }
+        } else if (what == 2) {
+            rc = vchan_direct_rest(&d);
+            TRACE("#%u direct_rest -> %d\n", op_index, rc);
+            if (d.left)
+                check_error(rc);
+            CHECK(rc > 0 || !sound || !d.left);
+            CHECK(rc > 0 ? (uint32_t)rc <= d.left
+                         : (rc == VCHAN_EINVAL ? d.left == 0
+                                               : rc == VCHAN_MUX_EFRAME || is_remote(rc)));
+        } else {
+            (void)vchan_direct_due(&d);
+        }
+        if (M.f.type != VCHAN_MUX_DATA && want != NULL) {
+            CHECK_EQ(0u, pos);          /* nothing but DATA is ever taken */
+        }
+    }
+    free(want);
+}
+
 static void op_run_length(struct input *in)
 {
     uint32_t limit = pick_len(in, M.f.length), c = cons(), ready, want = 0, off;
@@ -700,7 +811,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 7: case 8: op_peek(&in); break;
         case 9: if (M.peeked) op_take(); break;
         case 10: case 11: if (M.peeked) op_take_run(&in); break;
-        case 12: if (M.peeked) op_run_length(&in); break;
+        case 12:
+            if (M.peeked && (op & 16))
+                op_direct(&in);
+            else if (M.peeked)
+                op_run_length(&in);
+            break;
         case 13: op_write(&in); break;
         case 14: op_write_data(&in); break;
         default:
