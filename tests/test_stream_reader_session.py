@@ -163,3 +163,23 @@ async def test_small_reads_of_a_small_ring_wake_the_writer(sim_dir: Path) -> Non
             parts += conn.server.session._direct.offset > 0
         assert got == data
         assert parts > 1000
+
+
+async def test_a_frame_taken_in_part_is_copied_aside_from_where_the_reader_stopped(
+        sim_dir: Path) -> None:
+    """The reader takes part of a frame, then lets the loop run: the session
+    copies the rest of the run aside (the frames behind it must not wait),
+    from where the reader stopped, and the reader goes on from its pieces."""
+    async with served(1) as s:
+        conn = s.conns[0]
+        reader, session = conn.server.reader, conn.server.session
+        data = payload_of(200_000, 49)
+        conn.client.writer.write(data)
+        first = await reader.read(1000)
+        assert session._direct.offset == len(first) == 1000
+        for _ in range(5):
+            await asyncio.sleep(0)          # past the end of the next loop iteration
+        assert session._lazy is None and reader._ring == 0
+        assert reader._chunks                # the rest, copied aside
+        rest = await asyncio.wait_for(reader.readexactly(len(data) - len(first)), 5)
+        assert first + rest == data
