@@ -183,3 +183,28 @@ async def test_a_frame_taken_in_part_is_copied_aside_from_where_the_reader_stopp
         assert reader._chunks                # the rest, copied aside
         rest = await asyncio.wait_for(reader.readexactly(len(data) - len(first)), 5)
         assert first + rest == data
+
+
+async def test_a_waiting_large_read_takes_one_frame_and_leaves_the_run_in_the_ring(
+        sim_dir: Path) -> None:
+    """A read(1 MiB) that waited for data takes from the ring the rest of its
+    head frame, not the whole run into the reader's pieces (which copied
+    every frame twice and faulted fresh heap pages in: 2-3x slower)."""
+    async with served(1) as s:
+        conn = s.conns[0]
+        reader = conn.server.reader
+
+        async def read_and_look() -> tuple[bytes, int, int]:
+            data = await reader.read(1 << 20)
+            return data, len(reader._chunks), reader._ring     # (before the loop runs on)
+
+        reading = asyncio.ensure_future(read_and_look())
+        await asyncio.sleep(0.01)               # it waits for data
+        data = payload_of(600_000, 50)
+        conn.client.writer.write(data)
+        first, pieces, ring = await asyncio.wait_for(reading, 5)
+        assert 0 < len(first) <= 1 << 16
+        assert pieces == 0, "the run was copied into the reader's pieces"
+        assert ring > 0
+        rest = await asyncio.wait_for(reader.readexactly(len(data) - len(first)), 5)
+        assert first + rest == data

@@ -164,8 +164,10 @@ static int (*direct_due)(const struct vchan_direct *d);
 static PyObject *taken_name;        /* "_ring_taken" */
 static PyObject *failed_name;       /* "_ring_failed" */
 
-/* read(n) takes at most this much of a run at once. */
-#define DIRECT_MAX (1 << 20)
+/* read(n) takes at most this much of a run at once (a frame's most): a
+   larger bytes object would come from mmap (glibc's threshold starts at
+   128 KiB) and fault its pages in on every call. */
+#define DIRECT_MAX (64 << 10)
 
 /* Take k (> 0, <= ring) of the ring bytes announced to r, into new bytes
  * (a new reference; NULL with an error set).  _ring goes down by k (the

@@ -410,7 +410,12 @@ class StreamReader(_reader.ReaderCore, asyncio.StreamReader):
             self._maybe_resume_transport()
             return b""
         if not self._chunks:
-            self._pull(min(n, self._ring))
+            # All of it in the ring: the rest of its head frame, up to n
+            # (the next call takes from the ring in C).
+            data = self._take_ring(n)       # (C: _ring goes down)
+            self._size -= len(data)
+            self._maybe_resume_transport()
+            return data
         left = len(self._chunks[0]) - self._pos
         if left >= n:
             data = self._take(n)
