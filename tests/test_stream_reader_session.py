@@ -173,6 +173,7 @@ async def test_a_frame_taken_in_part_is_copied_aside_from_where_the_reader_stopp
     async with served(1) as s:
         conn = s.conns[0]
         reader, session = conn.server.reader, conn.server.session
+        assert isinstance(reader, vchan.StreamReader)
         data = payload_of(200_000, 49)
         conn.client.writer.write(data)
         first = await reader.read(1000)
@@ -193,6 +194,7 @@ async def test_a_waiting_large_read_takes_one_frame_and_leaves_the_run_in_the_ri
     async with served(1) as s:
         conn = s.conns[0]
         reader = conn.server.reader
+        assert isinstance(reader, vchan.StreamReader)
 
         async def read_and_look() -> tuple[bytes, int, int]:
             data = await reader.read(1 << 20)
