@@ -1684,6 +1684,21 @@ def test_write_queue_keeps_order_shares_large_bytes_and_gathers_small_writes() -
 # -- small session rings ------------------------------------------------------------------------
 
 
+async def test_the_eofs_of_many_streams_flushed_at_once_do_not_recurse(sim_dir: Path) -> None:
+    """Hundreds of streams each write a little, then write_eof(), in one go: one
+    flush of the session sends every stream's data and then its EOF.  Each EOF
+    used to kick the session into a flush of its own from within the first, one
+    call deeper per stream: a RecursionError and a failed session (the
+    benchmark's 10,000 connections on uvloop hit it at 7,754 open streams)."""
+    async with served(1) as s:
+        conns = [s.conns[0], *[await s.connect() for _ in range(399)]]
+        for i, c in enumerate(conns):
+            c.client.writer.write(b"%d\n" % i)
+            c.client.writer.write_eof()
+        for i, c in enumerate(conns):
+            assert await asyncio.wait_for(c.server.reader.read(), 10) == b"%d\n" % i
+
+
 @pytest.mark.parametrize("size", [1024, 2048, 4096])
 async def test_writes_larger_than_a_small_session_ring_arrive_both_ways(
         size: int, sim_dir: Path) -> None:

@@ -277,6 +277,7 @@ class Session:
         self._waited = False            # the reader let the loop run once for a paused stream
         # Frames at the head of the ring announced to a stream's vchan
         # StreamReader, which takes them from the ring itself (see _announce).
+        self._flushing = False          # in _flush (which does not run again from within)
         self._lazy: StreamTransport | None = None
         self._lazy_fresh = False        # announced in this loop iteration
         # The run as C sees it (vchan_direct_take): its payload bytes not
@@ -543,6 +544,19 @@ class Session:
         return True
 
     def _flush(self) -> None:
+        # Not again from within: a stream's _sent() may send its EOF or
+        # CLOSE, or its protocol write, and kick the session; this loop
+        # writes what they queue (thousands of streams at once nested one
+        # call deep each: a RecursionError, with 7,754 streams).
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            self._flush_all()
+        finally:
+            self._flushing = False
+
+    def _flush_all(self) -> None:
         if self.closed or not self._flush_control():
             return
         ready = self._ready
