@@ -169,6 +169,21 @@ static PyObject *failed_name;       /* "_ring_failed" */
    128 KiB) and fault its pages in on every call. */
 #define DIRECT_MAX (64 << 10)
 
+/* A corrupt ring (code: vchan_direct_take's error): the session fails,
+ * and raises why.  Always NULL, with an exception set. */
+static PyObject *ring_failed(ReaderCore *r, long code)
+{
+    PyObject *value = PyLong_FromLong(code);
+    if (value != NULL) {
+        PyObject *res = PyObject_CallMethodObjArgs(r->source, failed_name, value, NULL);
+        Py_XDECREF(res);
+        Py_DECREF(value);
+    }
+    if (!PyErr_Occurred())
+        PyErr_SetString(PyExc_RuntimeError, "vchan: taking from the ring failed");
+    return NULL;
+}
+
 /* Take k (> 0, <= ring) of the ring bytes announced to r, into new bytes
  * (a new reference; NULL with an error set).  _ring goes down by k (the
  * caller sees to _size); the session is told when its run is over or a
@@ -186,16 +201,7 @@ static PyObject *ring_take(ReaderCore *r, Py_ssize_t k, Py_ssize_t ring)
     int got = direct_take(r->direct, buf, (uint32_t)k);
     if (got != k) {
         Py_DECREF(data);
-        /* A corrupt ring: the session fails, and says why. */
-        PyObject *code = PyLong_FromLong(got);
-        if (code != NULL) {
-            PyObject *res = PyObject_CallMethodObjArgs(r->source, failed_name, code, NULL);
-            Py_XDECREF(res);
-            Py_DECREF(code);
-        }
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_RuntimeError, "vchan: taking from the ring failed");
-        return NULL;
+        return ring_failed(r, got);
     }
     if (set_slot(&r->ring, ring - k) < 0) {
         Py_DECREF(data);
@@ -884,17 +890,8 @@ static PyObject *core_take_ring(ReaderCore *self, PyObject *arg)
         return NULL;
     }
     int rest = direct_rest(self->direct);
-    if (rest <= 0) {
-        PyObject *code = PyLong_FromLong(rest < 0 ? rest : -1);
-        if (code != NULL) {
-            PyObject *res = PyObject_CallMethodObjArgs(self->source, failed_name, code, NULL);
-            Py_XDECREF(res);
-            Py_DECREF(code);
-        }
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_RuntimeError, "vchan: taking from the ring failed");
-        return NULL;
-    }
+    if (rest <= 0)
+        return ring_failed(self, rest < 0 ? rest : -1);
     Py_ssize_t k = n < rest ? n : rest;
     return ring_take(self, k, ring);
 }
