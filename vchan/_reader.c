@@ -230,6 +230,13 @@ static Py_ssize_t ring_ready(ReaderCore *r)
     return ring;
 }
 
+/* vchan_direct_find of sep within limit (any size) in the head frame of
+ * r's announced run: the bytes through it, 0, or an error. */
+static int ring_find(ReaderCore *r, uint8_t sep, Py_ssize_t limit)
+{
+    return direct_find(r->direct, sep, limit > UINT32_MAX ? UINT32_MAX : (uint32_t)limit);
+}
+
 /* The call answered from the ring bytes announced to a reader whose
  * chunks are empty (as fast_path: a new reference, or NULL with or without
  * an error set).  The frames are copied once, into the bytes returned. */
@@ -255,8 +262,7 @@ static PyObject *direct_path(ReaderCore *r, int kind, Py_ssize_t n, PyObject *se
                 return NULL;        /* (longer ones: the Python method) */
             sep = (uint8_t)PyBytes_AsString(separator)[0];
         }
-        int found = direct_find(r->direct, sep,
-                                limit > UINT32_MAX ? UINT32_MAX : (uint32_t)limit);
+        int found = ring_find(r, sep, limit);
         if (found <= 0)
             return NULL;            /* not in the head frame, or trouble: Python looks */
         k = found;
@@ -915,8 +921,7 @@ static PyObject *core_find_ring(ReaderCore *self, PyObject *const *args, Py_ssiz
     }
     if (ring_ready(self) <= 0)
         return PyLong_FromLong(0);
-    int found = direct_find(self->direct, (uint8_t)sep,
-                            limit > UINT32_MAX ? UINT32_MAX : (uint32_t)limit);
+    int found = ring_find(self, (uint8_t)sep, limit);
     return PyLong_FromLong(found > 0 ? found : 0);
 }
 
