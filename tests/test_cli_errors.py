@@ -253,7 +253,16 @@ def install_then_ctrl_c(signum, handler):
         os.kill(os.getpid(), signal.SIGINT)     # the runner's handler runs now
     return old
 
-signal.signal = install_then_ctrl_c
+def ctrl_c_then(init):
+    def lazy_init(self):
+        os.kill(os.getpid(), signal.SIGINT)     # Python's own handler: KeyboardInterrupt
+        return init(self)
+    return lazy_init
+
+if sys.argv[2] == "handler":
+    signal.signal = install_then_ctrl_c
+else:                                           # before the runner has a loop
+    asyncio.Runner._lazy_init = ctrl_c_then(asyncio.Runner._lazy_init)
 
 async def command() -> int:
     print("the command ran", file=sys.stderr)
@@ -263,9 +272,14 @@ sys.exit(run_coroutine(argparse.Namespace(verbose=0, loop=sys.argv[1]), command)
 """
 
 
+@pytest.mark.parametrize("moment", ["handler", "loop-setup"])
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-def test_ctrl_c_as_the_event_loop_starts_is_one_line_and_130(loop: str) -> None:
-    done = subprocess.run([sys.executable, "-c", _CTRL_C_AS_THE_LOOP_STARTS, loop],
+def test_ctrl_c_as_the_event_loop_starts_is_one_line_and_130(loop: str, moment: str) -> None:
+    """Ctrl-C as the runner installs its SIGINT handler (the main task is
+    cancelled before its first step) or before it has made its loop (Python's
+    own KeyboardInterrupt): one line and 130 either way, and no warning about
+    the command's coroutine never awaited."""
+    done = subprocess.run([sys.executable, "-c", _CTRL_C_AS_THE_LOOP_STARTS, loop, moment],
                           capture_output=True, text=True, timeout=60, env=_env())
     _interrupted(done.returncode, done.stderr)
 

@@ -71,7 +71,6 @@ def run_coroutine(args: argparse.Namespace,
         # task that has not started.
         if started:
             raise
-        coro.close()                # (uvloop.run's wrapper never awaited it)
         error("interrupted")
         return EXIT_INTERRUPTED
     except (BackendError, SimError) as exc:
@@ -86,4 +85,10 @@ def run_coroutine(args: argparse.Namespace,
         if args.verbose >= 2:
             log.exception("failed")
         error(oserror_text(exc))
+    finally:
+        if not started:
+            # A Ctrl-C before the loop ran it (while the runner made its loop,
+            # or before uvloop.run's wrapper awaited it): close it, or Python
+            # warns that it was never awaited.
+            coro.close()
     return EXIT_FAILURE
