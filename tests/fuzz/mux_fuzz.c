@@ -498,6 +498,12 @@ static void op_direct(struct input *in)
 
     op_name = "direct";
     M.peeked = 0;
+    if (M.f.length == 0) {
+        /* refused before the ring is looked at (a session never starts a
+         * run on an empty frame), even after a remote error */
+        CHECK_EQ(VCHAN_EINVAL, rc);
+        return;
+    }
     check_error(rc);
     if (rc <= 0)
         return;
