@@ -3,11 +3,12 @@
 
 int vchan_session_send(struct vchan_ring *r, uint32_t stream, const void *data, uint32_t len,
                        uint32_t min_payload, uint32_t max_payload, int *notify,
-                       struct vk_dev *dev, uint32_t port, uint64_t *woken, int now_only)
+                       struct vk_dev *dev, uint32_t port, uint64_t *woken, int now_only,
+                       uint32_t wake_at)
 {
     const uint8_t *src = data;
     uint32_t done = 0;
-    int n;
+    int n, unread;
 
     if (now_only && vchan_ring_write_now(r) == 0)
         return VCHAN_SESSION_LATER;
@@ -21,6 +22,11 @@ int vchan_session_send(struct vchan_ring *r, uint32_t stream, const void *data, 
             return n;
         done += (uint32_t)n;
         if (*notify) {
+            if (wake_at) {
+                unread = vchan_ring_unread(r);
+                if (unread >= 0 && (uint32_t)unread < wake_at)
+                    continue;       /* not yet: the caller wakes it, or a later frame */
+            }
             if (vk_notify(dev, port) < 0)
                 break;              /* *notify stays set: the caller reports it */
             *notify = 0;
