@@ -2077,68 +2077,6 @@ async def test_a_busy_polling_server_spares_the_client_its_notifications(
         assert served[0]._pollers == {}
 
 
-class _Taking(asyncio.Protocol):
-    """Takes whatever comes at once (never pauses): the reader of the test below."""
-
-    def __init__(self) -> None:
-        self.got = 0
-
-    def data_received(self, data: bytes) -> None:
-        self.got += len(data)
-
-
-@pytest.mark.parametrize("burst", [True, False], ids=["burst", "apart"])
-async def test_large_writes_in_a_burst_wake_a_reader_that_keeps_up_once_per_quarter_ring(
-        sim_dir: Path, monkeypatch: pytest.MonkeyPatch, burst: bool) -> None:
-    """A reader on another CPU that keeps up takes each write as it lands and
-    asks to be woken again.  A burst of large writes (each within BATCH_GAP
-    of the last) wakes it once a quarter of the ring waits, not after every
-    write (each wake-up is a system call here and a sleep ended there); a
-    burst that stops short of that wakes it from the loop's next iteration.
-    Writes apart (a message at a time), and a burst's first, wake it at once."""
-    monkeypatch.setattr(vchan.mux_stream, "BATCH_GAP", 60.0 if burst else 0.0)
-    taking = _Taking()
-    port = f"mux-{next(_ports)}"
-    server = await vchan.create_server(lambda: taking, port, peers=vchan.own_domid(),
-                                       busy_poll=0)
-    try:
-        reader, writer = await vchan.open_connection(vchan.own_domid(), port, timeout=10,
-                                                     busy_poll=0)
-        writer.write(b"hello")
-        while taking.got < 5:
-            await asyncio.sleep(0.01)
-        served = _served(server)
-        session = End(reader, writer).session
-        block = b"x" * (32 << 10)
-        per_batch = -(-session._wake_at // (len(block) + HEADER))     # 8 of a 1 MiB ring's
-        wakes = Wakeups(session)
-        seen = 0
-        for i in range(1, 2 * per_batch + 2):     # (woken at 1, 9 and 17 in a burst)
-            writer.write(block)
-            if wakes.count > seen:
-                # Woken: the reader runs (in this process, now), takes
-                # everything, asks to be woken again and sleeps.
-                seen = wakes.count
-                served._on_event()
-            # (the burst's first write is one alone, for all it knows: at once)
-            assert wakes.count == (1 + (i - 1) // per_batch if burst else i), (i, wakes.count)
-        assert lib.vchan_ring_unread(session._r) == 0
-        writer.write(block)         # one more; then the burst stops
-        assert wakes.count == seen + (0 if burst else 1)
-        await asyncio.sleep(0)      # the loop's next iteration owes the reader its wake-up
-        assert wakes.count == seen + 1
-        want = 5 + (2 * per_batch + 2) * len(block)
-        async with asyncio.timeout(5):
-            while taking.got < want:
-                await asyncio.sleep(0.01)
-        assert taking.got == want, (taking.got, want)
-        writer.close()
-        await writer.wait_closed()
-    finally:
-        server.close()
-        await asyncio.wait_for(server.wait_closed(), 10)
-
-
 async def test_with_busy_poll_0_every_message_wakes_the_server(
         sim_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The control for the tests above and below: the count they assert is

@@ -82,24 +82,6 @@ def test_consumer_index_ahead_of_producer_is_an_error() -> None:
     _assert_dead(pair.server, EINDEX)
 
 
-def test_unread_counts_what_the_peer_has_not_taken_and_checks_its_index() -> None:
-    """vchan_ring_unread (a session's writer: is a batch's worth waiting?):
-    written minus taken, asking for nothing; a consumer index ahead of what
-    was written is the ring's error, as for any other call."""
-    pair = Pair(12, 12)
-    server, client = pair.server, pair.client
-    assert lib.vchan_ring_unread(server._r) == 0
-    assert server.write(b"a" * 100) == 100
-    assert lib.vchan_ring_unread(server._r) == 100
-    assert client.read(30) == b"a" * 30
-    flags = pair.cli_notify, pair.srv_notify
-    assert lib.vchan_ring_unread(server._r) == 70
-    assert (pair.cli_notify, pair.srv_notify) == flags      # (asked for nothing)
-    _poke32(pair.page, RIGHT_CONS, 200)             # consumed more than written
-    assert lib.vchan_ring_unread(server._r) == EINDEX
-    _assert_dead(server, EINDEX)
-
-
 def test_consumer_index_moving_backwards_is_an_error() -> None:
     pair = Pair(12, 12)
     assert pair.server.write(b"a" * 100) == 100

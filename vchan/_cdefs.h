@@ -66,7 +66,6 @@ int vchan_ring_init_client(struct vchan_ring *r, void *page0,
 int vchan_ring_data_ready(struct vchan_ring *r);
 int vchan_ring_buffer_space(struct vchan_ring *r);
 int vchan_ring_write_now(struct vchan_ring *r);
-int vchan_ring_unread(struct vchan_ring *r);
 void vchan_ring_disarm(struct vchan_ring *r);
 int vchan_ring_write(struct vchan_ring *r, const void *data, size_t len,
                      int *notify);
@@ -201,8 +200,7 @@ int vk_sim_check(struct vk_dev *d);
 
 int vchan_session_send(struct vchan_ring *r, uint32_t stream, const void *data, uint32_t len,
                        uint32_t min_payload, uint32_t max_payload, int *notify,
-                       struct vk_dev *dev, uint32_t port, uint64_t *woken, int now_only,
-                       uint32_t wake_at);
+                       struct vk_dev *dev, uint32_t port, uint64_t *woken, int now_only);
 
 /* ---- kernel/sim_proto.h: the emulated hypervisor's wire protocol ----
  * Declared so that Python takes the numbers from the header

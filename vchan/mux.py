@@ -66,14 +66,9 @@ Bulk.  A frame is taken out of the ring whole, so a frame as large as the
 ring would make the writer wait for the reader's whole copy and the reader
 for the writer's: DATA frames are at most a quarter of the ring (and
 ``DATA_FRAME``, 64 KiB), and each
-side wakes the other once it is worth it (the reader once a quarter of the
-ring is free; the writer after the frame a waiting reader wants, or, in a
-burst of large writes, each within ``BATCH_GAP`` of the last, once a
-quarter of the ring waits for it or the loop's iteration ends), so that
-both copy at once.  A reader that keeps up with a burst sleeps whenever it
-has caught up; woken after every frame, it cost the writer a system call
-per write, and the transfers with the most wake-ups were the slowest
-(docs/benchmarks.md, "Noise").  Frames of one stream that lie in the ring together
+side wakes the other as soon as it is worth it (the writer after the frame
+a waiting reader wants, the reader once a quarter of the ring is free), so
+that both copy at once.  Frames of one stream that lie in the ring together
 are read in one C call: small ones (under ``GATHER`` bytes) into one
 ``data_received()``, any into a ``BufferedProtocol``'s buffer.  Writes wait
 in a :class:`vchan._flow.WriteQueue`, which keeps a large ``bytes`` object
@@ -267,7 +262,6 @@ class Session:
         self._wake_pending = False      # a deferred wake-up is on its way (_wake_soon)
         self._corked = False            # small writes wait for the end of this iteration
         self._last_direct = 0.0         # _clock() of the last small write sent at once
-        self._last_large = 0.0          # _clock() of the last large one
         self._pollers: dict[StreamTransport, float] = {}  # open streams' busy_poll=
         self._adaptive = 0              # open streams polling adaptively (the default)
         self._never: set[StreamTransport] = set()      # open streams with busy_poll=0
@@ -299,9 +293,6 @@ class Session:
         self._blen = ffi.new("uint32_t *")
         self._scratch = ffi.new("char[]", GATHER_MAX)
         self._wake_after = max(ring.read_size // 4, 1)
-        # A reader that waits for our large writes is woken once this much
-        # waits for it, or at the end of the loop's iteration (vchan_session_send).
-        self._wake_at = max(ring.write_size // 4, 1)
         hub.register(endpoint.port, self._on_event, consumes=True)
         hub.watch_peer(peer, self)
         self._send_control(HELLO, 0, 0, VERSION, _HELLO_BODY.pack(window, self.max_streams))
@@ -520,20 +511,15 @@ class Session:
     def _send_data(self, sid: int, view: Any, n: int) -> int:
         """Write up to ``n`` bytes at ``view`` as DATA frames of stream ``sid``;
         the bytes written (fewer once the ring is full).  One C call: it
-        wakes a waiting reader once a quarter of the ring waits for it, so
-        that it copies out while the rest is written; if the bytes end
-        before that, from the loop's next iteration."""
+        wakes a waiting reader after the frame it wants, so that it copies
+        out while the rest is written."""
         notify = self._notify
         k: int = lib.vchan_session_send(self._r, sid, view, n, self._min_chunk, self._max_out,
-                                        notify, self._dev, self._port, self._wakes, 0,
-                                        self._wake_at)
+                                        notify, self._dev, self._port, self._wakes, 0)
         if k < 0:
             raise _ring_error(k, "write")
         if notify[0] or self._force_notify:
-            if k == n and not self._force_notify:
-                self._wake_soon()       # (what else this iteration writes goes with it)
-            else:
-                self._flush_notify()    # (or a wake-up that failed there: to report why)
+            self._flush_notify()    # (or a wake-up that failed there: to report why)
         return k
 
     def _want_send(self, stream: StreamTransport) -> None:

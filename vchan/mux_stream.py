@@ -21,7 +21,6 @@ from ._native import ffi, lib
 from .errors import RemoteProtocolError
 from .mux_frames import (
     _LATER,
-    BATCH_GAP,
     BLOCKED,
     CLOSE,
     CORK_FLUSH,
@@ -414,16 +413,8 @@ class StreamTransport(TransportBase):
             # a burst (within CORK_GAP of the last small one sent at once) and
             # then only if the peer took everything or sleeps until our next
             # write (vchan_session_send's now_only; see "Small writes").
-            wake_at = 0
             if size >= CORK_MAX:
                 now_only = 0
-                # One of a stream of large writes (a write() + drain() loop):
-                # a reader waiting for them is woken once per batch (see
-                # Session._wake_at), not once per write; a message alone at once.
-                now = _clock()
-                if now - session._last_large < BATCH_GAP:
-                    wake_at = session._wake_at
-                session._last_large = now
             elif session._corked:
                 now_only = -1
             else:
@@ -438,8 +429,7 @@ class StreamTransport(TransportBase):
                 n: int = lib.vchan_session_send(
                     session._r, self.stream_id, ffi.from_buffer(data),
                     size if size <= credit else credit, session._min_chunk, session._max_out,
-                    session._notify, session._dev, session._port, session._wakes, now_only,
-                    wake_at)
+                    session._notify, session._dev, session._port, session._wakes, now_only)
                 if n != _LATER:
                     if n < 0:
                         exc = _ring_error(n, "write")
@@ -448,10 +438,7 @@ class StreamTransport(TransportBase):
                         session._fail(exc)
                         return
                     if session._notify[0] or session._force_notify:
-                        if wake_at and n == size and not session._force_notify:
-                            session._wake_soon()    # put off: with what follows
-                        else:
-                            session._flush_notify()     # (or one that failed: to report why)
+                        session._flush_notify()     # (or a wake-up that failed: to report why)
                     self._credit = credit - n
                     if session._polls:
                         session._poll_start()   # an answer may come soon

@@ -473,17 +473,6 @@ void vchan_ring_disarm(struct vchan_ring *r)
         __atomic_and_fetch(peer_notify(r), (uint8_t)~VCHAN_NOTIFY_WRITE, __ATOMIC_SEQ_CST);
 }
 
-int vchan_ring_unread(struct vchan_ring *r)
-{
-    int64_t space;
-    int rc = usable(r);
-
-    if (rc)
-        return rc;
-    space = wr_space(r);
-    return space < 0 ? (int)space : (int)(r->wr.size - space);
-}
-
 int vchan_ring_write_now(struct vchan_ring *r)
 {
     int64_t space;

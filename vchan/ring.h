@@ -171,9 +171,6 @@ int vchan_ring_buffer_space(struct vchan_ring *r);
  * has yet to read what is there (a small write may wait to be merged with
  * the next ones).  Asks for nothing; a ring error if the ring is broken. */
 int vchan_ring_write_now(struct vchan_ring *r);
-/* Bytes we wrote that the peer has not taken yet (asks for nothing); a
- * ring error if the ring is broken. */
-int vchan_ring_unread(struct vchan_ring *r);
 /* Withdraw our "tell me on write" request: a reader that polls the ring
  * spares the peer its notification.  It must ask again (any read that
  * finds the ring empty does) and look once more before it sleeps. */

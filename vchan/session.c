@@ -3,12 +3,11 @@
 
 int vchan_session_send(struct vchan_ring *r, uint32_t stream, const void *data, uint32_t len,
                        uint32_t min_payload, uint32_t max_payload, int *notify,
-                       struct vk_dev *dev, uint32_t port, uint64_t *woken, int now_only,
-                       uint32_t wake_at)
+                       struct vk_dev *dev, uint32_t port, uint64_t *woken, int now_only)
 {
     const uint8_t *src = data;
     uint32_t done = 0;
-    int n, unread;
+    int n;
 
     if (now_only && vchan_ring_write_now(r) == 0)
         return VCHAN_SESSION_LATER;
@@ -22,11 +21,6 @@ int vchan_session_send(struct vchan_ring *r, uint32_t stream, const void *data, 
             return n;
         done += (uint32_t)n;
         if (*notify) {
-            if (wake_at) {
-                unread = vchan_ring_unread(r);
-                if (unread >= 0 && (uint32_t)unread < wake_at)
-                    continue;       /* not yet: the caller wakes it, or a later frame */
-            }
             if (vk_notify(dev, port) < 0)
                 break;              /* *notify stays set: the caller reports it */
             *notify = 0;

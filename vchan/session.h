@@ -21,16 +21,9 @@
  *
  * Returns the bytes written (0 when not even the first frame fits: the
  * "tell me on read" request is armed) or a ring error (< 0).  *notify is 0
- * on return unless a wake-up failed (it is left set, and the caller
- * notifies again to learn, and report, why) or was put off (wake_at).  *woken counts the wake-ups
+ * on return unless a wake-up failed: it is left set, and the caller
+ * notifies again to learn (and report) why.  *woken counts the wake-ups
  * sent.
- *
- * With wake_at set, a waiting reader is woken only once wake_at bytes wait
- * for it (vchan_ring_unread), not after the frame it asked for: a writer
- * of a stream of large writes wakes a reader that keeps up with it once per
- * batch, not once per frame (each costs a system call here and a wake-up
- * there).  *notify is then left set on return when the writes ended before
- * that: the caller wakes it (soon: a wake-up is owed).
  *
  * With now_only set, nothing is written unless the write should go at once
  * (vchan_ring_write_now: the peer took everything, or sleeps until our next
@@ -40,7 +33,6 @@
 
 int vchan_session_send(struct vchan_ring *r, uint32_t stream, const void *data, uint32_t len,
                        uint32_t min_payload, uint32_t max_payload, int *notify,
-                       struct vk_dev *dev, uint32_t port, uint64_t *woken, int now_only,
-                       uint32_t wake_at);
+                       struct vk_dev *dev, uint32_t port, uint64_t *woken, int now_only);
 
 #endif /* VCHAN_SESSION_H */
