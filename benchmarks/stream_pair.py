@@ -10,6 +10,9 @@ rings); ``--transport unix`` is the control.  One line of results:
     python benchmarks/stream_pair.py [--transport vchan|unix] [--loop asyncio|uvloop]
         [--limit 65536] [--read 1048576] [--write-size 65536] [--bytes 1G] [--dedicated]
 
+Each side also reports its sleeps (voluntary context switches) and the
+event-channel wake-ups its session sent.
+
 Used for the page-fault and session-vs-dedicated figures in docs/streams.md and
 docs/sessions.md (run it several times: single runs vary by up to 3x here).
 """
@@ -30,9 +33,16 @@ from typing import Any
 PORT = "stream-pair"
 
 
-def _usage() -> tuple[float, int]:
+def _usage() -> tuple[float, int, int]:
+    """CPU seconds, minor page faults and sleeps (voluntary context switches)."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime, ru.ru_minflt
+    return ru.ru_utime + ru.ru_stime, ru.ru_minflt, ru.ru_nvcsw
+
+
+def _wakes(writer: asyncio.StreamWriter) -> int:
+    """Event-channel wake-ups this side's session has sent (0 for other transports)."""
+    session = getattr(writer.transport, "_session", None)
+    return int(session._wakes[0]) if session is not None else 0
 
 
 def _run(coro: Any, loop: str) -> Any:
@@ -49,7 +59,8 @@ async def _server(args: argparse.Namespace) -> None:
     done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
 
     async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        cpu0, faults0 = _usage()
+        cpu0, faults0, sleeps0 = _usage()
+        wakes0 = _wakes(writer)
         total = 0
         t0 = 0.0
         while data := await reader.read(args.read):
@@ -57,10 +68,12 @@ async def _server(args: argparse.Namespace) -> None:
                 t0 = time.perf_counter()
             total += len(data)
         seconds = time.perf_counter() - t0
-        cpu1, faults1 = _usage()
+        cpu1, faults1, sleeps1 = _usage()
         done.set_result({"bytes": total, "mb_per_s": total / seconds / 1e6,
                          "recv_cpu_ns_per_byte": (cpu1 - cpu0) / total * 1e9,
-                         "recv_page_faults": faults1 - faults0})
+                         "recv_page_faults": faults1 - faults0,
+                         "recv_sleeps": sleeps1 - sleeps0,
+                         "recv_wakes": _wakes(writer) - wakes0})
         writer.close()
 
     server: vchan.Server | asyncio.Server
@@ -82,14 +95,17 @@ async def _client(args: argparse.Namespace) -> None:
     else:
         reader, writer = await asyncio.open_unix_connection(args.path, limit=args.limit)
     block = os.urandom(args.write_size)
-    cpu0, _ = _usage()
+    cpu0, _, sleeps0 = _usage()
+    wakes0 = _wakes(writer)
     for _ in range(args.bytes // args.write_size):
         writer.write(block)
         await writer.drain()
     writer.write_eof()
     await reader.read(1)
-    cpu1, _ = _usage()
-    print(json.dumps({"send_cpu_ns_per_byte": (cpu1 - cpu0) / args.bytes * 1e9}), flush=True)
+    cpu1, _, sleeps1 = _usage()
+    print(json.dumps({"send_cpu_ns_per_byte": (cpu1 - cpu0) / args.bytes * 1e9,
+                      "send_sleeps": sleeps1 - sleeps0, "send_wakes": _wakes(writer) - wakes0}),
+          flush=True)
     writer.close()
 
 
@@ -135,7 +151,9 @@ def main() -> None:
     print(f"{kind} {args.loop} limit={args.limit} read={args.read} write={args.write_size}: "
           f"{result['mb_per_s']:,.0f} MB/s, CPU ns/B send {result['send_cpu_ns_per_byte']:.3f} "
           f"recv {result['recv_cpu_ns_per_byte']:.3f}, receiver page faults "
-          f"{result['recv_page_faults']:,}")
+          f"{result['recv_page_faults']:,}; sleeps send {result['send_sleeps']:,} "
+          f"recv {result['recv_sleeps']:,}, wake-ups sent send {result['send_wakes']:,} "
+          f"recv {result['recv_wakes']:,}")
 
 
 if __name__ == "__main__":
