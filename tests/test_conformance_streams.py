@@ -463,6 +463,39 @@ async def test_readexactly_length_prefixed_messages_across_the_ring_wrap(
     assert r.at_eof()
 
 
+@pytest.mark.parametrize("then", ["readexactly", "read"])
+@pytest.mark.parametrize("limit", [16 * 1024, 2**16])
+async def test_a_cancelled_large_readexactly_loses_nothing(
+        streams: OpenPair, then: str, limit: int) -> None:
+    """readexactly(n) of a large n, cancelled while its bytes come (part
+    of them taken, the rest still to be sent): every byte is there for the
+    next calls, in order, whether those read the message again or read();
+    the reader's limit (below the bytes given back) only pauses reading."""
+    p = await streams(peer_limit=limit)
+    n = 700_001
+    data = _payload(n + 5_000, seed=77)
+    r = p.peer_reader
+    reading = asyncio.ensure_future(r.readexactly(n))
+    p.writer.write(data[:300_000])
+    await bounded(p.writer.drain())
+    await asyncio.sleep(0.05)                   # (taken, for vchan: into the answer)
+    assert not reading.done()
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    p.writer.write(data[300_000:])
+    p.writer.write_eof()
+    if then == "readexactly":
+        assert await bounded(r.readexactly(n)) == data[:n]
+        assert await bounded(r.read()) == data[n:]
+    else:
+        got = bytearray()
+        while chunk := await bounded(r.read(65536)):
+            got += chunk
+        assert got == data
+    assert r.at_eof()
+
+
 # -- readuntil / readline -------------------------------------------------------------------
 
 

@@ -215,6 +215,99 @@ async def test_readexactly_of_one_whole_piece_is_that_piece() -> None:
     assert await reader.readexactly(5000) is piece
 
 
+big_op_st = st.one_of(
+    st.tuples(st.just("feed"), st.sampled_from([1, 999, 40_000, _JOIN, 70_001, 150_000])),
+    st.tuples(st.just("feed_eof"), st.none()),
+    st.tuples(st.just("read"), st.sampled_from([1, 5_000, _JOIN])),
+    st.tuples(st.just("readexactly"), st.sampled_from([_JOIN + 1, 100_003, 300_007])),
+    st.tuples(st.just("cancel"), st.none()),
+    st.tuples(st.just("exception"), st.none()),
+)
+
+
+async def _differential_large(ops: list[tuple[str, Any]], limit: int) -> None:
+    """As _differential, for readexactly() of more than _JOIN bytes (filled
+    as the bytes come, vchan/_reader.c's _assemble), with cancellation: the
+    same results, and buffered sizes between calls, as asyncio's reader.  Not the same
+    pause/resume calls: asyncio's buffers a long message past its limit and
+    resumes each time it waits, ours takes its bytes as they come."""
+    loop = asyncio.get_running_loop()
+    ref, new, _, _ = _pair(loop, limit)
+    pending: tuple[asyncio.Task[Any], asyncio.Task[Any]] | None = None
+    fed = 0
+    for op, arg in ops:
+        if op == "cancel":
+            if pending is not None:
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                pending = None
+        elif op in ("feed", "feed_eof", "exception"):
+            if ref._eof:
+                continue
+            if op == "feed":
+                data = bytes((fed + i) % 251 for i in range(arg))
+                fed += arg
+                ref.feed_data(data)
+                new.feed_data(data)
+            elif op == "feed_eof":
+                ref.feed_eof()
+                new.feed_eof()
+            else:
+                exc = ConnectionResetError("gone")
+                ref.set_exception(exc)
+                new.set_exception(exc)
+        elif pending is None:
+            pending = (loop.create_task(getattr(ref, op)(arg)),
+                       loop.create_task(getattr(new, op)(arg)))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        if pending is not None:
+            a, b = pending
+            assert a.done() == b.done(), (op, a, b)
+            if a.done():
+                pending = None
+                ra, rb = _outcome(a), _outcome(b)
+                if ra[0] == rb[0] == "ok" and ra[1] != rb[1]:
+                    assert ra[1].startswith(rb[1]) and rb[1], (len(ra[1]), len(rb[1]))
+                    assert await new.readexactly(len(ra[1]) - len(rb[1])) == ra[1][len(rb[1]):]
+                else:
+                    assert ra == rb, (op, ra[0], rb[0])
+        if pending is None:             # (while one waits, ours holds its bytes)
+            assert len(ref._buffer) == new._size
+            assert ref.at_eof() == new.at_eof()
+    if pending is not None:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(ops=[("feed", 999), ("read", 1), ("readexactly", 100_003), ("feed", 40_000),
+              ("cancel", None), ("read", 5_000), ("readexactly", 300_007), ("feed", 150_000),
+              ("feed", 150_000), ("feed", 70_001)], limit=2**14)
+@given(ops=st.lists(big_op_st, max_size=25), limit=st.sampled_from([1, 2**14, 2**16]))
+def test_a_large_readexactly_is_as_asyncios(ops: list[tuple[str, Any]], limit: int) -> None:
+    asyncio.run(_differential_large(ops, limit))
+
+
+async def test_a_large_readexactly_copies_once_and_keeps_the_buffer_small() -> None:
+    """readexactly(n > _JOIN) takes each piece as it comes: the reader's
+    buffer stays empty while the message comes, never paused at twice its
+    limit (asyncio's is, after the third piece, and resumed as it waits)."""
+    reader = StreamReader(limit=2**16)
+    transport = FakeTransport()
+    reader.set_transport(transport)
+    task = asyncio.create_task(reader.readexactly(200_000))
+    for i in range(4):
+        await asyncio.sleep(0)
+        reader.feed_data(bytes([i]) * 50_000)
+        await asyncio.sleep(0)
+        assert reader._size == 0
+    assert await task == b"".join(bytes([i]) * 50_000 for i in range(4))
+    assert transport.calls == []
+
+
 async def test_a_reused_buffer_is_copied() -> None:
     reader = StreamReader()
     buf = bytearray(b"abc")

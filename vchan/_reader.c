@@ -58,6 +58,8 @@ typedef struct {
     PyObject *source;           /* _source: the transport they are taken from, or None */
     PyObject *direct_owner;     /* what keeps *direct alive */
     struct vchan_direct *direct;    /* the session's announced run, or NULL */
+    PyObject *assembly;         /* a large readexactly()'s bytes being filled, or NULL */
+    Py_ssize_t assembled;       /* of them filled */
 } ReaderCore;
 
 static PyMemberDef core_members[] = {
@@ -99,6 +101,8 @@ static int core_clear(ReaderCore *self)
     Py_CLEAR(self->source);
     self->direct = NULL;
     Py_CLEAR(self->direct_owner);
+    Py_CLEAR(self->assembly);
+    self->assembled = 0;
     return 0;
 }
 
@@ -902,6 +906,132 @@ static PyObject *core_take_ring(ReaderCore *self, PyObject *arg)
     return ring_take(self, k, ring);
 }
 
+/* -- a large readexactly(): one bytes object filled as the bytes come ------------ */
+
+/* Copy the first k (<= what the chunks hold) of r's buffered chunks to dst
+ * and drop them from the buffer (_chunks, _pos, _size); 0, or -1 with an
+ * error set.  The slots are kept consistent after each chunk. */
+static int chunks_move(ReaderCore *r, char *dst, Py_ssize_t k)
+{
+    Py_ssize_t pos = slot_size(r->pos), size = slot_size(r->size);
+    while (k > 0) {
+        PyObject *head = PySequence_GetItem(r->chunks, 0);
+        if (head == NULL)
+            return -1;
+        Py_ssize_t len = PyBytes_CheckExact(head) ? PyBytes_Size(head) : -1;
+        if (pos < 0 || size < k || len <= pos) {
+            Py_DECREF(head);
+            PyErr_SetString(PyExc_RuntimeError, "vchan reader: its buffer is inconsistent");
+            return -1;
+        }
+        Py_ssize_t part = len - pos < k ? len - pos : k;
+        memcpy(dst, PyBytes_AsString(head) + pos, (size_t)part);
+        Py_DECREF(head);
+        dst += part;
+        k -= part;
+        size -= part;
+        if (pos + part == len) {
+            PyObject *gone = PyObject_CallMethodObjArgs(r->chunks, popleft_name, NULL);
+            if (gone == NULL)
+                return -1;
+            Py_DECREF(gone);
+            pos = 0;
+        } else {
+            pos += part;
+        }
+        if (set_slot(&r->pos, pos) < 0 || set_slot(&r->size, size) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* _assemble(n): fill the bytes a readexactly(n) returns with what is
+ * buffered, then what is announced in the ring (straight out of it), and
+ * drop those from the buffer.  The bytes object, once all n are in it (it
+ * is private until then: nothing else refers to it); else None, and the
+ * next call goes on from there.  _unassemble() gives back what was taken
+ * when the call ends without them. */
+static PyObject *core_assemble(ReaderCore *self, PyObject *arg)
+{
+    Py_ssize_t n = PyNumber_AsSsize_t(arg, PyExc_OverflowError);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n <= 0) {
+        PyErr_SetString(PyExc_ValueError, "_assemble: n must be > 0");
+        return NULL;
+    }
+    if (self->assembly == NULL) {
+        self->assembly = PyBytes_FromStringAndSize(NULL, n);
+        if (self->assembly == NULL)
+            return NULL;
+        self->assembled = 0;
+    } else if (PyBytes_Size(self->assembly) != n) {
+        PyErr_SetString(PyExc_RuntimeError, "vchan reader: another readexactly() is under way");
+        return NULL;
+    }
+    char *dst = PyBytes_AsString(self->assembly);
+    Py_ssize_t size = slot_size(self->size), ring = slot_size(self->ring);
+    if (dst == NULL || size < 0 || ring < 0 || ring > size) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "vchan reader: its buffer is inconsistent");
+        return NULL;
+    }
+    /* The chunks come first (the ring's bytes follow them). */
+    Py_ssize_t k = n - self->assembled < size - ring ? n - self->assembled : size - ring;
+    if (k > 0) {
+        if (chunks_move(self, dst + self->assembled, k) < 0)
+            return NULL;
+        self->assembled += k;
+    }
+    /* Then the ring, a frame's most at a time: a writer that waits for
+     * room is woken as soon as a good share of it is free (direct_due). */
+    while (self->assembled < n && (ring = ring_ready(self)) > 0) {
+        size = slot_size(self->size);
+        k = n - self->assembled;
+        if (k > ring)
+            k = ring;
+        if (k > DIRECT_MAX)
+            k = DIRECT_MAX;
+        int got = direct_take(self->direct, dst + self->assembled, (uint32_t)k);
+        if (got != k)
+            return ring_failed(self, got);
+        self->assembled += k;
+        if (set_slot(&self->ring, ring - k) < 0 || set_slot(&self->size, size - k) < 0)
+            return NULL;
+        if (direct_due(self->direct)) {
+            PyObject *res = PyObject_CallMethodObjArgs(self->source, taken_name, NULL);
+            if (res == NULL)
+                return NULL;
+            Py_DECREF(res);
+        }
+    }
+    if (self->assembled < n) {
+        if (slot_size(self->ring) != 0) {
+            PyErr_SetString(PyExc_RuntimeError, "vchan reader: announced ring bytes it "
+                            "cannot take");
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    PyObject *done = self->assembly;
+    self->assembly = NULL;
+    self->assembled = 0;
+    return done;
+}
+
+/* _unassemble(): the bytes an unfinished _assemble() took (b"" if none),
+ * as a new bytes object; the assembly is over. */
+static PyObject *core_unassemble(ReaderCore *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->assembly == NULL)
+        return PyBytes_FromStringAndSize(NULL, 0);
+    PyObject *part = PyBytes_FromStringAndSize(PyBytes_AsString(self->assembly),
+                                               self->assembled);
+    Py_CLEAR(self->assembly);
+    self->assembled = 0;
+    return part;
+}
+
 /* _find_ring(sep, limit): bytes up to and including the byte sep in the
    rest of the head frame of the announced ring bytes, if it starts within
    limit; else 0 (or no ring bytes to look at). */
@@ -929,6 +1059,11 @@ static PyMethodDef core_methods[] = {
     {"_take_ring", (PyCFunction)core_take_ring, METH_O,
      "_take_ring(n)\n--\n\nUp to n of the announced ring bytes (no further than the end\n"
      "of the head frame), as bytes; _ring goes down by as many."},
+    {"_assemble", (PyCFunction)core_assemble, METH_O,
+     "_assemble(n)\n--\n\nFill the bytes a readexactly(n) returns with what is buffered and\n"
+     "announced (dropped from the buffer): the bytes once all n are in, else None."},
+    {"_unassemble", (PyCFunction)core_unassemble, METH_NOARGS,
+     "_unassemble()\n--\n\nWhat an unfinished _assemble() took, as bytes; it is over."},
     {"_find_ring", (PyCFunction)(void (*)(void))core_find_ring, METH_FASTCALL,
      "_find_ring(sep, limit)\n--\n\nThe bytes through the byte sep in the rest of the head\n"
      "frame of the announced ring bytes, if it starts within limit; else 0."},

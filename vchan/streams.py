@@ -460,6 +460,8 @@ class StreamReader(_reader.ReaderCore, asyncio.StreamReader):
         if n == 0:
             return b""
         chunks = self._chunks
+        if n > _JOIN and not (chunks and not self._pos and len(chunks[0]) == n):
+            return await self._readexactly_assembled(n)
         while self._size < n:
             if self._eof:
                 raise asyncio.IncompleteReadError(self._take_all(), n)
@@ -477,6 +479,45 @@ class StreamReader(_reader.ReaderCore, asyncio.StreamReader):
         if self._paused:
             self._maybe_resume_transport()
         return data
+
+    async def _readexactly_assembled(self, n: int) -> bytes:
+        """readexactly(n) of more than ``_JOIN`` bytes: they are copied into
+        the bytes object it returns as they come, from the ring or the
+        buffer (C: ``_assemble``), rather than buffered and then joined (a
+        copy fewer; the reader's buffer stays small, as reading goes on
+        while the message comes).  If the call ends without them
+        (cancelled, an error, EOF), what it took goes back to the front of
+        the buffer (or into the ``IncompleteReadError``): nothing is lost."""
+        try:
+            while (data := self._assemble(n)) is None:
+                if self._eof:
+                    break
+                waiter = self._new_waiter("readexactly")
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
+        except BaseException:
+            self._unread(self._unassemble())
+            raise
+        if data is None:
+            raise asyncio.IncompleteReadError(self._unassemble(), n)
+        if self._paused:
+            self._maybe_resume_transport()
+        return data
+
+    def _unread(self, data: bytes) -> None:
+        """Put ``data`` back at the front of the buffer."""
+        if not data:
+            return
+        chunks = self._chunks
+        if self._pos:
+            chunks[0] = chunks[0][self._pos:]
+            self._pos = 0
+        chunks.appendleft(data)
+        self._size += len(data)
+        if self._size > 2 * self._limit:
+            self._maybe_pause()
 
 
 @overload
