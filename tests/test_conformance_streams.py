@@ -496,6 +496,88 @@ async def test_a_cancelled_large_readexactly_loses_nothing(
     assert r.at_eof()
 
 
+# -- writelines: frames gathered from the pieces --------------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["framed", "pieces", "many"])
+@pytest.mark.parametrize("reader", ["keeping_up", "sleeping"])
+async def test_writelines_arrives_whole_and_in_order(
+        streams: OpenPair, shape: str, reader: str) -> None:
+    """writelines() of [header, payload] messages, of 16 pieces of 4 KiB
+    or of 100 pieces of odd sizes (vchan: a list or tuple of up to 64
+    bytes goes into the ring in one C call, frames gathered across pieces;
+    more, or other types, the Python way), as a list, a tuple or a
+    generator, several times what the ring holds, with the reader keeping
+    up or sleeping (the ring and the credit run out in the middle of a
+    call: the rest waits): every byte arrives, in order."""
+    p = await streams()
+    rnd = random.Random(f"{shape}-{reader}")
+    sent = bytearray()
+
+    def call(i: int) -> list[bytes | memoryview]:
+        if shape == "framed":
+            body = _payload(rnd.choice([65_532, 20_000, 100_000]), seed=i)
+            return [struct.pack(">I", len(body)), body]
+        if shape == "pieces":
+            block = _payload(65_536, seed=i)
+            return [block[k:k + 4096] for k in range(0, len(block), 4096)]
+        pieces: list[bytes | memoryview] = [_payload(rnd.randint(0, 3000), seed=i * 100 + k)
+                                            for k in range(100)]
+        pieces[7] = memoryview(bytes(pieces[7]))
+        return pieces
+
+    async def send() -> None:
+        for i in range(60):
+            pieces = call(i)
+            for piece in pieces:
+                sent.extend(piece)
+            kind = i % 3
+            p.writer.writelines(pieces if kind == 0 else tuple(pieces) if kind == 1
+                                else iter(pieces))
+            if i % 16 == 15:                    # (1 MiB or more a time)
+                await bounded(p.writer.drain())
+        p.writer.write_eof()
+
+    sending = asyncio.ensure_future(send())
+    got = bytearray()
+    while chunk := await bounded(p.peer_reader.read(100_000)):
+        got += chunk
+        if reader == "sleeping" and rnd.random() < 0.2:
+            await asyncio.sleep(0.002)
+    await bounded(sending)
+    assert len(got) == len(sent)
+    assert got == sent
+
+
+@pytest.mark.parametrize("end", ["close", "write_eof", "abort"])
+async def test_writelines_larger_than_the_ring_then_the_end(streams: OpenPair, end: str) -> None:
+    """writelines() of 4 MiB in one call (vchan: what fits goes in at once,
+    the rest waits), then close() or write_eof() in the same iteration:
+    the peer reads every byte, then EOF; abort() instead: a prefix of the
+    bytes (none made up), then EOF or ConnectionResetError."""
+    p = await streams()
+    block = _payload(4 << 20, seed=9)
+    p.writer.writelines([block[k:k + 65_536] for k in range(0, len(block), 65_536)])
+    if end == "close":
+        p.writer.close()
+    elif end == "write_eof":
+        p.writer.write_eof()
+    else:
+        p.writer.transport.abort()
+    reading = asyncio.ensure_future(p.peer_reader.read())
+    if end == "abort":
+        got = await read_outcome(reading)
+        if isinstance(got, bytes):
+            assert block.startswith(got)
+        else:
+            assert isinstance(got, ConnectionResetError), repr(got)
+        return
+    got = await bounded(reading)
+    assert len(got) == len(block)
+    assert got == block
+    assert p.peer_reader.at_eof()
+
+
 # -- readuntil / readline -------------------------------------------------------------------
 
 

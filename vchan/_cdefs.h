@@ -201,6 +201,21 @@ int vk_sim_check(struct vk_dev *d);
 int vchan_session_send(struct vchan_ring *r, uint32_t stream, const void *data, uint32_t len,
                        uint32_t min_payload, uint32_t max_payload, int *notify,
                        struct vk_dev *dev, uint32_t port, uint64_t *woken, int now_only);
+struct vchan_iov {
+    const void *base;
+    uint32_t len;
+};
+struct vchan_session_out {
+    struct vchan_ring *ring;
+    int *notify;
+    struct vk_dev *dev;
+    uint32_t port;
+    uint64_t *woken;
+    uint32_t min_payload;
+    uint32_t max_payload;
+};
+int vchan_session_writev(const struct vchan_session_out *o, uint32_t stream,
+                         const struct vchan_iov *iov, uint32_t len);
 
 /* ---- kernel/sim_proto.h: the emulated hypervisor's wire protocol ----
  * Declared so that Python takes the numbers from the header

@@ -1,5 +1,6 @@
 /*
- * vchan._reader: the per-call fast paths of vchan.StreamReader in C.
+ * vchan._reader: the per-call fast paths of vchan.StreamReader in C (and
+ * the gathered writelines() of a session stream's transport, at the end).
  *
  * A StreamReader answers most read(n), readexactly(n), readline() and
  * readuntil(separator) calls from the first piece it holds: a slice of one
@@ -1128,7 +1129,88 @@ static PyObject *set_direct_functions(PyObject *Py_UNUSED(module), PyObject *con
     Py_RETURN_NONE;
 }
 
+/* -- the writer's writelines(): frames gathered from the pieces ------------------ */
+
+/* vchan._native's vchan_session_writev (vchan/session.c), handed over once
+   (set_session_writev), as the direct functions are. */
+static int (*session_writev)(const void *out, uint32_t stream, const struct vchan_iov *iov,
+                             uint32_t len);
+
+#define WRITEV_MAX 64           /* pieces gathered in one call; more: the caller joins */
+
+static PyObject *set_session_writev(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    void *f = PyLong_AsVoidPtr(arg);
+    if (f == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "a null function");
+        return NULL;
+    }
+    session_writev = (int (*)(const void *, uint32_t, const struct vchan_iov *, uint32_t))f;
+    Py_RETURN_NONE;
+}
+
+/* writev(out, stream, pieces, credit, least): write a list or tuple of
+ * bytes as DATA frames of stream through a session's struct
+ * vchan_session_out (an address), each frame gathered from the pieces: no
+ * join, no Python per piece.  (written, total): at most credit bytes are
+ * written (fewer once the ring is full), written < 0 is the ring's error.
+ * None, having written nothing, when the pieces are not that (a list or
+ * tuple of 1 to WRITEV_MAX bytes) or hold fewer than least bytes: the
+ * caller writes them its own way. */
+static PyObject *module_writev(PyObject *Py_UNUSED(module), PyObject *const *args,
+                               Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "writev(out, stream, pieces, credit, least)");
+        return NULL;
+    }
+    void *out = PyLong_AsVoidPtr(args[0]);
+    unsigned long stream = PyLong_AsUnsignedLong(args[1]);
+    Py_ssize_t credit = PyNumber_AsSsize_t(args[3], PyExc_OverflowError);
+    Py_ssize_t least = PyNumber_AsSsize_t(args[4], PyExc_OverflowError);
+    if (PyErr_Occurred())
+        return NULL;
+    if (out == NULL || session_writev == NULL || stream > UINT32_MAX || credit <= 0) {
+        PyErr_SetString(PyExc_ValueError, "writev: no session, or a bad stream or credit");
+        return NULL;
+    }
+    PyObject *pieces = args[2];
+    int is_list = PyList_CheckExact(pieces);
+    if (!is_list && !PyTuple_CheckExact(pieces))
+        Py_RETURN_NONE;
+    Py_ssize_t count = is_list ? PyList_Size(pieces) : PyTuple_Size(pieces);
+    if (count <= 0 || count > WRITEV_MAX)
+        Py_RETURN_NONE;
+    struct vchan_iov iov[WRITEV_MAX];
+    Py_ssize_t total = 0;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        PyObject *piece = is_list ? PyList_GetItem(pieces, k) : PyTuple_GetItem(pieces, k);
+        if (piece == NULL || !PyBytes_CheckExact(piece))
+            Py_RETURN_NONE;
+        Py_ssize_t len = PyBytes_Size(piece);
+        total += len;
+        if (total > UINT32_MAX)
+            Py_RETURN_NONE;
+        iov[k].base = PyBytes_AsString(piece);
+        iov[k].len = (uint32_t)len;
+    }
+    if (total < least || total == 0)
+        Py_RETURN_NONE;
+    /* (Nothing runs Python code until it returns: the pieces stay as they are.) */
+    int n = session_writev(out, (uint32_t)stream, iov,
+                           (uint32_t)(total < credit ? total : credit));
+    return Py_BuildValue("(in)", n, total);
+}
+
 static PyMethodDef module_methods[] = {
+    {"set_session_writev", (PyCFunction)set_session_writev, METH_O,
+     "set_session_writev(address)\n--\n\nThe address of vchan._native's vchan_session_writev."},
+    {"writev", (PyCFunction)(void (*)(void))module_writev, METH_FASTCALL,
+     "writev(out, stream, pieces, credit, least)\n--\n\nWrite a list or tuple of bytes as\n"
+     "DATA frames gathered from the pieces, through a session's struct\n"
+     "vchan_session_out (an address): (written, total), or None, having\n"
+     "written nothing, for pieces it does not take (see vchan/_reader.c)."},
     {"set_direct_functions", (PyCFunction)(void (*)(void))set_direct_functions, METH_FASTCALL,
      "set_direct_functions(take, find, rest, due)\n--\n\nThe addresses of vchan._native's\n"
      "vchan_direct_take, vchan_direct_find, vchan_direct_rest and vchan_direct_due."},

@@ -41,6 +41,27 @@ static void scatter(uint8_t *a, uint32_t alen, uint8_t *b, uint32_t off, const u
         memcpy(b + (off - alen), src, n);
 }
 
+/* Copy the next n bytes of an iovec (from piece *i, offset *off) into the
+ * two free pieces at offset at, and move the cursor past them. */
+static void scatter_iov(uint8_t *a, uint32_t alen, uint8_t *b, uint32_t at,
+                        const struct vchan_iov *iov, uint32_t *i, uint32_t *off, uint32_t n)
+{
+    while (n) {
+        uint32_t part = iov[*i].len - *off;
+
+        if (part > n)
+            part = n;
+        scatter(a, alen, b, at, (const uint8_t *)iov[*i].base + *off, part);
+        at += part;
+        n -= part;
+        *off += part;
+        if (*off == iov[*i].len) {
+            ++*i;
+            *off = 0;
+        }
+    }
+}
+
 /* Copy n bytes out of the two ready pieces, starting at offset off. */
 static void gather(const uint8_t *a, uint32_t alen, const uint8_t *b, uint32_t off,
                    uint8_t *dst, uint32_t n)
@@ -65,9 +86,12 @@ int vchan_mux_write(struct vchan_ring *r, uint8_t type, uint8_t flags, uint32_t 
                               max_payload, 0, notify);
 }
 
-int vchan_mux_write_ex(struct vchan_ring *r, uint8_t type, uint8_t flags, uint32_t stream,
-                       uint32_t arg, const void *data, uint32_t len, uint32_t min_payload,
-                       uint32_t max_payload, int quiet, int *notify)
+/* One frame whose payload is the next bytes of an iovec, from the cursor
+ * (*i, *off), which moves past what was written (see vchan_mux_write_ex). */
+static int write_frame(struct vchan_ring *r, uint8_t type, uint8_t flags, uint32_t stream,
+                       uint32_t arg, const struct vchan_iov *iov, uint32_t *i, uint32_t *off,
+                       uint32_t len, uint32_t min_payload, uint32_t max_payload, int quiet,
+                       int *notify)
 {
     uint8_t *a, *b, hdr[VCHAN_MUX_HEADER];
     uint32_t alen, blen, room, n, need;
@@ -99,8 +123,7 @@ int vchan_mux_write_ex(struct vchan_ring *r, uint8_t type, uint8_t flags, uint32
     put_u32(hdr + 8, n);
     put_u32(hdr + 12, arg);
     scatter(a, alen, b, 0, hdr, VCHAN_MUX_HEADER);
-    if (n)
-        scatter(a, alen, b, VCHAN_MUX_HEADER, data, n);
+    scatter_iov(a, alen, b, VCHAN_MUX_HEADER, iov, i, off, n);
     /* write the frame /then/ publish it: commit's fence orders the two */
     space = quiet ? vchan_ring_commit_quiet(r, VCHAN_MUX_HEADER + n)
                   : vchan_ring_commit(r, VCHAN_MUX_HEADER + n, notify);
@@ -109,10 +132,21 @@ int vchan_mux_write_ex(struct vchan_ring *r, uint8_t type, uint8_t flags, uint32
     return (int)n;
 }
 
-int vchan_mux_write_data(struct vchan_ring *r, uint32_t stream, const void *data, uint32_t len,
-                         uint32_t min_payload, uint32_t max_payload, int *notify)
+int vchan_mux_write_ex(struct vchan_ring *r, uint8_t type, uint8_t flags, uint32_t stream,
+                       uint32_t arg, const void *data, uint32_t len, uint32_t min_payload,
+                       uint32_t max_payload, int quiet, int *notify)
 {
-    const uint8_t *src = data;
+    struct vchan_iov one = { data, len };
+    uint32_t i = 0, off = 0;
+
+    return write_frame(r, type, flags, stream, arg, &one, &i, &off, len, min_payload,
+                       max_payload, quiet, notify);
+}
+
+int vchan_mux_write_datav(struct vchan_ring *r, uint32_t stream, const struct vchan_iov *iov,
+                          uint32_t *i, uint32_t *off, uint32_t len, uint32_t min_payload,
+                          uint32_t max_payload, int *notify)
+{
     uint32_t done = 0;
     int n;
 
@@ -122,8 +156,8 @@ int vchan_mux_write_data(struct vchan_ring *r, uint32_t stream, const void *data
     if (min_payload == 0)
         min_payload = 1;
     while (done < len) {
-        n = vchan_mux_write(r, VCHAN_MUX_DATA, 0, stream, 0, src + done, len - done,
-                            min_payload, max_payload, notify);
+        n = write_frame(r, VCHAN_MUX_DATA, 0, stream, 0, iov, i, off, len - done,
+                        min_payload, max_payload, 0, notify);
         if (n == VCHAN_MUX_FULL)
             break;
         if (n < 0)
@@ -135,6 +169,16 @@ int vchan_mux_write_data(struct vchan_ring *r, uint32_t stream, const void *data
             break;
     }
     return done ? (int)done : VCHAN_MUX_FULL;
+}
+
+int vchan_mux_write_data(struct vchan_ring *r, uint32_t stream, const void *data, uint32_t len,
+                         uint32_t min_payload, uint32_t max_payload, int *notify)
+{
+    struct vchan_iov one = { data, len };
+    uint32_t i = 0, off = 0;
+
+    return vchan_mux_write_datav(r, stream, &one, &i, &off, len, min_payload, max_payload,
+                                 notify);
 }
 
 int vchan_mux_peek(struct vchan_ring *r, struct vchan_mux_frame *f, uint32_t max_payload,

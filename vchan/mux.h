@@ -69,6 +69,20 @@ int vchan_mux_write_ex(struct vchan_ring *r, uint8_t type, uint8_t flags, uint32
 int vchan_mux_write_data(struct vchan_ring *r, uint32_t stream, const void *data, uint32_t len,
                          uint32_t min_payload, uint32_t max_payload, int *notify);
 
+/* A piece of a gathered write. */
+struct vchan_iov {
+    const void *base;
+    uint32_t len;
+};
+
+/* vchan_mux_write_data of the next len bytes of the pieces iov, from piece
+ * *i at offset *off (len no more than the pieces hold from there): a frame
+ * gathers its payload across pieces.  The cursor (*i, *off) moves past
+ * what was written. */
+int vchan_mux_write_datav(struct vchan_ring *r, uint32_t stream, const struct vchan_iov *iov,
+                          uint32_t *i, uint32_t *off, uint32_t len, uint32_t min_payload,
+                          uint32_t max_payload, int *notify);
+
 /* Look at the next frame without consuming it.
  *
  * Returns 1 when a whole frame is in the ring: *f holds its header (copied

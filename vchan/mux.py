@@ -249,6 +249,12 @@ class Session:
         # a whole frame of each kind.
         self._min_chunk = min(MIN_CHUNK, self._max_out)
         self._max_control = min(MAX_CONTROL, self._max_out)
+        # The same, as one address for vchan._reader.writev (writelines()).
+        out = self._out = ffi.new("struct vchan_session_out *")
+        out.ring, out.notify, out.dev, out.port, out.woken = self._r, self._notify, \
+            self._dev, self._port, self._wakes
+        out.min_payload, out.max_payload = self._min_chunk, self._max_out
+        self._out_address = int(ffi.cast("uintptr_t", out))
         self.streams: dict[int, StreamTransport] = {}
         self._next_id = 1               # client: the next stream id it opens
         self._last_opened = 0           # server: the highest id opened so far

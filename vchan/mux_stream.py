@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 _reader.set_direct_functions(*(int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
                                for name in ("vchan_direct_take", "vchan_direct_find",
                                             "vchan_direct_rest", "vchan_direct_due")))
+# ... and StreamTransport.writelines() writes through this one.
+_reader.set_session_writev(int(ffi.cast("uintptr_t",
+                                        ffi.addressof(lib, "vchan_session_writev"))))
 
 # The data_received() of a StreamReaderProtocol that does not override it:
 # it feeds the protocol's reader and does nothing else.
@@ -58,6 +61,18 @@ log = logging.getLogger("vchan")
 
 
 _SHARE_MIN = WriteQueue.SHARE_MIN
+
+
+def _after(pieces: Any, n: int) -> list[Any]:
+    """What is left of ``pieces`` (bytes) after their first ``n`` bytes."""
+    rest: list[Any] = []
+    for piece in pieces:
+        if n >= len(piece):
+            n -= len(piece)
+        else:
+            rest.append(memoryview(piece)[n:] if n else piece)
+            n = 0
+    return rest
 _TAIL_MAX = WriteQueue.TAIL_MAX
 
 
@@ -432,10 +447,7 @@ class StreamTransport(TransportBase):
                     session._notify, session._dev, session._port, session._wakes, now_only)
                 if n != _LATER:
                     if n < 0:
-                        exc = _ring_error(n, "write")
-                        if not isinstance(exc, RemoteProtocolError):
-                            raise exc
-                        session._fail(exc)
+                        self._write_failed(n)
                         return
                     if session._notify[0] or session._force_notify:
                         session._flush_notify()     # (or a wake-up that failed: to report why)
@@ -469,9 +481,41 @@ class StreamTransport(TransportBase):
         if buf._size > self._high_water:
             self._maybe_pause_protocol()
 
+    def _write_failed(self, code: int) -> None:
+        """Writing to the ring failed with ``code``: a broken peer fails the
+        session; anything else is raised."""
+        exc = _ring_error(code, "write")
+        if not isinstance(exc, RemoteProtocolError):
+            raise exc
+        self._session._fail(exc)
+
     def writelines(self, list_of_data: Any) -> None:
-        """Write the pieces in order, in one go: runs of small pieces joined
+        """Write the pieces in order, in one go.  A list or tuple of ``bytes``
+        of ``CORK_MAX`` or more in all, on a stream with nothing waiting to
+        be sent, goes into the ring in one C call whose frames gather their
+        payload from the pieces (``vchan._reader.writev``: no join, no
+        Python per piece; a ``[header, payload]`` message is one frame).
+        Otherwise, and for what did not fit: runs of small pieces joined
         (one frame), large ``bytes`` as they are (no copy into a join)."""
+        session = self._session
+        if not self._buffer._size and self._credit > 0 and not session._ctl \
+                and not session._ready and not (self._conn_lost or self._peer_closed
+                                                or self._user_closed or self._eof):
+            got = _reader.writev(session._out_address, self.stream_id, list_of_data,
+                                 self._credit, CORK_MAX)
+            if got is not None:
+                n, total = got
+                if n < 0:
+                    self._write_failed(n)
+                    return
+                if session._notify[0] or session._force_notify:
+                    session._flush_notify()     # (or a wake-up that failed: to report why)
+                self._credit -= n
+                if session._polls:
+                    session._poll_start()       # an answer may come soon
+                if n == total:
+                    return
+                list_of_data = _after(list_of_data, n)
         small: list[Any] = []
         for data in list_of_data:
             if type(data) is bytes and len(data) >= CORK_MAX:

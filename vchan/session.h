@@ -35,4 +35,26 @@ int vchan_session_send(struct vchan_ring *r, uint32_t stream, const void *data, 
                        uint32_t min_payload, uint32_t max_payload, int *notify,
                        struct vk_dev *dev, uint32_t port, uint64_t *woken, int now_only);
 
+/* vchan_session_send of the first len bytes of the pieces iov (as many
+ * as they hold, or fewer): each frame gathers its payload across pieces. */
+int vchan_session_sendv(struct vchan_ring *r, uint32_t stream, const struct vchan_iov *iov,
+                        uint32_t len, uint32_t min_payload, uint32_t max_payload, int *notify,
+                        struct vk_dev *dev, uint32_t port, uint64_t *woken, int now_only);
+
+/* A session's side of its writes, for callers that are handed one address
+ * (vchan._reader's writev: StreamTransport.writelines). */
+struct vchan_session_out {
+    struct vchan_ring *ring;
+    int *notify;
+    struct vk_dev *dev;
+    uint32_t port;
+    uint64_t *woken;
+    uint32_t min_payload;
+    uint32_t max_payload;
+};
+
+/* vchan_session_sendv through o, never put off (now_only 0). */
+int vchan_session_writev(const struct vchan_session_out *o, uint32_t stream,
+                         const struct vchan_iov *iov, uint32_t len);
+
 #endif /* VCHAN_SESSION_H */

@@ -718,6 +718,8 @@ static void op_write_data(struct input *in)
 {
     uint32_t stream = u32(in), len = pick_len(in, 300), min = pick_len(in, 16);
     uint32_t max = pick_limit(in), done = 0;
+    uint32_t npieces, k, cut, at = 0, piece = 0, off = 0, before = 0;
+    struct vchan_iov iov[8];
     int notify = 0, rc;
     uint8_t *src;
 
@@ -725,8 +727,23 @@ static void op_write_data(struct input *in)
     if (len > 4 * M.wsize)
         len = 4 * M.wsize;
     src = user_data(in, len);
-    rc = vchan_mux_write_data(&M.ring, stream, src, len, min, max, &notify);
-    TRACE("#%u write_data(len %u, min %u, max %u) -> %d\n", op_index, len, min, max, rc);
+    /* The bytes as 1 to 8 pieces cut anywhere (empty ones too): frames
+     * gather across them (vchan_mux_write_datav; write_data is one piece). */
+    npieces = 1 + u32(in) % 8;
+    for (k = 0; k < npieces; k++) {
+        cut = k + 1 == npieces ? len - at : u32(in) % (len - at + 1);
+        iov[k].base = src + at;
+        iov[k].len = cut;
+        at += cut;
+    }
+    rc = vchan_mux_write_datav(&M.ring, stream, iov, &piece, &off, len, min, max, &notify);
+    TRACE("#%u write_data(len %u in %u pieces, min %u, max %u) -> %d\n", op_index, len,
+          npieces, min, max, rc);
+    /* The cursor is just past what was written (nothing: where it was). */
+    CHECK(piece < npieces || (piece == npieces && off == 0));
+    for (k = 0; k < piece; k++)
+        before += iov[k].len;
+    CHECK_EQ(rc > 0 ? (uint32_t)rc : 0, before + off);
     if (len && !max) {
         CHECK_EQ(VCHAN_EINVAL, rc);     /* frames of no byte would be no progress */
         free(src);
