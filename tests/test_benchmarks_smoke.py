@@ -165,7 +165,8 @@ def test_stream_pair_and_reader_calls_run() -> None:
                               capture_output=True, text=True, timeout=120, check=False, env=env)
         assert proc.returncode == 0, proc.stderr
         m = re.search(r": ([0-9,]+) MB/s, CPU ns/B send ([0-9.]+) recv ([0-9.]+), receiver "
-                      r"page faults ([0-9,]+)$", proc.stdout.strip())
+                      r"page faults ([0-9,]+); sleeps send ([0-9,]+) recv ([0-9,]+), "
+                      r"wake-ups sent send ([0-9,]+) recv ([0-9,]+)$", proc.stdout.strip())
         assert m and float(m.group(1).replace(",", "")) > 0, proc.stdout
     proc = subprocess.run([sys.executable, str(READER_CALLS), "--messages", "2048",
                            "--repeat", "1"], capture_output=True, text=True, timeout=120,

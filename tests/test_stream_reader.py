@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import vchan
 from vchan import _reader
-from vchan.streams import _JOIN, _WHOLE, StreamReader
+from vchan._stream_reader import _JOIN, _WHOLE, StreamReader
 
 
 class FakeTransport(asyncio.Transport):

@@ -148,6 +148,19 @@ class WriteQueue:
         self._size = 0
 
 
+def unsent(pieces: Any, n: int) -> list[Any]:
+    """What is left of ``pieces`` (bytes-like) after their first ``n`` bytes
+    were written (the tail of a piece as a ``memoryview``)."""
+    rest: list[Any] = []
+    for piece in pieces:
+        if n >= len(piece):
+            n -= len(piece)
+        else:
+            rest.append(memoryview(piece)[n:] if n else piece)
+            n = 0
+    return rest
+
+
 class TransportBase(WriteFlowControl, asyncio.Transport):
     """State and accessors common to vchan's transports.
 

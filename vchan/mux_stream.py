@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _reader
-from ._flow import TransportBase, WriteQueue
+from ._flow import TransportBase, WriteQueue, unsent
 from ._native import ffi, lib
 from .errors import RemoteProtocolError
 from .mux_frames import (
@@ -61,18 +61,6 @@ log = logging.getLogger("vchan")
 
 
 _SHARE_MIN = WriteQueue.SHARE_MIN
-
-
-def _after(pieces: Any, n: int) -> list[Any]:
-    """What is left of ``pieces`` (bytes) after their first ``n`` bytes."""
-    rest: list[Any] = []
-    for piece in pieces:
-        if n >= len(piece):
-            n -= len(piece)
-        else:
-            rest.append(memoryview(piece)[n:] if n else piece)
-            n = 0
-    return rest
 _TAIL_MAX = WriteQueue.TAIL_MAX
 
 
@@ -515,7 +503,7 @@ class StreamTransport(TransportBase):
                     session._poll_start()       # an answer may come soon
                 if n == total:
                     return
-                list_of_data = _after(list_of_data, n)
+                list_of_data = unsent(list_of_data, n)
         small: list[Any] = []
         for data in list_of_data:
             if type(data) is bytes and len(data) >= CORK_MAX:
