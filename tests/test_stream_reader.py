@@ -79,6 +79,23 @@ op_st = st.one_of(
 )
 
 
+def _feed_both(ref: Any, new: Any, op: str, arg: Any) -> None:
+    """The same feed_data(arg), feed_eof() or set_exception() to both readers
+    (none after EOF)."""
+    if ref._eof:
+        return
+    if op == "feed":
+        ref.feed_data(arg)
+        new.feed_data(arg)
+    elif op == "feed_eof":
+        ref.feed_eof()
+        new.feed_eof()
+    else:
+        exc = ConnectionResetError("gone")
+        ref.set_exception(exc)
+        new.set_exception(exc)
+
+
 async def _differential(ops: list[tuple[str, Any]], limit: int) -> None:
     loop = asyncio.get_running_loop()
     ref, new, t_ref, t_new = _pair(loop, limit)
@@ -107,18 +124,7 @@ async def _differential(ops: list[tuple[str, Any]], limit: int) -> None:
 
     for op, arg in ops:
         if op in ("feed", "feed_eof", "exception"):
-            if ref._eof:
-                continue
-            if op == "feed":
-                ref.feed_data(arg)
-                new.feed_data(arg)
-            elif op == "feed_eof":
-                ref.feed_eof()
-                new.feed_eof()
-            else:
-                exc = ConnectionResetError("gone")
-                ref.set_exception(exc)
-                new.set_exception(exc)
+            _feed_both(ref, new, op, arg)
         elif pending is None:
             if op in ("readline",):
                 a, b = loop.create_task(ref.readline()), loop.create_task(new.readline())
@@ -243,20 +249,10 @@ async def _differential_large(ops: list[tuple[str, Any]], limit: int) -> None:
                 await asyncio.gather(*pending, return_exceptions=True)
                 pending = None
         elif op in ("feed", "feed_eof", "exception"):
-            if ref._eof:
-                continue
-            if op == "feed":
-                data = bytes((fed + i) % 251 for i in range(arg))
-                fed += arg
-                ref.feed_data(data)
-                new.feed_data(data)
-            elif op == "feed_eof":
-                ref.feed_eof()
-                new.feed_eof()
-            else:
-                exc = ConnectionResetError("gone")
-                ref.set_exception(exc)
-                new.set_exception(exc)
+            if op == "feed" and not ref._eof:
+                arg = bytes((fed + i) % 251 for i in range(arg))
+                fed += len(arg)
+            _feed_both(ref, new, op, arg)
         elif pending is None:
             pending = (loop.create_task(getattr(ref, op)(arg)),
                        loop.create_task(getattr(new, op)(arg)))
