@@ -166,6 +166,9 @@ static int (*direct_take)(struct vchan_direct *d, void *buf, uint32_t len);
 static int (*direct_find)(struct vchan_direct *d, uint8_t sep, uint32_t limit);
 static int (*direct_rest)(struct vchan_direct *d);
 static int (*direct_due)(const struct vchan_direct *d);
+/* ... and vchan_session_writev (vchan/session.c), for writelines() (writev). */
+static int (*session_writev)(const void *out, uint32_t stream, const struct vchan_iov *iov,
+                             uint32_t len);
 static PyObject *taken_name;        /* "_ring_taken" */
 static PyObject *failed_name;       /* "_ring_failed" */
 
@@ -1109,12 +1112,12 @@ static PyType_Spec core_spec = {
 static PyObject *set_direct_functions(PyObject *Py_UNUSED(module), PyObject *const *args,
                                       Py_ssize_t nargs)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "set_direct_functions(take, find, rest, due)");
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "set_direct_functions(take, find, rest, due, writev)");
         return NULL;
     }
-    void *f[4];
-    for (int i = 0; i < 4; i++) {
+    void *f[5];
+    for (int i = 0; i < 5; i++) {
         f[i] = PyLong_AsVoidPtr(args[i]);
         if (f[i] == NULL) {
             if (!PyErr_Occurred())
@@ -1126,29 +1129,13 @@ static PyObject *set_direct_functions(PyObject *Py_UNUSED(module), PyObject *con
     direct_find = (int (*)(struct vchan_direct *, uint8_t, uint32_t))f[1];
     direct_rest = (int (*)(struct vchan_direct *))f[2];
     direct_due = (int (*)(const struct vchan_direct *))f[3];
+    session_writev = (int (*)(const void *, uint32_t, const struct vchan_iov *, uint32_t))f[4];
     Py_RETURN_NONE;
 }
 
 /* -- the writer's writelines(): frames gathered from the pieces ------------------ */
 
-/* vchan._native's vchan_session_writev (vchan/session.c), handed over once
-   (set_session_writev), as the direct functions are. */
-static int (*session_writev)(const void *out, uint32_t stream, const struct vchan_iov *iov,
-                             uint32_t len);
-
 #define WRITEV_MAX 64           /* pieces gathered in one call; more: the caller joins */
-
-static PyObject *set_session_writev(PyObject *Py_UNUSED(module), PyObject *arg)
-{
-    void *f = PyLong_AsVoidPtr(arg);
-    if (f == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "a null function");
-        return NULL;
-    }
-    session_writev = (int (*)(const void *, uint32_t, const struct vchan_iov *, uint32_t))f;
-    Py_RETURN_NONE;
-}
 
 /* writev(out, stream, pieces, credit, least): write a list or tuple of
  * bytes as DATA frames of stream through a session's struct
@@ -1204,16 +1191,15 @@ static PyObject *module_writev(PyObject *Py_UNUSED(module), PyObject *const *arg
 }
 
 static PyMethodDef module_methods[] = {
-    {"set_session_writev", (PyCFunction)set_session_writev, METH_O,
-     "set_session_writev(address)\n--\n\nThe address of vchan._native's vchan_session_writev."},
     {"writev", (PyCFunction)(void (*)(void))module_writev, METH_FASTCALL,
      "writev(out, stream, pieces, credit, least)\n--\n\nWrite a list or tuple of bytes as\n"
      "DATA frames gathered from the pieces, through a session's struct\n"
      "vchan_session_out (an address): (written, total), or None, having\n"
      "written nothing, for pieces it does not take (see vchan/_reader.c)."},
     {"set_direct_functions", (PyCFunction)(void (*)(void))set_direct_functions, METH_FASTCALL,
-     "set_direct_functions(take, find, rest, due)\n--\n\nThe addresses of vchan._native's\n"
-     "vchan_direct_take, vchan_direct_find, vchan_direct_rest and vchan_direct_due."},
+     "set_direct_functions(take, find, rest, due, writev)\n--\n\nThe addresses of\n"
+     "vchan._native's vchan_direct_take, vchan_direct_find, vchan_direct_rest,\n"
+     "vchan_direct_due and vchan_session_writev."},
     {NULL, NULL, 0, NULL},
 };
 

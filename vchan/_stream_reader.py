@@ -480,11 +480,7 @@ class StreamReader(_reader.ReaderCore, asyncio.StreamReader):
             while (data := self._assemble(n)) is None:
                 if self._eof:
                     break
-                waiter = self._new_waiter("readexactly")
-                try:
-                    await waiter
-                finally:
-                    self._waiter = None
+                await self._wait_for_data("readexactly")
         except BaseException:
             self._unread(self._unassemble())
             raise

@@ -43,13 +43,12 @@ from .transport import SpliceProtocol
 if TYPE_CHECKING:
     from .mux import Session
 
-# The reader's C fast paths take announced ring bytes with these (vchan/mux.c).
+# The reader's C fast paths take announced ring bytes with these (vchan/mux.c),
+# and StreamTransport.writelines() writes through the last (vchan/session.c).
 _reader.set_direct_functions(*(int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
                                for name in ("vchan_direct_take", "vchan_direct_find",
-                                            "vchan_direct_rest", "vchan_direct_due")))
-# ... and StreamTransport.writelines() writes through this one.
-_reader.set_session_writev(int(ffi.cast("uintptr_t",
-                                        ffi.addressof(lib, "vchan_session_writev"))))
+                                            "vchan_direct_rest", "vchan_direct_due",
+                                            "vchan_session_writev")))
 
 # The data_received() of a StreamReaderProtocol that does not override it:
 # it feeds the protocol's reader and does nothing else.
